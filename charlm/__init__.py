@@ -1,0 +1,3 @@
+"""charlm: train character-level RNN, GRU and LSTM language models."""
+
+__version__ = "0.1.0"

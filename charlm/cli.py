@@ -1,0 +1,108 @@
+"""The `charlm` command line: one typed function per command, its docstring is its help."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import typer
+
+from charlm import __version__
+from charlm.cli_common import debug_enabled, error_line
+from charlm.errors import CharlmError
+
+app = typer.Typer(
+    name="charlm",
+    help=(
+        "Train character-level RNN, GRU and LSTM language models.\n\n"
+        "Example: charlm train --cell gru"
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"charlm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Train character-level RNN, GRU and LSTM language models.
+
+    Example: charlm train --cell gru
+    """
+
+
+def _register_subcommands() -> None:
+    from charlm import cli_data
+
+    app.add_typer(cli_data.data_app, name="data")
+
+
+_register_subcommands()
+
+
+def _click_exception_classes(name: str) -> tuple[type, ...]:
+    """The class `name` from click and from the copy Typer >= 0.20 vendors, whichever exist."""
+    found = []
+    for module in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(found)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: usage errors and user errors become one line on stderr."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    try:
+        command = typer.main.get_command(app)
+        rv = command.main(args=args, prog_name="charlm", standalone_mode=False)
+    except _click_exception_classes("UsageError") as exc:
+        hint = ""
+        if exc.ctx is not None:
+            hint = f" (see '{exc.ctx.command_path} --help')"
+        error_line(f"{exc.format_message()}{hint}")
+        sys.exit(2)
+    except _click_exception_classes("Abort"):
+        error_line("interrupted")
+        sys.exit(130)
+    except KeyboardInterrupt:
+        error_line("interrupted")
+        sys.exit(130)
+    except _click_exception_classes("Exit") as exc:
+        sys.exit(exc.exit_code)
+    except _click_exception_classes("ClickException") as exc:
+        error_line(exc.format_message())
+        sys.exit(exc.exit_code)
+    except CharlmError as exc:  # raised outside a command (e.g. while parsing a config)
+        if debug_enabled():
+            raise
+        error_line(str(exc))
+        sys.exit(exc.exit_code)
+    except OSError as exc:
+        if debug_enabled():
+            raise
+        error_line(f"{exc.strerror or exc}: {exc.filename or ''} (set CHARLM_DEBUG=1 for details)")
+        sys.exit(1)
+    except Exception as exc:  # a bug: one line, the traceback behind CHARLM_DEBUG=1
+        if debug_enabled():
+            raise
+        error_line(
+            f"unexpected {type(exc).__name__}: {exc} "
+            "(this is a bug in charlm; rerun with CHARLM_DEBUG=1 for the traceback and report it)"
+        )
+        sys.exit(1)
+    if isinstance(rv, int) and rv:
+        sys.exit(rv)
