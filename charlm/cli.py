@@ -44,8 +44,10 @@ def _root(
 
 
 def _register_subcommands() -> None:
-    from charlm import cli_data
+    from charlm import cli_data, cli_train
+    from charlm.cli_common import handle_errors
 
+    app.command("train", no_args_is_help=False)(handle_errors(cli_train.train))
     app.add_typer(cli_data.data_app, name="data")
 
 

@@ -1,0 +1,115 @@
+"""`charlm train`: options map one-to-one onto TrainConfig keys (- written as _ in TOML)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from charlm.cli_common import handle_errors
+from charlm.errors import UsageError
+
+DATA, MODEL, OPTIM, STOP, RUN = "Data", "Model", "Optimisation", "Stopping", "Run"
+
+
+def train(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML config file (configs/*.toml); options given here override it.", rich_help_panel=RUN),
+    resume: Optional[str] = typer.Option(None, "--resume", flag_value="latest", help="Continue a run exactly where it stopped: --resume (latest run), --resume RUN_DIR or --resume FILE.pt.", rich_help_panel=RUN),
+    corpus: Optional[str] = typer.Option(None, "--corpus", help="Named corpus: timemachine (default), tinyshakespeare, python-docs.", rich_help_panel=DATA),
+    text: Optional[list[Path]] = typer.Option(None, "--text", help="Train on local UTF-8 file(s) instead (repeatable).", rich_help_panel=DATA),
+    url: Optional[str] = typer.Option(None, "--url", help="Train on a text downloaded from this URL.", rich_help_panel=DATA),
+    sha256: Optional[str] = typer.Option(None, "--sha256", help="Expected sha256 of --url.", rich_help_panel=DATA),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Corpus cache directory (default $CHARLM_DATA_DIR or ~/.cache/charlm).", rich_help_panel=DATA),
+    preprocessing: Optional[str] = typer.Option(None, "--preprocessing", help="d2l (letters+space, lowercased), lower, or raw. Default: the corpus's own.", rich_help_panel=DATA),
+    min_freq: Optional[int] = typer.Option(None, "--min-freq", help="Symbols rarer than this map to <unk>.", rich_help_panel=DATA),
+    max_vocab: Optional[int] = typer.Option(None, "--max-vocab", help="Keep at most this many symbols (0: all).", rich_help_panel=DATA),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Use only the first N tokens, as d2l's loader (0: all).", rich_help_panel=DATA),
+    val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="Share of the corpus (from the end) for validation.", rich_help_panel=DATA),
+    test_fraction: Optional[float] = typer.Option(None, "--test-fraction", help="Share of the corpus (the very end) held out for test.", rich_help_panel=DATA),
+    cell: Optional[str] = typer.Option(None, "--cell", help="rnn, gru or lstm.", rich_help_panel=MODEL),
+    hidden: Optional[int] = typer.Option(None, "--hidden", help="Hidden units per layer.", rich_help_panel=MODEL),
+    layers: Optional[int] = typer.Option(None, "--layers", help="Recurrent layers.", rich_help_panel=MODEL),
+    embed: Optional[int] = typer.Option(None, "--embed", help="Embedding size; 0 = one-hot inputs as in d2l.", rich_help_panel=MODEL),
+    dropout: Optional[float] = typer.Option(None, "--dropout", help="Dropout between layers and before the output, in [0, 1).", rich_help_panel=MODEL),
+    nonlinearity: Optional[str] = typer.Option(None, "--nonlinearity", help="tanh or relu (rnn only).", rich_help_panel=MODEL),
+    impl: Optional[str] = typer.Option(None, "--impl", help="auto, fused (torch/cuDNN), scratch (cells from the gate equations), fast (CPU GRU with its own backward).", rich_help_panel=MODEL),
+    gru_reset: Optional[str] = typer.Option(None, "--gru-reset", help="GRU reset gate after (PyTorch) or before (Cho et al., d2l) the recurrent product; before needs --impl scratch.", rich_help_panel=MODEL),
+    bidirectional: bool = typer.Option(False, "--bidirectional", help="Refused: a bidirectional layer reads the characters it must predict.", rich_help_panel=MODEL),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Sequences per batch.", rich_help_panel=OPTIM),
+    num_steps: Optional[int] = typer.Option(None, "--num-steps", help="BPTT length: characters per sequence.", rich_help_panel=OPTIM),
+    sampling: Optional[str] = typer.Option(None, "--sampling", help="sequential (state carried, truncated BPTT) or random (state reset per batch).", rich_help_panel=OPTIM),
+    optimizer: Optional[str] = typer.Option(None, "--optimizer", help="sgd, adam or adamw.", rich_help_panel=OPTIM),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (d2l uses sgd with 1).", rich_help_panel=OPTIM),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="Weight decay.", rich_help_panel=OPTIM),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help="none, cosine (with warm-up) or plateau.", rich_help_panel=OPTIM),
+    warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", help="Linear warm-up steps (cosine).", rich_help_panel=OPTIM),
+    clip: Optional[float] = typer.Option(None, "--clip", help="Clip gradients to this global L2 norm (0: off).", rich_help_panel=OPTIM),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Stop after this many epochs (0: no limit).", rich_help_panel=STOP),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many steps (0: no limit).", rich_help_panel=STOP),
+    time_budget: Optional[str] = typer.Option(None, "--time-budget", help="Stop after this much training time, e.g. 90s, 5m, 1h ('0': no limit).", rich_help_panel=STOP),
+    device: Optional[str] = typer.Option(None, "--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.", rich_help_panel=RUN),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32, bf16 or fp16 (CUDA only).", rich_help_panel=RUN),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (weights, batches, dropout).", rich_help_panel=RUN),
+    log_every: Optional[int] = typer.Option(None, "--log-every", help="Steps between progress updates.", rich_help_panel=RUN),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Steps between validation + sample.", rich_help_panel=RUN),
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Steps between saves of last.pt.", rich_help_panel=RUN),
+    sample_prefix: Optional[str] = typer.Option(None, "--sample-prefix", help="Prompt for the samples shown at each evaluation.", rich_help_panel=RUN),
+    sample_length: Optional[int] = typer.Option(None, "--sample-length", help="Characters per sample.", rich_help_panel=RUN),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Run directory (default runs/<time>-<cell>-<corpus>).", rich_help_panel=RUN),
+    json_out: bool = typer.Option(False, "--json", help="Print the final summary as JSON on stdout.", rich_help_panel=RUN),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output (errors and the summary only).", rich_help_panel=RUN),
+) -> None:
+    """Train a character-level language model.
+
+    Example: charlm train --cell gru --time-budget 5m
+    """
+    from charlm.config import build_config, load_config_file
+    from charlm.progress import TrainDisplay, summary_table
+    from charlm.train import Interrupted, Trainer, resolve_resume
+
+    if bidirectional:
+        raise UsageError(
+            "--bidirectional is not supported: a bidirectional layer reads the characters it is "
+            "asked to predict, so it cannot be a language model"
+        )
+    explicit = dict(
+        corpus=corpus, text=[str(t) for t in text] if text else None, url=url, sha256=sha256,
+        data_dir=data_dir, preprocessing=preprocessing, min_freq=min_freq, max_vocab=max_vocab,
+        max_tokens=max_tokens, val_fraction=val_fraction, test_fraction=test_fraction, cell=cell,
+        hidden=hidden, layers=layers, embed=embed, dropout=dropout, nonlinearity=nonlinearity,
+        impl=impl, gru_reset=gru_reset, batch_size=batch_size, num_steps=num_steps,
+        sampling=sampling, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
+        schedule=schedule, warmup_steps=warmup_steps, clip=clip, epochs=epochs,
+        max_steps=max_steps, time_budget=time_budget, device=device, precision=precision,
+        seed=seed, log_every=log_every, eval_every=eval_every,
+        checkpoint_every=checkpoint_every, sample_prefix=sample_prefix,
+        sample_length=sample_length, out=out,
+    )
+    file_values = load_config_file(config) if config else {}
+    if resume is not None:
+        if out is not None:
+            raise UsageError("--out cannot be combined with --resume (a run resumes in its own directory)")
+        merged = {**file_values, **{k: v for k, v in explicit.items() if v is not None}}
+        cfg, resumed = resolve_resume(None, merged, resume)
+    else:
+        cfg, resumed = build_config(file_values, explicit), None
+    display = TrainDisplay(enabled=not quiet)
+    trainer = Trainer(cfg, resume=resumed, display=display)
+    try:
+        summary = trainer.run()
+    except Interrupted as exc:
+        sys.stderr.write(
+            f"charlm: {exc.signame}: saved {exc.checkpoint} at step {trainer.loop.step}; "
+            f"resume with: charlm train --resume {trainer.run_dir}\n"
+        )
+        raise typer.Exit(130) from None
+    if json_out:
+        sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+    else:
+        from rich.console import Console
+
+        Console().print(summary_table(summary))

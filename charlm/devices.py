@@ -1,0 +1,46 @@
+"""Picking the training device: auto = CUDA, then Apple MPS, then CPU."""
+
+from __future__ import annotations
+
+import torch
+
+from charlm.errors import CharlmError, UsageError
+
+
+def select_device(spec: str = "auto") -> torch.device:
+    spec = (spec or "auto").strip().lower()
+    mps = getattr(torch.backends, "mps", None)
+    mps_ok = bool(mps and mps.is_available())
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps") if mps_ok else torch.device("cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "mps":
+        if not mps_ok:
+            raise CharlmError("--device mps: Apple MPS is not available on this machine; use --device cpu or auto")
+        return torch.device("mps")
+    if spec == "cuda" or spec.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise CharlmError(
+                f"--device {spec}: CUDA is not available on this machine "
+                "(torch.cuda.is_available() is False); use --device cpu or auto"
+            )
+        index = spec.partition(":")[2]
+        if index:
+            if not index.isdigit() or int(index) >= torch.cuda.device_count():
+                raise CharlmError(
+                    f"--device {spec}: no such GPU; this machine has {torch.cuda.device_count()} "
+                    "(cuda:0 .. cuda:N-1)"
+                )
+        return torch.device(spec)
+    raise UsageError(f"--device must be auto, cpu, cuda, cuda:N or mps; got {spec!r}")
+
+
+def describe(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    if device.type == "cpu":
+        return f"cpu ({torch.get_num_threads()} threads)"
+    return str(device)

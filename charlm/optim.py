@@ -1,0 +1,68 @@
+"""Optimizers and learning-rate schedules (plain-number state, so checkpoints stay plain data)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from charlm.errors import UsageError
+
+
+def make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    params = list(params)
+    if name == "sgd":  # d2l's choice, with lr 1 and clipping
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    raise UsageError(f"optimizer must be one of sgd, adam, adamw; got {name!r}")
+
+
+class LRSchedule:
+    """The learning rate as a function of training progress.
+
+    none     lr = base
+    cosine   linear warm-up over `warmup` steps, then cosine decay to `floor` x base as progress
+             goes 0 -> 1 (progress = the furthest-along of the step, epoch and time limits, so
+             the decay ends where the run ends whichever limit stops it)
+    plateau  lr = base x factor^k, k growing by one each time validation loss has not improved
+             for `patience` evaluations in a row
+    """
+
+    def __init__(self, kind: str, base_lr: float, warmup: int = 0, factor: float = 0.5,
+                 patience: int = 2, floor: float = 0.05):
+        self.kind, self.base_lr, self.warmup = kind, base_lr, warmup
+        self.factor, self.patience, self.floor = factor, patience, floor
+        self.scale = 1.0
+        self.best = math.inf
+        self.bad_evals = 0
+
+    def lr(self, step: int, progress: float) -> float:
+        if self.kind == "cosine":
+            if self.warmup and step < self.warmup:
+                return self.base_lr * (step + 1) / self.warmup
+            p = min(max(progress, 0.0), 1.0)
+            return self.base_lr * (self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * p)))
+        return self.base_lr * self.scale
+
+    def observe(self, val_loss: float) -> None:
+        """Feed a validation loss (plateau only: decay when it stops improving)."""
+        if self.kind != "plateau":
+            return
+        if val_loss < self.best * (1 - 1e-4):
+            self.best, self.bad_evals = val_loss, 0
+        else:
+            self.bad_evals += 1
+            if self.bad_evals >= self.patience:
+                self.scale *= self.factor
+                self.bad_evals = 0
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "best": self.best, "bad_evals": self.bad_evals}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale = float(state["scale"])
+        self.best = float(state["best"])
+        self.bad_evals = int(state["bad_evals"])

@@ -1,0 +1,149 @@
+"""Run directories: layout, the single-writer lock, metrics.jsonl, and the `latest` pointer.
+
+    runs/
+      latest                         one line: the path of the newest run directory
+      20261123-101500-gru-timemachine/
+        config.toml                  the resolved configuration (rerun with --config)
+        metrics.jsonl                one JSON row per log / evaluation
+        samples.txt                  the sample printed at each evaluation
+        last.pt                      newest checkpoint (every --checkpoint-every steps, at the end)
+        best.pt                      checkpoint with the lowest validation loss so far
+        run.lock                     held (flock) while a trainer writes here
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from charlm.errors import CharlmError
+
+RUNS_ROOT_ENV = "CHARLM_RUNS_DIR"
+
+
+def runs_root() -> Path:
+    return Path(os.environ.get(RUNS_ROOT_ENV, "runs"))
+
+
+def default_run_dir(cell: str, corpus: str) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in corpus)[:40] or "text"
+    base = runs_root() / f"{stamp}-{cell}-{safe}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def prepare_run_dir(path: Path, resuming: bool) -> Path:
+    """Create (or, when resuming, reuse) a run directory; refuse to overwrite someone's run."""
+    if path.exists() and not path.is_dir():
+        raise CharlmError(f"--out {path} exists and is not a directory; choose another --out")
+    if not resuming and path.is_dir() and any((path / n).exists() for n in ("last.pt", "best.pt")):
+        raise CharlmError(
+            f"{path} already holds a run; continue it with `charlm train --resume {path}` "
+            "or choose another --out"
+        )
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CharlmError(f"cannot create run directory {path}: {exc.strerror}") from None
+    if not os.access(path, os.W_OK):
+        raise CharlmError(f"run directory {path} is not writable; choose another --out")
+    return path
+
+
+class RunLock:
+    """An exclusive flock on run.lock: a second trainer on the same directory is refused.
+
+    The kernel drops the lock when the process dies, even by SIGKILL, so a crash never leaves
+    a stale lock behind.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / "run.lock"
+        self.fh = None
+
+    def __enter__(self) -> "RunLock":
+        try:
+            fh = open(self.path, "a+", encoding="utf-8")
+        except OSError as exc:
+            raise CharlmError(f"cannot write in {self.path.parent}: {exc.strerror}") from None
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            owner = fh.read().strip() or "another process"
+            fh.close()
+            raise CharlmError(
+                f"{self.path.parent} is in use by a running trainer (pid {owner}); "
+                "wait for it to finish or choose another --out"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        self.fh = fh
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fh is not None:
+            fcntl.flock(self.fh, fcntl.LOCK_UN)
+            self.fh.close()
+            self.fh = None
+
+
+class MetricsLog:
+    """Append-only metrics.jsonl; on resume, rows past the checkpoint's step are dropped."""
+
+    def __init__(self, path: Path, keep_until_step: int | None = None):
+        self.path = path
+        if keep_until_step is not None and path.exists():
+            rows = [r for r in read_metrics(path) if r.get("step", 0) <= keep_until_step]
+            write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
+        self.fh = open(path, "a", encoding="utf-8")
+
+    def write(self, row: dict) -> None:
+        self.fh.write(json.dumps(row) + "\n")
+        self.fh.flush()
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """Rows of a metrics.jsonl; a torn last line (a crash mid-write) is skipped."""
+    rows = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def point_latest(run_dir: Path) -> None:
+    root = runs_root()
+    root.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(root / "latest", str(run_dir.resolve()) + "\n")

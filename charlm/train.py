@@ -1,0 +1,420 @@
+"""The training loop: get batch, forward, loss, backward, clip, step, log, evaluate, save.
+
+Everything the loop touches per step stays on the device: the corpus is one integer tensor
+there, batches are slices of it, the running loss is a device tensor. The host only syncs at
+log, evaluation and checkpoint points.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from charlm import rundir
+from charlm.batches import RandomBatches, SequentialBatches
+from charlm.checkpoint import load_checkpoint, save_checkpoint
+from charlm.config import TrainConfig, parse_duration
+from charlm.data import Dataset, load_dataset
+from charlm.devices import select_device
+from charlm.errors import CharlmError, UsageError
+from charlm.evaluate import corpus_nll
+from charlm.models import CharLM, ModelConfig, State, count_parameters, detach_state
+from charlm.optim import LRSchedule, make_optimizer
+from charlm.progress import TrainDisplay
+from charlm.sample import SampleSettings, generate
+
+# Options that define the model or its data: a resumed run must not change them.
+FIXED_ON_RESUME = (
+    "cell", "hidden", "layers", "embed", "nonlinearity", "gru_reset", "corpus", "text", "url",
+    "preprocessing", "min_freq", "max_vocab", "max_tokens", "val_fraction", "test_fraction",
+    "batch_size", "num_steps", "sampling", "optimizer", "seed",
+)
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived: the loop stopped at a step boundary and saved a checkpoint."""
+
+    def __init__(self, checkpoint: Path, signame: str):
+        super().__init__(signame)
+        self.checkpoint, self.signame = checkpoint, signame
+
+
+@dataclass
+class LoopState:
+    step: int = 0
+    epoch: int = 0
+    tokens_seen: int = 0
+    elapsed: float = 0.0  # training wall time across resumes
+    best_val_loss: float = math.inf
+    last_val_loss: float = math.nan
+    history: list = field(default_factory=list)
+
+
+def resolve_resume(cfg: TrainConfig, explicit: dict, resume: str) -> tuple[TrainConfig, dict]:
+    """The checkpoint's config, with the options given on the command line laid over it."""
+    from charlm.checkpoint import find_checkpoint
+
+    target = None if resume == "latest" else resume
+    path = find_checkpoint(target, rundir.runs_root(), prefer="last.pt")
+    ckpt = load_checkpoint(path)
+    saved = dict(ckpt.get("train_config") or {})
+    for key in FIXED_ON_RESUME:
+        if key in explicit and explicit[key] is not None and explicit[key] != saved.get(key):
+            raise UsageError(
+                f"--{key.replace('_', '-')} {explicit[key]} disagrees with the checkpoint "
+                f"({saved.get(key)}) being resumed; drop the option or start a new run"
+            )
+    values = TrainConfig().to_dict()
+    values.update({k: v for k, v in saved.items() if k in values})
+    values.update({k: v for k, v in explicit.items() if v is not None and k not in FIXED_ON_RESUME})
+    values["out"] = str(path.parent)
+    from charlm.config import build_config
+
+    return build_config(values, {}), {"path": path, "ckpt": ckpt}
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and state.get("cuda"):
+        cuda = state["cuda"]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def _state_to_plain(state: State | None):
+    if state is None:
+        return None
+    return [s.detach().cpu() for s in state] if isinstance(state, tuple) else state.detach().cpu()
+
+
+def _state_from_plain(data, device) -> State | None:
+    if data is None:
+        return None
+    return tuple(s.to(device) for s in data) if isinstance(data, list) else data.to(device)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, resume: dict | None = None, display: TrainDisplay | None = None):
+        self.cfg = cfg
+        self.device = select_device(cfg.device)
+        if cfg.precision != "fp32" and self.device.type != "cuda":
+            raise UsageError(f"--precision {cfg.precision} needs a CUDA device; use fp32 on {self.device.type}")
+        self.display = display or TrainDisplay(enabled=False)
+        ckpt = resume["ckpt"] if resume else None
+        self.data: Dataset = load_dataset(cfg, vocab=ckpt["vocab"] if ckpt else None, device=self.device)
+        if ckpt and ckpt.get("corpus", {}).get("num_tokens") not in (None, self.data.num_tokens):
+            raise CharlmError(
+                f"the corpus has {self.data.num_tokens} tokens but the checkpoint was trained on "
+                f"{ckpt['corpus']['num_tokens']}; resume with the same text"
+            )
+        from charlm.cells import resolve_impl
+
+        mc = ModelConfig(
+            vocab_size=len(self.data.vocab), cell=cfg.cell, hidden=cfg.hidden, layers=cfg.layers,
+            embed=cfg.embed, dropout=cfg.dropout, nonlinearity=cfg.nonlinearity,
+            gru_reset=cfg.gru_reset,
+        )
+        # --impl auto resolves per device and cell; the checkpoint records the concrete choice,
+        # and a resumed run uses the impl given now (parameters are laid out alike in all).
+        mc.impl = resolve_impl(cfg.impl, mc.mode, self.device.type, cfg.gru_reset)
+        self.model_config = mc.validate()
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        self.model = CharLM(self.model_config).to(self.device)
+        self.optimizer = make_optimizer(cfg.optimizer, self.model.parameters(), cfg.lr, cfg.weight_decay)
+        self.schedule = LRSchedule(cfg.schedule, cfg.lr, cfg.warmup_steps, cfg.plateau_factor,
+                                   cfg.plateau_patience)
+        iterator_cls = SequentialBatches if cfg.sampling == "sequential" else RandomBatches
+        self.batches = iterator_cls(self.data.train, cfg.batch_size, cfg.num_steps, seed=cfg.seed)
+        self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
+        self.loop = LoopState()
+        self.hidden: State | None = None
+        self.time_budget = parse_duration(cfg.time_budget)
+        self.run_dir = Path(cfg.out) if cfg.out else rundir.default_run_dir(cfg.cell, self.data.name)
+        if ckpt is not None:
+            self._restore(ckpt)
+
+    # -- checkpoints ---------------------------------------------------------------------
+    def _payload(self) -> dict:
+        loop = self.loop
+        return {
+            "model_config": self.model_config.to_dict(),
+            "vocab": self.data.vocab.to_dict(),
+            "preprocessing": self.data.preprocessing,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "rng": _rng_state(),
+            "iterator": self.batches.state_dict(),
+            "hidden": _state_to_plain(self.hidden) if self.cfg.sampling == "sequential" else None,
+            "step": loop.step, "epoch": self.batches.epoch, "tokens_seen": loop.tokens_seen,
+            "elapsed": loop.elapsed, "best_val_loss": loop.best_val_loss,
+            "train_config": self.cfg.to_dict(),
+            "corpus": self.data.describe(),
+        }
+
+    def _restore(self, ckpt: dict) -> None:
+        try:
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise CharlmError(f"checkpoint does not match its own model config: {first}") from None
+        self.schedule.load_state_dict(ckpt["scheduler"])
+        if self.scaler and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.batches.load_state_dict(ckpt["iterator"])
+        self.hidden = _state_from_plain(ckpt.get("hidden"), self.device)
+        self.loop.step, self.loop.tokens_seen = int(ckpt["step"]), int(ckpt["tokens_seen"])
+        self.loop.elapsed, self.loop.best_val_loss = float(ckpt["elapsed"]), float(ckpt["best_val_loss"])
+        _set_rng_state(ckpt["rng"])
+
+    def save(self, name: str) -> Path:
+        return save_checkpoint(self._payload(), self.run_dir / name)
+
+    # -- pieces of the loop --------------------------------------------------------------
+    def progress(self) -> float:
+        """How far along the run is, 0..1, by whichever limit is closest to stopping it."""
+        cfg, loop = self.cfg, self.loop
+        parts = [0.0]
+        if cfg.max_steps:
+            parts.append(loop.step / cfg.max_steps)
+        if cfg.epochs:
+            parts.append((self.batches.epoch + self.batches.position / len(self.batches)) / cfg.epochs)
+        if self.time_budget:
+            parts.append(loop.elapsed / self.time_budget)
+        return min(max(parts), 1.0)
+
+    def stop_reason(self) -> str | None:
+        cfg, loop = self.cfg, self.loop
+        if cfg.max_steps and loop.step >= cfg.max_steps:
+            return f"max_steps {cfg.max_steps}"
+        if cfg.epochs and self.batches.epoch >= cfg.epochs:
+            return f"epochs {cfg.epochs}"
+        if self.time_budget and loop.elapsed >= self.time_budget:
+            return f"time_budget {cfg.time_budget}"
+        return None
+
+    def autocast(self):
+        if self.cfg.precision == "fp32":
+            return nullcontext()
+        dtype = torch.bfloat16 if self.cfg.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def train_step(self, X: torch.Tensor, Y: torch.Tensor, state: State | None):
+        """One optimisation step; returns the (device) loss and the new (attached) state."""
+        cfg = self.cfg
+        with self.autocast():
+            logits, state = self.model(X, state)
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), Y.reshape(-1))
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        if cfg.clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        return loss.detach(), state
+
+    def evaluate(self) -> float:
+        """Mean NLL per character over the whole validation split (state carried)."""
+        if self.data.val.numel() < 2:
+            return math.nan
+        nll, count = corpus_nll(self.model, self.data.val, self.cfg.batch_size, self.cfg.num_steps,
+                                autocast=self.autocast())
+        return nll / count
+
+    def sample_text(self) -> str:
+        prefix = self.data.sample_prefix(self.cfg.sample_prefix)
+        ids = self.data.vocab.encode(prefix).tolist()
+        gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed + self.loop.step)
+        drawn = generate(self.model, ids, SampleSettings(length=self.cfg.sample_length), generator=gen)
+        return prefix + self.data.vocab.decode(drawn[0])
+
+    # -- the loop ------------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg, loop, display = self.cfg, self.loop, self.display
+        resuming = loop.step > 0 or self.batches.position > 0 or self.batches.epoch > 0
+        rundir.prepare_run_dir(self.run_dir, resuming=resuming)
+        with rundir.RunLock(self.run_dir):
+            rundir.write_text_atomic(self.run_dir / "config.toml", _config_toml(cfg, self.run_dir))
+            rundir.point_latest(self.run_dir)
+            metrics = rundir.MetricsLog(self.run_dir / "metrics.jsonl",
+                                        keep_until_step=loop.step if resuming else -1)
+            try:
+                return self._run(metrics, resuming)
+            finally:
+                metrics.close()
+
+    def _run(self, metrics: rundir.MetricsLog, resuming: bool) -> dict:
+        cfg, loop, display = self.cfg, self.loop, self.display
+        params = count_parameters(self.model)
+        display.start(self, params, resuming)
+        stop_signal: list[str] = []
+
+        def on_signal(signum, frame):
+            if stop_signal:  # a second Ctrl-C: stop now, without waiting for the step
+                raise KeyboardInterrupt
+            stop_signal.append(signal.Signals(signum).name)
+
+        old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        loss_sum = torch.zeros((), device=self.device)
+        n_steps, n_tokens = 0, 0
+        last_log = time.perf_counter()
+        t_mark = time.perf_counter()
+        reason = self.stop_reason()
+        batch_tokens = cfg.batch_size * cfg.num_steps
+        self.model.train()
+        try:
+            while reason is None:
+                # position == len: a run stopped right after an epoch's last batch; iterating
+                # starts the next epoch, whose first batch gets a fresh state too
+                at_epoch_start = self.batches.position in (0, len(self.batches))
+                for X, Y in self.batches:
+                    if stop_signal:
+                        break
+                    if cfg.sampling == "random" or at_epoch_start:
+                        state, at_epoch_start = None, False  # fresh state per batch / per epoch
+                    else:
+                        state = detach_state(self.hidden)  # truncated BPTT: keep values, cut graph
+                    lr = self.schedule.lr(loop.step, self.progress())
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = lr
+                    loss, state = self.train_step(X, Y, state)
+                    self.hidden = state if cfg.sampling == "sequential" else None
+                    loss_sum += loss
+                    n_steps += 1
+                    n_tokens += batch_tokens
+                    loop.step += 1
+                    loop.tokens_seen += batch_tokens
+                    now = time.perf_counter()
+                    loop.elapsed += now - t_mark
+                    t_mark = now
+                    if loop.step % cfg.log_every == 0:
+                        mean = (loss_sum / n_steps).item()  # the one host sync per log interval
+                        self._check_finite(mean)
+                        seconds = time.perf_counter() - last_log
+                        row = {"kind": "train", "step": loop.step, "epoch": self.batches.epoch,
+                               "tokens": loop.tokens_seen, "time": round(loop.elapsed, 3),
+                               "loss": mean, "ppl": math.exp(min(mean, 50)), "lr": lr,
+                               "tokens_per_s": n_tokens / max(seconds, 1e-9)}
+                        metrics.write(row)
+                        display.log(row, self.progress())
+                        loss_sum.zero_()
+                        n_steps, n_tokens, last_log = 0, 0, time.perf_counter()
+                    if loop.step % cfg.eval_every == 0:
+                        self._eval_and_sample(metrics)
+                        t_mark = last_log = time.perf_counter()
+                    if loop.step % cfg.checkpoint_every == 0:
+                        self._check_finite((loss_sum / max(n_steps, 1)).item() if n_steps else 0.0)
+                        self.save("last.pt")
+                        t_mark = last_log = time.perf_counter()
+                    reason = self.stop_reason()
+                    if reason:
+                        break
+                if stop_signal:
+                    break
+                reason = self.stop_reason()  # an epoch just ended: the epochs limit may be hit
+        except KeyboardInterrupt:
+            stop_signal.append("SIGINT")
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+        if stop_signal:
+            path = self.save("last.pt")
+            display.stop()
+            raise Interrupted(path, stop_signal[0])
+        if n_steps:
+            self._check_finite((loss_sum / n_steps).item())
+        evaluated_now = loop.step % cfg.eval_every == 0 and math.isfinite(loop.last_val_loss)
+        final_val = loop.last_val_loss if evaluated_now else self._eval_and_sample(metrics)
+        self.save("last.pt")
+        display.stop()
+        summary = self._summary(reason or "done", params, final_val)
+        metrics.write({"kind": "summary", "step": loop.step, **summary})
+        return summary
+
+    def _check_finite(self, mean_loss: float) -> None:
+        if not math.isfinite(mean_loss):
+            last = self.run_dir / "last.pt"
+            kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was saved"
+            self.display.stop()
+            raise CharlmError(
+                f"loss became {mean_loss} by step {self.loop.step}; training stopped and {kept}; "
+                "try a lower --lr or --clip 1"
+            )
+
+    def _eval_and_sample(self, metrics: rundir.MetricsLog) -> float:
+        loop = self.loop
+        val = self.evaluate()
+        sample = self.sample_text()
+        self.model.train()
+        loop.last_val_loss = val
+        improved = math.isfinite(val) and val < loop.best_val_loss
+        if improved:
+            loop.best_val_loss = val
+        self.schedule.observe(val) if math.isfinite(val) else None
+        row = {"kind": "val", "step": loop.step, "epoch": self.batches.epoch,
+               "tokens": loop.tokens_seen, "time": round(loop.elapsed, 3), "loss": val,
+               "ppl": math.exp(min(val, 50)) if math.isfinite(val) else None,
+               "bpc": val / math.log(2) if math.isfinite(val) else None}
+        metrics.write(row)
+        with open(self.run_dir / "samples.txt", "a", encoding="utf-8") as fh:
+            fh.write(f"--- step {loop.step}\n{sample}\n")
+        self.display.evaluation(row, sample, improved)
+        if improved or not (self.run_dir / "best.pt").exists():
+            self.save("best.pt")
+        return val
+
+    def _summary(self, reason: str, params: int, final_val: float) -> dict:
+        loop = self.loop
+        best = loop.best_val_loss if math.isfinite(loop.best_val_loss) else final_val
+        finite = math.isfinite(best)
+        return {
+            "stopped_by": reason,
+            "steps": loop.step,
+            "epochs": round(loop.tokens_seen / max(1, len(self.batches) * self.cfg.batch_size
+                                                   * self.cfg.num_steps), 3),
+            "best_val_loss": best if finite else None,
+            "best_val_ppl": math.exp(best) if finite else None,
+            "best_val_bpc": best / math.log(2) if finite else None,
+            "final_val_loss": final_val if math.isfinite(final_val) else None,
+            "tokens_per_s": loop.tokens_seen / max(loop.elapsed, 1e-9),
+            "wall_time_s": round(loop.elapsed, 2),
+            "parameters": params,
+            "device": str(self.device),
+            "impl": self.model_config.impl,
+            "run_dir": str(self.run_dir),
+            "best_checkpoint": str(self.run_dir / "best.pt"),
+            "last_checkpoint": str(self.run_dir / "last.pt"),
+        }
+
+
+def _config_toml(cfg: TrainConfig, run_dir: Path) -> str:
+    from charlm.config import to_toml
+
+    values = cfg.to_dict()
+    values["out"] = str(run_dir)
+    return to_toml(values)
