@@ -235,7 +235,10 @@ class RandomBatches(_EpochBatches):
         n = self.usable_tokens
         self._x = self.tokens[offset : offset + n].view(num_windows, self.num_steps)
         self._y = self.tokens[offset + 1 : offset + 1 + n].view(num_windows, self.num_steps)
-        self._order = order.to(self.tokens.device)  # one host-to-device copy per epoch
+        if self.tokens.is_cuda:
+            # One host-to-device copy per epoch, from pinned memory so it does not block the host.
+            order = order.pin_memory().to(self.tokens.device, non_blocking=True)
+        self._order = order
 
     def _batch(self, i: int) -> tuple[Tensor, Tensor]:
         rows = self._order[i]

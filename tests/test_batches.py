@@ -275,6 +275,7 @@ def test_eval_windows_errors():
 
 
 @pytest.mark.cuda
+@pytest.mark.filterwarnings("ignore:Synchronization debug mode is a prototype")
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("cls", ITERATORS)
 def test_batches_on_cuda_equal_cpu_batches(cls):
@@ -286,6 +287,15 @@ def test_batches_on_cuda_equal_cpu_batches(cls):
         for (xc, yc), (xg, yg) in pairs:
             assert xg.is_cuda and yg.is_cuda and xg.dtype == torch.int64
             assert torch.equal(xg.cpu(), xc) and torch.equal(yg.cpu(), yc)
-    windows = list(eval_windows(corpus(101, "cuda"), 4, 7))
+    # no host synchronisation anywhere while iterating (epoch changes included)
+    it = cls(corpus(3000, "cuda"), 4, 13, seed=5)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        batches = [b for _, b in zip(range(3 * len(it)), itertools.chain(it, it, it))]
+        windows = list(eval_windows(corpus(101, "cuda"), 4, 7))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert len(batches) == 3 * len(it)
     assert all(x.is_cuda for x, _, _ in windows)
     assert sorted(torch.cat([y.flatten() for _, y, _ in windows]).tolist()) == list(range(1, 101))
