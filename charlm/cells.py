@@ -1,0 +1,220 @@
+"""Recurrent layers written from the gate equations, and the choice between implementations.
+
+``ScratchRecurrent`` is the readable reference: one function per cell computes one time step from
+the equations (names as in d2l.ai), ``_run_layer`` runs a step function over time, and the module
+stacks layers with dropout between them. Parameter names, shapes and gate order are those of
+``nn.RNN`` / ``nn.GRU`` / ``nn.LSTM`` (GRU rows r, z, n; LSTM rows i, f, g, o), so state_dicts
+load across implementations and give the same outputs.
+
+Implementations (``--impl``):
+  fused    torch's own layers (cuDNN on CUDA, ATen kernels on CPU)
+  scratch  this module: plain autograd over the step functions below (slow; for reading/checking)
+  fast     ``charlm.fastgru.FastGRU``: hand-written backward, GRU only (fastest on CPU)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from charlm.errors import UsageError
+from charlm.fastgru import FastGRU
+
+MODES = ("rnn_tanh", "rnn_relu", "gru", "lstm")
+IMPLS = ("auto", "fused", "scratch", "fast")
+GRU_RESETS = ("after", "before")
+FAST_MODES = ("gru",)
+
+_GATES = {"rnn_tanh": 1, "rnn_relu": 1, "gru": 3, "lstm": 4}
+_RESET_BEFORE_ONLY_SCRATCH = (
+    "--gru-reset before exists only in the scratch implementation; use --impl scratch"
+)
+
+
+# --- one time step per cell ------------------------------------------------------------------
+# X: (B, I) input at this step; H_prev, C_prev: (B, H); weights as in torch (rows = gates).
+
+
+def rnn_step(X, H_prev, W_ih, W_hh, b_ih, b_hh, activation: Callable[[Tensor], Tensor]):
+    """H = phi(W_ih X + b_ih + W_hh H_prev + b_hh)."""
+    return activation(F.linear(X, W_ih, b_ih) + F.linear(H_prev, W_hh, b_hh))
+
+
+def gru_step(X, H_prev, W_ih, W_hh, b_ih, b_hh, reset: str = "after"):
+    """One GRU step. ``reset="after"``: PyTorch/cuDNN; ``"before"``: Cho et al. 2014 / d2l."""
+    W_xr, W_xz, W_xh = W_ih.chunk(3)
+    W_hr, W_hz, W_hh_ = W_hh.chunk(3)
+    b_xr, b_xz, b_xh = b_ih.chunk(3)
+    b_hr, b_hz, b_hh_ = b_hh.chunk(3)
+    R = torch.sigmoid(F.linear(X, W_xr, b_xr) + F.linear(H_prev, W_hr, b_hr))  # reset gate
+    Z = torch.sigmoid(F.linear(X, W_xz, b_xz) + F.linear(H_prev, W_hz, b_hz))  # update gate
+    if reset == "after":
+        H_tilde = torch.tanh(F.linear(X, W_xh, b_xh) + R * F.linear(H_prev, W_hh_, b_hh_))
+    else:
+        H_tilde = torch.tanh(F.linear(X, W_xh, b_xh) + F.linear(R * H_prev, W_hh_, b_hh_))
+    return Z * H_prev + (1 - Z) * H_tilde
+
+
+def lstm_step(X, H_prev, C_prev, W_ih, W_hh, b_ih, b_hh):
+    """One LSTM step; returns (H, C)."""
+    W_xi, W_xf, W_xc, W_xo = W_ih.chunk(4)
+    W_hi, W_hf, W_hc, W_ho = W_hh.chunk(4)
+    b_xi, b_xf, b_xc, b_xo = b_ih.chunk(4)
+    b_hi, b_hf, b_hc, b_ho = b_hh.chunk(4)
+    I = torch.sigmoid(F.linear(X, W_xi, b_xi) + F.linear(H_prev, W_hi, b_hi))  # input gate
+    F_ = torch.sigmoid(F.linear(X, W_xf, b_xf) + F.linear(H_prev, W_hf, b_hf))  # forget gate
+    O = torch.sigmoid(F.linear(X, W_xo, b_xo) + F.linear(H_prev, W_ho, b_ho))  # output gate
+    C_tilde = torch.tanh(F.linear(X, W_xc, b_xc) + F.linear(H_prev, W_hc, b_hc))  # candidate
+    C = F_ * C_prev + I * C_tilde
+    H = O * torch.tanh(C)
+    return H, C
+
+
+# --- a step function run over time -------------------------------------------------------------
+
+
+def _run_layer(mode: str, X: Tensor, state, weights, reset: str):
+    """X: (B, T, I); state: H (B, H) or (H, C) for lstm. Returns outputs (B, T, H) and last state."""
+    outputs = []
+    for t in range(X.shape[1]):
+        X_t = X[:, t]
+        if mode == "lstm":
+            state = lstm_step(X_t, *state, *weights)
+            outputs.append(state[0])
+            continue
+        if mode == "gru":
+            state = gru_step(X_t, state, *weights, reset=reset)
+        else:
+            state = rnn_step(X_t, state, *weights, activation=torch.tanh if mode == "rnn_tanh" else torch.relu)
+        outputs.append(state)
+    return torch.stack(outputs, dim=1), state
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise UsageError(f"unknown cell {mode!r}; choose one of: {', '.join(MODES)}")
+
+
+def _check_reset(gru_reset: str) -> None:
+    if gru_reset not in GRU_RESETS:
+        raise UsageError(f"unknown --gru-reset {gru_reset!r}; choose one of: {', '.join(GRU_RESETS)}")
+
+
+def add_torch_layout_parameters(module: nn.Module, gates: int, input_size: int, hidden_size: int,
+                                num_layers: int) -> None:
+    """Register weight_ih_l{k}, weight_hh_l{k}, bias_ih_l{k}, bias_hh_l{k} as torch does, and
+    initialise them like torch: uniform(-1/sqrt(H), 1/sqrt(H))."""
+    bound = 1.0 / math.sqrt(hidden_size)
+    for layer in range(num_layers):
+        in_size = input_size if layer == 0 else hidden_size
+        shapes = {
+            "weight_ih": (gates * hidden_size, in_size),
+            "weight_hh": (gates * hidden_size, hidden_size),
+            "bias_ih": (gates * hidden_size,),
+            "bias_hh": (gates * hidden_size,),
+        }
+        for name, shape in shapes.items():
+            param = nn.Parameter(torch.empty(shape))
+            nn.init.uniform_(param, -bound, bound)
+            module.register_parameter(f"{name}_l{layer}", param)
+
+
+class ScratchRecurrent(nn.Module):
+    """``nn.RNN``/``nn.GRU``/``nn.LSTM(batch_first=True)`` rebuilt from the step functions above."""
+
+    def __init__(self, mode: str, input_size: int, hidden_size: int, num_layers: int = 1,
+                 dropout: float = 0.0, gru_reset: str = "after"):
+        super().__init__()
+        _check_mode(mode)
+        _check_reset(gru_reset)
+        self.mode = mode
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.dropout = float(dropout)
+        self.gru_reset = gru_reset
+        add_torch_layout_parameters(self, _GATES[mode], input_size, hidden_size, num_layers)
+
+    def _weights(self, layer: int):
+        return tuple(getattr(self, f"{name}_l{layer}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+
+    def forward(self, x: Tensor, state=None):
+        B = x.shape[0]
+        zeros = x.new_zeros(self.num_layers, B, self.hidden_size)
+        if self.mode == "lstm":
+            h0, c0 = state if state is not None else (zeros, zeros)
+        else:
+            h0 = state if state is not None else zeros
+        finals_h, finals_c = [], []
+        for layer in range(self.num_layers):
+            if layer > 0 and self.dropout > 0 and self.training:
+                x = F.dropout(x, self.dropout, training=True)
+            layer_state = (h0[layer], c0[layer]) if self.mode == "lstm" else h0[layer]
+            x, last = _run_layer(self.mode, x, layer_state, self._weights(layer), self.gru_reset)
+            if self.mode == "lstm":
+                finals_h.append(last[0])
+                finals_c.append(last[1])
+            else:
+                finals_h.append(last)
+        if self.mode == "lstm":
+            return x, (torch.stack(finals_h), torch.stack(finals_c))
+        return x, torch.stack(finals_h)
+
+    def extra_repr(self) -> str:
+        reset = f", gru_reset={self.gru_reset}" if self.mode == "gru" else ""
+        return (f"{self.mode}, {self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, "
+                f"dropout={self.dropout}{reset}")
+
+
+# --- choosing an implementation ---------------------------------------------------------------
+
+
+def resolve_impl(impl: str, mode: str, device_type: str, gru_reset: str = "after") -> str:
+    """Turn ``auto`` into a concrete implementation; other values are returned unchanged.
+
+    Rule (from scripts/bench_cells.py, docs/BENCHMARKS.md):
+      * ``--gru-reset before``                 -> scratch (the only implementation that has it)
+      * CUDA (any cell)                        -> fused (cuDNN)
+      * CPU, a cell in FAST_MODES (gru)        -> fast
+      * CPU, any other cell                    -> fused
+    """
+    if impl != "auto":
+        return impl
+    if mode == "gru" and gru_reset == "before":
+        return "scratch"
+    if device_type == "cpu" and mode in FAST_MODES:
+        return "fast"
+    return "fused"
+
+
+def recurrent_layer(impl: str, mode: str, input_size: int, hidden_size: int, num_layers: int = 1,
+                    dropout: float = 0.0, gru_reset: str = "after") -> nn.Module:
+    """Build the recurrent stack (batch_first) for a concrete ``impl`` (call resolve_impl first)."""
+    _check_mode(mode)
+    _check_reset(gru_reset)
+    if impl not in IMPLS or impl == "auto":
+        choices = ", ".join(i for i in IMPLS if i != "auto")
+        raise UsageError(f"unknown implementation {impl!r}; choose one of: {choices} (or auto)")
+    if mode == "gru" and gru_reset == "before" and impl != "scratch":
+        raise UsageError(_RESET_BEFORE_ONLY_SCRATCH)
+    if impl == "scratch":
+        return ScratchRecurrent(mode, input_size, hidden_size, num_layers, dropout, gru_reset)
+    if impl == "fast":
+        if mode not in FAST_MODES:
+            raise UsageError(
+                f"--impl fast exists only for {', '.join(FAST_MODES)}, not {mode}; "
+                "use --impl fused or --impl scratch"
+            )
+        return FastGRU(input_size, hidden_size, num_layers, dropout)
+    dropout = dropout if num_layers > 1 else 0.0  # torch warns about dropout on a single layer
+    if mode == "gru":
+        return nn.GRU(input_size, hidden_size, num_layers, dropout=dropout, batch_first=True)
+    if mode == "lstm":
+        return nn.LSTM(input_size, hidden_size, num_layers, dropout=dropout, batch_first=True)
+    nonlinearity = "tanh" if mode == "rnn_tanh" else "relu"
+    return nn.RNN(input_size, hidden_size, num_layers, nonlinearity=nonlinearity, dropout=dropout,
+                  batch_first=True)
