@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import typer
+from rich.console import Console
+from rich.table import Table
+
+from charlm import corpus
+from charlm.cli_common import handle_errors
 
 data_app = typer.Typer(
     help="List, download, add and inspect corpora.\n\nExample: charlm data list",
@@ -10,11 +19,141 @@ data_app = typer.Typer(
     rich_markup_mode=None,
 )
 
+DataDir = typer.Option(
+    None, "--data-dir",
+    help="Corpus cache folder (default: $CHARLM_DATA_DIR, else $XDG_CACHE_HOME/charlm or ~/.cache/charlm).",
+)
+AsJson = typer.Option(False, "--json", help="Print JSON instead of a table.")
+Name = typer.Argument(..., help="A corpus name, as 'charlm data list' shows.")
+
+
+def _print_json(value) -> None:
+    typer.echo(json.dumps(value, indent=2, ensure_ascii=False))
+
 
 @data_app.command("list")
-def data_list() -> None:
+@handle_errors
+def data_list(data_dir: Path | None = DataDir, as_json: bool = AsJson) -> None:
     """List the named corpora, their sizes and whether they are cached.
 
-    Example: charlm data list
+    Example: charlm data list --json
     """
-    typer.echo("timemachine")
+    rows = []
+    for name in corpus.corpus_names():
+        e = corpus.entry(name)
+        if e.builtin:
+            size, path, status = len(corpus.python_docs_text().encode()), None, "built in"
+        else:
+            path = corpus.cached_path(e, data_dir)
+            status = "yes" if corpus.is_cached(e, data_dir) else "bad checksum" if path.exists() else "no"
+            size = e.size
+        rows.append({
+            "name": name, "description": e.description, "bytes": size,
+            "cached": status in ("yes", "built in"), "status": status, "path": str(path) if path else None,
+            "urls": list(e.urls),
+        })
+    if as_json:
+        _print_json({"cache_dir": str(corpus.cache_dir(data_dir)), "corpora": rows})
+        return
+    table = Table("name", "bytes", "cached", "description")
+    for row in rows:
+        table.add_row(row["name"], f"{row['bytes']:,}", row["status"], row["description"])
+    console = Console(markup=False, highlight=False)
+    console.print(table)
+    console.print(f"cache: {corpus.cache_dir(data_dir)}")
+
+
+@data_app.command("download")
+@handle_errors
+def data_download(name: str = Name, data_dir: Path | None = DataDir) -> None:
+    """Download a named corpus into the cache (from CHARLM_MIRROR first) and verify its checksum.
+
+    Example: charlm data download tinyshakespeare
+    """
+    e = corpus.entry(name)
+    if not e.builtin and corpus.is_cached(e, data_dir):
+        typer.echo(f"{name} is already cached and verified: {corpus.cached_path(e, data_dir)}")
+        return
+    path = corpus.fetch(name, data_dir)
+    typer.echo(f"downloaded {name} to {path} (checksum verified)")
+
+
+@data_app.command("add")
+@handle_errors
+def data_add(
+    name: str = Name,
+    file: Path = typer.Argument(..., help="Your copy of the corpus's file."),
+    data_dir: Path | None = DataDir,
+) -> None:
+    """Copy a file you already have into the cache as a named corpus, if its checksum matches.
+
+    Example: charlm data add timemachine ~/Downloads/timemachine.txt
+    """
+    path = corpus.add(name, file, data_dir)
+    typer.echo(f"added {name}: {path} (checksum verified)")
+
+
+def _load(spec: str | None, data_dir: Path | None) -> corpus.CorpusText:
+    """A name when it is one; a path when it exists or looks like one; else the unknown-name error."""
+    if spec is None or spec in corpus.corpus_names():
+        return corpus.load_corpus(spec, data_dir=data_dir)
+    if os.sep in spec or Path(spec).suffix or Path(spec).exists():
+        return corpus.load_corpus(texts=[Path(spec)])
+    corpus.entry(spec)  # raises the error that lists the known names
+    raise AssertionError("unreachable")
+
+
+def corpus_stats(c: corpus.CorpusText, top: int = 10) -> dict:
+    """Size, most frequent symbols, and vocabulary size (symbols + <unk>) per preprocessing mode."""
+    from charlm.vocab import PREPROCESSING, Vocab, preprocess  # torch: only when needed
+
+    vocabs = {mode: Vocab.build(preprocess(c.text, mode)) for mode in PREPROCESSING}
+    raw = vocabs["raw"]  # most frequent first
+    return {
+        "name": c.name,
+        "source": c.source,
+        "characters": len(c.text),
+        "distinct_symbols": len(raw) - 1,
+        "top_symbols": [[s, n] for s, n in zip(raw.tokens[1 : top + 1], raw.counts[1 : top + 1])],
+        "vocab_size": {mode: len(v) for mode, v in vocabs.items()},
+        "preprocessing": c.preprocessing,
+        "sample_prefix": c.sample_prefix,
+    }
+
+
+@data_app.command("info")
+@handle_errors
+def data_info(
+    spec: str | None = typer.Argument(
+        None, metavar="NAME|PATH",
+        help="A corpus name or a UTF-8 text file (default: timemachine, else python-docs).",
+    ),
+    data_dir: Path | None = DataDir,
+    as_json: bool = AsJson,
+) -> None:
+    """Show a corpus's size, its most frequent symbols and its vocabulary size per preprocessing.
+
+    Example: charlm data info tinyshakespeare
+    """
+    stats = corpus_stats(_load(spec, data_dir))
+    if as_json:
+        _print_json(stats)
+        return
+    n = stats["characters"]
+    summary = Table.grid(padding=(0, 2))
+    summary.add_row("corpus", f"{stats['name']} ({stats['source']})")
+    summary.add_row("characters", f"{n:,}")
+    summary.add_row("distinct symbols", f"{stats['distinct_symbols']:,}")
+    summary.add_row(
+        "vocab size", ", ".join(f"{mode} {size}" for mode, size in stats["vocab_size"].items())
+        + "  (symbols + <unk>)",
+    )
+    summary.add_row(
+        "defaults", f"preprocessing {stats['preprocessing']}, sample prefix {stats['sample_prefix']!r}"
+    )
+    symbols = Table("symbol", "count", "share", title=f"top {len(stats['top_symbols'])} symbols")
+    for symbol, count in stats["top_symbols"]:
+        symbols.add_row(repr(symbol), f"{count:,}", f"{count / n:.1%}")
+    console = Console(markup=False, highlight=False)
+    console.print(summary)
+    console.print(symbols)

@@ -115,19 +115,17 @@ def _chain(exc: BaseException):
         todo += [a for a in e.args if isinstance(a, BaseException)]
 
 
-def _cause(exc: requests.RequestException, timeout: tuple[float, float]) -> str:
+def _cause(exc: Exception, url: str, timeout: tuple[float, float]) -> str:
+    """What went wrong with the network, in a few words."""
     chain = list(_chain(exc))
     if isinstance(exc, requests.ConnectTimeout):
         return f"no connection within {timeout[0]:g} s (connect timeout)"
-    if isinstance(exc, requests.ReadTimeout) or any(
-        isinstance(e, urllib3.exceptions.ReadTimeoutError) for e in chain
-    ):
+    if any(isinstance(e, (requests.ReadTimeout, urllib3.exceptions.ReadTimeoutError)) for e in chain):
         return f"server stalled (no data for {timeout[1]:g} s)"
     if any(isinstance(e, ConnectionRefusedError) for e in chain):
         return "connection refused"
-    for e in chain:
-        if isinstance(e, urllib3.exceptions.NameResolutionError):
-            return f"cannot resolve host {urlparse(exc.request.url).hostname if exc.request else ''}"
+    if any(isinstance(e, urllib3.exceptions.NameResolutionError) for e in chain):
+        return f"cannot resolve host {urlparse(url).hostname}"
     for e in reversed(chain):
         if isinstance(e, OSError) and e.strerror:
             return e.strerror.lower()
@@ -163,26 +161,30 @@ def _fetch_http(
                 transient = r.status_code >= 500 or r.status_code in (408, 429)
                 raise _Failed(f"HTTP {r.status_code} {r.reason}".rstrip(), retry=transient)
             length = r.headers.get("Content-Length")
-            total = start + int(length) if length and length.isdigit() else None
+            if length and length.isdigit() and r.headers.get("Content-Encoding", "identity") == "identity":
+                total = start + int(length)
             bar = tqdm(
                 total=total, initial=start, desc=part.name.removesuffix(".part"), unit="B",
                 unit_scale=True, unit_divisor=1024, leave=False, file=sys.stderr,
                 disable=not show,
             )
+            # read1 hands over whatever has arrived, so a transfer that breaks off keeps every
+            # byte it received (iter_content would drop a partly filled chunk).
+            read = getattr(r.raw, "read1", r.raw.read)
             with open(part, "ab" if start else "wb") as f, bar:
                 try:
-                    for chunk in r.iter_content(CHUNK):
+                    while chunk := read(CHUNK, decode_content=True):
                         f.write(chunk)
                         bar.update(len(chunk))
                 finally:
                     f.flush()
                     os.fsync(f.fileno())
-    except requests.ChunkedEncodingError:
+    except (requests.exceptions.ChunkedEncodingError, urllib3.exceptions.ProtocolError):
         got = part.stat().st_size if part.exists() else 0
         of = f" of {total:,}" if total is not None else ""
         raise _Failed(f"connection closed after {got:,}{of} bytes", retry=True) from None
-    except requests.RequestException as exc:
-        raise _Failed(_cause(exc, timeout), retry=True) from None
+    except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
+        raise _Failed(_cause(exc, url, timeout), retry=True) from None
     received = part.stat().st_size
     if total is not None and received != total:
         raise _Failed(f"connection closed after {received:,} of {total:,} bytes", retry=True)
@@ -248,7 +250,9 @@ def install(src: Path, dest: Path, *, sha1: str | None = None, sha256: str | Non
         _copy_local(Path(src).resolve().as_uri(), tmp)
         _commit(tmp, dest, sha1, sha256, retry=False)
     except _Failed as failed:
-        raise CharlmError(f"{src}: {failed.cause}; nothing was written") from None
+        raise CharlmError(
+            f"{src} is not the expected {dest.name}: {failed.cause}; nothing was written"
+        ) from None
     finally:
         tmp.unlink(missing_ok=True)
     return dest

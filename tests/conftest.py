@@ -1,0 +1,151 @@
+"""Shared fixtures.
+
+Every test runs with its own empty corpus cache (CHARLM_DATA_DIR), no CHARLM_MIRROR, and the
+registry's URLs pointed at a refused loopback port: no test can touch the real home cache or reach
+the real corpus servers, and a default corpus that is not cached falls back to python-docs at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import socket
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """The reference corpora, read in place (never copied into the repo)."""
+    if not (SHARED_DATA / "timemachine.txt").is_file():
+        pytest.skip(f"reference corpora not found in {SHARED_DATA}")
+    return SHARED_DATA
+
+
+def refused_port() -> int:
+    """A loopback port that nothing listens on: bound once, then closed."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def refused_url() -> str:
+    return f"http://127.0.0.1:{refused_port()}"
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch) -> Path:
+    """A fresh CHARLM_DATA_DIR per test, and corpus downloads that can only reach loopback."""
+    from charlm import corpus
+
+    cache = tmp_path / "charlm-cache"
+    monkeypatch.setenv("CHARLM_DATA_DIR", str(cache))
+    monkeypatch.delenv("CHARLM_MIRROR", raising=False)
+    dead = f"http://127.0.0.1:{refused_port()}"
+    registry = corpus.registry()
+    for name, e in list(registry.items()):
+        urls = tuple(f"{dead}/{e.filename}" for _ in e.urls)
+        monkeypatch.setitem(registry, name, dataclasses.replace(e, urls=urls))
+    monkeypatch.setattr(corpus, "DOWNLOAD_OPTIONS", {"timeout": (2, 2), "retries": 1, "backoff": 0.01})
+    return cache
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """Serves files of `server.root`, misbehaving as `server.mode` says.
+
+    files           200, or 206 for `Range: bytes=N-` (416 past the end); 404 for missing files
+    norange         like files, but ignores Range and always answers 200 with the whole file
+    close_mid_body  ignores Range; announces the whole file, sends half of it, closes
+    stall           sends nothing at all until the test ends
+    stall_mid_body  announces the whole file, sends its first 1,000 bytes, then nothing
+    """
+
+    def log_message(self, *args) -> None:  # keep pytest output clean
+        pass
+
+    def do_GET(self) -> None:
+        srv: _Server = self.server  # type: ignore[assignment]
+        srv.seen.append({"path": self.path, "range": self.headers.get("Range")})
+        if srv.mode == "stall":
+            srv.release.wait(10)
+            return
+        path = srv.root / unquote(self.path).lstrip("/")
+        if not path.is_file():
+            self.send_error(404)
+            return
+        data = path.read_bytes()
+        match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
+        start = int(match[1]) if match and srv.mode == "files" else 0
+        if start >= len(data) > 0:
+            self.send_response(416)
+            self.send_header("Content-Range", f"bytes */{len(data)}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        self.send_response(206 if start else 200)
+        if start:
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        self.send_header("Content-Length", str(len(data) - start))
+        self.end_headers()
+        srv.seen[-1]["status"] = 206 if start else 200
+        body = data[start:]
+        if srv.mode == "close_mid_body":
+            self.wfile.write(body[: len(body) // 2])
+            self.close_connection = True
+        elif srv.mode == "stall_mid_body":
+            self.wfile.write(body[:1000])
+            self.wfile.flush()
+            srv.release.wait(10)
+        else:
+            self.wfile.write(body)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, root: Path, mode: str):
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.root, self.mode = Path(root), mode
+        self.seen: list[dict] = []
+        self.release = threading.Event()
+
+
+@dataclass
+class LoopbackServer:
+    """A running loopback server: `url(name)` addresses a file, `seen` lists the requests."""
+
+    httpd: _Server
+    seen: list[dict] = field(default_factory=list)
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def url(self, name: str) -> str:
+        return f"{self.base}/{name}"
+
+
+@pytest.fixture
+def http_server():
+    """Start loopback servers: `http_server(root, mode="files")` (modes: see _Handler)."""
+    started: list[_Server] = []
+
+    def start(root: Path, mode: str = "files") -> LoopbackServer:
+        httpd = _Server(root, mode)
+        threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
+        started.append(httpd)
+        return LoopbackServer(httpd, httpd.seen)
+
+    yield start
+    for httpd in started:
+        httpd.release.set()
+        httpd.shutdown()
+        httpd.server_close()
