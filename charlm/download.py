@@ -115,21 +115,22 @@ def _chain(exc: BaseException):
         todo += [a for a in e.args if isinstance(a, BaseException)]
 
 
-def _cause(exc: Exception, url: str, timeout: tuple[float, float]) -> str:
-    """What went wrong with the network, in a few words."""
+def _network_failure(exc: Exception, url: str, timeout: tuple[float, float]) -> _Failed:
+    """What went wrong with the network, in a few words, and whether to try again."""
     chain = list(_chain(exc))
     if isinstance(exc, requests.ConnectTimeout):
-        return f"no connection within {timeout[0]:g} s (connect timeout)"
+        return _Failed(f"no connection within {timeout[0]:g} s (connect timeout)", retry=True)
     if any(isinstance(e, (requests.ReadTimeout, urllib3.exceptions.ReadTimeoutError)) for e in chain):
-        return f"server stalled (no data for {timeout[1]:g} s)"
+        return _Failed(f"server stalled (no data for {timeout[1]:g} s)", retry=True)
     if any(isinstance(e, ConnectionRefusedError) for e in chain):
-        return "connection refused"
+        return _Failed("connection refused", retry=True)
     if any(isinstance(e, urllib3.exceptions.NameResolutionError) for e in chain):
-        return f"cannot resolve host {urlparse(url).hostname}"
+        # Offline machines fail here at once; waiting and asking again only delays the fallback.
+        return _Failed(f"cannot resolve host {urlparse(url).hostname}", retry=False)
     for e in reversed(chain):
         if isinstance(e, OSError) and e.strerror:
-            return e.strerror.lower()
-    return f"{type(exc).__name__}: {exc}"
+            return _Failed(e.strerror.lower(), retry=True)
+    return _Failed(f"{type(exc).__name__}: {exc}", retry=True)
 
 
 def _start(response: requests.Response, offset: int) -> int | None:
@@ -184,7 +185,7 @@ def _fetch_http(
         of = f" of {total:,}" if total is not None else ""
         raise _Failed(f"connection closed after {got:,}{of} bytes", retry=True) from None
     except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
-        raise _Failed(_cause(exc, url, timeout), retry=True) from None
+        raise _network_failure(exc, url, timeout) from None
     received = part.stat().st_size
     if total is not None and received != total:
         raise _Failed(f"connection closed after {received:,} of {total:,} bytes", retry=True)
@@ -204,8 +205,8 @@ def download(
     """Fetch `dest` from the first of `urls` that works (http, https or file) and return `dest`.
 
     Each URL gets 1 + `retries` attempts for transient failures (refused or broken connections,
-    timeouts, HTTP 5xx), `backoff` * 2**k seconds apart; an HTTP 4xx or a checksum mismatch moves
-    on to the next URL at once. `timeout` is (connect, read) in seconds. Raises DownloadError.
+    timeouts, HTTP 5xx, 408, 429), `backoff` * 2**k seconds apart; an unknown host, another HTTP
+    error or a checksum mismatch moves on to the next URL at once. `timeout` is (connect, read) in seconds. Raises DownloadError.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)

@@ -204,3 +204,22 @@ def test_install_copies_only_a_matching_file(shared_data, tmp_path):
         f"expected {TM_SHA256}); nothing was written"
     )
     assert files_in(other.parent) == []
+
+
+def test_unknown_host_is_reported_at_once_without_retries(monkeypatch, tmp_path):
+    import socket
+
+    calls = []
+
+    def no_dns(host, *args, **kwargs):
+        calls.append(host)
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    url = "http://corpora.invalid/timemachine.txt"
+    with pytest.raises(DownloadError) as err:
+        fetch([url], tmp_path / "cache" / "timemachine.txt", retries=3)
+    assert str(err.value) == (
+        f"could not download timemachine.txt: {url}: cannot resolve host corpora.invalid"
+    )
+    assert calls == ["corpora.invalid"]
