@@ -140,20 +140,18 @@ def data_info(
         _print_json(stats)
         return
     n = stats["characters"]
-    summary = Table.grid(padding=(0, 2))
-    summary.add_row("corpus", f"{stats['name']} ({stats['source']})")
-    summary.add_row("characters", f"{n:,}")
-    summary.add_row("distinct symbols", f"{stats['distinct_symbols']:,}")
-    summary.add_row(
-        "vocab size", ", ".join(f"{mode} {size}" for mode, size in stats["vocab_size"].items())
+    summary = {
+        "corpus": stats["name"],
+        "source": stats["source"],
+        "characters": f"{n:,}",
+        "distinct symbols": f"{stats['distinct_symbols']:,}",
+        "vocab size": ", ".join(f"{mode} {size}" for mode, size in stats["vocab_size"].items())
         + "  (symbols + <unk>)",
-    )
-    summary.add_row(
-        "defaults", f"preprocessing {stats['preprocessing']}, sample prefix {stats['sample_prefix']!r}"
-    )
+        "defaults": f"preprocessing {stats['preprocessing']}, sample prefix {stats['sample_prefix']!r}",
+    }
+    for label, value in summary.items():  # plain lines: long paths must not wrap
+        typer.echo(f"{label:<18}{value}")
     symbols = Table("symbol", "count", "share", title=f"top {len(stats['top_symbols'])} symbols")
     for symbol, count in stats["top_symbols"]:
         symbols.add_row(repr(symbol), f"{count:,}", f"{count / n:.1%}")
-    console = Console(markup=False, highlight=False)
-    console.print(summary)
-    console.print(symbols)
+    Console(markup=False, highlight=False).print(symbols)
