@@ -4,17 +4,33 @@ d2l's `predict_ch8` order: run the prefix through the model once to warm up the 
 then draw one character at a time, feeding each back in. Each new character costs exactly one
 step of the recurrent layers; the prefix is never re-run. Several samples are drawn as one
 batch (the warmed-up state is copied into each row).
+
+A step is computed straight from the recurrent layers' torch-layout parameters
+(`weight_ih_l{k}`, `weight_hh_l{k}`, `bias_ih_l{k}`, `bias_hh_l{k}`, which every implementation
+shares), because a per-step call through a sequence layer costs more in dispatch than the
+arithmetic. The first layer's input projection becomes a row lookup::
+
+    table[v] = input(v) @ W_ih_l0^T + b_ih_l0        (V, gates*H), once per call
+    step:  gates = table[x] | h_below @ W_ih^T + b_ih,  plus  h @ W_hh^T + b_hh  -> h (, c)
+           logits = h_top @ (W_out / T)^T + b_out / T     (the temperature folded into the head)
+
+A character is drawn with the Gumbel-max trick, argmax(logits / T + g) with g = -log E,
+E ~ Exp(1): exactly a draw from softmax(logits / T), for one add and one argmax per step. The
+noise comes from `gumbel_noise` in blocks of steps, so a seed fixes the text.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
 from charlm.errors import UsageError
 from charlm.models import CharLM, State
+
+NOISE_BLOCK_STEPS = 64  # noise drawn per block: (steps, samples, vocab)
+NOISE_BLOCK_NUMBERS = 1 << 22  # ... but at most this many numbers (16 MB) per block
 
 
 @dataclass
@@ -65,7 +81,87 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
-@torch.no_grad()
+def gumbel_noise(generator: torch.Generator | None, steps: int, n: int, vocab: int,
+                 device=None) -> Iterator[torch.Tensor]:
+    """Gumbel(0, 1) noise for each of `steps` steps, one (n, vocab) tensor per step.
+
+    Drawn in blocks of min(NOISE_BLOCK_STEPS, NOISE_BLOCK_NUMBERS // (n * vocab)) steps (at
+    least 1, never past `steps`); E is clamped away from 0 so that g stays finite and a masked
+    (-inf) logit stays -inf."""
+    block = max(1, min(NOISE_BLOCK_STEPS, NOISE_BLOCK_NUMBERS // max(1, n * vocab)))
+    tiny = torch.finfo(torch.float32).tiny
+    for start in range(0, steps, block):
+        count = min(block, steps - start)
+        e = torch.empty(count, n, vocab, device=device).exponential_(generator=generator)
+        yield from e.clamp_min_(tiny).log_().neg_().unbind(0)
+
+
+class _Stepper:
+    """One recurrent step per character from torch-layout parameters (see the module docstring)."""
+
+    def __init__(self, model: CharLM, scale: float):
+        cfg, rnn = model.config, model.rnn
+        self.mode, self.reset, self.layers, self.H = cfg.mode, cfg.gru_reset, cfg.layers, cfg.hidden
+
+        def p(name: str, k: int) -> torch.Tensor:
+            return getattr(rnn, f"{name}_l{k}").detach()
+
+        vocab_ids = torch.arange(cfg.vocab_size, device=model.head.weight.device)[None]
+        self.table = torch.addmm(p("bias_ih", 0), model.inputs(vocab_ids)[0], p("weight_ih", 0).t())
+        self.w_ih = [None] + [p("weight_ih", k).t().contiguous() for k in range(1, cfg.layers)]
+        self.b_ih = [None] + [p("bias_ih", k) for k in range(1, cfg.layers)]
+        self.w_hh = [p("weight_hh", k).t().contiguous() for k in range(cfg.layers)]
+        self.b_hh = [p("bias_hh", k) for k in range(cfg.layers)]
+        self.head_w = (model.head.weight.detach().t() * scale).contiguous()
+        self.head_b = model.head.bias.detach() * scale
+
+    @staticmethod
+    def supports(model: CharLM) -> bool:
+        return all(hasattr(model.rnn, f"{n}_l{k}") for k in range(model.config.layers)
+                   for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+
+    def split(self, state: State) -> list:
+        """(layers, B, H) [or (h, c)] -> per-layer h [or (h, c)] rows."""
+        if isinstance(state, tuple):
+            return [(h, c) for h, c in zip(state[0].unbind(0), state[1].unbind(0))]
+        return list(state.unbind(0))
+
+    def step(self, x: torch.Tensor, states: list) -> torch.Tensor:
+        """x (B,) ids; updates `states` in place (per layer) and returns the scaled logits (B, V)."""
+        H = self.H
+        below = None
+        for k in range(self.layers):
+            gi = (self.table.index_select(0, x) if k == 0
+                  else torch.addmm(self.b_ih[k], below, self.w_ih[k]))
+            if self.mode == "lstm":
+                h, c = states[k]
+                g = torch.addmm(self.b_hh[k], h, self.w_hh[k]).add_(gi)
+                i, f, cand, o = g.chunk(4, 1)
+                c = torch.sigmoid(f).mul_(c).addcmul_(torch.sigmoid(i), cand.tanh_())
+                h = torch.sigmoid(o).mul_(torch.tanh(c))
+                states[k] = (h, c)
+            elif self.mode == "gru":
+                h = states[k]
+                if self.reset == "after":
+                    gh = torch.addmm(self.b_hh[k], h, self.w_hh[k])
+                    rz = gh[:, : 2 * H].add_(gi[:, : 2 * H]).sigmoid_()
+                    n = torch.addcmul(gi[:, 2 * H:], rz[:, :H], gh[:, 2 * H:]).tanh_()
+                else:  # reset gate applied to h before its product (Cho et al. / d2l)
+                    w, b = self.w_hh[k], self.b_hh[k]
+                    rz = torch.addmm(b[: 2 * H], h, w[:, : 2 * H]).add_(gi[:, : 2 * H]).sigmoid_()
+                    n = torch.addmm(b[2 * H:], rz[:, :H] * h, w[:, 2 * H:]).add_(gi[:, 2 * H:])
+                    n = n.tanh_()
+                h = torch.lerp(n, h, rz[:, H:])
+                states[k] = h
+            else:
+                g = torch.addmm(self.b_hh[k], states[k], self.w_hh[k]).add_(gi)
+                h = g.tanh_() if self.mode == "rnn_tanh" else g.relu_()
+                states[k] = h
+            below = h
+        return torch.addmm(self.head_b, below, self.head_w)
+
+
+@torch.inference_mode()
 def generate(
     model: CharLM,
     prefix_ids: list[int],
@@ -75,44 +171,51 @@ def generate(
 ) -> list[list[int]]:
     """Token ids drawn after `prefix_ids`, one list per sample (the prefix is not included).
 
-    `on_step` receives the ids drawn at each step (one per sample), for streaming output.
-    An empty prefix starts from the zero state, the first character drawn from the output
-    layer's bias alone.
+    `on_step` receives the ids drawn at each step (one per sample), for streaming output (it
+    costs one host sync per step). An empty prefix starts from the zero state, the first
+    character drawn from the output layer's bias alone. With `greedy`, each step takes the
+    argmax (d2l's predict_ch8) and temperature, top-k, top-p and the generator play no part.
     """
     settings.validate()
     was_training = model.training
     model.eval()
     device = model.head.weight.device
-    n = settings.num_samples
+    n, length = settings.num_samples, settings.length
+    scale = 1.0 if settings.greedy else 1.0 / settings.temperature
     if generator is None and settings.seed is not None:
         generator = torch.Generator(device=device).manual_seed(settings.seed)
     try:
         if prefix_ids:
             x = torch.tensor([prefix_ids], dtype=torch.long, device=device)
             logits, state = model(x)
-            logits, state = logits[:, -1], _expand(state, n)
-            logits = logits.expand(n, -1)
+            logits, state = (logits[:, -1] * scale).expand(n, -1), _expand(state, n)
         else:
             state = model.begin_state(n, device)
-            logits = model.head.bias.expand(n, -1)
-        out: list[list[int]] = [[] for _ in range(n)]
-        for step in range(settings.length):
-            if settings.greedy:
-                nxt = logits.argmax(-1)
-            else:
-                probs = torch.softmax(
-                    filter_logits(logits.float() / settings.temperature, settings.top_k,
-                                  settings.top_p), dim=-1)
-                nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-            ids = nxt.tolist()
-            for row, i in zip(out, ids):
-                row.append(i)
+            logits = (model.head.bias * scale).expand(n, -1)
+        fast = _Stepper.supports(model)
+        if fast:
+            stepper = _Stepper(model, scale)
+            states = stepper.split(state)
+        noise = None if settings.greedy else gumbel_noise(
+            generator, length, n, logits.size(-1), device)
+        filtering = not settings.greedy and (settings.top_k or settings.top_p < 1.0)
+        drawn = []
+        for step in range(length):
+            if noise is not None:
+                if filtering:
+                    logits = filter_logits(logits, settings.top_k, settings.top_p)
+                logits = logits + next(noise)
+            nxt = logits.argmax(-1)
+            drawn.append(nxt)
             if on_step is not None:
-                on_step(ids)
-            if step == settings.length - 1:
+                on_step(nxt.tolist())
+            if step == length - 1:
                 break  # no model step for a character nobody will draw after
-            logits, state = model(nxt[:, None], state)
-            logits = logits[:, -1]
-        return out
+            if fast:
+                logits = stepper.step(nxt, states)
+            else:
+                logits, state = model(nxt[:, None], state)
+                logits = logits[:, -1] * scale
+        return torch.stack(drawn, 1).tolist()
     finally:
         model.train(was_training)
