@@ -1,9 +1,14 @@
-"""Exact perplexity: one sequential pass over every target position, state carried.
+"""Perplexity: the summed negative log-likelihood of every target position given its left context.
 
 perplexity = exp(sum of -log p(target) / number of targets); nats and bits per character are the
 same sum divided by the count (and by ln 2). The window layout comes from
-`charlm.batches.eval_windows`, so the result does not depend on --batch-size beyond float
-rounding.
+`charlm.batches.eval_windows`.
+
+Only one stream is exact: with batch_size B > 1 the text is cut into B streams that each start
+from a zero state, so the first characters of streams 2..B lose their left context and the
+result depends on B (a fast estimate, what the trainer's validation uses). `perplexity_of` runs
+one stream, the state carried across windows, so its result depends on the window length only
+through float rounding.
 """
 
 from __future__ import annotations
@@ -22,8 +27,11 @@ from charlm.models import CharLM, detach_state
 @torch.no_grad()
 def corpus_nll(model: CharLM, tokens: torch.Tensor, batch_size: int, num_steps: int,
                autocast=None) -> tuple[float, int]:
-    """Summed negative log-likelihood (nats, float64) of tokens[1:] given their left context,
-    and the number of targets. The sum stays on the device until the end (one host sync)."""
+    """Summed negative log-likelihood (nats, float64) of tokens[1:] and the number of targets.
+
+    batch_size 1 conditions every target on all of its left context (exact); B > 1 restarts
+    the state at the start of each of the B streams (an estimate, see the module docstring).
+    The sum stays on the device until the end (one host sync)."""
     was_training = model.training
     model.eval()
     device = model.head.weight.device
@@ -51,16 +59,17 @@ class Perplexity:
     perplexity: float
     nats_per_char: float
     bits_per_char: float
-    characters: int
+    characters: int  # targets evaluated: every character but the first
+    unk_characters: int  # of those, how many were <unk> (id 0)
     unk_share: float
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def perplexity_of(model: CharLM, tokens: torch.Tensor, batch_size: int = 32,
-                  num_steps: int = 256) -> Perplexity:
-    nll, count = corpus_nll(model, tokens, batch_size, num_steps)
+def perplexity_of(model: CharLM, tokens: torch.Tensor, window: int = 512) -> Perplexity:
+    """Exact: one stream, `window` characters per forward pass, the state carried throughout."""
+    nll, count = corpus_nll(model, tokens, 1, window)
     nats = nll / count
-    unk = (tokens[1:] == 0).sum().item() / count
-    return Perplexity(math.exp(nats), nats, nats / math.log(2), count, unk)
+    unk = int((tokens[1:] == 0).sum().item())
+    return Perplexity(math.exp(nats), nats, nats / math.log(2), count, unk, unk / count)
