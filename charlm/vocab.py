@@ -9,7 +9,7 @@ with ``bincount`` and mapped to ids through a dense table indexed by code point:
     ids          table.index_select(cp)  -->  written straight into the preallocated output
 
 Chunks of ``CHUNK_CHARS`` characters keep the temporaries small, so encoding needs the output
-(4 bytes per character) plus a few tens of MB, whatever the size of the text.
+(4 bytes per character) plus about 10 MB, whatever the size of the text.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from charlm.errors import CharlmError, UsageError
 
 PREPROCESSING = ("d2l", "lower", "raw")
 
-CHUNK_CHARS = 1 << 22  # 4M characters: 16 MB of code points per chunk
+CHUNK_CHARS = 1 << 20  # 1M characters: 4 MB of code points per chunk
 
 _NON_LETTERS = re.compile("[^A-Za-z]+")
 
@@ -136,8 +136,9 @@ class Vocab:
         """Ids of the characters of ``text`` as a 1-D int32 tensor; unknown characters give 0."""
         out = torch.empty(len(text), dtype=torch.int32)
         top = len(self._table) - 1
+        scratch = torch.empty(min(len(text), CHUNK_CHARS), dtype=torch.int32)
         for start, chunk in _chunks(text):
-            cps = torch.clamp(_code_points(chunk), max=top)
+            cps = torch.clamp(_code_points(chunk), max=top, out=scratch[: len(chunk)])
             torch.index_select(self._table, 0, cps, out=out[start : start + len(chunk)])
         return out
 
