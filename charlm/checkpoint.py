@@ -92,8 +92,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CharlmError(f"{path} is not a charlm checkpoint ({first})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if "central directory" in text or "truncated" in text.lower() or isinstance(exc, EOFError):
-            raise CharlmError(f"{path} is truncated or damaged; use another checkpoint") from None
+        if _looks_like_torch_zip(path) or isinstance(exc, EOFError):
+            raise CharlmError(
+                f"{path} is truncated or damaged ({text}); use another checkpoint, e.g. best.pt "
+                "or last.pt of the same run"
+            ) from None
         raise CharlmError(f"{path} is not a charlm checkpoint ({text})") from None
     except Exception as exc:  # any other unpickling failure is still "not ours"
         raise CharlmError(f"{path} is not a charlm checkpoint ({type(exc).__name__})") from None
@@ -111,6 +114,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         if key not in data:
             raise CharlmError(f"{path} lacks '{key}'; the file is damaged")
     return data
+
+
+def _looks_like_torch_zip(path: Path) -> bool:
+    """torch.save writes a zip archive: a file that starts like one but fails to load is torn."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(4) == b"PK\x03\x04"
+    except OSError:
+        return False
 
 
 def find_checkpoint(target: str | Path | None, runs_root: str | Path = "runs",

@@ -17,8 +17,9 @@ DATA, MODEL, OPTIM, STOP, RUN = "Data", "Model", "Optimisation", "Stopping", "Ru
 
 
 def train(
+    target: Optional[str] = typer.Argument(None, metavar="[RUN_DIR|CHECKPOINT]", help="With --resume: the run directory or checkpoint to continue (default: the latest run).", show_default=False),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML config file (configs/*.toml); options given here override it.", rich_help_panel=RUN),
-    resume: Optional[str] = typer.Option(None, "--resume", flag_value="latest", help="Continue a run exactly where it stopped: --resume (latest run), --resume RUN_DIR or --resume FILE.pt.", rich_help_panel=RUN),
+    resume: bool = typer.Option(False, "--resume", help="Continue a run exactly where it stopped: --resume (latest run), --resume RUN_DIR or --resume FILE.pt.", rich_help_panel=RUN),
     corpus: Optional[str] = typer.Option(None, "--corpus", help="Named corpus: timemachine (default), tinyshakespeare, python-docs.", rich_help_panel=DATA),
     text: Optional[list[Path]] = typer.Option(None, "--text", help="Train on local UTF-8 file(s) instead (repeatable).", rich_help_panel=DATA),
     url: Optional[str] = typer.Option(None, "--url", help="Train on a text downloaded from this URL.", rich_help_panel=DATA),
@@ -90,11 +91,13 @@ def train(
         sample_length=sample_length, out=out,
     )
     file_values = load_config_file(config) if config else {}
-    if resume is not None:
+    if target is not None and not resume:
+        raise UsageError(f"unexpected argument {target!r}; to continue a run use --resume {target}")
+    if resume:
         if out is not None:
             raise UsageError("--out cannot be combined with --resume (a run resumes in its own directory)")
         merged = {**file_values, **{k: v for k, v in explicit.items() if v is not None}}
-        cfg, resumed = resolve_resume(None, merged, resume)
+        cfg, resumed = resolve_resume(None, merged, target or "latest")
     else:
         cfg, resumed = build_config(file_values, explicit), None
     display = TrainDisplay(enabled=not quiet)
@@ -102,10 +105,18 @@ def train(
     try:
         summary = trainer.run()
     except Interrupted as exc:
-        sys.stderr.write(
-            f"charlm: {exc.signame}: saved {exc.checkpoint} at step {trainer.loop.step}; "
-            f"resume with: charlm train --resume {trainer.run_dir}\n"
-        )
+        if exc.checkpoint is None:
+            sys.stderr.write(f"charlm: {exc.signame}: stopped before any checkpoint was saved\n")
+        elif exc.signame.endswith("(twice)"):
+            sys.stderr.write(
+                f"charlm: {exc.signame}: stopped mid-step without saving; the last checkpoint is "
+                f"{exc.checkpoint}; resume with: charlm train --resume {trainer.run_dir}\n"
+            )
+        else:
+            sys.stderr.write(
+                f"charlm: {exc.signame}: saved {exc.checkpoint} at step {trainer.loop.step}; "
+                f"resume with: charlm train --resume {trainer.run_dir}\n"
+            )
         raise typer.Exit(130) from None
     if json_out:
         sys.stdout.write(json.dumps(summary, indent=2) + "\n")

@@ -38,9 +38,9 @@ class TrainConfig:
     test_fraction: float = 0.0
     # model
     cell: str = "gru"
-    hidden: int = 512
+    hidden: int = 256
     layers: int = 2
-    embed: int = 64
+    embed: int = 32
     dropout: float = 0.1
     nonlinearity: str = "tanh"
     impl: str = "auto"

@@ -42,7 +42,7 @@ FIXED_ON_RESUME = (
 class Interrupted(Exception):
     """SIGINT/SIGTERM arrived: the loop stopped at a step boundary and saved a checkpoint."""
 
-    def __init__(self, checkpoint: Path, signame: str):
+    def __init__(self, checkpoint: Path | None, signame: str):
         super().__init__(signame)
         self.checkpoint, self.signame = checkpoint, signame
 
@@ -143,6 +143,8 @@ class Trainer:
         self.batches = iterator_cls(self.data.train, cfg.batch_size, cfg.num_steps, seed=cfg.seed)
         self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
         self.loop = LoopState()
+        self.stop_signal: list[str] = []  # a signal name once SIGINT/SIGTERM arrived
+        self.step_hook = None  # called after every step with the trainer (tests, tools)
         self.hidden: State | None = None
         self.time_budget = parse_duration(cfg.time_budget)
         self.run_dir = Path(cfg.out) if cfg.out else rundir.default_run_dir(cfg.cell, self.data.name)
@@ -272,7 +274,7 @@ class Trainer:
         cfg, loop, display = self.cfg, self.loop, self.display
         params = count_parameters(self.model)
         display.start(self, params, resuming)
-        stop_signal: list[str] = []
+        stop_signal = self.stop_signal
 
         def on_signal(signum, frame):
             if stop_signal:  # a second Ctrl-C: stop now, without waiting for the step
@@ -293,8 +295,6 @@ class Trainer:
                 # starts the next epoch, whose first batch gets a fresh state too
                 at_epoch_start = self.batches.position in (0, len(self.batches))
                 for X, Y in self.batches:
-                    if stop_signal:
-                        break
                     if cfg.sampling == "random" or at_epoch_start:
                         state, at_epoch_start = None, False  # fresh state per batch / per epoch
                     else:
@@ -331,14 +331,20 @@ class Trainer:
                         self._check_finite((loss_sum / max(n_steps, 1)).item() if n_steps else 0.0)
                         self.save("last.pt")
                         t_mark = last_log = time.perf_counter()
+                    if self.step_hook is not None:
+                        self.step_hook(self)
+                    if stop_signal:  # checked after a whole step: position and weights agree
+                        break
                     reason = self.stop_reason()
                     if reason:
                         break
                 if stop_signal:
                     break
                 reason = self.stop_reason()  # an epoch just ended: the epochs limit may be hit
-        except KeyboardInterrupt:
-            stop_signal.append("SIGINT")
+        except KeyboardInterrupt:  # a second Ctrl-C mid-step: the step is torn, so save nothing
+            display.stop()
+            last = self.run_dir / "last.pt"
+            raise Interrupted(last if last.exists() else None, "SIGINT (twice)") from None
         finally:
             for sig, handler in old.items():
                 signal.signal(sig, handler)
