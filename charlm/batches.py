@@ -46,6 +46,8 @@ def split_tokens(tokens: Tensor, fractions=(0.9, 0.1, 0.0)) -> tuple[Tensor, Ten
     n = len(tokens)
     # round() first so that 0.29 * 100 = 28.999999999999996 still gives 29
     n_val, n_test = (int(round(n * f, 6)) for f in fr[1:])
+    n_test = min(n_test, n)  # fractions may sum to 1 + 1e-6
+    n_val = min(n_val, n - n_test)
     n_train = n - n_val - n_test
     return tokens[:n_train], tokens[n_train : n_train + n_val], tokens[n_train + n_val :]
 

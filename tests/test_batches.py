@@ -55,6 +55,8 @@ def test_split_tokens_rejects_bad_fractions(fractions):
 def test_split_tokens_tolerates_rounding():
     train, val, test = split_tokens(corpus(10), (0.7, 0.2, 0.1 + 5e-7))
     assert len(train) + len(val) + len(test) == 10
+    parts = split_tokens(corpus(10_000_000), (0.0, 0.5000005, 0.5))  # sums to 1 + 5e-7
+    assert [len(p) for p in parts] == [0, 5_000_000, 5_000_000]
 
 
 def test_limit_tokens():
