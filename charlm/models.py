@@ -131,3 +131,44 @@ def detach_state(state: State | None) -> State | None:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def model_from_checkpoint(ckpt: dict, impl: str | None = None, device="cpu") -> CharLM:
+    """Rebuild a checkpoint's model, checking every field before use (one-line errors).
+
+    `impl` loads the weights into another implementation (fused / scratch / fast): all lay out
+    their parameters like torch.nn.RNN/GRU/LSTM, so the same state dict fits each.
+    """
+    config = ModelConfig.from_dict(ckpt.get("model_config"))
+    if impl is not None and impl != "auto":
+        config.impl = impl
+    vocab = ckpt.get("vocab")
+    tokens = vocab.get("tokens") if isinstance(vocab, dict) else None
+    if not isinstance(tokens, list) or len(tokens) != config.vocab_size:
+        size = len(tokens) if isinstance(tokens, list) else "no"
+        raise CharlmError(
+            f"checkpoint is inconsistent: its vocabulary has {size} tokens but the model expects "
+            f"{config.vocab_size}; the file is damaged or was edited"
+        )
+    state = ckpt.get("model")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CharlmError("checkpoint's model weights are not a table of tensors; the file is damaged")
+    model = CharLM(config)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing or extra:
+        raise CharlmError(
+            f"checkpoint's weights do not fit its model config (missing {missing[:3]}, "
+            f"unexpected {extra[:3]}); the file is damaged or was edited"
+        )
+    for name, tensor in expected.items():
+        if tuple(state[name].shape) != tuple(tensor.shape):
+            raise CharlmError(
+                f"checkpoint's weight {name} has shape {tuple(state[name].shape)} but its model "
+                f"config needs {tuple(tensor.shape)}; the file is damaged or was edited"
+            )
+        if not torch.isfinite(state[name]).all():
+            raise CharlmError(f"checkpoint's weight {name} holds NaN or infinity; use another checkpoint")
+    model.load_state_dict(state)
+    return model.to(device)
