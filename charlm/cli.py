@@ -50,6 +50,11 @@ def _register_subcommands() -> None:
     app.command("train", no_args_is_help=False)(handle_errors(cli_train.train))
     app.add_typer(cli_data.data_app, name="data")
 
+    from charlm import cli_use
+
+    app.command("generate")(handle_errors(cli_use.generate))
+    app.add_typer(cli_use.eval_app, name="eval")
+
 
 _register_subcommands()
 
