@@ -14,6 +14,7 @@ Chunks of ``CHUNK_CHARS`` characters keep the temporaries small, so encoding nee
 
 from __future__ import annotations
 
+import contextlib
 import re
 import warnings
 from collections.abc import Iterable
@@ -50,6 +51,22 @@ def _code_points(chunk: str) -> torch.Tensor:
         return torch.frombuffer(data, dtype=torch.int32)
 
 
+@contextlib.contextmanager
+def _one_thread():
+    """Run the chunk loop on one intra-op thread.
+
+    Each chunk is a few memory-bound passes over 4 MB; splitting those across threads saves
+    little, and on a busy machine every op then waits for a descheduled thread at the barrier
+    (measured in docs/BENCHMARKS.md: 2 threads under load were 2-4x slower than 1).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _chunks(text: str) -> Iterable[tuple[int, str]]:
     for start in range(0, len(text), CHUNK_CHARS):
         yield start, text[start : start + CHUNK_CHARS]
@@ -58,13 +75,14 @@ def _chunks(text: str) -> Iterable[tuple[int, str]]:
 def _count_code_points(text: str) -> torch.Tensor:
     """Counts indexed by code point (int64), as long as the largest code point in the text + 1."""
     total = torch.zeros(0, dtype=torch.int64)
-    for _, chunk in _chunks(text):
-        counts = torch.bincount(_code_points(chunk))
-        if len(counts) > len(total):
-            counts[: len(total)] += total
-            total = counts
-        else:
-            total[: len(counts)] += counts
+    with _one_thread():
+        for _, chunk in _chunks(text):
+            counts = torch.bincount(_code_points(chunk))
+            if len(counts) > len(total):
+                counts[: len(total)] += total
+                total = counts
+            else:
+                total[: len(counts)] += counts
     return total
 
 
@@ -137,9 +155,10 @@ class Vocab:
         out = torch.empty(len(text), dtype=torch.int32)
         top = len(self._table) - 1
         scratch = torch.empty(min(len(text), CHUNK_CHARS), dtype=torch.int32)
-        for start, chunk in _chunks(text):
-            cps = torch.clamp(_code_points(chunk), max=top, out=scratch[: len(chunk)])
-            torch.index_select(self._table, 0, cps, out=out[start : start + len(chunk)])
+        with _one_thread():
+            for start, chunk in _chunks(text):
+                cps = torch.clamp(_code_points(chunk), max=top, out=scratch[: len(chunk)])
+                torch.index_select(self._table, 0, cps, out=out[start : start + len(chunk)])
         return out
 
     def decode(self, ids: torch.Tensor | Iterable[int]) -> str:

@@ -10,6 +10,8 @@ its peak RSS (``ru_maxrss``) is its own:
   --repeat runs. Memory = peak RSS during the first run minus RSS once the text was in memory
   (the text itself, 1 byte per ASCII character, is therefore not counted; it is reported
   separately). The encoded ids are 4 bytes per character of that.
+* the same with the chunk loops on all torch threads instead of one (ablation of
+  ``charlm.vocab._one_thread``).
 * naive: ``list(text)``, ``collections.Counter``, sorted vocabulary, a dict lookup per character
   into a list, ``torch.tensor(ids, dtype=torch.int32)``; run on the first --naive-chars
   characters only and scaled per character (time and memory). It also checks that both give
@@ -55,10 +57,16 @@ def _load(path: str, chars: int) -> str:
     return "".join([base] * reps + [base[:rest]])
 
 
-def child_fast(path: str, chars: int, repeat: int) -> dict:
+def child_fast(path: str, chars: int, repeat: int, all_threads: bool = False) -> dict:
+    import contextlib
+
     import torch
 
+    import charlm.vocab
     from charlm.vocab import Vocab
+
+    if all_threads:  # ablation: let torch split each chunk's ops across all its threads
+        charlm.vocab._one_thread = contextlib.nullcontext
 
     Vocab.build("warm up").encode("warm up")  # first-call setup is not what we measure
     before_text = _rss_kib()
@@ -137,11 +145,12 @@ def main() -> None:
     ap.add_argument("--chars", type=int, default=100_000_000)
     ap.add_argument("--naive-chars", type=int, default=5_000_000)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--child", choices=["fast", "naive"], help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=["fast", "fast-all-threads", "naive"], help=argparse.SUPPRESS)
     args = ap.parse_args()
 
-    if args.child == "fast":
-        print(json.dumps(child_fast(args.path, args.chars, args.repeat)))
+    if args.child in ("fast", "fast-all-threads"):
+        all_threads = args.child == "fast-all-threads"
+        print(json.dumps(child_fast(args.path, args.chars, args.repeat, all_threads)))
         return
     if args.child == "naive":
         print(json.dumps(child_naive(args.path, args.naive_chars)))
@@ -149,19 +158,27 @@ def main() -> None:
     if not Path(args.path).is_file():
         sys.exit(f"bench_encode: no such file {args.path}; pass the path of a text file")
 
+    load = os.getloadavg()
     fast = _run_child(args.path, "--chars", str(args.chars), "--repeat", str(args.repeat), "--child", "fast")
+    threaded = _run_child(
+        args.path, "--chars", str(args.chars), "--repeat", str(args.repeat), "--child", "fast-all-threads"
+    )
     naive = _run_child(args.path, "--naive-chars", str(args.naive_chars), "--child", "naive")
     best, median = min(fast["times"]), statistics.median(fast["times"])
     naive_scaled = naive["seconds"] * fast["chars"] / naive["chars"]
     print(f"machine: nproc={os.cpu_count()}, {_cpu_model()}, torch threads={fast['threads']}, "
           f"Python {platform.python_version()}")
     print(f"command: python scripts/bench_encode.py {' '.join(sys.argv[1:])}".rstrip())
-    print(f"date: {time.strftime('%Y-%m-%d %H:%M %Z')}")
+    print(f"date: {time.strftime('%Y-%m-%d %H:%M %Z')}; load average before: {load[0]:.2f}, after: "
+          f"{os.getloadavg()[0]:.2f} (the machine is shared: other work inflates the timings)")
     print()
     print("| approach | chars | seconds (best / median of runs) | peak RSS growth, bytes/char |")
     print("|---|---|---|---|")
     print(f"| charlm.vocab build + encode | {fast['chars']:,} | {best:.2f} / {median:.2f} "
           f"({len(fast['times'])} runs) | {fast['peak_growth_bytes_per_char']:.2f} |")
+    print(f"| same, chunk ops on all {threaded['threads']} torch threads (ablation) | {threaded['chars']:,} | "
+          f"{min(threaded['times']):.2f} / {statistics.median(threaded['times']):.2f} "
+          f"({len(threaded['times'])} runs) | {threaded['peak_growth_bytes_per_char']:.2f} |")
     print(f"| naive (list + Counter + dict per char), run on {naive['chars']:,} chars | "
           f"{fast['chars']:,} (scaled) | {naive_scaled:.2f} (scaled from {naive['seconds']:.2f}) | "
           f"{naive['peak_growth_bytes_per_char']:.2f} |")
