@@ -91,6 +91,7 @@ def child_fast(path: str, chars: int, repeat: int, all_threads: bool = False) ->
         "peak_before_mib": peak0 / 1024,
         "peak_growth_bytes_per_char": (peak1 - rss0) * 1024 / len(text),
         "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
     }
 
 
@@ -167,7 +168,7 @@ def main() -> None:
     best, median = min(fast["times"]), statistics.median(fast["times"])
     naive_scaled = naive["seconds"] * fast["chars"] / naive["chars"]
     print(f"machine: nproc={os.cpu_count()}, {_cpu_model()}, torch threads={fast['threads']}, "
-          f"Python {platform.python_version()}")
+          f"Python {platform.python_version()}, torch {fast['torch']}")
     print(f"command: python scripts/bench_encode.py {' '.join(sys.argv[1:])}".rstrip())
     print(f"date: {time.strftime('%Y-%m-%d %H:%M %Z')}; load average before: {load[0]:.2f}, after: "
           f"{os.getloadavg()[0]:.2f} (the machine is shared: other work inflates the timings)")
