@@ -127,7 +127,8 @@ class _EpochBatches:
 
     def epoch_offset(self, epoch: int) -> int:
         """Where the epoch's usable range starts, in [0, num_steps)."""
-        return int(torch.randint(self.num_steps, (1,), generator=_epoch_generator(self.seed, epoch)))
+        gen = _epoch_generator(self.seed, epoch)
+        return int(torch.randint(self.num_steps, (1,), generator=gen))
 
     def _prepare(self, epoch: int) -> None:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -162,7 +162,7 @@ class Vocab:
         return out
 
     def decode(self, ids: torch.Tensor | Iterable[int]) -> str:
-        """The text of a sequence of ids (a tensor of any shape is flattened); <unk> is spelled out."""
+        """The text of a sequence of ids (a tensor of any shape is flattened); 0 gives "<unk>"."""
         if isinstance(ids, torch.Tensor):
             if ids.is_floating_point() or ids.is_complex():
                 raise CharlmError(f"cannot decode a tensor of {ids.dtype}: ids must be integers")
