@@ -34,6 +34,8 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("gen")
     text = root / "small.txt"
     text.write_text("\n\n".join(topics[k] for k in sorted(topics))[:6000], encoding="utf-8")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is faster, and kinder to a shared CPU
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CHARLM_RUNS_DIR", str(root / "runs"))
         mp.setenv("CHARLM_DATA_DIR", str(root / "cache"))
@@ -43,6 +45,7 @@ def runs(tmp_path_factory):
                 app, ["train", "--text", str(text), *TRAIN, *extra, "--out", str(root / name)])
             assert result.exit_code == 0, result.output
         yield {"root": root, "raw": root / "raw", "d2l": root / "d2l"}
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
@@ -276,7 +279,7 @@ def test_missing_or_foreign_checkpoint_and_missing_prefix_file(runs, tmp_path):
 
 
 def run_cli(*args: str, runs_dir: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "CHARLM_RUNS_DIR": str(runs_dir)}
+    env = {**os.environ, "CHARLM_RUNS_DIR": str(runs_dir), "OMP_NUM_THREADS": "1"}
     env.pop("CHARLM_DEBUG", None)
     return subprocess.run([sys.executable, "-m", "charlm", *args], capture_output=True, text=True,
                           env=env, cwd=REPO, timeout=120)
@@ -300,7 +303,7 @@ def test_subprocess_no_runs_yet_and_not_a_checkpoint(tmp_path):
 def test_subprocess_streams_and_stops_quietly_when_the_reader_leaves(runs):
     """The first characters arrive while the process is still drawing; closing the pipe ends it
     with exit 0 and nothing on stderr."""
-    env = {**os.environ, "CHARLM_RUNS_DIR": str(runs["root"] / "runs")}
+    env = {**os.environ, "CHARLM_RUNS_DIR": str(runs["root"] / "runs"), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "charlm", "generate", "--checkpoint", str(runs["raw"]),
          "--prefix", "import ", "--length", "100000000", "--seed", "0"],
