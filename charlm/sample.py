@@ -73,9 +73,9 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        probs = torch.softmax(sorted_logits, dim=-1)
         # drop a token when the mass before it already reaches top_p (the first always stays)
-        drop_sorted = (cumulative - torch.softmax(sorted_logits, dim=-1)) >= top_p
+        drop_sorted = (probs.cumsum(-1) - probs) >= top_p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
@@ -181,6 +181,7 @@ def generate(
     model.eval()
     device = model.head.weight.device
     n, length = settings.num_samples, settings.length
+    threads = torch.get_num_threads()
     scale = 1.0 if settings.greedy else 1.0 / settings.temperature
     if generator is None and settings.seed is not None:
         generator = torch.Generator(device=device).manual_seed(settings.seed)
@@ -199,6 +200,10 @@ def generate(
         noise = None if settings.greedy else gumbel_noise(
             generator, length, n, logits.size(-1), device)
         filtering = not settings.greedy and (settings.top_k or settings.top_p < 1.0)
+        if device.type == "cpu" and threads > 1 and n <= 16:
+            # a step's ops last microseconds: a second thread gains nothing (equal speed on an
+            # idle machine), and on a busy one every op may wait at a barrier for it
+            torch.set_num_threads(1)
         drawn = []
         for step in range(length):
             if noise is not None:
@@ -218,4 +223,5 @@ def generate(
                 logits = logits[:, -1] * scale
         return torch.stack(drawn, 1).tolist()
     finally:
+        torch.set_num_threads(threads)
         model.train(was_training)
