@@ -97,12 +97,15 @@ def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
 class _EpochBatches:
     """Shared epoch/position bookkeeping and state; subclasses lay out one epoch's batches."""
 
-    def __init__(self, tokens: Tensor, batch_size: int, num_steps: int, seed: int = 0):
+    def __init__(self, tokens: Tensor, batch_size: int, num_steps: int, seed: int = 0,
+                 rows: slice | None = None):
         _check_shape(batch_size, num_steps)
         self.tokens = _check_tokens(tokens)
         self.batch_size = int(batch_size)
         self.num_steps = int(num_steps)
         self.seed = int(seed)
+        # Data-parallel ranks all lay out the same global batches and keep only their own rows.
+        self.rows = rows if rows is not None else slice(None)
         self.epoch = 0
         self.position = 0
         n = len(self.tokens)
@@ -207,8 +210,8 @@ class SequentialBatches(_EpochBatches):
     def _prepare(self, epoch: int) -> None:
         offset = self.epoch_offset(epoch)
         n = self.usable_tokens
-        self._x = self.tokens[offset : offset + n].view(self.batch_size, -1)
-        self._y = self.tokens[offset + 1 : offset + 1 + n].view(self.batch_size, -1)
+        self._x = self.tokens[offset : offset + n].view(self.batch_size, -1)[self.rows]
+        self._y = self.tokens[offset + 1 : offset + 1 + n].view(self.batch_size, -1)[self.rows]
 
     def _batch(self, i: int) -> tuple[Tensor, Tensor]:
         cols = slice(i * self.num_steps, (i + 1) * self.num_steps)
@@ -235,6 +238,7 @@ class RandomBatches(_EpochBatches):
         offset = int(torch.randint(self.num_steps, (1,), generator=gen))
         num_windows = self._num_batches * self.batch_size
         order = torch.randperm(num_windows, generator=gen).view(self._num_batches, -1)
+        order = order[:, self.rows].contiguous()
         n = self.usable_tokens
         self._x = self.tokens[offset : offset + n].view(num_windows, self.num_steps)
         self._y = self.tokens[offset + 1 : offset + 1 + n].view(num_windows, self.num_steps)
