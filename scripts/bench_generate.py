@@ -11,9 +11,11 @@ characters after a 14-character prefix, --repeat times; best and median are repo
 * `generate, greedy`: argmax (d2l's predict_ch8);
 * `generate, top-k 5 + top-p 0.9`: with both filters on;
 * `generate, streamed`: sampled, each character written and flushed to /dev/null as the CLI does;
-* `d2l-style loop`: the baseline, measured in the same run: per character `model(x, state)`
+* `d2l-style loop (baseline)`: measured in the same run: per character `model(x, state)`
   through the recurrent module, softmax, `torch.multinomial`, `.item()` (what `generate` did
-  before it stepped the layers from their parameters).
+  before it stepped the layers from their parameters), on one torch thread like `generate`;
+* `d2l-style loop, all threads`: the same on torch's thread count (the ablation for running
+  the per-step loop on one thread).
 
 Rows for the `fused` and `fast` implementations (the prefix warm-up runs through them; the
 per-character steps do not). Prints the machine, the load average before and after, and a
@@ -38,6 +40,17 @@ from charlm.models import CharLM, ModelConfig  # noqa: E402
 from charlm.sample import SampleSettings, generate  # noqa: E402
 
 PREFIX = list(range(1, 15))
+
+
+def one_thread(fn):
+    def run(*args):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return fn(*args)
+        finally:
+            torch.set_num_threads(threads)
+    return run
 
 
 @torch.inference_mode()
@@ -114,16 +127,18 @@ def main() -> None:
             ("generate, greedy", lambda n: draw(n, greedy=True)),
             ("generate, top-k 5 + top-p 0.9", lambda n: draw(n, top_k=5, top_p=0.9)),
             ("generate, streamed", streamed),
-            ("d2l-style loop (baseline)",
+            ("d2l-style loop (baseline)", one_thread(
+                lambda n: d2l_loop(model, n or args.length, torch.Generator().manual_seed(0)))),
+            (f"d2l-style loop, {torch.get_num_threads()} threads",
              lambda n: d2l_loop(model, n or args.length, torch.Generator().manual_seed(0))),
         ]
         base = None
         for name, fn in cases:
             times = timed(fn, args.repeat)
             best, median = args.length / min(times), args.length / statistics.median(times)
+            rows.append([impl, name, best, median])
             if "baseline" in name:
                 base = median
-            rows.append([impl, name, best, median])
         for row in rows[-len(cases):]:
             row.append(row[3] / base)
     load_after = os.getloadavg()
