@@ -305,9 +305,11 @@ def eval_perplexity(
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{loaded.path} on {source}", show_header=False)
+    table = Table(title="charlm eval perplexity", show_header=False)
     table.add_column(style="bold")
-    table.add_column(justify="right")
+    table.add_column(justify="right", overflow="fold")
+    table.add_row("checkpoint", str(loaded.path))
+    table.add_row("evaluated on", source)
     table.add_row("perplexity", f"{result.perplexity:.4f}")
     table.add_row("nats / char", f"{result.nats_per_char:.4f}")
     table.add_row("bits / char", f"{result.bits_per_char:.4f}")
