@@ -24,20 +24,114 @@ Math (reset gate applied after the hidden projection, as in PyTorch/cuDNN), gate
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
-# Backward slot layout, per time step and batch row: 5 blocks of H numbers.
-#   0: dL/d(input pre-activation of n)   (= dL/d(W_in x + b_in))
-#   1: dL/d(pre-activation of r)         (shared by the input and hidden projections)
-#   2: dL/d(pre-activation of z)
-#   3: dL/d(W_hn h + b_hn)
-#   4: dL/dh' * z                        (the direct path to the previous hidden state)
-# Blocks 1..3 line up with W_hh's rows (r, z, n), so one matrix product per step back-propagates
-# them; blocks 0..2 are the input-projection gradient with the n block moved to the front.
+# Per time step and batch row, the backward works on 5 blocks of H numbers ("slots"):
+#   0: dL/d(W_in x + b_in)          1: dL/d(r pre-activation)       2: dL/d(z pre-activation)
+#   3: dL/d(W_hn h + b_hn)          4: dL/dh' * z (the direct path to the previous hidden state)
+# Slots 1..3 line up with W_hh's rows (r, z, n), so one matrix product per step back-propagates
+# them; slots 0..2 are the input projection's gradient with its n block moved to the front.
+# Each slot is the incoming gradient s = dL/dh' times a factor that the forward already knows
+# (M below), so a backward step is: s = dY[t] + g; D[t] = M[t] * s; g = D[t][4] + D[t][1:4] @ W_hh.
 _SLOTS = 5
+
+SPLIT_BATCH = True  # run the two halves of a batch on two CPU threads (see _run_rows)
+_MIN_ROWS = 8
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(1, thread_name_prefix="charlm-fastgru")
+    return _POOL
+
+
+def _forward_rows(G, gin2, Y, M, h, w_hh_t, rows: slice) -> None:
+    """The forward recurrence for batch rows ``rows`` (M is None when no gradient is needed).
+
+    G[t] holds [W_ir x + b_ir + b_hr | W_iz x + b_iz + b_hz | b_hn]; a step adds W_hh h in place and
+    squashes, leaving [r | z | W_hn h + b_hn]. gin2[t] = 2 (W_in x + b_in).
+    """
+    H = Y.shape[2]
+    B = h.shape[0]
+    one, minus_one, two = h.new_ones(1), h.new_full((1,), -1.0), h.new_full((1,), 2.0)
+    n = h.new_empty(B, H)
+    tmp = h.new_empty(B, H)
+    for t in range(Y.shape[0]):
+        g, y = G[t, rows], Y[t, rows]
+        r, z, ghn = g[:, :H], g[:, H : 2 * H], g[:, 2 * H :]
+        g.addmm_(h, w_hh_t)
+        g[:, : 2 * H].sigmoid_()
+        # tanh(a) = 2 sigmoid(2a) - 1: torch's CPU sigmoid is ~3x faster than its tanh.
+        torch.addcmul(gin2[t, rows], r, ghn, value=2, out=n)
+        n.sigmoid_()
+        torch.addcmul(minus_one, n, two, out=n)  # n = tanh(W_in x + b_in + r (W_hn h + b_hn))
+        h_new = torch.lerp(n, h, z, out=y)  # n + z (h - n)
+        if M is not None:
+            # The backward's factors, while r, z, n are in cache (8 small ops beat 8 big ones).
+            m_nin, m_r, m_z, m_nh, m_h = M[t, rows].unbind(1)
+            torch.addcmul(one, n, n, value=-1, out=tmp)  # 1 - n^2
+            torch.addcmul(tmp, tmp, z, value=-1, out=m_nin)  # (1 - n^2)(1 - z)
+            torch.mul(m_nin, r, out=m_nh)  # ... r
+            torch.mul(m_nh, ghn, out=tmp)
+            torch.addcmul(tmp, tmp, r, value=-1, out=m_r)  # ... ghn r (1 - r)
+            torch.sub(h_new, n, out=m_z)  # h' - n = z (h - n)
+            m_z.addcmul_(m_z, z, value=-1)  # z (1 - z)(h - n)
+            m_h.copy_(z)
+        h = h_new
+
+
+def _backward_rows(dY, M, D, g, w_hh, rows: slice) -> Tensor:
+    """The backward recurrence for batch rows ``rows``; fills D[:, rows], returns dL/dh0."""
+    H = w_hh.shape[1]
+    s = torch.empty_like(g)
+    for t in range(M.shape[0] - 1, -1, -1):
+        d = D[t, rows]
+        torch.add(dY[t, rows], g, out=s)
+        torch.mul(M[t, rows], s.unsqueeze(1), out=d)
+        d = d.view(-1, _SLOTS * H)
+        g = torch.addmm(d[:, 4 * H :], d[:, H : 4 * H], w_hh)
+    return g
+
+
+def _split_rows(B: int, device: torch.device) -> list[slice]:
+    """Two halves of the batch for two CPU threads, or the whole batch when that cannot pay."""
+    if SPLIT_BATCH and device.type == "cpu" and B >= 2 * _MIN_ROWS and torch.get_num_threads() >= 2:
+        return [slice(0, B // 2), slice(B // 2, B)]
+    return [slice(0, B)]
+
+
+def _run_rows(fn, rows: list[slice], *args):
+    """fn(*args, rows[i]) for each part: one part inline, a second on a worker thread.
+
+    While the halves run, torch is held to one intra-op thread per half, so two independent
+    single-threaded recurrences fill the two cores instead of every small op and matrix product
+    synchronising two OpenMP threads (which costs more than it gains at these sizes, and stalls
+    badly when another process holds one of the cores).
+    """
+    if len(rows) == 1:
+        return [fn(*args, rows[0])]
+    inference = torch.is_inference_mode_enabled()
+
+    def in_worker(*a):
+        # grad and inference modes are per thread: give the worker the caller's
+        with torch.inference_mode(inference), torch.no_grad():
+            return fn(*a)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        other = _pool().submit(in_worker, *args, rows[1])
+        first = fn(*args, rows[0])
+        return [first, other.result()]
+    finally:
+        torch.set_num_threads(threads)
 
 
 class _GRULayer(torch.autograd.Function):
@@ -47,76 +141,47 @@ class _GRULayer(torch.autograd.Function):
     def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh):
         T, B, I = x.shape
         H = w_hh.shape[1]
+        train = any(ctx.needs_input_grad)
         x2 = x.reshape(T * B, I)
-        # G[t] = [W_ir x + b_ir + b_hr | W_iz x + b_iz + b_hz | b_hn]; the loop adds W_hh h in place.
-        bias = torch.cat([b_ih[: 2 * H] + b_hh[: 2 * H], b_ih[2 * H :]])
-        G = torch.addmm(bias, x2, w_ih.t())
-        gin = G[:, 2 * H :].clone().view(T, B, H)  # W_in x + b_in
+        G = x.new_empty(T * B, 3 * H)
+        torch.addmm(b_ih[: 2 * H] + b_hh[: 2 * H], x2, w_ih[: 2 * H].t(), out=G[:, : 2 * H])
         G[:, 2 * H :] = b_hh[2 * H :]
-        G = G.view(T, B, 3 * H)
-        N = torch.empty(T, B, H, dtype=x.dtype, device=x.device)
-        Y = torch.empty(T, B, H, dtype=x.dtype, device=x.device)
-        w_hh_t = w_hh.t()
-        h = h0
-        for g, g_rz, r, z, ghn, gi_n, n, y in zip(
-            G.unbind(0),
-            G[..., : 2 * H].unbind(0),
-            G[..., :H].unbind(0),
-            G[..., H : 2 * H].unbind(0),
-            G[..., 2 * H :].unbind(0),
-            gin.unbind(0),
-            N.unbind(0),
-            Y.unbind(0),
-        ):
-            g.addmm_(h, w_hh_t)
-            g_rz.sigmoid_()
-            torch.addcmul(gi_n, r, ghn, out=n)
-            n.tanh_()
-            h = torch.lerp(n, h, z, out=y)
-        ctx.save_for_backward(x, h0, w_ih, w_hh, G, N, Y)
+        gin2 = torch.addmm(b_ih[2 * H :], x2, w_ih[2 * H :].t(), beta=2, alpha=2)
+        G, gin2 = G.view(T, B, 3 * H), gin2.view(T, B, H)
+        Y = x.new_empty(T, B, H)
+        M = x.new_empty(T, B, _SLOTS, H) if train else None
+        rows = _split_rows(B, x.device)
+        _run_rows(lambda part: _forward_rows(G, gin2, Y, M, h0[part], w_hh.t(), part), rows)
+        if train:
+            ctx.save_for_backward(x, h0, w_ih, w_hh, M, Y)
         return Y, Y[-1].clone()
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dY, dhn):
-        x, h0, w_ih, w_hh, G, N, Y = ctx.saved_tensors
+        x, h0, w_ih, w_hh, M, Y = ctx.saved_tensors
         T, B, I = x.shape
         H = w_hh.shape[1]
-        r, z, ghn = G[..., :H], G[..., H : 2 * H], G[..., 2 * H :]
-        hp = torch.cat([h0.unsqueeze(0), Y[:-1]])  # h_{t-1} for every step
-        # M: the factors of dL/d(slot) that do not depend on the incoming gradient s = dL/dh_t.
-        M = torch.empty(T, B, _SLOTS, H, dtype=x.dtype, device=x.device)
-        m_nin, m_r, m_z, m_nh, m_h = M.unbind(2)
-        dtanh = torch.addcmul(torch.ones_like(N), N, N, value=-1)  # 1 - n^2
-        torch.addcmul(dtanh, dtanh, z, value=-1, out=m_nin)  # (1 - n^2)(1 - z)
-        torch.mul(m_nin, r, out=m_nh)  # ... * r
-        e = m_nh * ghn
-        torch.addcmul(e, e, r, value=-1, out=m_r)  # (1 - n^2)(1 - z) ghn r (1 - r)
-        zz = torch.addcmul(z, z, z, value=-1)  # z (1 - z)
-        torch.mul(zz, hp - N, out=m_z)
-        m_h.copy_(z)
-        # D[t] = s_t * M[t], with s_t = dY[t] + g_t; the dY part is done for all steps at once.
-        D = M * dY.unsqueeze(2)
+        D = torch.empty_like(M)
         Df = D.view(T, B, _SLOTS * H)
-        g = dhn
-        D_t, M_t = D.unbind(0), M.unbind(0)
-        dgh_t, dhz_t = Df[..., H : 4 * H].unbind(0), Df[..., 4 * H :].unbind(0)
-        for t in range(T - 1, -1, -1):
-            D_t[t].addcmul_(g.unsqueeze(1), M_t[t])
-            g = torch.addmm(dhz_t[t], dgh_t[t], w_hh)
+        rows = _split_rows(B, x.device)
+        parts = _run_rows(lambda part: _backward_rows(dY, M, D, dhn[part], w_hh, part), rows)
         dx = dh0 = dw_ih = dw_hh = db_ih = db_hh = None
-        d_hh = Df[..., H : 4 * H].reshape(T * B, 3 * H)
         if ctx.needs_input_grad[0]:
             w_perm = torch.cat([w_ih[2 * H :], w_ih[: 2 * H]])  # rows n, r, z like slots 0..2
             dx = torch.mm(Df[..., : 3 * H].reshape(T * B, 3 * H), w_perm).view(T, B, I)
         if ctx.needs_input_grad[1]:
-            dh0 = g
+            dh0 = parts[0] if len(parts) == 1 else torch.cat(parts)
         if ctx.needs_input_grad[2]:
             x2 = x.reshape(T * B, I)
             dw_ih = torch.empty_like(w_ih)
             torch.mm(Df[..., H : 3 * H].reshape(T * B, 2 * H).t(), x2, out=dw_ih[: 2 * H])
             torch.mm(Df[..., :H].reshape(T * B, H).t(), x2, out=dw_ih[2 * H :])
         if ctx.needs_input_grad[3]:
-            dw_hh = torch.mm(d_hh.t(), hp.view(T * B, H))
+            # sum_t dgh_t^T h_{t-1}, with h_{t-1} = Y[t-1] for t >= 1 and h0 for t = 0
+            d_hh = Df[..., H : 4 * H].reshape(T * B, 3 * H)
+            dw_hh = torch.mm(d_hh[:B].t(), h0)
+            dw_hh.addmm_(d_hh[B:].t(), Y[:-1].reshape((T - 1) * B, H))
         if ctx.needs_input_grad[4] or ctx.needs_input_grad[5]:
             sums = Df[..., : 4 * H].sum((0, 1))
             db_ih = torch.cat([sums[H : 3 * H], sums[:H]])
