@@ -16,9 +16,11 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import tempfile
+import re
+import secrets
 import time
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 from charlm.errors import CharlmError
 
@@ -40,11 +42,24 @@ def default_run_dir(cell: str, corpus: str) -> Path:
     return path
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+# A temp file names its writer, so a crashed writer's leftovers can be told from a live one's:
+#   .<name>.<pid>.<8 hex>.tmp
+_TEMP = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp$")
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
+    """Write `path` through a temp file in the same directory: flush + fsync, then os.replace.
+
+    Whatever goes wrong (full disk, a write error, Ctrl-C), the previous file at `path` stays
+    intact and the temp file is removed; only SIGKILL or a power cut can leave one behind, and
+    `remove_stale_temp_files` clears those. The new file gets the usual mode (0666 less umask).
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -54,6 +69,64 @@ def write_text_atomic(path: Path, text: str) -> None:
         except FileNotFoundError:
             pass
         raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def remove_stale_temp_files(directory: str | Path, min_age: float = 0.0) -> list[Path]:
+    """Delete the temp files of writers that are no longer running (killed mid-write).
+
+    `min_age` (seconds) spares young files too, for folders no lock protects, where a writer
+    in another PID namespace may look dead from here.
+    """
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    now = time.time()
+    for name in names:
+        match = _TEMP.match(name)
+        if match is None or _pid_alive(int(match[1])):
+            continue
+        path = Path(directory) / name
+        try:
+            if min_age and now - path.stat().st_mtime < min_age:
+                continue
+            path.unlink()
+            removed.append(path)
+        except OSError:
+            pass
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
 
 
 def prepare_run_dir(path: Path, resuming: bool) -> Path:
@@ -105,6 +178,7 @@ class RunLock:
         fh.write(str(os.getpid()))
         fh.flush()
         self.fh = fh
+        remove_stale_temp_files(self.path.parent)  # left by a trainer killed mid-write
         return self
 
     def __exit__(self, *exc) -> None:
@@ -146,4 +220,5 @@ def read_metrics(path: Path) -> list[dict]:
 def point_latest(run_dir: Path) -> None:
     root = runs_root()
     root.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(root, min_age=60.0)
     write_text_atomic(root / "latest", str(run_dir.resolve()) + "\n")
