@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import importlib
+import re
+import signal
 import sys
+import threading
 
 import typer
 
@@ -71,8 +74,48 @@ def _click_exception_classes(name: str) -> tuple[type, ...]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point: usage errors and user errors become one line on stderr."""
+    """Console-script entry point: usage errors and user errors become one line on stderr.
+
+    SIGTERM is read as Ctrl-C for the whole command: the trainer saves and exits 130 on either,
+    and anywhere else both stop with one line and exit 130.
+    """
     args = sys.argv[1:] if argv is None else list(argv)
+    previous = _sigterm_as_interrupt()
+    try:
+        _main(args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _sigterm_as_interrupt():
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
+def _out_of_memory(exc: BaseException) -> str | None:
+    """'out of memory (...)' when `exc` is an allocation failure on the host or a device."""
+    torch = sys.modules.get("torch")
+    oom_types = (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))
+    text = str(exc)
+    if not isinstance(exc, oom_types) and not (
+        isinstance(exc, RuntimeError)
+        and ("can't allocate memory" in text or "out of memory" in text.lower())
+    ):
+        return None
+    asked = re.search(r"[Tt]ried to allocate (\d+) bytes", text)
+    if asked:
+        return f"out of memory (tried to allocate {int(asked[1]) / 2**30:,.1f} GiB)"
+    asked = re.search(r"[Tt]ried to allocate ([\d.]+ ?[KMGT]i?B)", text)
+    return f"out of memory (tried to allocate {asked[1]})" if asked else "out of memory"
+
+
+def _main(args: list[str]) -> None:
     try:
         command = typer.main.get_command(app)
         rv = command.main(args=args, prog_name="charlm", standalone_mode=False)
@@ -101,11 +144,16 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as exc:
         if debug_enabled():
             raise
-        error_line(f"{exc.strerror or exc}: {exc.filename or ''} (set CHARLM_DEBUG=1 for details)")
+        where = f": {exc.filename}" if exc.filename else ""
+        error_line(f"{exc.strerror or exc}{where} (set CHARLM_DEBUG=1 for details)")
         sys.exit(1)
     except Exception as exc:  # a bug: one line, the traceback behind CHARLM_DEBUG=1
         if debug_enabled():
             raise
+        oom = _out_of_memory(exc)
+        if oom:  # not a bug: the machine has less memory than the model or batch needs
+            error_line(f"{oom}; use a smaller model or batch (e.g. --hidden, --batch-size)")
+            sys.exit(1)
         error_line(
             f"unexpected {type(exc).__name__}: {exc} "
             "(this is a bug in charlm; rerun with CHARLM_DEBUG=1 for the traceback and report it)"
