@@ -58,6 +58,10 @@ def _register_subcommands() -> None:
     app.command("generate")(handle_errors(cli_use.generate))
     app.add_typer(cli_use.eval_app, name="eval")
 
+    from charlm import plot
+
+    app.command("plot")(handle_errors(plot.plot_command))
+
 
 _register_subcommands()
 
