@@ -53,22 +53,29 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
     Whatever goes wrong (full disk, a write error, Ctrl-C), the previous file at `path` stays
     intact and the temp file is removed; only SIGKILL or a power cut can leave one behind, and
     `remove_stale_temp_files` clears those. The new file gets the usual mode (0666 less umask).
+    An OSError becomes a one-line CharlmError that names the file.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
         try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+            with os.fdopen(fd, "wb") as fh:
+                write(fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+    except OSError as exc:
+        raise CharlmError(
+            f"cannot write {path}: {exc.strerror or exc}; the previous {path.name}, if any, is "
+            "intact"
+        ) from exc
     _fsync_dir(path.parent)
     return path
 
