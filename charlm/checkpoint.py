@@ -166,7 +166,7 @@ def _check_hidden(data: dict, path: Path) -> None:
         if _is_int(layers) and _is_int(size) and (part.shape[0], part.shape[2]) != (layers, size):
             raise _damaged(
                 path, "hidden", f"has shape {tuple(part.shape)} but its train_config has "
-                f"{layers} layers of {size} units"
+                f"layers = {layers} and hidden = {size}"
             )
         if not bool(torch.isfinite(part).all()):
             raise _damaged(path, "hidden", "holds NaN or infinity")
