@@ -6,8 +6,8 @@ run's own files and, at most, the hidden temp file of the process just killed (t
 to take the run's lock deletes it); last.pt never goes back in steps. At the end, the resumed run
 must finish and its weights must equal those of the uninterrupted run, tensor for tensor.
 
-    python scripts/soak.py                       # 20 kills of a 600-step run, ~2-3 minutes
-    python scripts/soak.py --kills 50 --max-steps 2000 --max-delay 2 --seed 7
+    python scripts/soak.py                       # 20 kills of a 1000-step run, ~2 minutes
+    python scripts/soak.py --kills 50 --max-steps 3000 --max-gap 50 --seed 7
     python scripts/soak.py --fork                # charlm forked from a warm python: ~0.1 s starts
 
 Prints one line per kill and a final verdict; exits 1 on any failure. Not run in CI:
@@ -186,19 +186,39 @@ def metrics_steps(run: Path) -> list[int]:
     return steps
 
 
-def wait_until_training(proc, run: Path, since: float, timeout: float) -> bool:
-    """True once this process has (re)written metrics.jsonl, i.e. it owns the run and trains."""
+def last_train_step(run: Path) -> int | None:
+    """The step of the last train row of metrics.jsonl, read from its tail (None: no row yet)."""
+    try:
+        with open(run / "metrics.jsonl", "rb") as fh:
+            fh.seek(max(0, fh.seek(0, os.SEEK_END) - 4096))
+            tail = fh.read().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return None
+    for line in reversed(tail.splitlines()):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # torn, or cut by the seek
+            continue
+        if row.get("kind") == "train":
+            return row["step"]
+    return None
+
+
+def wait_until_step(proc, run: Path, since: float, step: int, timeout: float) -> bool:
+    """True once this process (it rewrites metrics.jsonl when it starts) has logged `step`;
+    False if it exited first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             return False
         try:
-            if (run / "metrics.jsonl").stat().st_mtime > since:
-                return True
+            fresh = (run / "metrics.jsonl").stat().st_mtime > since
         except FileNotFoundError:
-            pass
-        time.sleep(0.01)
-    raise TimeoutError(f"no training progress in {run} after {timeout} s")
+            fresh = False
+        if fresh and (last_train_step(run) or 0) >= step:
+            return True
+        time.sleep(0.002)
+    raise TimeoutError(f"{run} did not reach step {step} in {timeout} s")
 
 
 @dataclass
@@ -246,7 +266,8 @@ def weight_differences(a: Path, b: Path) -> list[str]:
 @dataclass
 class Kill:
     number: int
-    delay: float
+    after: int  # steps logged by the victim before the kill ...
+    jitter: float  # ... plus this many seconds
     pid: int
     resumed: bool
     check: RunCheck
@@ -255,25 +276,30 @@ class Kill:
         steps = ", ".join(f"{k} step {v}" for k, v in self.check.steps.items()) or "no checkpoint yet"
         verdict = "ok" if not self.check.problems else "FAIL: " + "; ".join(self.check.problems)
         how = "resumed" if self.resumed else "fresh"
-        return (f"kill {self.number}/{total}: {how} run killed {self.delay:.2f}s into training; "
-                f"{steps}; {len(self.check.temps)} temp file(s) left: {verdict}")
+        return (f"kill {self.number}/{total}: {how} run killed {self.jitter * 1000:.0f} ms after "
+                f"its step {self.after}; {steps}; {len(self.check.temps)} temp file(s) left: "
+                f"{verdict}")
 
 
 def kill_loop(launcher, text: Path, run: Path, *, kills: int, max_steps: int, seed: int,
-              rng: random.Random, max_delay: float, report=print) -> list[Kill]:
-    """Start (or resume) the run and SIGKILL it `kills` times, checking the run dir each time."""
+              rng: random.Random, max_gap: int, max_jitter: float, report=print) -> list[Kill]:
+    """Start (or resume) the run and SIGKILL it `kills` times, checking the run dir each time.
+
+    Each victim is killed at a random moment: `max_jitter` seconds at most after it has logged
+    a random 1..`max_gap` steps past its checkpoint, so kills land anywhere in a step (in a
+    save too) and the run moves on by at most ~`max_gap` steps per kill, however fast it trains.
+    """
     done: list[Kill] = []
     last_step = 0
     while len(done) < kills:
         resumed = (run / "last.pt").exists()
         args = ["train", "--resume", str(run), "-q"] if resumed else train_args(text, run, max_steps, seed)
+        after, jitter = last_step + rng.randint(1, max_gap), rng.uniform(0, max_jitter)
         since = time.time()
         proc = launcher.start(args)
         try:
-            training = wait_until_training(proc, run, since, timeout=120)
-            delay = rng.uniform(0, max_delay)
-            if training:
-                time.sleep(delay)
+            if wait_until_step(proc, run, since, after, timeout=120):
+                time.sleep(jitter)
             if proc.poll() is not None:  # it finished (or failed) before the kill
                 _, err = proc.communicate()
                 if proc.returncode != 0:
@@ -291,20 +317,21 @@ def kill_loop(launcher, text: Path, run: Path, *, kills: int, max_steps: int, se
         if step < last_step:
             check.problems.append(f"last.pt went back from step {last_step} to {step}")
         last_step = max(last_step, step)
-        done.append(Kill(len(done) + 1, delay, proc.pid, resumed, check))
+        done.append(Kill(len(done) + 1, after, jitter, proc.pid, resumed, check))
         report(done[-1].line(kills))
     return done
 
 
-def soak(launcher, work: Path, kills: int, max_steps: int, seed: int, max_delay: float,
-         report=print) -> list[str]:
+def soak(launcher, work: Path, kills: int, max_steps: int, seed: int, max_gap: int,
+         max_jitter: float, report=print) -> list[str]:
     """The whole soak in `work`: the problems found (empty: it passed)."""
     text = write_corpus(work / "corpus.txt")
     reference, run = work / "uninterrupted", work / "killed"
     ref = launcher.start(train_args(text, reference, max_steps, seed))  # runs alongside
     try:
         done = kill_loop(launcher, text, run, kills=kills, max_steps=max_steps, seed=seed,
-                         rng=random.Random(seed), max_delay=max_delay, report=report)
+                         rng=random.Random(seed), max_gap=max_gap, max_jitter=max_jitter,
+                         report=report)
     except (AssertionError, TimeoutError) as exc:
         ref.kill()
         ref.wait()
@@ -333,9 +360,11 @@ def soak(launcher, work: Path, kills: int, max_steps: int, seed: int, max_delay:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kills", type=int, default=20, help="SIGKILLs before the final resume")
-    parser.add_argument("--max-steps", type=int, default=600, help="length of the run")
-    parser.add_argument("--max-delay", type=float, default=1.0,
-                        help="kill at a uniform random time in [0, this] s after training starts")
+    parser.add_argument("--max-steps", type=int, default=1000, help="length of the run")
+    parser.add_argument("--max-gap", type=int, default=30,
+                        help="kill after a random 1..this steps past the checkpoint resumed from")
+    parser.add_argument("--max-jitter", type=float, default=0.05,
+                        help="... and a random 0..this seconds more (a step takes ~10-20 ms)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill times and the run")
     parser.add_argument("--fork", action="store_true",
                         help="fork each charlm from a warm python instead of a fresh process")
@@ -351,7 +380,8 @@ def main(argv: list[str] | None = None) -> int:
         env = env_for(work / "runs")
         launcher = ForkServer(env, Path(scratch)) if args.fork else Subprocesses(env)
         try:
-            problems = soak(launcher, work, args.kills, args.max_steps, args.seed, args.max_delay)
+            problems = soak(launcher, work, args.kills, args.max_steps, args.seed, args.max_gap,
+                            args.max_jitter)
         finally:
             launcher.close()
     if problems:

@@ -66,14 +66,15 @@ def wait_for_rows(proc: subprocess.Popen, run: Path, timeout: float = 120) -> No
 
 
 def test_sigkill_at_random_moments_then_resume_ends_bit_identical(corpus, tmp_path):
-    max_steps, kills = 300, 12
+    max_steps, kills = 200, 12  # at most ~12 x 11 steps go by in the kill loop
     run, reference = tmp_path / "killed", tmp_path / "uninterrupted"
     server = soak.ForkServer(soak.env_for(tmp_path / "runs"), tmp_path)
     try:
         uninterrupted = server.start(soak.train_args(corpus, reference, max_steps, SEED))
         lines: list[str] = []
         done = soak.kill_loop(server, corpus, run, kills=kills, max_steps=max_steps, seed=SEED,
-                              rng=random.Random(SEED), max_delay=0.5, report=lines.append)
+                              rng=random.Random(SEED), max_gap=10, max_jitter=0.04,
+                              report=lines.append)
         resumed = server.start(["train", "--resume", str(run), "-q"])
         assert resumed.wait() == 0, resumed.communicate()[1]
         assert uninterrupted.wait() == 0, uninterrupted.communicate()[1]
@@ -85,7 +86,7 @@ def test_sigkill_at_random_moments_then_resume_ends_bit_identical(corpus, tmp_pa
         assert set(kill.check.steps) <= {"last.pt", "best.pt"}
     steps = [k.check.steps.get("last.pt", 0) for k in done]
     assert steps == sorted(steps) and 0 < steps[-1] < max_steps, lines
-    assert sum(k.resumed for k in done) >= kills - 2, lines  # the run was resumed, again and again
+    assert sum(k.resumed for k in done) >= kills // 2, lines  # resumed, again and again
     end = soak.check_run_dir(run)
     assert end.problems == [] and end.temps == []  # the last resume swept the victims' temp files
     assert end.steps["last.pt"] == max_steps
