@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import subprocess
 import sys
+import time
 from enum import Enum
 from pathlib import Path
 from typing import Optional
@@ -11,7 +16,7 @@ from typing import Optional
 import typer
 
 from charlm.cli_common import handle_errors
-from charlm.errors import UsageError
+from charlm.errors import CharlmError, UsageError
 
 DATA, MODEL, OPTIM, STOP, RUN = "Data", "Model", "Optimisation", "Stopping", "Run"
 
@@ -53,6 +58,7 @@ def train(
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many steps (0: no limit).", rich_help_panel=STOP),
     time_budget: Optional[str] = typer.Option(None, "--time-budget", help="Stop after this much training time, e.g. 90s, 5m, 1h ('0': no limit).", rich_help_panel=STOP),
     device: Optional[str] = typer.Option(None, "--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.", rich_help_panel=RUN),
+    nproc: Optional[int] = typer.Option(None, "--nproc", help="Train data-parallel on N processes here (one GPU each with CUDA); --batch-size is the global batch. Like torchrun --standalone --nproc-per-node N.", rich_help_panel=RUN),
     precision: Optional[str] = typer.Option(None, "--precision", help="fp32, bf16 or fp16 (CUDA only).", rich_help_panel=RUN),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (weights, batches, dropout).", rich_help_panel=RUN),
     log_every: Optional[int] = typer.Option(None, "--log-every", help="Steps between progress updates.", rich_help_panel=RUN),
@@ -68,10 +74,6 @@ def train(
 
     Example: charlm train --cell gru --time-budget 5m
     """
-    from charlm.config import build_config, load_config_file
-    from charlm.progress import TrainDisplay, summary_table
-    from charlm.train import Interrupted, Trainer, resolve_resume
-
     if bidirectional:
         raise UsageError(
             "--bidirectional is not supported: a bidirectional layer reads the characters it is "
@@ -90,37 +92,153 @@ def train(
         checkpoint_every=checkpoint_every, sample_prefix=sample_prefix,
         sample_length=sample_length, out=out,
     )
-    file_values = load_config_file(config) if config else {}
-    if target is not None and not resume:
-        raise UsageError(f"unexpected argument {target!r}; to continue a run use --resume {target}")
-    if resume:
-        if out is not None:
-            raise UsageError("--out cannot be combined with --resume (a run resumes in its own directory)")
-        merged = {**file_values, **{k: v for k, v in explicit.items() if v is not None}}
-        cfg, resumed = resolve_resume(None, merged, target or "latest")
-    else:
-        cfg, resumed = build_config(file_values, explicit), None
-    display = TrainDisplay(enabled=not quiet)
-    trainer = Trainer(cfg, resume=resumed, display=display)
+    if nproc is not None and nproc != 1:
+        if nproc < 1:
+            raise UsageError(f"--nproc must be >= 1, got {nproc}")
+        if "WORLD_SIZE" in os.environ:
+            raise UsageError("--nproc starts its own processes; drop it when running under torchrun")
+        raise typer.Exit(launch(nproc, launch_args(explicit, config, resume, target, json_out, quiet)))
+    from charlm import distributed
+
+    group = distributed.from_env()
+    try:
+        _train(group, explicit, config, resume, target, json_out, quiet)
+    except CharlmError as exc:
+        if group.rank and getattr(exc, "on_every_rank", False):
+            raise typer.Exit(exc.exit_code) from None  # rank 0 reports it
+        if group.rank:
+            exc.args = (f"rank {group.rank}: {exc}",)
+        raise
+    finally:
+        distributed.close()
+
+
+def launch_args(explicit: dict, config, resume: bool, target, json_out: bool, quiet: bool) -> list[str]:
+    """The `charlm train` arguments, less --nproc, that each rank of `--nproc N` runs with."""
+    args = ["train"]
+    for key, value in explicit.items():
+        for item in value if isinstance(value, list) else [value]:
+            if item is not None:
+                args += [f"--{key.replace('_', '-')}", str(item)]
+    args += ["--config", str(config)] if config else []
+    args += ["--resume"] if resume else []
+    args += ["--json"] if json_out else []
+    args += ["--quiet"] if quiet else []
+    return args + ([str(target)] if target is not None else [])
+
+
+def _train(group, explicit: dict, config, resume: bool, target, json_out: bool, quiet: bool) -> None:
+    from charlm.config import build_config, load_config_file
+    from charlm.progress import TrainDisplay, summary_table
+    from charlm.train import Interrupted, Trainer, resolve_resume
+
+    def configure():
+        file_values = load_config_file(config) if config else {}
+        if target is not None and not resume:
+            raise UsageError(f"unexpected argument {target!r}; to continue a run use --resume {target}")
+        if resume:
+            if explicit["out"] is not None:
+                raise UsageError("--out cannot be combined with --resume (a run resumes in its own directory)")
+            merged = {**file_values, **{k: v for k, v in explicit.items() if v is not None}}
+            return resolve_resume(None, merged, target or "latest")
+        return build_config(file_values, explicit), None
+
+    cfg, resumed = group.together(configure)
+    display = TrainDisplay(enabled=not quiet and group.is_main)  # one voice: rank 0's
+    trainer = Trainer(cfg, resume=resumed, display=display, group=group)
     try:
         summary = trainer.run()
     except Interrupted as exc:
+        if not group.is_main:
+            raise typer.Exit(130) from None
+        again = "charlm train" + (f" --nproc {group.world_size}" if group.active else "")
+        again += f" --resume {trainer.run_dir}"
         if exc.checkpoint is None:
             sys.stderr.write(f"charlm: {exc.signame}: stopped before any checkpoint was saved\n")
         elif exc.signame.endswith("(twice)"):
             sys.stderr.write(
                 f"charlm: {exc.signame}: stopped mid-step without saving; the last checkpoint is "
-                f"{exc.checkpoint}; resume with: charlm train --resume {trainer.run_dir}\n"
+                f"{exc.checkpoint}; resume with: {again}\n"
             )
         else:
             sys.stderr.write(
                 f"charlm: {exc.signame}: saved {exc.checkpoint} at step {trainer.loop.step}; "
-                f"resume with: charlm train --resume {trainer.run_dir}\n"
+                f"resume with: {again}\n"
             )
         raise typer.Exit(130) from None
+    if not group.is_main:
+        return
     if json_out:
         sys.stdout.write(json.dumps(summary, indent=2) + "\n")
     else:
         from rich.console import Console
 
         Console().print(summary_table(summary))
+
+
+GRACE_S = 10.0  # after one rank fails, how long the others get to stop by themselves
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(nproc: int, args: list[str], env: dict[str, str] | None = None) -> int:
+    """Run `python -m charlm <args>` as `nproc` ranks on this machine; return the exit code.
+
+    Like `torchrun --standalone --nproc-per-node N`, but a failure stays the ranks' own one-line
+    error and exit code (torchrun wraps it in a traceback and exit code 1). Each rank starts in
+    its own session, so a Ctrl-C reaches it exactly once, forwarded from here. When one rank
+    fails, the others get GRACE_S seconds, then SIGTERM, then SIGKILL.
+    """
+    base = dict(os.environ if env is None else env)
+    base.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(nproc),
+                LOCAL_WORLD_SIZE=str(nproc), GROUP_RANK="0")
+    procs: list[subprocess.Popen] = []
+
+    def forward(signum, frame):
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    old = {}
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            old[sig] = signal.signal(sig, forward)
+    except ValueError:  # not the main thread: signals stay with the caller
+        pass
+    try:
+        for rank in range(nproc):
+            rank_env = {**base, "RANK": str(rank), "LOCAL_RANK": str(rank)}
+            procs.append(subprocess.Popen([sys.executable, "-m", "charlm", *args], env=rank_env,
+                                          start_new_session=True))
+        failed_at = None
+        while any(p.poll() is None for p in procs):
+            if failed_at is None and any(p.returncode not in (None, 0) for p in procs):
+                failed_at = time.monotonic()
+            if failed_at is not None and time.monotonic() - failed_at > GRACE_S:
+                _stop(procs)
+                break
+            time.sleep(0.05)
+    finally:
+        _stop(procs)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    codes = [1 if p.returncode is None else p.returncode if p.returncode >= 0 else 128 - p.returncode
+             for p in procs]
+    return codes[0] or next((c for c in codes if c), 0)  # rank 0's, which reported the error
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+        alive = [p for p in procs if p.poll() is None]
+        for p in alive:
+            p.send_signal(sig)
+        for p in alive:
+            try:
+                p.wait(wait)
+            except subprocess.TimeoutExpired:
+                pass

@@ -11,21 +11,19 @@ import math
 import random
 import signal
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, closing, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from charlm import rundir
+from charlm import distributed, rundir
 from charlm.batches import RandomBatches, SequentialBatches
 from charlm.checkpoint import load_checkpoint, save_checkpoint
 from charlm.config import TrainConfig, parse_duration
 from charlm.data import Dataset, load_dataset
-from charlm.devices import select_device
 from charlm.errors import CharlmError, UsageError
-from charlm.evaluate import corpus_nll
 from charlm.models import CharLM, ModelConfig, State, count_parameters, detach_state
 from charlm.optim import LRSchedule, make_optimizer
 from charlm.progress import TrainDisplay
@@ -108,15 +106,39 @@ def _state_from_plain(data, device) -> State | None:
     return tuple(s.to(device) for s in data) if isinstance(data, list) else data.to(device)
 
 
+class _NoMetrics:
+    """What ranks other than 0 write metrics to."""
+
+    def write(self, row: dict) -> None:
+        pass
+
+
 class Trainer:
-    def __init__(self, cfg: TrainConfig, resume: dict | None = None, display: TrainDisplay | None = None):
+    """One process's trainer; with a process group (`charlm.distributed`), one rank of many:
+    all ranks step together and rank 0 alone writes the run directory."""
+
+    def __init__(self, cfg: TrainConfig, resume: dict | None = None, display: TrainDisplay | None = None,
+                 group: distributed.Group | None = None):
         self.cfg = cfg
-        self.device = select_device(cfg.device)
-        if cfg.precision != "fp32" and self.device.type != "cuda":
-            raise UsageError(f"--precision {cfg.precision} needs a CUDA device; use fp32 on {self.device.type}")
+        self.group = g = group or distributed.current()
         self.display = display or TrainDisplay(enabled=False)
         ckpt = resume["ckpt"] if resume else None
-        self.data: Dataset = load_dataset(cfg, vocab=ckpt["vocab"] if ckpt else None, device=self.device)
+        g.together(lambda: self._check_setup(cfg, ckpt))
+        self.data: Dataset = g.local_first(lambda: load_dataset(
+            cfg, vocab=ckpt["vocab"] if ckpt else None, device=self.device))
+        g.together(lambda: self._build(cfg, ckpt))
+        self.net = g.wrap(self.model, self.device)  # DDP: same weights everywhere, grads averaged
+        self.run_dir = Path(g.broadcast(str(
+            Path(cfg.out) if cfg.out else rundir.default_run_dir(cfg.cell, self.data.name))))
+
+    def _check_setup(self, cfg: TrainConfig, ckpt: dict | None) -> None:
+        self.device = distributed.select_rank_device(cfg.device, self.group)
+        if cfg.precision != "fp32" and self.device.type != "cuda":
+            raise UsageError(f"--precision {cfg.precision} needs a CUDA device; use fp32 on {self.device.type}")
+        distributed.check_world(self.group, cfg.batch_size, ckpt.get("world_size", 1) if ckpt else None)
+
+    def _build(self, cfg: TrainConfig, ckpt: dict | None) -> None:
+        g = self.group
         if ckpt and ckpt.get("corpus", {}).get("num_tokens") not in (None, self.data.num_tokens):
             raise CharlmError(
                 f"the corpus has {self.data.num_tokens} tokens but the checkpoint was trained on "
@@ -136,24 +158,31 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         self.model = CharLM(self.model_config).to(self.device)
+        if g.rank:  # the same weights on every rank, but other dropout masks
+            torch.manual_seed((cfg.seed + 0x9E3779B97F4A7C15 * g.rank) % 2**63)
         self.optimizer = make_optimizer(cfg.optimizer, self.model.parameters(), cfg.lr, cfg.weight_decay)
         self.schedule = LRSchedule(cfg.schedule, cfg.lr, cfg.warmup_steps, cfg.plateau_factor,
                                    cfg.plateau_patience)
         iterator_cls = SequentialBatches if cfg.sampling == "sequential" else RandomBatches
-        self.batches = iterator_cls(self.data.train, cfg.batch_size, cfg.num_steps, seed=cfg.seed)
+        self.batches = iterator_cls(self.data.train, cfg.batch_size, cfg.num_steps, seed=cfg.seed,
+                                    rows=g.rows(cfg.batch_size))
         self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
         self.loop = LoopState()
         self.stop_signal: list[str] = []  # a signal name once SIGINT/SIGTERM arrived
+        self.agreed_stop: str | None = None  # in a process group: the signal all ranks stop for
         self.step_hook = None  # called after every step with the trainer (tests, tools)
         self.hidden: State | None = None
         self.time_budget = parse_duration(cfg.time_budget)
-        self.run_dir = Path(cfg.out) if cfg.out else rundir.default_run_dir(cfg.cell, self.data.name)
         if ckpt is not None:
             self._restore(ckpt)
 
     # -- checkpoints ---------------------------------------------------------------------
     def _payload(self) -> dict:
         loop = self.loop
+        hidden = _state_to_plain(self.hidden) if self.cfg.sampling == "sequential" else None
+        # in a process group: every rank's hidden rows and RNG state, joined on rank 0
+        rng = _rng_state()
+        hidden, ranks = distributed.gather_state(self.group, hidden, rng)
         return {
             "model_config": self.model_config.to_dict(),
             "vocab": self.data.vocab.to_dict(),
@@ -162,13 +191,14 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
-            "rng": _rng_state(),
+            "rng": rng,
             "iterator": self.batches.state_dict(),
-            "hidden": _state_to_plain(self.hidden) if self.cfg.sampling == "sequential" else None,
+            "hidden": hidden,
             "step": loop.step, "epoch": self.batches.epoch, "tokens_seen": loop.tokens_seen,
             "elapsed": loop.elapsed, "best_val_loss": loop.best_val_loss,
             "train_config": self.cfg.to_dict(),
             "corpus": self.data.describe(),
+            **ranks,
         }
 
     def _restore(self, ckpt: dict) -> None:
@@ -182,13 +212,16 @@ class Trainer:
         if self.scaler and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.batches.load_state_dict(ckpt["iterator"])
-        self.hidden = _state_from_plain(ckpt.get("hidden"), self.device)
+        hidden, rng = distributed.rank_state(self.group, ckpt, self.cfg.batch_size)
+        self.hidden = _state_from_plain(hidden, self.device)
         self.loop.step, self.loop.tokens_seen = int(ckpt["step"]), int(ckpt["tokens_seen"])
         self.loop.elapsed, self.loop.best_val_loss = float(ckpt["elapsed"]), float(ckpt["best_val_loss"])
-        _set_rng_state(ckpt["rng"])
+        _set_rng_state(rng)
 
     def save(self, name: str) -> Path:
-        return save_checkpoint(self._payload(), self.run_dir / name)
+        payload, path = self._payload(), self.run_dir / name
+        self.group.on_main(lambda: save_checkpoint(payload, path))
+        return path
 
     # -- pieces of the loop --------------------------------------------------------------
     def progress(self) -> float:
@@ -223,7 +256,7 @@ class Trainer:
         """One optimisation step; returns the (device) loss and the new (attached) state."""
         cfg = self.cfg
         with self.autocast():
-            logits, state = self.model(X, state)
+            logits, state = self.net(X, state)
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), Y.reshape(-1))
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
@@ -244,8 +277,8 @@ class Trainer:
         """Mean NLL per character over the whole validation split (state carried)."""
         if self.data.val.numel() < 2:
             return math.nan
-        nll, count = corpus_nll(self.model, self.data.val, self.cfg.batch_size, self.cfg.num_steps,
-                                autocast=self.autocast())
+        nll, count = distributed.corpus_nll(self.group, self.model, self.data.val,
+                                            self.cfg.batch_size, self.cfg.num_steps, self.autocast)
         return nll / count
 
     def sample_text(self) -> str:
@@ -257,18 +290,19 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------
     def run(self) -> dict:
-        cfg, loop, display = self.cfg, self.loop, self.display
+        cfg, loop = self.cfg, self.loop
         resuming = loop.step > 0 or self.batches.position > 0 or self.batches.epoch > 0
-        rundir.prepare_run_dir(self.run_dir, resuming=resuming)
-        with rundir.RunLock(self.run_dir):
-            rundir.write_text_atomic(self.run_dir / "config.toml", _config_toml(cfg, self.run_dir))
-            rundir.point_latest(self.run_dir)
-            metrics = rundir.MetricsLog(self.run_dir / "metrics.jsonl",
-                                        keep_until_step=loop.step if resuming else -1)
-            try:
-                return self._run(metrics, resuming)
-            finally:
-                metrics.close()
+        with ExitStack() as stack:
+            def open_run_dir() -> rundir.MetricsLog:
+                rundir.prepare_run_dir(self.run_dir, resuming=resuming)
+                stack.enter_context(rundir.RunLock(self.run_dir))
+                rundir.write_text_atomic(self.run_dir / "config.toml", _config_toml(cfg, self.run_dir))
+                rundir.point_latest(self.run_dir)
+                return stack.enter_context(closing(rundir.MetricsLog(
+                    self.run_dir / "metrics.jsonl", keep_until_step=loop.step if resuming else -1)))
+
+            metrics = self.group.on_main(open_run_dir) or _NoMetrics()  # rank 0 alone writes it
+            return self._run(metrics, resuming)
 
     def _run(self, metrics: rundir.MetricsLog, resuming: bool) -> dict:
         cfg, loop, display = self.cfg, self.loop, self.display
@@ -288,7 +322,7 @@ class Trainer:
         t_mark = time.perf_counter()
         reason = self.stop_reason()
         batch_tokens = cfg.batch_size * cfg.num_steps
-        self.model.train()
+        self.net.train()
         try:
             while reason is None:
                 # position == len: a run stopped right after an epoch's last batch; iterating
@@ -313,7 +347,7 @@ class Trainer:
                     loop.elapsed += now - t_mark
                     t_mark = now
                     if loop.step % cfg.log_every == 0:
-                        mean = (loss_sum / n_steps).item()  # the one host sync per log interval
+                        mean = self._mean_loss(loss_sum, n_steps)
                         self._check_finite(mean)
                         seconds = time.perf_counter() - last_log
                         row = {"kind": "train", "step": loop.step, "epoch": self.batches.epoch,
@@ -328,17 +362,17 @@ class Trainer:
                         self._eval_and_sample(metrics)
                         t_mark = last_log = time.perf_counter()
                     if loop.step % cfg.checkpoint_every == 0:
-                        self._check_finite((loss_sum / max(n_steps, 1)).item() if n_steps else 0.0)
+                        self._check_finite(self._mean_loss(loss_sum, n_steps) if n_steps else 0.0)
                         self.save("last.pt")
                         t_mark = last_log = time.perf_counter()
                     if self.step_hook is not None:
                         self.step_hook(self)
-                    if stop_signal:  # checked after a whole step: position and weights agree
+                    if self._stopping():  # checked after a whole step: position and weights agree
                         break
                     reason = self.stop_reason()
                     if reason:
                         break
-                if stop_signal:
+                if self._stopping(sync=False):
                     break
                 reason = self.stop_reason()  # an epoch just ended: the epochs limit may be hit
         except KeyboardInterrupt:  # a second Ctrl-C mid-step: the step is torn, so save nothing
@@ -348,12 +382,13 @@ class Trainer:
         finally:
             for sig, handler in old.items():
                 signal.signal(sig, handler)
-        if stop_signal:
+        stopped = self._stopping(sync=False)
+        if stopped:
             path = self.save("last.pt")
             display.stop()
-            raise Interrupted(path, stop_signal[0])
+            raise Interrupted(path, stopped)
         if n_steps:
-            self._check_finite((loss_sum / n_steps).item())
+            self._check_finite(self._mean_loss(loss_sum, n_steps))
         evaluated_now = loop.step % cfg.eval_every == 0 and math.isfinite(loop.last_val_loss)
         final_val = loop.last_val_loss if evaluated_now else self._eval_and_sample(metrics)
         self.save("last.pt")
@@ -362,20 +397,35 @@ class Trainer:
         metrics.write({"kind": "summary", "step": loop.step, **summary})
         return summary
 
+    def _stopping(self, sync: bool = True) -> str | None:
+        """The signal the run stops for, if any. In a process group the ranks agree on it, and on
+        the elapsed time (the schedule and --time-budget read it), once at the end of each step:
+        a small host-side message, no device sync."""
+        if sync or not self.group.active:
+            self.loop.elapsed, self.agreed_stop = self.group.agree_stop(self.loop.elapsed,
+                                                                        self.stop_signal)
+        return self.agreed_stop
+
+    def _mean_loss(self, loss_sum: torch.Tensor, n_steps: int) -> float:
+        mean = (loss_sum / n_steps).item()  # the one host sync per log interval
+        g = self.group
+        return g.sum([mean])[0] / g.world_size if g.active else mean
+
     def _check_finite(self, mean_loss: float) -> None:
         if not math.isfinite(mean_loss):
             last = self.run_dir / "last.pt"
             kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was saved"
             self.display.stop()
-            raise CharlmError(
+            error = CharlmError(
                 f"loss became {mean_loss} by step {self.loop.step}; training stopped and {kept}; "
                 "try a lower --lr or --clip 1"
             )
+            raise distributed.shared(error) if self.group.active else error
 
     def _eval_and_sample(self, metrics: rundir.MetricsLog) -> float:
-        loop = self.loop
+        loop, g = self.loop, self.group
         val = self.evaluate()
-        sample = self.sample_text()
+        sample = self.sample_text() if g.is_main else ""
         self.model.train()
         loop.last_val_loss = val
         improved = math.isfinite(val) and val < loop.best_val_loss
@@ -387,10 +437,11 @@ class Trainer:
                "ppl": math.exp(min(val, 50)) if math.isfinite(val) else None,
                "bpc": val / math.log(2) if math.isfinite(val) else None}
         metrics.write(row)
-        with open(self.run_dir / "samples.txt", "a", encoding="utf-8") as fh:
-            fh.write(f"--- step {loop.step}\n{sample}\n")
+        if g.is_main:
+            with open(self.run_dir / "samples.txt", "a", encoding="utf-8") as fh:
+                fh.write(f"--- step {loop.step}\n{sample}\n")
         self.display.evaluation(row, sample, improved)
-        if improved or not (self.run_dir / "best.pt").exists():
+        if g.broadcast(improved or not (self.run_dir / "best.pt").exists()):  # rank 0 decides
             self.save("best.pt")
         return val
 
@@ -411,6 +462,7 @@ class Trainer:
             "wall_time_s": round(loop.elapsed, 2),
             "parameters": params,
             "device": str(self.device),
+            **distributed.describe(self.group),
             "impl": self.model_config.impl,
             "run_dir": str(self.run_dir),
             "best_checkpoint": str(self.run_dir / "best.pt"),
