@@ -1,0 +1,175 @@
+"""Data-parallel training: two gloo ranks on this machine train the model one process would.
+
+The end-to-end tests launch real ranks (`charlm train --nproc 2` and torchrun) as subprocesses;
+each launch costs a few seconds, so one 2-rank run (module fixture) serves several tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from charlm.batches import RandomBatches, SequentialBatches
+from charlm.checkpoint import load_checkpoint
+from charlm.cli import app
+from charlm.cli_train import free_port, launch_args
+from charlm.distributed import eval_shards
+from charlm.evaluate import corpus_nll
+from charlm.models import CharLM, ModelConfig
+
+
+@pytest.mark.parametrize("cls", [SequentialBatches, RandomBatches])
+@pytest.mark.parametrize("world", [2, 4])
+def test_rank_rows_tile_every_global_batch(cls, world):
+    tokens = torch.arange(5000) % 97
+    whole = cls(tokens, 8, 7, seed=5)
+    ranks = [cls(tokens, 8, 7, seed=5, rows=slice(r * 8 // world, (r + 1) * 8 // world))
+             for r in range(world)]
+    for _ in range(2):  # two epochs: a new offset (and permutation) each
+        for (X, Y), *parts in zip(list(whole), *map(list, ranks), strict=True):
+            assert torch.equal(torch.cat([x for x, _ in parts]), X)
+            assert torch.equal(torch.cat([y for _, y in parts]), Y)
+        assert all(r.state_dict() == whole.state_dict() for r in ranks)
+
+
+@pytest.mark.parametrize("n, batch, world", [(203, 4, 2), (200, 4, 2), (201, 8, 4), (3, 4, 2)])
+def test_eval_shards_add_up_to_one_process(n, batch, world):
+    torch.manual_seed(0)
+    model = CharLM(ModelConfig(vocab_size=11, cell="gru", hidden=8, layers=2, embed=4)).eval()
+    tokens = torch.randint(11, (n,))
+    nll, count = corpus_nll(model, tokens, batch, 5)
+    parts = [corpus_nll(model, tokens[a:b], rows, 5)
+             for rank in range(world) for a, b, rows in eval_shards(n, batch, world, rank)]
+    assert sum(c for _, c in parts) == count == n - 1
+    assert sum(x for x, _ in parts) == pytest.approx(nll, rel=1e-6)
+
+
+def test_launch_args_give_the_ranks_the_same_command():
+    explicit = {"text": ["a.txt", "b.txt"], "hidden": 16, "lr": 0.003, "device": None, "out": "r"}
+    assert launch_args(explicit, Path("c.toml"), False, None, True, False) == [
+        "train", "--text", "a.txt", "--text", "b.txt", "--hidden", "16", "--lr", "0.003",
+        "--out", "r", "--config", "c.toml", "--json"]
+    assert launch_args({"max_steps": 9}, None, True, "runs/x", False, True) == [
+        "train", "--max-steps", "9", "--resume", "--quiet", "runs/x"]
+
+
+# -- real ranks -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    from pydoc_data.topics import topics
+
+    root = tmp_path_factory.mktemp("ddp")
+    text = "\n\n".join(topics[k] for k in sorted(topics))[:30_000]
+    (root / "small.txt").write_text(text, encoding="utf-8")
+    return root
+
+
+def _args(work: Path, out: Path, steps: int) -> list[str]:
+    # dropout 0 and one fixed impl: the ranks' arithmetic is the single process's, regrouped
+    return ["train", "--text", str(work / "small.txt"), "--cell", "lstm", "--hidden", "24",
+            "--layers", "2", "--embed", "8", "--dropout", "0", "--impl", "fused",
+            "--batch-size", "4", "--num-steps", "16", "--schedule", "none", "--max-steps",
+            str(steps), "--time-budget", "0", "--log-every", "2", "--eval-every", "4",
+            "--checkpoint-every", "4", "--sample-length", "10", "--device", "cpu",
+            "--out", str(out)]
+
+
+def _run(work: Path, *cmd: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CHARLM_RUNS_DIR": str(work / "runs"),
+           "CHARLM_DATA_DIR": str(work / "cache")}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return subprocess.run([sys.executable, "-m", *cmd], capture_output=True, text=True, env=env,
+                          timeout=240)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(work) -> subprocess.CompletedProcess:
+    """A 2-rank run of 6 steps, launched by `charlm train --nproc 2`."""
+    proc = _run(work, "charlm", *_args(work, work / "two6", 6), "--nproc", "2", "--json")
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def _assert_close(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-5, rtol=0), key
+
+
+def test_two_ranks_train_the_model_one_process_trains(work, two_ranks, tmp_path, monkeypatch):
+    monkeypatch.setenv("CHARLM_RUNS_DIR", str(tmp_path / "runs"))
+    result = CliRunner().invoke(app, [*_args(work, tmp_path / "one6", 6), "--quiet"])
+    assert result.exit_code == 0, result.output
+    one, two = load_checkpoint(tmp_path / "one6" / "last.pt"), load_checkpoint(work / "two6" / "last.pt")
+    _assert_close(one["model"], two["model"])
+    assert two["world_size"] == 2 and len(two["rank_rng"]) == 2 and "world_size" not in one
+    # the carried state of both ranks, joined: the global batch's (layers, batch, hidden) state
+    assert [tuple(h.shape) for h in two["hidden"]] == [(2, 4, 24), (2, 4, 24)]
+    for h1, h2 in zip(one["hidden"], two["hidden"]):
+        assert torch.allclose(h1, h2, atol=1e-5, rtol=0)
+    # validation perplexity is reduced across ranks: the same number as one process's
+    rows = [json.loads(line) for line in (work / "two6" / "metrics.jsonl").read_text().splitlines()]
+    ref = [json.loads(line) for line in (tmp_path / "one6" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["step"]) for r in rows] == [(r["kind"], r["step"]) for r in ref]
+    for r, s in zip(rows, ref):
+        if r["kind"] in ("train", "val"):
+            assert r["loss"] == pytest.approx(s["loss"], rel=1e-5)
+    # one voice: rank 0 alone prints the summary and the progress lines
+    summary = json.loads(two_ranks.stdout)
+    assert summary["world_size"] == 2 and summary["steps"] == 6
+    assert two_ranks.stderr.count("run directory:") == 1
+
+
+def test_two_rank_checkpoint_resumes_on_two_ranks(work, two_ranks, tmp_path):
+    shutil.copytree(work / "two6", tmp_path / "part")
+    resumed = _run(work, "charlm", "train", "--nproc", "2", "--resume", str(tmp_path / "part"),
+                   "--max-steps", "12", "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    port = str(free_port())  # the uninterrupted run, started by torchrun itself
+    full = _run(work, "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                "127.0.0.1", "--master-port", port, "-m", "charlm",
+                *_args(work, tmp_path / "full", 12), "--quiet")
+    assert full.returncode == 0, full.stderr
+    a, b = load_checkpoint(tmp_path / "part" / "last.pt"), load_checkpoint(tmp_path / "full" / "last.pt")
+    assert a["step"] == b["step"] == 12
+    _assert_close(a["model"], b["model"])
+    for h1, h2 in zip(a["hidden"], b["hidden"]):
+        assert torch.allclose(h1, h2, atol=1e-5, rtol=0)
+
+
+def test_resume_on_another_world_size_is_one_line(work, two_ranks, tmp_path, monkeypatch):
+    monkeypatch.setenv("CHARLM_RUNS_DIR", str(tmp_path / "runs"))
+    shutil.copytree(work / "two6", tmp_path / "part")
+    result = CliRunner().invoke(app, ["train", "--resume", str(tmp_path / "part"), "--max-steps", "8"])
+    assert result.exit_code == 1
+    assert result.stderr == (
+        "charlm: error: the checkpoint comes from a run on 2 process(es) but this one has 1; "
+        "resume it on as many (--nproc 2, or torchrun with that many in all)\n")
+    assert load_checkpoint(tmp_path / "part" / "last.pt")["step"] == 6
+
+
+def test_indivisible_global_batch_is_one_line_from_rank_0(work):
+    args = _args(work, work / "bad", 6)
+    args[args.index("--batch-size") + 1] = "3"
+    proc = _run(work, "charlm", *args, "--nproc", "2")
+    assert proc.returncode == 2
+    assert proc.stderr == (
+        "charlm: error: --batch-size 3 is the global batch and must be divisible by the number "
+        "of processes (2); use e.g. --batch-size 4\n")
+    assert not (work / "bad").exists()
+
+
+def test_nproc_needs_a_positive_count(tmp_path):
+    result = CliRunner().invoke(app, ["train", "--nproc", "0", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2
+    assert result.stderr == "charlm: error: --nproc must be >= 1, got 0\n"
