@@ -109,6 +109,14 @@ def train(
         if group.rank:
             exc.args = (f"rank {group.rank}: {exc}",)
         raise
+    except RuntimeError as exc:
+        if not distributed.peer_lost(exc):
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise CharlmError(
+            f"rank {group.rank}: lost contact with another process of the run, which stopped or "
+            f"crashed (see its own output): {first}"
+        ) from None
     finally:
         distributed.close()
 

@@ -237,6 +237,15 @@ def _env_int(name: str, default: int | None = None) -> int:
         ) from None
 
 
+def peer_lost(exc: BaseException) -> bool:
+    """Whether a collective failed because another rank went away or never answered."""
+    dist_error = getattr(torch.distributed, "DistError", ())
+    text = str(exc)
+    return _current.active and (isinstance(exc, dist_error) or any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer", "timed out",
+                            "Timed out", "NCCL communicator was aborted")))
+
+
 def timeout() -> datetime.timedelta:
     seconds = os.environ.get(TIMEOUT_ENV) or DEFAULT_TIMEOUT_S
     try:
