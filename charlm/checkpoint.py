@@ -113,7 +113,9 @@ def _check_fields(data: dict, path: Path) -> None:
     if not isinstance(model, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in model.items()
     ):
-        raise CharlmError(f"{path}: its 'model' entry is not a table of tensors; the file is damaged")
+        raise CharlmError(
+            f"{path}: its 'model' entry is not a table of tensors; the file is damaged"
+        )
     for name, tensor in model.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise CharlmError(
@@ -183,7 +185,7 @@ def _check_train_config(values: dict | None, path: Path) -> None:
 
 
 def _looks_like_torch_file(path: Path) -> bool:
-    """torch.save writes a zip archive; older torch wrote a pickle (protocol 2+: first byte 0x80)."""
+    """torch.save writes a zip archive; older torch wrote a pickle (protocol 2+: byte 0x80)."""
     try:
         with open(path, "rb") as fh:
             head = fh.read(4)

@@ -27,7 +27,8 @@ def error_line(message: str) -> None:
 
 
 def handle_errors(fn: F) -> F:
-    """Decorate a command: a CharlmError becomes one stderr line and its exit code."""
+    """Decorate a command: a CharlmError becomes one stderr line and its exit code; Ctrl-C (or
+    SIGTERM, see cli.main) says 'interrupted' and exits 130 (Typer alone would exit silently)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -38,5 +39,10 @@ def handle_errors(fn: F) -> F:
                 raise
             error_line(str(exc))
             raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            if debug_enabled():
+                raise
+            error_line("interrupted")
+            raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]

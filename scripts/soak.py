@@ -273,7 +273,8 @@ class Kill:
     check: RunCheck
 
     def line(self, total: int) -> str:
-        steps = ", ".join(f"{k} step {v}" for k, v in self.check.steps.items()) or "no checkpoint yet"
+        steps = ", ".join(f"{k} step {v}" for k, v in self.check.steps.items())
+        steps = steps or "no checkpoint yet"
         verdict = "ok" if not self.check.problems else "FAIL: " + "; ".join(self.check.problems)
         how = "resumed" if self.resumed else "fresh"
         return (f"kill {self.number}/{total}: {how} run killed {self.jitter * 1000:.0f} ms after "
@@ -293,7 +294,8 @@ def kill_loop(launcher, text: Path, run: Path, *, kills: int, max_steps: int, se
     last_step = 0
     while len(done) < kills:
         resumed = (run / "last.pt").exists()
-        args = ["train", "--resume", str(run), "-q"] if resumed else train_args(text, run, max_steps, seed)
+        args = (["train", "--resume", str(run), "-q"] if resumed
+                else train_args(text, run, max_steps, seed))
         after, jitter = last_step + rng.randint(1, max_gap), rng.uniform(0, max_jitter)
         since = time.time()
         proc = launcher.start(args)
@@ -349,7 +351,8 @@ def soak(launcher, work: Path, kills: int, max_steps: int, seed: int, max_gap: i
     if end.temps:
         problems.append(f"temp files left after the final resume: {end.temps}")
     if end.steps.get("last.pt") != max_steps:
-        problems.append(f"the resumed run ended at step {end.steps.get('last.pt')}, not {max_steps}")
+        problems.append(f"the resumed run ended at step {end.steps.get('last.pt')}, "
+                        f"not {max_steps}")
     if ref.returncode == 0:
         differ = weight_differences(reference / "last.pt", run / "last.pt")
         if differ:

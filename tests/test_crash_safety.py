@@ -7,7 +7,9 @@ the previous checkpoint byte for byte as it was.
 
 The SIGKILL loop is scripts/soak.py's, run short: its `charlm train` processes are forked from a
 warm Python with charlm imported (soak.ForkServer), so each of the 12 restarts costs ~0.1 s, not
-2-4 s of imports; the SIGINT/SIGTERM tests start plain `python -m charlm` subprocesses.
+2-4 s of imports. The runs that get SIGINT/SIGTERM are plain `python -m charlm` subprocesses;
+the resumed and the reference runs are forked again (all of them on one thread, so their
+arithmetic is the same).
 """
 
 from __future__ import annotations
@@ -42,6 +44,16 @@ def _load_soak():
 
 
 soak = _load_soak()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models in this process: one thread is fastest, and on a busy machine a second one
+    only spins at barriers (seconds per step with the cores oversubscribed)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -102,22 +114,27 @@ def test_sigkill_at_random_moments_then_resume_ends_bit_identical(corpus, tmp_pa
 
 
 @pytest.fixture(scope="module")
-def uninterrupted_60(corpus, tmp_path_factory) -> Path:
-    """The 60-step run the interrupted ones must end equal to (a plain subprocess too)."""
-    root = tmp_path_factory.mktemp("uninterrupted")
-    proc = python_m_charlm(soak.train_args(corpus, root / "run", 60, SEED),
-                           soak.env_for(root / "runs"))
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err
-    return root / "run" / "last.pt"
+def fork_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fork-server")
+    server = soak.ForkServer(soak.env_for(root / "runs"), root)
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_60(corpus, fork_server, tmp_path_factory) -> Path:
+    """The 60-step run the interrupted ones must end equal to."""
+    run = tmp_path_factory.mktemp("uninterrupted") / "run"
+    code, err = soak.run_to_end(fork_server, soak.train_args(corpus, run, 60, SEED))
+    assert code == 0, err
+    return run / "last.pt"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_saves_exits_130_and_the_resumed_run_ends_bit_identical(
-        sig, corpus, uninterrupted_60, tmp_path):
+        sig, corpus, fork_server, uninterrupted_60, tmp_path):
     run = tmp_path / "run"
-    env = soak.env_for(tmp_path / "runs")
-    proc = python_m_charlm(soak.train_args(corpus, run, 60, SEED), env)
+    proc = python_m_charlm(soak.train_args(corpus, run, 60, SEED), soak.env_for(tmp_path / "runs"))
     wait_for_rows(proc, run)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
@@ -130,11 +147,32 @@ def test_signal_saves_exits_130_and_the_resumed_run_ends_bit_identical(
                    f"charlm train --resume {run}\n")
     assert out == ""
     assert soak.check_run_dir(run).temps == []
-    again = python_m_charlm(["train", "--resume", str(run), "-q"], env)
-    _, err = again.communicate(timeout=300)
-    assert again.returncode == 0, err
+    code, err = soak.run_to_end(fork_server, ["train", "--resume", str(run), "-q"])
+    assert code == 0, err
     a, b = load_checkpoint(uninterrupted_60)["model"], load_checkpoint(run / "last.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
+
+
+def test_sigterm_before_training_stops_with_one_line_and_130(corpus, tmp_path, monkeypatch,
+                                                            capsys):
+    from charlm import corpus as corpus_module
+    from charlm.cli import main
+
+    monkeypatch.setenv("CHARLM_RUNS_DIR", str(tmp_path / "runs"))
+    real_read = corpus_module.read_text
+
+    def read_text(path):  # SIGTERM arrives while the corpus is read, before any step
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_read(path)
+
+    monkeypatch.setattr(corpus_module, "read_text", read_text)
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as info:
+        main(soak.train_args(corpus, tmp_path / "run", 10, SEED))
+    assert info.value.code == 130
+    assert capsys.readouterr().err == "charlm: error: interrupted\n"
+    assert not (tmp_path / "run").exists()
+    assert signal.getsignal(signal.SIGTERM) is handler  # main() put the old handler back
 
 
 # --- a failing disk -----------------------------------------------------------------------------
@@ -165,8 +203,8 @@ def test_a_failed_save_leaves_the_previous_checkpoint_intact(failure, tmp_path, 
     before = path.read_bytes()
     real_fsync = os.fsync
     if failure == "torch.save ENOSPC":
-        monkeypatch.setattr(torch, "save", half_then(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))))
         expected = os.strerror(errno.ENOSPC)
+        monkeypatch.setattr(torch, "save", half_then(OSError(errno.ENOSPC, expected)))
     elif failure == "fsync EIO":
         def fsync(fd):
             if os.path.isdir(f"/proc/self/fd/{fd}"):
@@ -277,5 +315,6 @@ def test_resume_from_another_directory(corpus, tmp_path, monkeypatch):
     args = soak.train_args(Path("small.txt"), tmp_path / "run", 4, SEED)
     assert CliRunner().invoke(app, args).exit_code == 0
     monkeypatch.chdir(tmp_path / "b")
-    result = CliRunner().invoke(app, ["train", "--resume", str(tmp_path / "run"), "--max-steps", "6"])
+    result = CliRunner().invoke(app, ["train", "--resume", str(tmp_path / "run"),
+                                      "--max-steps", "6"])
     assert result.exit_code == 0, result.stderr

@@ -9,15 +9,12 @@ weights_only=True, a field changed, saved again) must be refused with one line n
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import math
 import os
 import pathlib
 import pickle
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -48,6 +45,16 @@ class Shell:
 
     def __reduce__(self):
         return (os.system, (f"touch '{self.marker}'",))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models in this process: one thread is fastest, and on a busy machine a second one
+    only spins at barriers (seconds per step with the cores oversubscribed)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +88,8 @@ def hostile_files(tiny_run: Path, folder: Path) -> tuple[dict[str, Path], Path]:
         # a real checkpoint with one field swapped for the payload, written by torch.save
         "torch.save, in model_config": {**plain(tiny_run), "model_config": Touch(marker)},
         # the payload hidden among the weights
-        "torch.save, among the weights": {**plain(tiny_run),
-                                          "model": {**plain(tiny_run)["model"], "x": Touch(marker)}},
+        "torch.save, among the weights": {
+            **plain(tiny_run), "model": {**plain(tiny_run)["model"], "x": Touch(marker)}},
     }
     paths = {}
     for i, (name, data) in enumerate(files.items()):
@@ -97,11 +104,27 @@ def hostile_files(tiny_run: Path, folder: Path) -> tuple[dict[str, Path], Path]:
     return paths, marker
 
 
+def run_main(args: list[str]) -> tuple[int, str, str]:
+    """`charlm ARGS` in process, through the console entry point (main), as the shell runs it."""
+    from charlm.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(args)
+            code = 0
+        except SystemExit as exc:
+            code = exc.code
+    return code, out.getvalue(), err.getvalue()
+
+
 def test_the_hostile_files_do_run_code_when_loaded_unsafely(tiny_run, tmp_path):
     paths, marker = hostile_files(tiny_run, tmp_path)
     for name, path in paths.items():
-        loaded = torch.load if "torch.save" in name else (lambda p, **_: pickle.loads(p.read_bytes()))
-        loaded(path, weights_only=False)
+        if "torch.save" in name:
+            torch.load(path, weights_only=False)
+        else:
+            pickle.loads(path.read_bytes())
         assert marker.exists(), name  # so refusing them below means something
         marker.unlink()
 
@@ -112,34 +135,31 @@ def test_load_checkpoint_refuses_them_without_running_anything(tiny_run, tmp_pat
         with pytest.raises(CharlmError) as info:
             load_checkpoint(path)
         if name == "pickle protocol 0":  # not even handed to the unpickler
-            assert str(info.value) == f"{path} is not a charlm checkpoint (not a file written by torch.save)"
+            assert str(info.value) == (
+                f"{path} is not a charlm checkpoint (not a file written by torch.save)")
         else:
             assert str(info.value) == f"{path} {CODE}", name
     assert not marker.exists()
 
 
-def test_every_command_refuses_them_with_one_line(tiny_run, tmp_path):
+def test_every_command_refuses_them_with_one_line(tiny_run, tmp_path, monkeypatch):
+    monkeypatch.setenv("CHARLM_RUNS_DIR", str(tmp_path / "runs"))
     paths, marker = hostile_files(tiny_run, tmp_path)
     resume = tmp_path / "run"
     shutil.copytree(tiny_run / "run", resume)
     shutil.copy(paths["torch.save, among the weights"], resume / "last.pt")
-    commands = {
-        "generate": (["generate", "--checkpoint", str(paths["torch.save, in model_config"])],
-                     paths["torch.save, in model_config"]),
-        "eval": (["eval", "perplexity", "--checkpoint", str(paths["pickle protocol 4, os.system"]),
-                  "--text", str(tiny_run / "small.txt")], paths["pickle protocol 4, os.system"]),
-        "resume": (["train", "--resume", str(resume), "--max-steps", "12"], resume / "last.pt"),
-    }
-    env = {**os.environ, "CHARLM_RUNS_DIR": str(tmp_path / "runs"), "OMP_NUM_THREADS": "1"}
-    env.pop("CHARLM_DEBUG", None)
-    procs = {name: subprocess.Popen([sys.executable, "-m", "charlm", *args], env=env, cwd=tmp_path,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for name, (args, _) in commands.items()}  # side by side: ~3 s of imports each
-    for name, proc in procs.items():
-        out, err = proc.communicate(timeout=300)
-        assert (proc.returncode, out, err) == (1, "", f"charlm: error: {commands[name][1]} {CODE}\n")
+    before = {p.name: p.read_bytes() for p in resume.iterdir()}
+    commands = [
+        (["generate", "--checkpoint", str(paths["torch.save, in model_config"])],
+         paths["torch.save, in model_config"]),
+        (["eval", "perplexity", "--checkpoint", str(paths["pickle protocol 4, os.system"]),
+          "--text", str(tiny_run / "small.txt")], paths["pickle protocol 4, os.system"]),
+        (["train", "--resume", str(resume), "--max-steps", "12"], resume / "last.pt"),
+    ]
+    for args, path in commands:
+        assert run_main(args) == (1, "", f"charlm: error: {path} {CODE}\n"), args[0]
     assert not marker.exists()
-    assert sorted(p.name for p in resume.iterdir()) == sorted(p.name for p in (tiny_run / "run").iterdir())
+    assert {p.name: p.read_bytes() for p in resume.iterdir()} == before  # nothing written
 
 
 # --- edited checkpoints: model_from_checkpoint --------------------------------------------------
@@ -174,7 +194,8 @@ def _wide_embedding(ckpt):
 
 
 MODEL_EDITS = [
-    ("nan-weight", _nan, "checkpoint's weight head.weight holds NaN or infinity; use another checkpoint"),
+    ("nan-weight", _nan,
+     "checkpoint's weight head.weight holds NaN or infinity; use another checkpoint"),
     ("head-shape", _set("model.head.weight", torch.zeros(3, 16)),
      "checkpoint's weight head.weight has shape (3, 16) but its model config needs ({V}, 16); "
      "the file is damaged or was edited"),
@@ -229,20 +250,6 @@ def test_model_from_an_unedited_checkpoint_predicts_like_the_trainer_saved_it(ti
 # --- edited checkpoints: the commands -----------------------------------------------------------
 
 
-def run_main(args: list[str]) -> tuple[int, str, str]:
-    """`charlm ARGS` in process, through the console entry point (main), as the shell runs it."""
-    from charlm.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main(args)
-            code = 0
-        except SystemExit as exc:
-            code = exc.code
-    return code, out.getvalue(), err.getvalue()
-
-
 DAMAGED = "the file is damaged or was edited"
 CLI_EDITS = {
     "nan-weight": (_nan, "{path}: its weight head.weight holds NaN or infinity; the file is "
@@ -261,13 +268,16 @@ CLI_EDITS = {
     "state-of-other-shape": (_set("hidden", torch.zeros(2, 4, 16)),
                              "{path}: its 'hidden' entry has shape (2, 4, 16) but its "
                              f"train_config has layers = 1 and hidden = 16; {DAMAGED}"),
-    "step-negative": (_set("step", -3), f"{{path}}: its 'step' entry is -3, not a whole number >= 0; {DAMAGED}"),
+    "step-negative": (_set("step", -3),
+                      f"{{path}}: its 'step' entry is -3, not a whole number >= 0; {DAMAGED}"),
     "step-a-string": (_set("step", "ten"),
                       f"{{path}}: its 'step' entry is 'ten', not a whole number >= 0; {DAMAGED}"),
     "rng-other-size": (_set("rng.torch", torch.zeros(3, dtype=torch.uint8)),
-                       f"{{path}}: its 'rng' entry does not hold a torch generator state; {DAMAGED}"),
+                       f"{{path}}: its 'rng' entry does not hold a torch generator state; "
+                       f"{DAMAGED}"),
     "optimizer-empty": (_set("optimizer", {}),
-                        f"{{path}}: its 'optimizer' entry lacks its 'state' and 'param_groups'; {DAMAGED}"),
+                        f"{{path}}: its 'optimizer' entry lacks its 'state' and "
+                        f"'param_groups'; {DAMAGED}"),
     "elapsed-nan": (_set("elapsed", math.nan),
                     f"{{path}}: its 'elapsed' entry is nan, not a number of seconds; {DAMAGED}"),
 }
