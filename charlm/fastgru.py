@@ -24,7 +24,8 @@ Math (reset gate applied after the hidden projection, as in PyTorch/cuDNN), gate
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
+import warnings
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -40,98 +41,131 @@ from torch.autograd.function import once_differentiable
 # (M below), so a backward step is: s = dY[t] + g; D[t] = M[t] * s; g = D[t][4] + D[t][1:4] @ W_hh.
 _SLOTS = 5
 
-SPLIT_BATCH = True  # run the two halves of a batch on two CPU threads (see _run_rows)
+SPLIT_BATCH = True  # CPU: the two halves of a batch run on two threads (see _halves)
+USE_TORCHSCRIPT = True  # run the time loops as TorchScript (needed for the threads; see _loops)
 _MIN_ROWS = 8
-_POOL: ThreadPoolExecutor | None = None
 
 
-def _pool() -> ThreadPoolExecutor:
-    global _POOL
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(1, thread_name_prefix="charlm-fastgru")
-    return _POOL
-
-
-def _forward_rows(G, gin2, Y, M, h, w_hh_t, rows: slice) -> None:
-    """The forward recurrence for batch rows ``rows`` (M is None when no gradient is needed).
+def _forward_rows(G: Tensor, gin2: Tensor, Y: Tensor, M: Optional[Tensor], h: Tensor, w_hh_t: Tensor,
+                  lo: int, hi: int) -> Tensor:
+    """The forward recurrence for batch rows lo:hi (M is None when no gradient is needed).
 
     G[t] holds [W_ir x + b_ir + b_hr | W_iz x + b_iz + b_hz | b_hn]; a step adds W_hh h in place and
-    squashes, leaving [r | z | W_hn h + b_hn]. gin2[t] = 2 (W_in x + b_in).
+    squashes, leaving [r | z | W_hn h + b_hn]. gin2[t] = 2 (W_in x + b_in). Returns the last h.
     """
     H = Y.shape[2]
-    B = h.shape[0]
     one, minus_one, two = h.new_ones(1), h.new_full((1,), -1.0), h.new_full((1,), 2.0)
-    n = h.new_empty(B, H)
-    tmp = h.new_empty(B, H)
+    n = h.new_empty(hi - lo, H)
+    tmp = h.new_empty(hi - lo, H)
     for t in range(Y.shape[0]):
-        g, y = G[t, rows], Y[t, rows]
+        g, y = G[t, lo:hi], Y[t, lo:hi]
         r, z, ghn = g[:, :H], g[:, H : 2 * H], g[:, 2 * H :]
         g.addmm_(h, w_hh_t)
         g[:, : 2 * H].sigmoid_()
         # tanh(a) = 2 sigmoid(2a) - 1: torch's CPU sigmoid is ~3x faster than its tanh.
-        torch.addcmul(gin2[t, rows], r, ghn, value=2, out=n)
+        torch.addcmul(gin2[t, lo:hi], r, ghn, value=2, out=n)
         n.sigmoid_()
         torch.addcmul(minus_one, n, two, out=n)  # n = tanh(W_in x + b_in + r (W_hn h + b_hn))
-        h_new = torch.lerp(n, h, z, out=y)  # n + z (h - n)
+        h = torch.lerp(n, h, z, out=y)  # n + z (h - n)
         if M is not None:
             # The backward's factors, while r, z, n are in cache (8 small ops beat 8 big ones).
-            m_nin, m_r, m_z, m_nh, m_h = M[t, rows].unbind(1)
+            m = M[t, lo:hi]
+            m_nin, m_r, m_z, m_nh, m_h = m[:, 0], m[:, 1], m[:, 2], m[:, 3], m[:, 4]
             torch.addcmul(one, n, n, value=-1, out=tmp)  # 1 - n^2
             torch.addcmul(tmp, tmp, z, value=-1, out=m_nin)  # (1 - n^2)(1 - z)
             torch.mul(m_nin, r, out=m_nh)  # ... r
             torch.mul(m_nh, ghn, out=tmp)
             torch.addcmul(tmp, tmp, r, value=-1, out=m_r)  # ... ghn r (1 - r)
-            torch.sub(h_new, n, out=m_z)  # h' - n = z (h - n)
+            torch.sub(h, n, out=m_z)  # h' - n = z (h - n)
             m_z.addcmul_(m_z, z, value=-1)  # z (1 - z)(h - n)
             m_h.copy_(z)
-        h = h_new
+    return h
 
 
-def _backward_rows(dY, M, D, g, w_hh, rows: slice) -> Tensor:
-    """The backward recurrence for batch rows ``rows``; fills D[:, rows], returns dL/dh0."""
+def _backward_rows(dY: Tensor, M: Tensor, D: Tensor, g: Tensor, w_hh: Tensor, lo: int, hi: int) -> Tensor:
+    """The backward recurrence for batch rows lo:hi; fills D[:, lo:hi], returns dL/dh0 of them."""
     H = w_hh.shape[1]
     s = torch.empty_like(g)
     for t in range(M.shape[0] - 1, -1, -1):
-        d = D[t, rows]
-        torch.add(dY[t, rows], g, out=s)
-        torch.mul(M[t, rows], s.unsqueeze(1), out=d)
-        d = d.view(-1, _SLOTS * H)
+        d = D[t, lo:hi]
+        torch.add(dY[t, lo:hi], g, out=s)
+        torch.mul(M[t, lo:hi], s.unsqueeze(1), out=d)
+        d = d.view(hi - lo, 5 * H)
         g = torch.addmm(d[:, 4 * H :], d[:, H : 4 * H], w_hh)
     return g
 
 
-def _split_rows(B: int, device: torch.device) -> list[slice]:
-    """Two halves of the batch for two CPU threads, or the whole batch when that cannot pay."""
-    if SPLIT_BATCH and device.type == "cpu" and B >= 2 * _MIN_ROWS and torch.get_num_threads() >= 2:
-        return [slice(0, B // 2), slice(B // 2, B)]
-    return [slice(0, B)]
+def _forward_all(G: Tensor, gin2: Tensor, Y: Tensor, M: Optional[Tensor], h0: Tensor, w_hh_t: Tensor,
+                 split: int) -> None:
+    """Rows split: and the rest on another thread (torch.jit.fork; inline outside TorchScript)."""
+    B = h0.shape[0]
+    if split <= 0 or split >= B:
+        _forward_rows(G, gin2, Y, M, h0, w_hh_t, 0, B)
+        return
+    other = torch.jit.fork(_forward_rows, G, gin2, Y, M, h0[split:], w_hh_t, split, B)
+    _forward_rows(G, gin2, Y, M, h0[:split], w_hh_t, 0, split)
+    torch.jit.wait(other)
 
 
-def _run_rows(fn, rows: list[slice], *args):
-    """fn(*args, rows[i]) for each part: one part inline, a second on a worker thread.
+def _backward_all(dY: Tensor, M: Tensor, D: Tensor, dhn: Tensor, w_hh: Tensor, split: int) -> Tensor:
+    B = dhn.shape[0]
+    if split <= 0 or split >= B:
+        return _backward_rows(dY, M, D, dhn, w_hh, 0, B)
+    other = torch.jit.fork(_backward_rows, dY, M, D, dhn[split:], w_hh, split, B)
+    first = _backward_rows(dY, M, D, dhn[:split], w_hh, 0, split)
+    return torch.cat([first, torch.jit.wait(other)])
 
-    While the halves run, torch is held to one intra-op thread per half, so two independent
-    single-threaded recurrences fill the two cores instead of every small op and matrix product
-    synchronising two OpenMP threads (which costs more than it gains at these sizes, and stalls
-    badly when another process holds one of the cores).
+
+_SCRIPTED: tuple | None = None
+
+
+def _loops():
+    """(forward, backward, scripted?): the TorchScript loops, or these Python functions.
+
+    TorchScript runs a loop without the GIL, so the two halves of a batch really run at once
+    (Python threads would trade the GIL after every small op), and its interpreter dispatches an
+    op a little faster than Python. Where scripting fails (a torch without TorchScript) the Python
+    functions give the same results, on one thread.
     """
-    if len(rows) == 1:
-        return [fn(*args, rows[0])]
-    inference = torch.is_inference_mode_enabled()
+    global _SCRIPTED
+    if _SCRIPTED is None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch.jit.script is deprecated (2.11+), not gone
+                _SCRIPTED = (torch.jit.script(_forward_all), torch.jit.script(_backward_all), True)
+        except Exception:  # noqa: BLE001 - any failure to script means: use the Python loops
+            _SCRIPTED = (_forward_all, _backward_all, False)
+    if not USE_TORCHSCRIPT:
+        return _forward_all, _backward_all, False
+    return _SCRIPTED
 
-    def in_worker(*a):
-        # grad and inference modes are per thread: give the worker the caller's
-        with torch.inference_mode(inference), torch.no_grad():
-            return fn(*a)
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        other = _pool().submit(in_worker, *args, rows[1])
-        first = fn(*args, rows[0])
-        return [first, other.result()]
-    finally:
-        torch.set_num_threads(threads)
+def _halves(B: int, device: torch.device, scripted: bool) -> int:
+    """Where to split the batch between two threads (0: do not split).
+
+    Each half runs on one intra-op thread: two independent single-threaded recurrences fill the two
+    cores, where two OpenMP threads would synchronise on every small op and matrix product (which
+    costs more than it gains at these sizes, and stalls badly when another process holds a core).
+    """
+    if SPLIT_BATCH and scripted and device.type == "cpu" and B >= 2 * _MIN_ROWS and torch.get_num_threads() >= 2:
+        return B // 2
+    return 0
+
+
+class _OneThreadEach:
+    """torch.set_num_threads(1) while the halves run (when split), then back."""
+
+    def __init__(self, split: int):
+        self.split = split
+
+    def __enter__(self):
+        if self.split:
+            self.threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        if self.split:
+            torch.set_num_threads(self.threads)
 
 
 class _GRULayer(torch.autograd.Function):
@@ -150,8 +184,10 @@ class _GRULayer(torch.autograd.Function):
         G, gin2 = G.view(T, B, 3 * H), gin2.view(T, B, H)
         Y = x.new_empty(T, B, H)
         M = x.new_empty(T, B, _SLOTS, H) if train else None
-        rows = _split_rows(B, x.device)
-        _run_rows(lambda part: _forward_rows(G, gin2, Y, M, h0[part], w_hh.t(), part), rows)
+        forward_all, _, scripted = _loops()
+        split = _halves(B, x.device, scripted)
+        with _OneThreadEach(split):
+            forward_all(G, gin2, Y, M, h0, w_hh.t(), split)
         if train:
             ctx.save_for_backward(x, h0, w_ih, w_hh, M, Y)
         return Y, Y[-1].clone()
@@ -164,14 +200,16 @@ class _GRULayer(torch.autograd.Function):
         H = w_hh.shape[1]
         D = torch.empty_like(M)
         Df = D.view(T, B, _SLOTS * H)
-        rows = _split_rows(B, x.device)
-        parts = _run_rows(lambda part: _backward_rows(dY, M, D, dhn[part], w_hh, part), rows)
-        dx = dh0 = dw_ih = dw_hh = db_ih = db_hh = None
+        _, backward_all, scripted = _loops()
+        split = _halves(B, x.device, scripted)
+        with _OneThreadEach(split):
+            dh0 = backward_all(dY, M, D, dhn, w_hh, split)
+        dx = dw_ih = dw_hh = db_ih = db_hh = None
         if ctx.needs_input_grad[0]:
             w_perm = torch.cat([w_ih[2 * H :], w_ih[: 2 * H]])  # rows n, r, z like slots 0..2
             dx = torch.mm(Df[..., : 3 * H].reshape(T * B, 3 * H), w_perm).view(T, B, I)
-        if ctx.needs_input_grad[1]:
-            dh0 = parts[0] if len(parts) == 1 else torch.cat(parts)
+        if not ctx.needs_input_grad[1]:
+            dh0 = None
         if ctx.needs_input_grad[2]:
             x2 = x.reshape(T * B, I)
             dw_ih = torch.empty_like(w_ih)

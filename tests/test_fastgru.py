@@ -56,60 +56,67 @@ def test_fast_equals_fused(shape, layers, with_state):
     assert_all_close(outputs_and_grads(fused, x, h0), outputs_and_grads(fast, x, h0))
 
 
-@pytest.mark.parametrize("batch", [16, 17, 40])
-def test_batch_split_over_two_threads_equals_fused(batch, monkeypatch):
-    # B >= 16 and >= 2 torch threads: the two halves of the batch run on two threads.
-    monkeypatch.setattr(fastgru, "SPLIT_BATCH", True)
+@pytest.fixture
+def two_threads():
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
-    try:
-        assert len(fastgru._split_rows(batch, torch.device("cpu"))) == 2
-        fused, fast = pair(5, 7, 2)
-        x = torch.randn(batch, 6, 5, requires_grad=True)
-        h0 = torch.randn(2, batch, 7, requires_grad=True)
-        split = outputs_and_grads(fast, x, h0)
-        assert torch.get_num_threads() == 2  # restored after forward and backward
-        monkeypatch.setattr(fastgru, "SPLIT_BATCH", False)
-        whole = outputs_and_grads(fast, x, h0)
-        assert_all_close(whole, split)
-        assert_all_close(outputs_and_grads(fused, x, h0), split, atol=1e-4, rtol=1e-5)
-    finally:
-        torch.set_num_threads(threads)
+    yield
+    torch.set_num_threads(threads)
 
 
-def test_small_batches_and_one_thread_do_not_split(monkeypatch):
+@pytest.mark.parametrize("batch", [16, 17, 40])
+def test_batch_halves_on_two_threads_equal_fused(batch, monkeypatch, two_threads):
+    # B >= 16 and >= 2 torch threads: the two halves of the batch run on two threads.
     monkeypatch.setattr(fastgru, "SPLIT_BATCH", True)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        assert fastgru._split_rows(15, torch.device("cpu")) == [slice(0, 15)]
-        assert fastgru._split_rows(16, torch.device("cpu")) == [slice(0, 8), slice(8, 16)]
-        torch.set_num_threads(1)
-        assert fastgru._split_rows(64, torch.device("cpu")) == [slice(0, 64)]
-    finally:
-        torch.set_num_threads(threads)
+    assert fastgru._loops()[2], "TorchScript loops are available in this torch"
+    assert fastgru._halves(batch, torch.device("cpu"), True) == batch // 2
+    fused, fast = pair(5, 7, 2)
+    x = torch.randn(batch, 6, 5, requires_grad=True)
+    h0 = torch.randn(2, batch, 7, requires_grad=True)
+    split = outputs_and_grads(fast, x, h0)
+    assert torch.get_num_threads() == 2  # restored after forward and backward
+    monkeypatch.setattr(fastgru, "SPLIT_BATCH", False)
+    assert_all_close(outputs_and_grads(fast, x, h0), split)
+    # weight gradients sum over 40 x 6 terms here: compare them relative to their size
+    assert_all_close(outputs_and_grads(fused, x, h0), split, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("script", [True, False])
+def test_python_loops_equal_torchscript_loops(script, monkeypatch):
+    monkeypatch.setattr(fastgru, "USE_TORCHSCRIPT", script)
+    assert fastgru._loops()[2] is script
+    fused, fast = pair(3, 5, 2)
+    x = torch.randn(3, 4, 3, requires_grad=True)
+    h0 = torch.randn(2, 3, 5, requires_grad=True)
+    assert_all_close(outputs_and_grads(fused, x, h0), outputs_and_grads(fast, x, h0))
+
+
+def test_when_the_batch_is_split(monkeypatch, two_threads):
+    monkeypatch.setattr(fastgru, "SPLIT_BATCH", True)
+    cpu = torch.device("cpu")
+    assert fastgru._halves(15, cpu, True) == 0
+    assert fastgru._halves(16, cpu, True) == 8
+    assert fastgru._halves(16, cpu, False) == 0  # Python loops would fight over the GIL
+    assert fastgru._halves(16, torch.device("meta"), True) == 0
+    torch.set_num_threads(1)
+    assert fastgru._halves(64, cpu, True) == 0
 
 
 @pytest.mark.parametrize("split", [False, True])
-def test_gradcheck_float64(split, monkeypatch):
+def test_gradcheck_float64(split, monkeypatch, two_threads):
     monkeypatch.setattr(fastgru, "SPLIT_BATCH", split)
     monkeypatch.setattr(fastgru, "_MIN_ROWS", 1)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        torch.manual_seed(0)
-        module = FastGRU(3, 4, 2).double()
-        names = [n for n, _ in module.named_parameters()]
-        params = tuple(p.detach().clone().requires_grad_(True) for p in module.parameters())
-        x = torch.randn(2, 3, 3, dtype=torch.float64, requires_grad=True)
-        h0 = torch.randn(2, 2, 4, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(0)
+    module = FastGRU(3, 4, 2).double()
+    names = [n for n, _ in module.named_parameters()]
+    params = tuple(p.detach().clone().requires_grad_(True) for p in module.parameters())
+    x = torch.randn(2, 3, 3, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(2, 2, 4, dtype=torch.float64, requires_grad=True)
 
-        def fn(x, h0, *ps):
-            return functional_call(module, dict(zip(names, ps)), (x, h0))
+    def fn(x, h0, *ps):
+        return functional_call(module, dict(zip(names, ps)), (x, h0))
 
-        assert torch.autograd.gradcheck(fn, (x, h0, *params))
-    finally:
-        torch.set_num_threads(threads)
+    assert torch.autograd.gradcheck(fn, (x, h0, *params))
 
 
 def test_loss_on_final_state_only_and_input_without_grad():
