@@ -1,4 +1,4 @@
-"""Run directories: layout, the single-writer lock, metrics.jsonl, and the `latest` pointer.
+"""Run directories: layout, atomic writes, the single-writer lock, metrics.jsonl, `latest`.
 
     runs/
       latest                         one line: the path of the newest run directory
@@ -9,6 +9,8 @@
         last.pt                      newest checkpoint (every --checkpoint-every steps, at the end)
         best.pt                      checkpoint with the lowest validation loss so far
         run.lock                     held (flock) while a trainer writes here
+        .last.pt.<pid>.<hex>.tmp     only if that trainer was killed mid-save; the next one
+                                     to take the lock deletes it
 """
 
 from __future__ import annotations
