@@ -1,0 +1,206 @@
+"""Reproduce the quality rows of docs/BENCHMARKS.md: train a shipped config for its time budget,
+then measure the exact validation perplexity of the best checkpoint.
+
+    python scripts/quality.py [--rows shakespeare,timemachine] [--gpu] [--budget-scale 1]
+        [--out-dir runs/quality] [--config ROW=FILE] [--quiet] [--json]
+
+Per row, as a user would, in subprocesses:
+
+    charlm train --config FILE --time-budget B --out DIR --json
+    charlm eval perplexity --checkpoint DIR --split val --json      (DIR's best.pt)
+
+The time budget counts training time only (evaluation pauses excluded), as the trainer's own
+--time-budget does. --budget-scale 0.1 makes a quick smoke check of the script: the targets are
+then not expected to be met. The reference corpora are read from ../shared/data (relative to the
+repository) when that folder exists and CHARLM_MIRROR is unset, so the runs work offline.
+
+Exit status: 1 when a run or evaluation failed, or (at --budget-scale 1) a row missed its target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+
+
+@dataclass(frozen=True)
+class Row:
+    corpus: str
+    config: str  # relative to the repository
+    budget_s: float
+    metric: str  # "nats" (nats/char <= target) or "ppl" (perplexity <= target)
+    target: float
+    device: str | None = None  # None: the config's own (auto)
+    gpu: bool = False  # runs only with --gpu
+
+    def target_text(self) -> str:
+        return f"<= {self.target} nats/char" if self.metric == "nats" else f"ppl <= {self.target}"
+
+    def passed(self, nats: float, ppl: float) -> bool:
+        value = nats if self.metric == "nats" else ppl
+        return math.isfinite(value) and value <= self.target
+
+
+ROWS = {
+    "shakespeare": Row("Tiny Shakespeare (raw, 65 symbols)", "configs/shakespeare-lstm.toml", 240,
+                       "nats", 1.50),
+    "timemachine": Row("The Time Machine (d2l)", "configs/timemachine-gru.toml", 120, "ppl", 3.6),
+    "shakespeare-gpu": Row("Tiny Shakespeare (raw, 65 symbols)", "configs/shakespeare-lstm.toml",
+                           600, "nats", 1.38, device="cuda", gpu=True),
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", default=None,
+                   help=f"comma-separated rows (default: all CPU rows, plus the GPU row with --gpu): "
+                        f"{', '.join(ROWS)}")
+    p.add_argument("--gpu", action="store_true", help="also run the GPU row (--device cuda)")
+    p.add_argument("--budget-scale", type=float, default=1.0,
+                   help="multiply every time budget (e.g. 0.1 for a quick check of the script)")
+    p.add_argument("--out-dir", default="runs/quality",
+                   help="where the run directories go (a fresh <row>-<time> per row)")
+    p.add_argument("--config", action="append", default=[], metavar="ROW=FILE",
+                   help="train ROW with another config file (repeatable)")
+    p.add_argument("--quiet", action="store_true", help="no training progress on stderr")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a Markdown table")
+    args = p.parse_args(argv)
+    if not args.budget_scale > 0:
+        p.error("--budget-scale must be > 0")
+    names = [n.strip() for n in args.rows.split(",") if n.strip()] if args.rows else [
+        n for n, r in ROWS.items() if args.gpu or not r.gpu]
+    unknown = [n for n in names if n not in ROWS]
+    if unknown:
+        p.error(f"unknown row(s) {', '.join(unknown)}; choose from {', '.join(ROWS)}")
+    skipped = [n for n in names if ROWS[n].gpu and not args.gpu]
+    if skipped:
+        p.error(f"row(s) {', '.join(skipped)} need --gpu")
+    configs = {}
+    for item in args.config:
+        name, _, path = item.partition("=")
+        if name not in ROWS or not path:
+            p.error(f"--config takes ROW=FILE with ROW one of {', '.join(ROWS)}; got {item!r}")
+        configs[name] = path
+    args.names, args.configs = names, configs
+    return args
+
+
+def machine(device: str | None) -> str:
+    if device and device.startswith("cuda"):
+        try:
+            import torch
+
+            return torch.cuda.get_device_name(0)
+        except Exception:  # no CUDA here: the training run will have said so
+            return "cuda (unavailable)"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores"
+
+
+def charlm(args: list[str], env: dict, quiet: bool) -> dict:
+    """Run `python -m charlm ARGS` (stdout: JSON); its stderr goes to ours unless quiet."""
+    cmd = [sys.executable, "-m", "charlm", *args]
+    done = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE if quiet else None, text=True)
+    if done.returncode != 0:
+        tail = (done.stderr or "").strip().splitlines()[-1:] if quiet else []
+        raise RuntimeError(f"`{' '.join(cmd[2:])}` exited {done.returncode}"
+                           + (f": {tail[0]}" if tail else ""))
+    return json.loads(done.stdout)
+
+
+def eval_perplexity(run_dir: Path, device: str | None, env: dict) -> dict:
+    """Exact val perplexity of the run's best checkpoint, by the CLI (as a user would)."""
+    args = ["eval", "perplexity", "--checkpoint", str(run_dir), "--split", "val", "--json"]
+    if device:
+        args += ["--device", device]
+    return charlm(args, env, quiet=True)  # stderr kept for the error line
+
+
+def run_row(name: str, row: Row, args, env: dict) -> dict:
+    config = args.configs.get(name, row.config)
+    budget = row.budget_s * args.budget_scale
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = (Path(args.out_dir) / f"{name}-{stamp}").resolve()
+    train = ["train", "--config", str(REPO / config) if not Path(config).is_absolute() else config,
+             "--time-budget", f"{budget:g}s", "--out", str(run_dir), "--json"]
+    if row.device:
+        train += ["--device", row.device]
+    if args.quiet:
+        train.append("--quiet")
+    result = {"row": name, "corpus": row.corpus, "config": config, "budget_s": budget,
+              "target": row.target_text(), "machine": machine(row.device), "run_dir": str(run_dir)}
+    try:
+        summary = charlm(train, env, args.quiet)
+        ev = eval_perplexity(run_dir, row.device, env)
+    except (RuntimeError, json.JSONDecodeError) as exc:
+        return {**result, "error": str(exc), "passed": False}
+    nats, ppl = float(ev["nats_per_char"]), float(ev["perplexity"])
+    return {**result, "nats_per_char": nats, "perplexity": ppl,
+            "bits_per_char": float(ev["bits_per_char"]), "characters": ev["characters"],
+            "steps": summary.get("steps"), "train_time_s": summary.get("wall_time_s"),
+            "tokens_per_s": summary.get("tokens_per_s"), "device": summary.get("device"),
+            "impl": summary.get("impl"), "passed": row.passed(nats, ppl)}
+
+
+def markdown(results: list[dict], scale: float) -> str:
+    lines = ["| corpus | config | budget | nats/char | perplexity | target | pass | machine |",
+             "|---|---|---:|---:|---:|---|---|---|"]
+    for r in results:
+        budget = f"{r['budget_s']:g} s"
+        if "error" in r:
+            lines.append(f"| {r['corpus']} | {r['config']} | {budget} | - | - | {r['target']} | "
+                         f"error: {r['error']} | {r['machine']} |")
+            continue
+        verdict = "pass" if r["passed"] else "fail"
+        lines.append(
+            f"| {r['corpus']} | {r['config']} | {budget} | {r['nats_per_char']:.4f} | "
+            f"{r['perplexity']:.4f} | {r['target']} | {verdict} | {r['machine']} |"
+        )
+    if scale != 1:
+        lines.append("")
+        lines.append(f"Budgets scaled by {scale:g}: a check of the script, the targets are not expected.")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    env = dict(os.environ)
+    if "CHARLM_MIRROR" not in env and SHARED.is_dir():
+        env["CHARLM_MIRROR"] = str(SHARED)  # the reference corpora, offline
+    results = []
+    for name in args.names:
+        if not args.quiet and not args.json:
+            print(f"== {name}: {ROWS[name].corpus}, {ROWS[name].budget_s * args.budget_scale:g} s",
+                  file=sys.stderr, flush=True)
+        results.append(run_row(name, ROWS[name], args, env))
+    if args.json:
+        print(json.dumps({"budget_scale": args.budget_scale, "rows": results}, indent=2))
+    else:
+        print(markdown(results, args.budget_scale))
+    if any("error" in r for r in results):
+        return 1
+    return 0 if args.budget_scale != 1 or all(r["passed"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
