@@ -1,17 +1,23 @@
 """A GRU for the CPU with a hand-written backward: same parameters and math as ``nn.GRU``.
 
-Why it is faster than ``nn.GRU`` on a CPU: at character-model sizes every time step is one small
-matrix product plus a handful of element-wise ops on ~10K numbers, and each eager op costs
-microseconds of dispatch whatever its size. ``nn.GRU`` on the CPU runs ~15 ops per step forward
-and autograd replays ~30 more backward. Here each layer is one ``autograd.Function``:
+At character-model sizes a time step is one small matrix product plus element-wise work on ~10K
+numbers, so what separates a fast layer from a slow one is how many ops run per step and how
+often data makes a round trip through memory. ``nn.GRU`` on the CPU runs ~15 ops per step
+forward and autograd replays ~30 more backward. Here each layer is one ``autograd.Function``:
 
-* the input projections of all time steps are one matrix product before the loop, and the weight
-  gradients of all steps are one matrix product after the backward loop;
-* a forward step is five ops writing into preallocated buffers
-  (``addmm_``, ``sigmoid_``, ``addcmul``, ``tanh_``, ``lerp``);
-* a backward step is two ops: every factor of the gate derivatives that does not depend on the
-  incoming gradient is computed for all time steps at once (big, cheap ops) before the loop, so a
-  step only has to scale those factors by the incoming gradient and do one matrix product.
+* the input projections of all time steps are two matrix products before the loop; the weight
+  gradients of all steps are a few matrix products after the backward loop;
+* a forward step is ``addmm_``, ``sigmoid_``, ``addcmul``, ``sigmoid_``, ``addcmul``, ``lerp``
+  into preallocated buffers, plus 8 small ops that store the factors the backward needs while
+  r, z, n are still in cache (activations saved, nothing recomputed);
+* a backward step is 3 ops: every factor of the gate derivatives that does not depend on the
+  incoming gradient s is already stored (M), so a step is s = dY[t] + g; D[t] = M[t] * s (one
+  broadcast multiply for all 5 slots); g = D[t][4] + D[t][1:4] @ W_hh (one addmm);
+* both loops run as TorchScript (see ``_loops``).
+
+Measured alternatives that lost (docs/BENCHMARKS.md): torch.compile of the step's element-wise
+part (slower per call than eager at these sizes, ~20 s to compile), the backward factors as
+batched ops after the loop, and the two batch halves on two threads.
 
 Math (reset gate applied after the hidden projection, as in PyTorch/cuDNN), gate order r, z, n::
 
@@ -41,35 +47,32 @@ from torch.autograd.function import once_differentiable
 # (M below), so a backward step is: s = dY[t] + g; D[t] = M[t] * s; g = D[t][4] + D[t][1:4] @ W_hh.
 _SLOTS = 5
 
-SPLIT_BATCH = True  # CPU: the two halves of a batch run on two threads (see _halves)
-USE_TORCHSCRIPT = True  # run the time loops as TorchScript (needed for the threads; see _loops)
-_MIN_ROWS = 8
+USE_TORCHSCRIPT = True  # run the two time loops as TorchScript (see _loops)
 
 
-def _forward_rows(G: Tensor, gin2: Tensor, Y: Tensor, M: Optional[Tensor], h: Tensor, w_hh_t: Tensor,
-                  lo: int, hi: int) -> Tensor:
-    """The forward recurrence for batch rows lo:hi (M is None when no gradient is needed).
+def _forward_loop(G: Tensor, gin2: Tensor, Y: Tensor, M: Optional[Tensor], h: Tensor, w_hh_t: Tensor) -> None:
+    """The forward recurrence (M is None when no gradient is needed).
 
     G[t] holds [W_ir x + b_ir + b_hr | W_iz x + b_iz + b_hz | b_hn]; a step adds W_hh h in place and
-    squashes, leaving [r | z | W_hn h + b_hn]. gin2[t] = 2 (W_in x + b_in). Returns the last h.
+    squashes, leaving [r | z | W_hn h + b_hn]. gin2[t] = 2 (W_in x + b_in).
     """
     H = Y.shape[2]
     one, minus_one, two = h.new_ones(1), h.new_full((1,), -1.0), h.new_full((1,), 2.0)
-    n = h.new_empty(hi - lo, H)
-    tmp = h.new_empty(hi - lo, H)
+    n = torch.empty_like(h)
+    tmp = torch.empty_like(h)
     for t in range(Y.shape[0]):
-        g, y = G[t, lo:hi], Y[t, lo:hi]
+        g = G[t]
         r, z, ghn = g[:, :H], g[:, H : 2 * H], g[:, 2 * H :]
         g.addmm_(h, w_hh_t)
         g[:, : 2 * H].sigmoid_()
         # tanh(a) = 2 sigmoid(2a) - 1: torch's CPU sigmoid is ~3x faster than its tanh.
-        torch.addcmul(gin2[t, lo:hi], r, ghn, value=2, out=n)
+        torch.addcmul(gin2[t], r, ghn, value=2, out=n)
         n.sigmoid_()
         torch.addcmul(minus_one, n, two, out=n)  # n = tanh(W_in x + b_in + r (W_hn h + b_hn))
-        h = torch.lerp(n, h, z, out=y)  # n + z (h - n)
+        h = torch.lerp(n, h, z, out=Y[t])  # n + z (h - n)
         if M is not None:
             # The backward's factors, while r, z, n are in cache (8 small ops beat 8 big ones).
-            m = M[t, lo:hi]
+            m = M[t]
             m_nin, m_r, m_z, m_nh, m_h = m[:, 0], m[:, 1], m[:, 2], m[:, 3], m[:, 4]
             torch.addcmul(one, n, n, value=-1, out=tmp)  # 1 - n^2
             torch.addcmul(tmp, tmp, z, value=-1, out=m_nin)  # (1 - n^2)(1 - z)
@@ -79,93 +82,41 @@ def _forward_rows(G: Tensor, gin2: Tensor, Y: Tensor, M: Optional[Tensor], h: Te
             torch.sub(h, n, out=m_z)  # h' - n = z (h - n)
             m_z.addcmul_(m_z, z, value=-1)  # z (1 - z)(h - n)
             m_h.copy_(z)
-    return h
 
 
-def _backward_rows(dY: Tensor, M: Tensor, D: Tensor, g: Tensor, w_hh: Tensor, lo: int, hi: int) -> Tensor:
-    """The backward recurrence for batch rows lo:hi; fills D[:, lo:hi], returns dL/dh0 of them."""
-    H = w_hh.shape[1]
+def _backward_loop(dY: Tensor, M: Tensor, D: Tensor, g: Tensor, w_hh: Tensor) -> Tensor:
+    """The backward recurrence: fills D (T, B, 5, H) and returns dL/dh0."""
+    B, H = g.shape
     s = torch.empty_like(g)
     for t in range(M.shape[0] - 1, -1, -1):
-        d = D[t, lo:hi]
-        torch.add(dY[t, lo:hi], g, out=s)
-        torch.mul(M[t, lo:hi], s.unsqueeze(1), out=d)
-        d = d.view(hi - lo, 5 * H)
+        torch.add(dY[t], g, out=s)
+        torch.mul(M[t], s.unsqueeze(1), out=D[t])
+        d = D[t].view(B, 5 * H)
         g = torch.addmm(d[:, 4 * H :], d[:, H : 4 * H], w_hh)
     return g
-
-
-def _forward_all(G: Tensor, gin2: Tensor, Y: Tensor, M: Optional[Tensor], h0: Tensor, w_hh_t: Tensor,
-                 split: int) -> None:
-    """Rows split: and the rest on another thread (torch.jit.fork; inline outside TorchScript)."""
-    B = h0.shape[0]
-    if split <= 0 or split >= B:
-        _forward_rows(G, gin2, Y, M, h0, w_hh_t, 0, B)
-        return
-    other = torch.jit.fork(_forward_rows, G, gin2, Y, M, h0[split:], w_hh_t, split, B)
-    _forward_rows(G, gin2, Y, M, h0[:split], w_hh_t, 0, split)
-    torch.jit.wait(other)
-
-
-def _backward_all(dY: Tensor, M: Tensor, D: Tensor, dhn: Tensor, w_hh: Tensor, split: int) -> Tensor:
-    B = dhn.shape[0]
-    if split <= 0 or split >= B:
-        return _backward_rows(dY, M, D, dhn, w_hh, 0, B)
-    other = torch.jit.fork(_backward_rows, dY, M, D, dhn[split:], w_hh, split, B)
-    first = _backward_rows(dY, M, D, dhn[:split], w_hh, 0, split)
-    return torch.cat([first, torch.jit.wait(other)])
 
 
 _SCRIPTED: tuple | None = None
 
 
 def _loops():
-    """(forward, backward, scripted?): the TorchScript loops, or these Python functions.
+    """(forward loop, backward loop): TorchScript versions, else these Python functions.
 
-    TorchScript runs a loop without the GIL, so the two halves of a batch really run at once
-    (Python threads would trade the GIL after every small op), and its interpreter dispatches an
-    op a little faster than Python. Where scripting fails (a torch without TorchScript) the Python
-    functions give the same results, on one thread.
+    TorchScript's interpreter dispatches the ~20 small ops of a step faster than Python (~10% of
+    a training step at H=256 on a 2-core CPU). torch.jit.script is deprecated from torch 2.11 but
+    still works; where scripting fails the Python functions give the same results.
     """
     global _SCRIPTED
+    if not USE_TORCHSCRIPT:
+        return _forward_loop, _backward_loop
     if _SCRIPTED is None:
         try:
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # torch.jit.script is deprecated (2.11+), not gone
-                _SCRIPTED = (torch.jit.script(_forward_all), torch.jit.script(_backward_all), True)
-        except Exception:  # noqa: BLE001 - any failure to script means: use the Python loops
-            _SCRIPTED = (_forward_all, _backward_all, False)
-    if not USE_TORCHSCRIPT:
-        return _forward_all, _backward_all, False
+                warnings.simplefilter("ignore")
+                _SCRIPTED = (torch.jit.script(_forward_loop), torch.jit.script(_backward_loop))
+        except Exception:  # noqa: BLE001 - whatever stops scripting, the Python loops do the same
+            _SCRIPTED = (_forward_loop, _backward_loop)
     return _SCRIPTED
-
-
-def _halves(B: int, device: torch.device, scripted: bool) -> int:
-    """Where to split the batch between two threads (0: do not split).
-
-    Each half runs on one intra-op thread: two independent single-threaded recurrences fill the two
-    cores, where two OpenMP threads would synchronise on every small op and matrix product (which
-    costs more than it gains at these sizes, and stalls badly when another process holds a core).
-    """
-    if SPLIT_BATCH and scripted and device.type == "cpu" and B >= 2 * _MIN_ROWS and torch.get_num_threads() >= 2:
-        return B // 2
-    return 0
-
-
-class _OneThreadEach:
-    """torch.set_num_threads(1) while the halves run (when split), then back."""
-
-    def __init__(self, split: int):
-        self.split = split
-
-    def __enter__(self):
-        if self.split:
-            self.threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-
-    def __exit__(self, *exc):
-        if self.split:
-            torch.set_num_threads(self.threads)
 
 
 class _GRULayer(torch.autograd.Function):
@@ -184,10 +135,7 @@ class _GRULayer(torch.autograd.Function):
         G, gin2 = G.view(T, B, 3 * H), gin2.view(T, B, H)
         Y = x.new_empty(T, B, H)
         M = x.new_empty(T, B, _SLOTS, H) if train else None
-        forward_all, _, scripted = _loops()
-        split = _halves(B, x.device, scripted)
-        with _OneThreadEach(split):
-            forward_all(G, gin2, Y, M, h0, w_hh.t(), split)
+        _loops()[0](G, gin2, Y, M, h0, w_hh.t())
         if train:
             ctx.save_for_backward(x, h0, w_ih, w_hh, M, Y)
         return Y, Y[-1].clone()
@@ -200,10 +148,7 @@ class _GRULayer(torch.autograd.Function):
         H = w_hh.shape[1]
         D = torch.empty_like(M)
         Df = D.view(T, B, _SLOTS * H)
-        _, backward_all, scripted = _loops()
-        split = _halves(B, x.device, scripted)
-        with _OneThreadEach(split):
-            dh0 = backward_all(dY, M, D, dhn, w_hh, split)
+        dh0 = _loops()[1](dY, M, D, dhn, w_hh)
         dx = dw_ih = dw_hh = db_ih = db_hh = None
         if ctx.needs_input_grad[0]:
             w_perm = torch.cat([w_ih[2 * H :], w_ih[: 2 * H]])  # rows n, r, z like slots 0..2

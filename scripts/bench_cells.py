@@ -67,6 +67,17 @@ class OtherLoad:
         return self.others / self.wall if self.wall else 0.0
 
 
+def wait_for_quiet(max_cores: float, timeout: float = 600.0) -> None:
+    """Sleep until other processes kept fewer than max_cores busy for one second (or timeout)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        load = OtherLoad()
+        with load:
+            time.sleep(1.0)
+        if load.cores < max_cores:
+            return
+
+
 class TinyLM(nn.Module):
     def __init__(self, impl, cell, vocab, embed, hidden, layers):
         super().__init__()
@@ -113,6 +124,8 @@ def measure(args, device, hidden, batch, cell):
     tries = 0
     while min(len(r) for r in rates.values()) < args.repeats and tries < args.max_rounds:
         tries += 1
+        if args.max_other_cores is not None:
+            wait_for_quiet(args.max_other_cores)
         rnd, rnd_load = {}, OtherLoad()
         for impl, step in steps.items():
             with rnd_load:
