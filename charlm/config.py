@@ -195,6 +195,8 @@ def validate(cfg: TrainConfig) -> None:
     _positive(cfg, "log_every", "eval_every", "checkpoint_every", "plateau_patience")
     _positive(cfg, "embed", "max_vocab", "max_tokens", "epochs", "max_steps", "warmup_steps",
               minimum=0)
+    if not 0 <= cfg.seed < 2**63:
+        raise UsageError(f"seed must be in [0, 2**63), got {cfg.seed}")
     if not 0.0 <= cfg.dropout < 1.0:
         raise UsageError(f"dropout must be in [0, 1), got {cfg.dropout}")
     if not (cfg.lr > 0 and math.isfinite(cfg.lr)):

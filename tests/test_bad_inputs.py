@@ -81,10 +81,7 @@ CASES = [
     Case("unknown-corpus", ("train", *FAST, "--corpus", "nosuch", "--out", "new"), 2,
          "unknown corpus 'nosuch': choose one of python-docs, timemachine, tinyshakespeare, "
          "or give a text file or URL"),
-    Case("seed-out-of-range", train("--seed", str(10**23)), 2, r"seed must be .+", regex=True,
-         marks=(pytest.mark.xfail(strict=True, reason=(
-             "config.validate does not range-check seed: torch.manual_seed raises "
-             "'Overflow when unpacking long long', reported as a charlm bug (exit 1)")),)),
+    Case("seed-out-of-range", train("--seed", str(10**23)), 2, r"seed must be .+", regex=True),
     Case("resume-with-out", ("train", "--resume", "run", "--out", "elsewhere"), 2,
          "--out cannot be combined with --resume (a run resumes in its own directory)"),
     Case("resume-other-cell", ("train", "--resume", "run", "--cell", "lstm"), 2,

@@ -299,9 +299,6 @@ def test_atomic_files_get_the_usual_mode(tmp_path):
     assert modes == {"last.pt": 0o644, "config.toml": 0o644, "plain.txt": 0o644}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "charlm/cli_train.py stores --text as given (relative), so a run started elsewhere cannot "
-    "be resumed from another directory: 'text file not found: small.txt'"))
 def test_resume_from_another_directory(corpus, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
