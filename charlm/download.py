@@ -245,6 +245,9 @@ def download(
 
 def install(src: Path, dest: Path, *, sha1: str | None = None, sha256: str | None = None) -> Path:
     """Copy a local file to `dest` atomically, only if its checksums match; raise CharlmError if not."""
+    mismatch = checksum_mismatch(Path(src), sha1=sha1, sha256=sha256)
+    if mismatch:  # checked before anything (even the cache folder) is created
+        raise CharlmError(f"{src} is not the expected {dest.name}: {mismatch}; nothing was written")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
     try:

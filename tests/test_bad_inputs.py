@@ -131,10 +131,7 @@ CASES = [
     Case("data-add-bad-checksum", ("data", "add", "timemachine", "junk.txt"), 1,
          r"junk\.txt is not the expected timemachine\.txt: sha256 mismatch \(got [0-9a-f]{64}, "
          r"expected 8424dbd9532ac81f7e5f0b6add90e6952baea29158309d7d1bf3884f4e12c516\); "
-         r"nothing was written", regex=True,
-         marks=(pytest.mark.xfail(strict=True, reason=(
-             "download.install creates the cache folder before it checks the checksum, so a "
-             "refused file still leaves an empty $CHARLM_DATA_DIR behind")),)),
+         r"nothing was written", regex=True),
     Case("eval-empty-text",
          ("eval", "perplexity", "--checkpoint", "model.pt", "--text", "empty.txt"), 1,
          "--text empty.txt is empty: nothing to evaluate; give a file of at least 2 characters"),
