@@ -58,7 +58,9 @@ def resolve_runs(targets: list[Path] | None) -> list[Path]:
         if not target.exists():
             raise CharlmError(f"run directory {target} does not exist")
         if not target.is_dir():
-            raise CharlmError(f"{target} is not a run directory (give the directory that holds metrics.jsonl)")
+            raise CharlmError(
+                f"{target} is not a run directory (give the directory that holds metrics.jsonl)"
+            )
         runs.append(target)
     return runs
 
