@@ -80,7 +80,7 @@ def train(
             "asked to predict, so it cannot be a language model"
         )
     explicit = dict(
-        corpus=corpus, text=[str(Path(t).resolve()) for t in text] if text else None, url=url, sha256=sha256,
+        corpus=corpus, text=[str(t) for t in text] if text else None, url=url, sha256=sha256,
         data_dir=data_dir, preprocessing=preprocessing, min_freq=min_freq, max_vocab=max_vocab,
         max_tokens=max_tokens, val_fraction=val_fraction, test_fraction=test_fraction, cell=cell,
         hidden=hidden, layers=layers, embed=embed, dropout=dropout, nonlinearity=nonlinearity,

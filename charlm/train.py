@@ -126,6 +126,8 @@ class Trainer:
         g.together(lambda: self._check_setup(cfg, ckpt))
         self.data: Dataset = g.local_first(lambda: load_dataset(
             cfg, vocab=ckpt["vocab"] if ckpt else None, device=self.device))
+        # the files were found relative to here; record them absolute so a resume works anywhere
+        cfg.text = [str(Path(t).resolve()) for t in cfg.text]
         g.together(lambda: self._build(cfg, ckpt))
         self.net = g.wrap(self.model, self.device)  # DDP: same weights everywhere, grads averaged
         self.run_dir = Path(g.broadcast(str(
