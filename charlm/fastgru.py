@@ -5,19 +5,22 @@ numbers, so what separates a fast layer from a slow one is how many ops run per 
 often data makes a round trip through memory. ``nn.GRU`` on the CPU runs ~15 ops per step
 forward and autograd replays ~30 more backward. Here each layer is one ``autograd.Function``:
 
-* the input projections of all time steps are two matrix products before the loop; the weight
+* the input projections of all time steps are one matrix product before the loop; the weight
   gradients of all steps are a few matrix products after the backward loop;
-* a forward step is ``addmm_``, ``sigmoid_``, ``addcmul``, ``sigmoid_``, ``addcmul``, ``lerp``
-  into preallocated buffers, plus 8 small ops that store the factors the backward needs while
-  r, z, n are still in cache (activations saved, nothing recomputed);
-* a backward step is 3 ops: every factor of the gate derivatives that does not depend on the
-  incoming gradient s is already stored (M), so a step is s = dY[t] + g; D[t] = M[t] * s (one
-  broadcast multiply for all 5 slots); g = D[t][4] + D[t][1:4] @ W_hh (one addmm);
-* both loops run as TorchScript (see ``_loops``).
+* the time loops run in C where they can (``_GRULayerC``, ``charlm/fastgru_kernel.c`` built and
+  loaded by ``charlm.ckernel``): per step one GEMM on W_hh (packed once per call, each thread
+  keeping its slice of the hidden units and of W_hh in its own cache) and one fused pass that
+  computes the gates, the new state and every factor the backward needs; a backward step is one
+  pass (slot gradients = stored factors x incoming gradient) and one GEMM;
+* elsewhere (no compiler, float64, CUDA tensors) ``_GRULayer`` runs the same algorithm as
+  TorchScript loops of in-place torch ops: a forward step is ``addmm_``, ``sigmoid_``,
+  ``addcmul``, ``sigmoid_``, ``addcmul``, ``lerp`` plus 8 small ops that store the backward's
+  factors; a backward step is 3 ops.
 
 Measured alternatives that lost (docs/BENCHMARKS.md): torch.compile of the step's element-wise
 part (slower per call than eager at these sizes, ~20 s to compile), the backward factors as
-batched ops after the loop, and the two batch halves on two threads.
+batched ops after the loop, the batch halves on two threads (torch.jit.fork), and in C the batch
+rows split across threads (each thread streaming all of W_hh through its cache every step).
 
 Math (reset gate applied after the hidden projection, as in PyTorch/cuDNN), gate order r, z, n::
 
@@ -37,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
+
+from charlm import ckernel
 
 # Per time step and batch row, the backward works on 5 blocks of H numbers ("slots"):
 #   0: dL/d(W_in x + b_in)          1: dL/d(r pre-activation)       2: dL/d(z pre-activation)
@@ -172,6 +177,59 @@ class _GRULayer(torch.autograd.Function):
         return dx, dh0, dw_ih, dw_hh, db_ih, db_hh
 
 
+class _GRULayerC(torch.autograd.Function):
+    """One GRU layer, batch first, on the compiled loops: x (B, T, I), h0 (B, H) -> y (B, T, H).
+
+    Same slots and factors as ``_GRULayer``; the C loops (``ckernel``) take the input projection
+    with b_ih only and add W_hh h + b_hh per step, so there is no bias bookkeeping here.
+    """
+
+    @staticmethod
+    def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh):
+        B, T, I = x.shape
+        H = w_hh.shape[1]
+        train = any(ctx.needs_input_grad)
+        x, h0, w_hh, b_hh = x.contiguous(), h0.contiguous(), w_hh.contiguous(), b_hh.contiguous()
+        XP = torch.addmm(b_ih, x.view(B * T, I), w_ih.t()).view(B, T, 3 * H)
+        Y = x.new_empty(B, T, H)
+        M = x.new_empty(B, T, _SLOTS, H) if train else None
+        ckernel.forward(XP, h0, w_hh, b_hh, Y, M)
+        if train:
+            ctx.save_for_backward(x, h0, w_ih, w_hh, M, Y)
+        return Y, Y[:, -1].clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dY, dhn):
+        x, h0, w_ih, w_hh, M, Y = ctx.saved_tensors
+        B, T, I = x.shape
+        H = w_hh.shape[1]
+        D = torch.empty_like(M)
+        dh0 = dhn.contiguous().clone()  # in: dL/dh_T; the C loops leave dL/dh_0 here
+        ckernel.backward(dY.contiguous(), M, w_hh.contiguous(), D, dh0)
+        Df = D.view(B * T, _SLOTS * H)
+        dx = dw_ih = dw_hh = db_ih = db_hh = None
+        if ctx.needs_input_grad[0]:
+            w_perm = torch.cat([w_ih[2 * H :], w_ih[: 2 * H]])  # rows n, r, z like slots 0..2
+            dx = torch.mm(Df[:, : 3 * H], w_perm).view(B, T, I)
+        if not ctx.needs_input_grad[1]:
+            dh0 = None
+        if ctx.needs_input_grad[2]:
+            x2 = x.view(B * T, I)
+            dw_ih = torch.empty_like(w_ih)
+            torch.mm(Df[:, H : 3 * H].t(), x2, out=dw_ih[: 2 * H])
+            torch.mm(Df[:, :H].t(), x2, out=dw_ih[2 * H :])
+        if ctx.needs_input_grad[3]:
+            # sum over rows and steps of dgh^T h_prev, h_prev = h0 at t = 0, else Y[:, t-1]
+            h_prev = torch.cat([h0.unsqueeze(1), Y[:, :-1]], 1).view(B * T, H)
+            dw_hh = torch.mm(Df[:, H : 4 * H].t(), h_prev)
+        if ctx.needs_input_grad[4] or ctx.needs_input_grad[5]:
+            sums = Df[:, : 4 * H].sum(0)
+            db_ih = torch.cat([sums[H : 3 * H], sums[:H]])
+            db_hh = sums[H : 4 * H]
+        return dx, dh0, dw_ih, dw_hh, db_ih, db_hh
+
+
 class FastGRU(nn.Module):
     """Drop-in for ``nn.GRU(batch_first=True)`` (same parameters, same outputs), faster on CPU."""
 
@@ -199,18 +257,18 @@ class FastGRU(nn.Module):
         B = x.shape[0]
         if state is None:
             state = x.new_zeros(self.num_layers, B, self.hidden_size)
-        seq = x.transpose(0, 1)  # time-major inside: each step's rows are contiguous
+        weights = [self._layer_weights(layer) for layer in range(self.num_layers)]
+        compiled = ckernel.usable(x, state, *(w for ws in weights for w in ws))
+        # the compiled loops run batch first; the TorchScript ones time-major (contiguous steps)
+        seq = x if compiled else x.transpose(0, 1)
         finals = []
         for layer in range(self.num_layers):
             if layer > 0 and self.dropout > 0 and self.training:
                 seq = F.dropout(seq, self.dropout, training=True)
-            seq, h_n = _GRULayer.apply(
-                seq.contiguous(),
-                state[layer],
-                getattr(self, f"weight_ih_l{layer}"),
-                getattr(self, f"weight_hh_l{layer}"),
-                getattr(self, f"bias_ih_l{layer}"),
-                getattr(self, f"bias_hh_l{layer}"),
-            )
+            layer_fn = _GRULayerC if compiled else _GRULayer
+            seq, h_n = layer_fn.apply(seq.contiguous(), state[layer], *weights[layer])
             finals.append(h_n)
-        return seq.transpose(0, 1), torch.stack(finals)
+        return (seq if compiled else seq.transpose(0, 1)), torch.stack(finals)
+
+    def _layer_weights(self, layer: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return tuple(getattr(self, f"{name}_l{layer}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))

@@ -8,7 +8,10 @@ the real corpus servers, and a default corpus that is not cached falls back to p
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+import shutil
+import tempfile
 import socket
 import threading
 from dataclasses import dataclass, field
@@ -19,6 +22,21 @@ from urllib.parse import unquote
 import pytest
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def pytest_configure(config):
+    """FastGRU's compiled loops are built once per test session into a temporary folder (and
+    subprocesses inherit it), never into the user's ~/.cache."""
+    if not os.environ.get("CHARLM_KERNEL_DIR"):
+        config._charlm_kernel_dir = tempfile.mkdtemp(prefix="charlm-kernels-")
+        os.environ["CHARLM_KERNEL_DIR"] = config._charlm_kernel_dir
+
+
+def pytest_unconfigure(config):
+    folder = getattr(config, "_charlm_kernel_dir", None)
+    if folder:
+        shutil.rmtree(folder, ignore_errors=True)
+        os.environ.pop("CHARLM_KERNEL_DIR", None)
 
 
 @pytest.fixture
