@@ -44,3 +44,28 @@ def describe(device: torch.device) -> str:
     if device.type == "cpu":
         return f"cpu ({torch.get_num_threads()} threads)"
     return str(device)
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed memory for reuse instead of handing it back to the OS.
+
+    A CPU training step allocates and frees the same few megabytes of activations every step.
+    By default glibc returns big blocks to the kernel on free (mmap/trim), so every step
+    page-faults that memory back in, zeroed: hundreds of faults per step, 10-20% of a step for
+    the GRU of docs/BENCHMARKS.md on a 2-core VM. A trainer's memory use stays at its peak
+    anyway. Linux/glibc only; returns whether the setting took.
+    """
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        # blocks under 512 MiB (where glibc allows; else its 32 MiB cap) come from the heap, and
+        # up to 1 GiB free at the heap's top is kept
+        mmap_ok = libc.mallopt(M_MMAP_THRESHOLD, 512 << 20) or libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
+        return bool(mmap_ok and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
+    except (OSError, AttributeError):
+        return False

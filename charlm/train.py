@@ -23,6 +23,7 @@ from charlm.batches import RandomBatches, SequentialBatches
 from charlm.checkpoint import load_checkpoint, save_checkpoint
 from charlm.config import TrainConfig, parse_duration
 from charlm.data import Dataset, load_dataset
+from charlm.devices import keep_freed_memory
 from charlm.errors import CharlmError, UsageError
 from charlm.models import CharLM, ModelConfig, State, count_parameters, detach_state
 from charlm.optim import LRSchedule, make_optimizer
@@ -135,6 +136,8 @@ class Trainer:
 
     def _check_setup(self, cfg: TrainConfig, ckpt: dict | None) -> None:
         self.device = distributed.select_rank_device(cfg.device, self.group)
+        if self.device.type == "cpu":
+            keep_freed_memory()  # no page-fault churn from freeing each step's activations
         if cfg.precision != "fp32" and self.device.type != "cuda":
             raise UsageError(f"--precision {cfg.precision} needs a CUDA device; use fp32 on {self.device.type}")
         distributed.check_world(self.group, cfg.batch_size, ckpt.get("world_size", 1) if ckpt else None)

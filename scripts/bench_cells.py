@@ -1,7 +1,7 @@
 """Tokens/s of a full char-LM training step for each cell x implementation x device.
 
 One training step = embedding -> recurrent layers -> linear to vocabulary logits -> cross-entropy
--> backward -> AdamW step, on random tokens. For every (device, hidden, batch, cell) the
+-> backward -> AdamW step (the trainer's, fused where torch has it), on random tokens. For every (device, hidden, batch, cell) the
 implementations are measured interleaved in rounds (fused, scratch, fast, fused, scratch, ...), so
 the ratio to the fused layer is taken from the same minutes of the same run; reported are the
 median tokens/s over rounds and the median of the per-round ratios.
@@ -33,6 +33,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from charlm.cells import FAST_MODES, MODES, recurrent_layer  # noqa: E402
+from charlm.devices import keep_freed_memory  # noqa: E402
+from charlm.optim import make_optimizer  # noqa: E402
+from charlm import ckernel  # noqa: E402
 
 
 class OtherLoad:
@@ -93,7 +96,7 @@ class TinyLM(nn.Module):
 def make_step(impl, cell, args, hidden, batch, device):
     torch.manual_seed(0)
     model = TinyLM(impl, cell, args.vocab, args.embed, hidden, args.layers).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt = make_optimizer("adamw", model.parameters(), 1e-3, 0.01)  # the trainer's (fused) AdamW
     gen = torch.Generator(device="cpu").manual_seed(1)
     tokens = torch.randint(0, args.vocab, (batch, args.steps + 1), generator=gen).to(device)
     x, y = tokens[:, :-1], tokens[:, 1:]
@@ -206,12 +209,15 @@ def main(argv=None) -> int:
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "loadavg_before": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "fast_gru_loops": ckernel.status(),
+        "keep_freed_memory": keep_freed_memory(),  # as charlm train does on the CPU
     }
     rows = []
     if not args.json:
         print(f"# {meta['date']}  torch {meta['torch']}  {meta['nproc']} CPUs ({meta['cpu']}), "
               f"{meta['threads']} threads  cuda: {meta['cuda']}")
         print(f"# {meta['command']}")
+        print(f"# fast GRU: {meta['fast_gru_loops']}; malloc keeps freed memory: {meta['keep_freed_memory']}")
         print(f"{'device':6} {'cell':8} {'H':>4} {'B':>4} {'impl':8} {'tokens/s':>10} {'vs fused':>8}  other cores busy")
     for dev in devices:
         device = torch.device(dev)
