@@ -204,8 +204,11 @@ def _looks_like_torch_zip(path: Path) -> bool:
 
 
 def find_checkpoint(target: str | Path | None, runs_root: str | Path = "runs",
-                    prefer: str = "best.pt") -> Path:
-    """A checkpoint file, a run directory (its best.pt, else last.pt) or, with None, the latest run."""
+                    prefer: str = "best.pt", how_to_name: str = "pass --checkpoint PATH") -> Path:
+    """A checkpoint file, a run directory (its best.pt, else last.pt) or, with None, the latest run.
+
+    `how_to_name` ends the error when there is no run yet: how this command takes a path.
+    """
     if target is None:
         runs_root = Path(runs_root)
         pointer = runs_root / "latest"
@@ -217,8 +220,7 @@ def find_checkpoint(target: str | Path | None, runs_root: str | Path = "runs",
                 run_dir = candidate
         if run_dir is None:
             raise CharlmError(
-                f"no runs yet in {runs_root}/: train one first with `charlm train`, "
-                "or pass --checkpoint PATH"
+                f"no runs yet in {runs_root}/: train one first with `charlm train`, or {how_to_name}"
             )
         target = run_dir
     target = Path(target)

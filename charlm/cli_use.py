@@ -13,13 +13,15 @@ import secrets
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-import torch
 import typer
 
 from charlm.cli_common import handle_errors
 from charlm.errors import CharlmError, UsageError
+
+if TYPE_CHECKING:  # torch is imported by the commands themselves: `charlm --help` stays quick
+    import torch
 
 eval_app = typer.Typer(
     help="Evaluate a trained model.\n\nExample: charlm eval perplexity --split val",
@@ -51,7 +53,7 @@ class Loaded:
     model: Any  # charlm.models.CharLM
     vocab: Any  # charlm.vocab.Vocab
     preprocessing: str
-    device: torch.device
+    device: "torch.device"
 
 
 def load_model(target: Optional[str], impl: Optional[str], device_spec: str) -> Loaded:
@@ -60,7 +62,7 @@ def load_model(target: Optional[str], impl: Optional[str], device_spec: str) -> 
     from charlm.cells import resolve_impl
     from charlm.checkpoint import find_checkpoint, load_checkpoint
     from charlm.devices import select_device
-    from charlm.models import CharLM, ModelConfig
+    from charlm.models import CharLM, ModelConfig, check_parameters
     from charlm.vocab import PREPROCESSING, Vocab
 
     device = select_device(device_spec)
@@ -82,33 +84,10 @@ def load_model(target: Optional[str], impl: Optional[str], device_spec: str) -> 
     if impl is not None:
         cfg.impl = resolve_impl(impl, cfg.mode, device.type, cfg.gru_reset)
     model = CharLM(cfg)
-    _check_parameters(path, model.state_dict(), ckpt["model"])
+    check_parameters(str(path), model, ckpt["model"])
     model.load_state_dict(ckpt["model"])
     model.to(device).eval()
     return Loaded(path, ckpt, model, vocab, preprocessing, device)
-
-
-def _check_parameters(path: Path, expected: dict, saved: Any) -> None:
-    """Names and shapes of the saved parameters against those of the rebuilt model."""
-    if not isinstance(saved, dict):
-        raise CharlmError(f"{path}: its 'model' entry is not a table of tensors; the file is damaged")
-    missing = [k for k in expected if k not in saved]
-    unexpected = [k for k in saved if k not in expected]
-    if missing or unexpected:
-        parts = ([f"missing {', '.join(missing[:3])}"] if missing else []) + (
-            [f"unexpected {', '.join(unexpected[:3])}"] if unexpected else [])
-        raise CharlmError(
-            f"{path}: its parameters do not match its model config ({'; '.join(parts)}); "
-            "the file is damaged"
-        )
-    for name, want in expected.items():
-        got = saved[name]
-        if not isinstance(got, torch.Tensor) or got.shape != want.shape:
-            shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
-            raise CharlmError(
-                f"{path}: parameter {name} is {shape} but its model config gives "
-                f"{tuple(want.shape)}; the file is damaged"
-            )
 
 
 def _read_text(path: Path, what: str) -> str:
@@ -211,7 +190,7 @@ def generate(
 # --- eval perplexity ---------------------------------------------------------------------------
 
 
-def _split_tokens(loaded: Loaded, split: str) -> torch.Tensor:
+def _split_tokens(loaded: Loaded, split: str) -> "torch.Tensor":
     """Rebuild the run's splits from its train_config; the corpus must be the one trained on."""
     from dataclasses import fields
 

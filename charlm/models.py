@@ -133,6 +133,33 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def check_parameters(where: str, model: nn.Module, saved: object) -> None:
+    """Refuse, naming the parameter, saved weights whose names, shapes or values do not fit
+    ``model`` (one-line CharlmErrors that start with ``where``, e.g. the checkpoint's path)."""
+    if not isinstance(saved, dict):
+        raise CharlmError(f"{where}: its 'model' entry is not a table of tensors; the file is damaged")
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in saved]
+    unexpected = [k for k in saved if k not in expected]
+    if missing or unexpected:
+        parts = ([f"missing {', '.join(missing[:3])}"] if missing else []) + (
+            [f"unexpected {', '.join(map(str, unexpected[:3]))}"] if unexpected else [])
+        raise CharlmError(
+            f"{where}: its parameters do not match its model config ({'; '.join(parts)}); "
+            "the file is damaged"
+        )
+    for name, want in expected.items():
+        got = saved[name]
+        if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+            shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+            raise CharlmError(
+                f"{where}: parameter {name} is {shape} but its model config gives "
+                f"{tuple(want.shape)}; the file is damaged"
+            )
+        if not torch.isfinite(got).all():
+            raise CharlmError(f"{where}: parameter {name} holds NaN or infinity; use another checkpoint")
+
+
 def model_from_checkpoint(ckpt: dict, impl: str | None = None, device="cpu") -> CharLM:
     """Rebuild a checkpoint's model, checking every field before use (one-line errors).
 
@@ -151,24 +178,7 @@ def model_from_checkpoint(ckpt: dict, impl: str | None = None, device="cpu") -> 
             f"{config.vocab_size}; the file is damaged or was edited"
         )
     state = ckpt.get("model")
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CharlmError("checkpoint's model weights are not a table of tensors; the file is damaged")
     model = CharLM(config)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    extra = sorted(set(state) - set(expected))
-    if missing or extra:
-        raise CharlmError(
-            f"checkpoint's weights do not fit its model config (missing {missing[:3]}, "
-            f"unexpected {extra[:3]}); the file is damaged or was edited"
-        )
-    for name, tensor in expected.items():
-        if tuple(state[name].shape) != tuple(tensor.shape):
-            raise CharlmError(
-                f"checkpoint's weight {name} has shape {tuple(state[name].shape)} but its model "
-                f"config needs {tuple(tensor.shape)}; the file is damaged or was edited"
-            )
-        if not torch.isfinite(state[name]).all():
-            raise CharlmError(f"checkpoint's weight {name} holds NaN or infinity; use another checkpoint")
+    check_parameters("checkpoint", model, state)
     model.load_state_dict(state)
     return model.to(device)

@@ -25,7 +25,7 @@ from charlm.config import TrainConfig, parse_duration
 from charlm.data import Dataset, load_dataset
 from charlm.devices import keep_freed_memory
 from charlm.errors import CharlmError, UsageError
-from charlm.models import CharLM, ModelConfig, State, count_parameters, detach_state
+from charlm.models import CharLM, ModelConfig, State, check_parameters, count_parameters, detach_state
 from charlm.optim import LRSchedule, make_optimizer
 from charlm.progress import TrainDisplay
 from charlm.sample import SampleSettings, generate
@@ -62,7 +62,8 @@ def resolve_resume(cfg: TrainConfig, explicit: dict, resume: str) -> tuple[Train
     from charlm.checkpoint import find_checkpoint
 
     target = None if resume == "latest" else resume
-    path = find_checkpoint(target, rundir.runs_root(), prefer="last.pt")
+    path = find_checkpoint(target, rundir.runs_root(), prefer="last.pt",
+                           how_to_name="name one: charlm train --resume RUN_DIR|CHECKPOINT")
     ckpt = load_checkpoint(path)
     saved = dict(ckpt.get("train_config") or {})
     for key in FIXED_ON_RESUME:
@@ -124,6 +125,7 @@ class Trainer:
         self.group = g = group or distributed.current()
         self.display = display or TrainDisplay(enabled=False)
         ckpt = resume["ckpt"] if resume else None
+        self.resume_path = str(resume.get("path") or "checkpoint") if resume else None
         g.together(lambda: self._check_setup(cfg, ckpt))
         self.data: Dataset = g.local_first(lambda: load_dataset(
             cfg, vocab=ckpt["vocab"] if ckpt else None, device=self.device))
@@ -179,7 +181,7 @@ class Trainer:
         self.hidden: State | None = None
         self.time_budget = parse_duration(cfg.time_budget)
         if ckpt is not None:
-            self._restore(ckpt)
+            self._restore(ckpt, self.resume_path)
 
     # -- checkpoints ---------------------------------------------------------------------
     def _payload(self) -> dict:
@@ -206,7 +208,13 @@ class Trainer:
             **ranks,
         }
 
-    def _restore(self, ckpt: dict) -> None:
+    def _restore(self, ckpt: dict, where: str) -> None:
+        saved_config = ckpt.get("model_config")
+        said = saved_config.get("vocab_size") if isinstance(saved_config, dict) else None
+        if said != len(self.data.vocab):
+            raise CharlmError(f"{where}: its vocabulary has {len(self.data.vocab)} tokens but its model "
+                              f"config says {said}; the file is damaged")
+        check_parameters(where, self.model, ckpt.get("model"))  # one line naming the weight
         try:
             self.model.load_state_dict(ckpt["model"])
             self.optimizer.load_state_dict(ckpt["optimizer"])

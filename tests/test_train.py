@@ -270,3 +270,23 @@ def test_resume_with_a_different_model_option_is_refused(small_text, tmp_path):
     assert result.exit_code == 2
     assert result.stderr == ("charlm: error: --hidden 32 disagrees with the checkpoint (16) being "
                              "resumed; drop the option or start a new run\n")
+
+
+def test_resume_with_no_runs_says_how_to_name_one(tmp_path, monkeypatch):
+    monkeypatch.setenv("CHARLM_RUNS_DIR", str(tmp_path / "none"))
+    result = CliRunner().invoke(app, ["train", "--resume"])
+    assert result.exit_code == 1
+    assert result.stderr == (
+        f"charlm: error: no runs yet in {tmp_path / 'none'}/: train one first with `charlm train`, "
+        "or name one: charlm train --resume RUN_DIR|CHECKPOINT\n")
+    assert not (tmp_path / "none").exists()
+
+
+def test_help_does_not_import_torch():
+    """`charlm --help` and `charlm generate --help` answer at once (torch takes seconds to import)."""
+    code = ("import sys\nfrom charlm.cli import main\n"
+            "for args in (['--help'], ['generate', '--help'], ['train', '--help']):\n"
+            "    try:\n        main(args)\n    except SystemExit:\n        pass\n"
+            "print('torch' in sys.modules, file=sys.stderr)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stderr.strip().splitlines()[-1] == "False", done.stderr
