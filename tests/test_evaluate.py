@@ -47,11 +47,13 @@ def runs(tmp_path_factory):
             ("lstm", ["--cell", "lstm", "--layers", "2", "--preprocessing", "d2l",
                       "--test-fraction", "0.1"]),
             ("gru", ["--cell", "gru", "--layers", "1"]),
+            ("gru-scratch", ["--cell", "gru", "--layers", "2", "--impl", "scratch"]),
         ):
             result = CliRunner().invoke(
                 app, ["train", "--text", str(text), *TRAIN, *extra, "--out", str(root / name)])
             assert result.exit_code == 0, result.output
-        yield {"root": root, "text": text, "lstm": root / "lstm", "gru": root / "gru"}
+        yield {"root": root, "text": text, "lstm": root / "lstm", "gru": root / "gru",
+               "gru-scratch": root / "gru-scratch"}
     torch.set_num_threads(threads)
 
 
@@ -130,13 +132,16 @@ def test_batch_size_does_not_change_the_result(runs):
         assert r["characters"] == reports[0]["characters"]
 
 
-@pytest.mark.parametrize("impl", ["scratch", "fast"])
-def test_other_implementations_agree(runs, impl):
-    base = evaluate("--checkpoint", str(runs["gru"]), "--split", "train")
-    other = evaluate("--checkpoint", str(runs["gru"]), "--split", "train", "--impl", impl)
+@pytest.mark.parametrize("impl", ["fused", "scratch", "fast"])
+@pytest.mark.parametrize("run, trained_with", [("gru", "fast"), ("lstm", "fast"), ("gru-scratch", "scratch")])
+def test_other_implementations_agree(runs, run, trained_with, impl):
+    """A model trained with one implementation evaluates the same when loaded with another."""
+    base = evaluate("--checkpoint", str(runs[run]), "--split", "train")
+    assert base["impl"] == trained_with
+    other = evaluate("--checkpoint", str(runs[run]), "--split", "train", "--impl", impl)
     assert other["impl"] == impl
     assert other["perplexity"] == pytest.approx(base["perplexity"], rel=1e-6)
-    assert other["characters"] == base["characters"] == split_of(runs["gru"], "train").numel() - 1
+    assert other["characters"] == base["characters"] == split_of(runs[run], "train").numel() - 1
 
 
 def test_a_text_file_with_unseen_characters(runs, tmp_path):
@@ -213,9 +218,9 @@ def test_option_errors(runs, tmp_path):
     assert fail("--split", "dev") == (
         2, "", "charlm: error: --split must be one of train, val, test; got 'dev'\n")
     assert fail("--batch-size", "0") == (2, "", "charlm: error: --batch-size must be >= 1, got 0\n")
-    assert fail("--checkpoint", str(runs["lstm"]), "--impl", "fast") == (
-        2, "", "charlm: error: --impl fast exists only for gru, not lstm; use --impl fused or "
-               "--impl scratch\n")
+    assert fail("--checkpoint", str(runs["lstm"]), "--impl", "cudnn") == (
+        2, "", "charlm: error: unknown implementation 'cudnn'; choose one of: fused, scratch, fast "
+               "(or auto)\n")
 
 
 def test_damaged_checkpoints_are_refused_before_use(runs, tmp_path):
