@@ -9,13 +9,11 @@ import socket
 import subprocess
 import sys
 import time
-from enum import Enum
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from charlm.cli_common import handle_errors
 from charlm.errors import CharlmError, UsageError
 
 DATA, MODEL, OPTIM, STOP, RUN = "Data", "Model", "Optimisation", "Stopping", "Run"
@@ -138,7 +136,8 @@ def launch_args(explicit: dict, config, resume: bool, target, json_out: bool, qu
 def _train(group, explicit: dict, config, resume: bool, target, json_out: bool, quiet: bool) -> None:
     from charlm.config import build_config, load_config_file
     from charlm.progress import TrainDisplay, summary_table
-    from charlm.train import Interrupted, Trainer, resolve_resume
+    from charlm.resume import resolve_resume
+    from charlm.train import Interrupted, Trainer
 
     def configure():
         file_values = load_config_file(config) if config else {}

@@ -160,15 +160,16 @@ def generate(
         settings.seed = secrets.randbits(63)  # reported by --json so the text can be redrawn
 
     stream = num_samples == 1 and not json_out
-    on_step = None
-    if stream:
-        tokens, out = vocab.tokens, sys.stdout
-        out.write(text)
+    tokens, out = vocab.tokens, sys.stdout
+
+    def write_char(step_ids: list[int]) -> None:
+        out.write(tokens[step_ids[0]])
         out.flush()
 
-        def on_step(step_ids: list[int]) -> None:
-            out.write(tokens[step_ids[0]])
-            out.flush()
+    on_step = write_char if stream else None
+    if stream:
+        out.write(text)
+        out.flush()
 
     try:
         drawn = draw(loaded.model, ids, settings, on_step=on_step)

@@ -20,23 +20,16 @@ import torch.nn.functional as F
 
 from charlm import distributed, rundir
 from charlm.batches import RandomBatches, SequentialBatches
-from charlm.checkpoint import load_checkpoint, save_checkpoint
+from charlm.checkpoint import save_checkpoint
 from charlm.config import TrainConfig, parse_duration
 from charlm.data import Dataset, load_dataset
 from charlm.devices import keep_freed_memory
 from charlm.errors import CharlmError, UsageError
-from charlm.models import CharLM, ModelConfig, State, check_parameters, count_parameters, detach_state
+from charlm.models import CharLM, ModelConfig, State, count_parameters, detach_state
+from charlm.resume import payload, restore
 from charlm.optim import LRSchedule, make_optimizer
 from charlm.progress import TrainDisplay
 from charlm.sample import SampleSettings, generate
-
-# Options that define the model or its data: a resumed run must not change them.
-FIXED_ON_RESUME = (
-    "cell", "hidden", "layers", "embed", "nonlinearity", "gru_reset", "corpus", "text", "url",
-    "preprocessing", "min_freq", "max_vocab", "max_tokens", "val_fraction", "test_fraction",
-    "batch_size", "num_steps", "sampling", "optimizer", "seed",
-)
-
 
 class Interrupted(Exception):
     """SIGINT/SIGTERM arrived: the loop stopped at a step boundary and saved a checkpoint."""
@@ -55,57 +48,6 @@ class LoopState:
     best_val_loss: float = math.inf
     last_val_loss: float = math.nan
     history: list = field(default_factory=list)
-
-
-def resolve_resume(cfg: TrainConfig, explicit: dict, resume: str) -> tuple[TrainConfig, dict]:
-    """The checkpoint's config, with the options given on the command line laid over it."""
-    from charlm.checkpoint import find_checkpoint
-
-    target = None if resume == "latest" else resume
-    path = find_checkpoint(target, rundir.runs_root(), prefer="last.pt",
-                           how_to_name="name one: charlm train --resume RUN_DIR|CHECKPOINT")
-    ckpt = load_checkpoint(path)
-    saved = dict(ckpt.get("train_config") or {})
-    for key in FIXED_ON_RESUME:
-        if key in explicit and explicit[key] is not None and explicit[key] != saved.get(key):
-            raise UsageError(
-                f"--{key.replace('_', '-')} {explicit[key]} disagrees with the checkpoint "
-                f"({saved.get(key)}) being resumed; drop the option or start a new run"
-            )
-    values = TrainConfig().to_dict()
-    values.update({k: v for k, v in saved.items() if k in values})
-    values.update({k: v for k, v in explicit.items() if v is not None and k not in FIXED_ON_RESUME})
-    values["out"] = str(path.parent)
-    from charlm.config import build_config
-
-    return build_config(values, {}), {"path": path, "ckpt": ckpt}
-
-
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available() and state.get("cuda"):
-        cuda = state["cuda"]
-        if len(cuda) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda)
-
-
-def _state_to_plain(state: State | None):
-    if state is None:
-        return None
-    return [s.detach().cpu() for s in state] if isinstance(state, tuple) else state.detach().cpu()
-
-
-def _state_from_plain(data, device) -> State | None:
-    if data is None:
-        return None
-    return tuple(s.to(device) for s in data) if isinstance(data, list) else data.to(device)
 
 
 class _NoMetrics:
@@ -185,51 +127,10 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------
     def _payload(self) -> dict:
-        loop = self.loop
-        hidden = _state_to_plain(self.hidden) if self.cfg.sampling == "sequential" else None
-        # in a process group: every rank's hidden rows and RNG state, joined on rank 0
-        rng = _rng_state()
-        hidden, ranks = distributed.gather_state(self.group, hidden, rng)
-        return {
-            "model_config": self.model_config.to_dict(),
-            "vocab": self.data.vocab.to_dict(),
-            "preprocessing": self.data.preprocessing,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.schedule.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler else None,
-            "rng": rng,
-            "iterator": self.batches.state_dict(),
-            "hidden": hidden,
-            "step": loop.step, "epoch": self.batches.epoch, "tokens_seen": loop.tokens_seen,
-            "elapsed": loop.elapsed, "best_val_loss": loop.best_val_loss,
-            "train_config": self.cfg.to_dict(),
-            "corpus": self.data.describe(),
-            **ranks,
-        }
+        return payload(self)
 
     def _restore(self, ckpt: dict, where: str) -> None:
-        saved_config = ckpt.get("model_config")
-        said = saved_config.get("vocab_size") if isinstance(saved_config, dict) else None
-        if said != len(self.data.vocab):
-            raise CharlmError(f"{where}: its vocabulary has {len(self.data.vocab)} tokens but its model "
-                              f"config says {said}; the file is damaged")
-        check_parameters(where, self.model, ckpt.get("model"))  # one line naming the weight
-        try:
-            self.model.load_state_dict(ckpt["model"])
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as exc:
-            first = str(exc).strip().splitlines()[0]
-            raise CharlmError(f"checkpoint does not match its own model config: {first}") from None
-        self.schedule.load_state_dict(ckpt["scheduler"])
-        if self.scaler and ckpt.get("scaler"):
-            self.scaler.load_state_dict(ckpt["scaler"])
-        self.batches.load_state_dict(ckpt["iterator"])
-        hidden, rng = distributed.rank_state(self.group, ckpt, self.cfg.batch_size)
-        self.hidden = _state_from_plain(hidden, self.device)
-        self.loop.step, self.loop.tokens_seen = int(ckpt["step"]), int(ckpt["tokens_seen"])
-        self.loop.elapsed, self.loop.best_val_loss = float(ckpt["elapsed"]), float(ckpt["best_val_loss"])
-        _set_rng_state(rng)
+        restore(self, ckpt, where)
 
     def save(self, name: str) -> Path:
         payload, path = self._payload(), self.run_dir / name

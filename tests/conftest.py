@@ -167,3 +167,39 @@ def http_server():
         httpd.release.set()
         httpd.shutdown()
         httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models in this process: one thread is fastest, and on a busy machine a second one
+    only spins at barriers (seconds per step with the cores oversubscribed). Modules that train
+    tiny models in process take it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """One real tiny run (10 steps), made in process: root/run/{last,best}.pt, root/small.txt.
+    Tests that change it work on copies."""
+    from pydoc_data.topics import topics
+    from typer.testing import CliRunner
+
+    from charlm.cli import app
+
+    root = tmp_path_factory.mktemp("tiny")
+    small = root / "small.txt"
+    small.write_text("\n\n".join(topics[k] for k in sorted(topics))[:30_000], encoding="utf-8")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CHARLM_RUNS_DIR", str(root / "runs"))
+        mp.setenv("CHARLM_DATA_DIR", str(root / "cache"))
+        result = CliRunner().invoke(app, [
+            "train", "--text", str(small), "--hidden", "16", "--layers", "1", "--embed", "8",
+            "--batch-size", "4", "--num-steps", "8", "--max-steps", "10", "--time-budget", "0",
+            "--eval-every", "5", "--checkpoint-every", "5", "--out", str(root / "run"), "-q"])
+    assert result.exit_code == 0, result.output
+    return root

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import tomllib
 from importlib import resources
-from pathlib import Path
 
 import pytest
 from pydoc_data.topics import topics

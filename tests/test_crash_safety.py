@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 import torch
 
 from charlm import rundir
@@ -44,16 +46,6 @@ def _load_soak():
 
 
 soak = _load_soak()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models in this process: one thread is fastest, and on a busy machine a second one
-    only spins at barriers (seconds per step with the cores oversubscribed)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ errors. The checkpoints are real: tiny runs of the real trainer, made once for t
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys

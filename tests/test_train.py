@@ -123,7 +123,8 @@ def interrupt_at(step: int):
 
 
 def run_interrupted_then_resumed(cfg: TrainConfig, stop_at: int) -> dict:
-    from charlm.train import Interrupted, resolve_resume
+    from charlm.resume import resolve_resume
+    from charlm.train import Interrupted
 
     trainer = Trainer(cfg)
     trainer.step_hook = interrupt_at(stop_at)
