@@ -9,8 +9,7 @@ load across implementations and give the same outputs.
 Implementations (``--impl``):
   fused    torch's own layers (cuDNN on CUDA, ATen kernels on CPU)
   scratch  this module: plain autograd over the step functions below (slow; for reading/checking)
-  fast     ``charlm.fastgru.FastGRU`` / ``charlm.fastlstm.FastLSTM``: hand-written backward, time
-           loops in C (GRU and LSTM; fastest on CPU)
+  fast     ``charlm.fastgru.FastGRU``: hand-written backward, GRU only (fastest on CPU)
 """
 
 from __future__ import annotations
@@ -24,12 +23,11 @@ from torch import Tensor, nn
 
 from charlm.errors import UsageError
 from charlm.fastgru import FastGRU
-from charlm.fastlstm import FastLSTM
 
 MODES = ("rnn_tanh", "rnn_relu", "gru", "lstm")
 IMPLS = ("auto", "fused", "scratch", "fast")
 GRU_RESETS = ("after", "before")
-FAST_MODES = ("gru", "lstm")
+FAST_MODES = ("gru",)
 
 _GATES = {"rnn_tanh": 1, "rnn_relu": 1, "gru": 3, "lstm": 4}
 _RESET_BEFORE_ONLY_SCRATCH = (
@@ -181,7 +179,7 @@ def resolve_impl(impl: str, mode: str, device_type: str, gru_reset: str = "after
     Rule (from scripts/bench_cells.py, docs/BENCHMARKS.md):
       * ``--gru-reset before``                 -> scratch (the only implementation that has it)
       * CUDA (any cell)                        -> fused (cuDNN)
-      * CPU, a cell in FAST_MODES (gru, lstm)  -> fast
+      * CPU, a cell in FAST_MODES (gru)        -> fast
       * CPU, any other cell                    -> fused
     """
     if impl != "auto":
@@ -208,11 +206,9 @@ def recurrent_layer(impl: str, mode: str, input_size: int, hidden_size: int, num
     if impl == "fast":
         if mode not in FAST_MODES:
             raise UsageError(
-                f"--impl fast exists only for {' and '.join(FAST_MODES)}, not {mode}; "
+                f"--impl fast exists only for {', '.join(FAST_MODES)}, not {mode}; "
                 "use --impl fused or --impl scratch"
             )
-        if mode == "lstm":
-            return FastLSTM(input_size, hidden_size, num_layers, dropout)
         return FastGRU(input_size, hidden_size, num_layers, dropout)
     dropout = dropout if num_layers > 1 else 0.0  # torch warns about dropout on a single layer
     if mode == "gru":

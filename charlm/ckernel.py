@@ -1,6 +1,6 @@
-"""The compiled time loops of FastGRU and FastLSTM: built on first use, cached, loaded with ctypes.
+"""The compiled time loops of FastGRU: built on first use, cached, loaded with ctypes.
 
-``fast_kernels.c`` runs a GRU or LSTM layer's forward and backward time loops in C, calling the BLAS
+``fastgru_kernel.c`` runs a GRU layer's forward and backward time loops in C, calling the BLAS
 that torch links (MKL's packed GEMM, exported by libtorch_cpu on x86-64 Linux wheels). It needs a C
 compiler the first time (``$CC``, else ``cc``); the shared object is cached under
 ``$CHARLM_KERNEL_DIR``, else ``$XDG_CACHE_HOME/charlm/kernels``, else ``~/.cache/charlm/kernels``,
@@ -8,7 +8,7 @@ keyed by the source, the flags, the compiler and the CPU, and written atomically
 so concurrent processes may build it at once.
 
 Where anything is missing (no compiler, no MKL symbols in this torch, an unwritable cache, or
-``CHARLM_KERNEL=0``), ``load()`` returns None and FastGRU runs its TorchScript loops (FastLSTM: torch's own LSTM) instead: the
+``CHARLM_KERNEL=0``), ``load()`` returns None and FastGRU runs its TorchScript loops instead: the
 same results, somewhat slower. ``status()`` says which, and why.
 """
 
@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("fast_kernels.c")
+SOURCE = Path(__file__).with_name("fastgru_kernel.c")
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-fPIC", "-shared", "-fopenmp")
-ABI = 7
+ABI = 6
 _BLAS = ("cblas_sgemm_pack_get_size", "cblas_sgemm_pack", "cblas_sgemm_compute", "MKL_Set_Num_Threads_Local")
 
 _lock = threading.Lock()
@@ -69,11 +69,11 @@ def _build(cc: str) -> Path:
     key = hashlib.sha256(b"\0".join(
         [src, " ".join(FLAGS).encode(), version.encode(), platform.machine().encode(), _cpu_id().encode()]
     )).hexdigest()[:16]
-    out = kernel_dir() / f"charlm-{key}.so"
+    out = kernel_dir() / f"fastgru-{key}.so"
     if out.is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".charlm-", suffix=".so", dir=out.parent)
+    fd, tmp = tempfile.mkstemp(prefix=".fastgru-", suffix=".so", dir=out.parent)
     os.close(fd)
     try:
         done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"],
@@ -111,10 +111,7 @@ def _load():
     lib.charlm_gru_init(*(ctypes.cast(f, P) for f in blas))
     lib.charlm_gru_forward.argtypes = [I64, I64, I64, P, P, P, P, P, P, I32]
     lib.charlm_gru_backward.argtypes = [I64, I64, I64, P, P, P, P, P, I32]
-    lib.charlm_lstm_forward.argtypes = [I64, I64, I64, P, P, P, P, P, P, P, I32]
-    lib.charlm_lstm_backward.argtypes = [I64, I64, I64, P, P, P, P, P, P, I32]
-    for fn in (lib.charlm_gru_forward, lib.charlm_gru_backward, lib.charlm_lstm_forward, lib.charlm_lstm_backward):
-        fn.restype = I32
+    lib.charlm_gru_forward.restype = lib.charlm_gru_backward.restype = I32
     return lib, "compiled C loops + MKL packed GEMM"
 
 
@@ -168,19 +165,3 @@ def backward(dY, M, w_hh, D, g) -> None:
     _check(load().charlm_gru_backward(
         *_dims(B, T, H), dY.data_ptr(), M.data_ptr(), w_hh.data_ptr(), D.data_ptr(), g.data_ptr(),
         torch.get_num_threads()))
-
-
-def lstm_forward(XP, h0, c, w_hh, b_hh, Y, M) -> None:
-    """Y (and M, unless None) from XP = x W_ih^T + b_ih; c holds c_0 in and c_T out."""
-    B, T, H = Y.shape
-    _check(load().charlm_lstm_forward(
-        *_dims(B, T, H), XP.data_ptr(), h0.data_ptr(), c.data_ptr(), w_hh.data_ptr(), b_hh.data_ptr(),
-        Y.data_ptr(), None if M is None else M.data_ptr(), torch.get_num_threads()))
-
-
-def lstm_backward(dY, M, w_hh, D, g, c) -> None:
-    """D from dY and M; g, c hold dL/dh_T, dL/dc_T on the way in and dL/dh_0, dL/dc_0 out."""
-    B, T, H = dY.shape
-    _check(load().charlm_lstm_backward(
-        *_dims(B, T, H), dY.data_ptr(), M.data_ptr(), w_hh.data_ptr(), D.data_ptr(), g.data_ptr(),
-        c.data_ptr(), torch.get_num_threads()))

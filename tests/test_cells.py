@@ -8,7 +8,6 @@ from torch import nn
 from torch.func import functional_call
 
 from charlm.cells import (
-    FAST_MODES,
     IMPLS,
     ScratchRecurrent,
     gru_step,
@@ -188,7 +187,7 @@ def test_gru_step_reset_placement_with_zero_state():
 
 
 def _impls_for(mode):
-    return ["fused", "scratch"] + (["fast"] if mode in FAST_MODES else [])
+    return ["fused", "scratch"] + (["fast"] if mode == "gru" else [])
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -258,12 +257,12 @@ def test_reset_before_only_in_scratch(impl):
     assert err.value.exit_code == 2
 
 
-@pytest.mark.parametrize("mode", ["rnn_tanh", "rnn_relu"])
+@pytest.mark.parametrize("mode", ["rnn_tanh", "rnn_relu", "lstm"])
 def test_fast_for_unsupported_cell_is_a_usage_error(mode):
     with pytest.raises(UsageError) as err:
         recurrent_layer("fast", mode, 2, 3, 1, 0.0)
     assert str(err.value) == (
-        f"--impl fast exists only for gru and lstm, not {mode}; use --impl fused or --impl scratch"
+        f"--impl fast exists only for gru, not {mode}; use --impl fused or --impl scratch"
     )
 
 
@@ -279,12 +278,10 @@ def test_unknown_values_are_usage_errors():
 def test_resolve_impl():
     assert IMPLS == ("auto", "fused", "scratch", "fast")
     assert resolve_impl("auto", "gru", "cpu") == "fast"
-    assert resolve_impl("auto", "lstm", "cpu") == "fast"
     assert resolve_impl("auto", "gru", "cuda") == "fused"
     assert resolve_impl("auto", "gru", "cuda", "before") == "scratch"
     assert resolve_impl("auto", "gru", "cpu", "before") == "scratch"
-    assert resolve_impl("auto", "lstm", "cuda") == "fused"
-    for mode in ("rnn_tanh", "rnn_relu"):
+    for mode in ("rnn_tanh", "rnn_relu", "lstm"):
         assert resolve_impl("auto", mode, "cpu") == "fused"
         assert resolve_impl("auto", mode, "cuda") == "fused"
     for impl in ("fused", "scratch", "fast"):

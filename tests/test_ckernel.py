@@ -1,4 +1,4 @@
-"""FastGRU's compiled loops (charlm/fast_kernels.c via charlm.ckernel): equal to nn.GRU, with
+"""FastGRU's compiled loops (charlm/fastgru_kernel.c via charlm.ckernel): equal to nn.GRU, with
 the hidden units split across threads; and the fallback to the TorchScript loops."""
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import torch
 
 from charlm import ckernel
 from charlm.devices import keep_freed_memory
-from charlm.fastlstm import FastLSTM
 from test_fastgru import assert_all_close, outputs_and_grads, pair
 
 CAN_BUILD = (
@@ -41,7 +40,7 @@ def test_the_kernel_builds_and_loads_where_it_can(fresh_kernel):
     assert ckernel.load() is not None
     assert ckernel.status() == "compiled C loops + MKL packed GEMM"
     built = sorted(p.name for p in fresh_kernel.iterdir())
-    assert len(built) == 1 and built[0].startswith("charlm-") and built[0].endswith(".so")  # no temp left
+    assert len(built) == 1 and built[0].startswith("fastgru-") and built[0].endswith(".so")  # no temp left
 
 
 def test_a_built_kernel_is_reused_not_rebuilt(fresh_kernel):
@@ -115,69 +114,3 @@ def test_float64_uses_the_torchscript_loops():
 
 def test_keep_freed_memory_takes_on_linux():
     assert keep_freed_memory() is sys.platform.startswith("linux")
-
-
-# --- FastLSTM ------------------------------------------------------------------------------------
-
-
-def lstm_pair(I, H, layers, seed=0):
-    torch.manual_seed(seed)
-    ref = torch.nn.LSTM(I, H, layers, batch_first=True)
-    fast = FastLSTM(I, H, layers)
-    fast.load_state_dict(ref.state_dict(), strict=True)
-    return ref, fast
-
-
-def lstm_outputs_and_grads(module, x, h0, c0):
-    for t in (x, h0, c0):
-        t.grad = None
-    module.zero_grad(set_to_none=True)
-    out, (h_n, c_n) = module(x, (h0, c0))
-    g = torch.Generator().manual_seed(1)
-    loss = sum((t * torch.randn(t.shape, generator=g)).sum() for t in (out, h_n, c_n))
-    loss.backward()
-    return [out, h_n, c_n], [x.grad, h0.grad, c0.grad], [p.grad for _, p in sorted(module.named_parameters())]
-
-
-@pytest.mark.parametrize("n_threads", [1, 2])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_fast_lstm_equals_nn_lstm(shape, n_threads, threads):
-    if not ckernel.load():
-        pytest.skip(ckernel.status())
-    threads(n_threads)
-    B, T, I, H, layers = shape
-    ref, fast = lstm_pair(I, H, layers)
-    x = torch.randn(B, T, I, requires_grad=True)
-    h0 = torch.randn(layers, B, H, requires_grad=True)
-    c0 = torch.randn(layers, B, H, requires_grad=True)
-    assert_all_close(lstm_outputs_and_grads(ref, x, h0, c0), lstm_outputs_and_grads(fast, x, h0, c0),
-                     atol=1e-4, rtol=1e-4)
-
-
-def test_fast_lstm_without_state_without_grad_and_in_eval():
-    ref, fast = lstm_pair(4, 40, 2)
-    x = torch.randn(3, 5, 4)
-    with torch.no_grad():
-        want, got = ref(x), fast(x)
-    assert_all_close([want[0], *want[1]], [got[0], *got[1]])
-
-
-def test_fast_lstm_without_the_kernel_is_torchs_lstm(fresh_kernel, monkeypatch):
-    monkeypatch.setenv("CHARLM_KERNEL", "0")
-    ref, fast = lstm_pair(5, 24, 2)
-    x = torch.randn(4, 6, 5, requires_grad=True)
-    h0, c0 = torch.randn(2, 4, 24, requires_grad=True), torch.randn(2, 4, 24, requires_grad=True)
-    want = lstm_outputs_and_grads(ref, x, h0, c0)
-    got = lstm_outputs_and_grads(fast, x, h0, c0)
-    assert ckernel.load() is None
-    assert_all_close(want, got, atol=0, rtol=0)  # the very same computation
-
-
-def test_fast_lstm_dropout_between_layers_only_in_training():
-    torch.manual_seed(0)
-    fast = FastLSTM(3, 40, 2, dropout=0.5)
-    x = torch.randn(2, 4, 3)
-    fast.eval()
-    assert torch.equal(fast(x)[0], fast(x)[0])
-    fast.train()
-    assert not torch.equal(fast(x)[0], fast.eval()(x)[0])

@@ -1,5 +1,4 @@
-/* The time loops of charlm.fastgru (GRU, reset after) and charlm.fastlstm in C: one layer,
-   float32, batch-major.
+/* The time loops of charlm.fastgru in C: one GRU layer, float32, batch-major, reset after.
 
    Built on first use by charlm/ckernel.py (cc -O3 -march=native -ffast-math -fopenmp) and loaded
    with ctypes. The matrix products call the BLAS that torch itself uses (MKL's packed GEMM, found
@@ -39,7 +38,7 @@ static pack_fn pack;
 static compute_fn compute;
 static threads_fn set_local_threads; /* MKL_Set_Num_Threads_Local, or NULL */
 
-int charlm_gru_abi(void) { return 7; }
+int charlm_gru_abi(void) { return 6; }
 
 void charlm_gru_init(void *size_fn, void *pack_fn_, void *compute_fn_, void *threads_fn_) {
     pack_size = (pack_size_fn)size_fn;
@@ -70,7 +69,7 @@ static void *aligned(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 
 typedef struct {
     int64_t B, T, H, u0, u1; /* this thread's hidden units: u0 .. u1 */
     const float *XP, *h0, *dY, *M_in, *w_hh, *b_hh;
-    float *Y, *M, *D, *g, *c; /* c: the LSTM's cell state (B, H), c_0 in, c_T out; or its gradient */
+    float *Y, *M, *D, *g;
     int rc;
 } job_t;
 
@@ -177,9 +176,7 @@ static void backward_units(job_t *j, int *failed) {
    of torch's own OpenMP pool (this library links the libgomp that torch loaded; a second pool
    of threads would fight torch's spinning workers for the cores). Each thread's slice of W_hh
    stays in its core's cache for the whole loop. Returns 0, or 1 when memory ran out. */
-typedef void (*worker_fn)(job_t *j, int *failed);
-
-static int run_blocks(job_t proto, int threads, worker_fn work) {
+static int run_blocks(job_t proto, int threads, int backward) {
     const int64_t H = proto.H;
     int n = threads < 1 ? 1 : threads;
     if (H / n < MIN_UNITS) n = H / MIN_UNITS > 0 ? (int)(H / MIN_UNITS) : 1;
@@ -192,7 +189,7 @@ static int run_blocks(job_t proto, int threads, worker_fn work) {
         j.u1 = i == m - 1 ? H : H * (i + 1) / m / 8 * 8;
         j.rc = 0;
         if (m > 1 && set_local_threads) set_local_threads(1); /* this block's GEMMs stay here */
-        work(&j, &failed);
+        if (backward) backward_units(&j, &failed); else forward_units(&j, &failed);
         if (m > 1 && set_local_threads) set_local_threads(0); /* back to the global setting */
         rc |= j.rc;
     }
@@ -202,119 +199,11 @@ static int run_blocks(job_t proto, int threads, worker_fn work) {
 int charlm_gru_forward(int64_t B, int64_t T, int64_t H, const float *XP, const float *h0,
                        const float *w_hh, const float *b_hh, float *Y, float *M, int threads) {
     job_t j = {.B = B, .T = T, .H = H, .XP = XP, .h0 = h0, .w_hh = w_hh, .b_hh = b_hh, .Y = Y, .M = M};
-    return run_blocks(j, threads, forward_units);
+    return run_blocks(j, threads, 0);
 }
 
 int charlm_gru_backward(int64_t B, int64_t T, int64_t H, const float *dY, const float *M,
                         const float *w_hh, float *D, float *g, int threads) {
     job_t j = {.B = B, .T = T, .H = H, .dY = dY, .M_in = M, .w_hh = w_hh, .D = D, .g = g};
-    return run_blocks(j, threads, backward_units);
-}
-
-/* ---- LSTM ------------------------------------------------------------------------------------
-   Gate rows i, f, g, o as in torch.nn.LSTM. Per step, with A = XP + h W_hh^T + b_hh:
-     i = sigmoid(A_i), f = sigmoid(A_f), g = tanh(A_g), o = sigmoid(A_o)
-     c' = f c + i g,  h' = o tanh(c')
-   M (B, T, 6, H) holds, per unit: g i(1-i), c f(1-f), i(1-g^2), tanh(c') o(1-o), o(1-tanh(c')^2), f.
-   Backward, with s = dL/dh' and q = dL/dc' (from the step after): q' = q + s o(1-tanh^2 c'),
-     D = [q' M0, q' M1, q' M2, s M3] (gate pre-activation gradients), dL/dc = q' f,
-     dL/dh = D W_hh. */
-
-static void lstm_forward_units(job_t *j, int *failed) {
-    const int64_t B = j->B, T = j->T, H = j->H, u0 = j->u0, nu = j->u1 - j->u0;
-    const int rows = (int)B, k1 = (int)H, n4 = (int)(4 * nu);
-    float *w = NULL, *rows_w = aligned((size_t)4 * nu * H * sizeof(float));
-    float *P = aligned((size_t)B * 4 * nu * sizeof(float));
-    if (rows_w && P) w = aligned(pack_size(B_MATRIX, rows, n4, k1));
-    if (w) {
-        for (int gate = 0; gate < 4; gate++)
-            memcpy(rows_w + gate * nu * H, j->w_hh + (gate * H + u0) * H, (size_t)nu * H * sizeof(float));
-        pack(ROW_MAJOR, B_MATRIX, TRANS, rows, n4, k1, 1.0f, rows_w, k1, w);
-    }
-#pragma omp atomic
-    *failed |= !w;
-#pragma omp barrier
-    if (*failed) { free(w); free(rows_w); free(P); j->rc = 1; return; }
-    const float *bi = j->b_hh + u0, *bf = bi + H, *bg = bf + H, *bo = bg + H;
-    for (int64_t t = 0; t < T; t++) {
-        const float *hp = t ? j->Y + (t - 1) * H : j->h0;
-        const int64_t ldh = t ? T * H : H;
-        compute(ROW_MAJOR, NO_TRANS, PACKED, rows, n4, k1, hp, (int)ldh, w, k1, 0.0f, P, n4);
-        for (int64_t b = 0; b < B; b++) {
-            const int64_t row = b * T + t;
-            const float *xi = j->XP + row * 4 * H + u0, *xf = xi + H, *xg = xf + H, *xo = xg + H;
-            const float *pi = P + b * 4 * nu, *pf = pi + nu, *pg = pf + nu, *po = pg + nu;
-            float *c = j->c + b * H + u0, *y = j->Y + row * H + u0;
-            float *m0 = j->M ? j->M + row * 6 * H + u0 : NULL;
-#pragma omp simd
-            for (int64_t k = 0; k < nu; k++) {
-                float i = sigmoid(xi[k] + pi[k] + bi[k]);
-                float f = sigmoid(xf[k] + pf[k] + bf[k]);
-                float g = 2.0f * sigmoid(2.0f * (xg[k] + pg[k] + bg[k])) - 1.0f; /* tanh */
-                float o = sigmoid(xo[k] + po[k] + bo[k]);
-                float cp = c[k], cn = f * cp + i * g;
-                float tc = 2.0f * sigmoid(2.0f * cn) - 1.0f;
-                c[k] = cn;
-                y[k] = o * tc;
-                if (m0) {
-                    m0[k] = g * i * (1.0f - i);
-                    m0[H + k] = cp * f * (1.0f - f);
-                    m0[2 * H + k] = i * (1.0f - g * g);
-                    m0[3 * H + k] = tc * o * (1.0f - o);
-                    m0[4 * H + k] = o * (1.0f - tc * tc);
-                    m0[5 * H + k] = f;
-                }
-            }
-        }
-#pragma omp barrier
-    }
-    free(P);
-    free(rows_w);
-    free(w);
-}
-
-/* g: dL/dh (B, H), c: dL/dc (B, H); dL/dh_T, dL/dc_T in, dL/dh_0, dL/dc_0 out. D (B, T, 4, H). */
-static void lstm_backward_units(job_t *j, int *failed) {
-    const int64_t B = j->B, T = j->T, H = j->H, u0 = j->u0, nu = j->u1 - j->u0;
-    const int rows = (int)B, k4 = (int)(4 * H), n1 = (int)nu;
-    float *w = aligned(pack_size(B_MATRIX, rows, n1, k4));
-    if (w) pack(ROW_MAJOR, B_MATRIX, NO_TRANS, rows, n1, k4, 1.0f, j->w_hh + u0, (int)H, w); /* W_hh[:, u0:u1] */
-#pragma omp atomic
-    *failed |= !w;
-#pragma omp barrier
-    if (*failed) { free(w); j->rc = 1; return; }
-    for (int64_t t = T - 1; t >= 0; t--) {
-        for (int64_t b = 0; b < B; b++) {
-            const int64_t row = b * T + t;
-            const float *dy = j->dY + row * H + u0, *m = j->M_in + row * 6 * H + u0;
-            float *d = j->D + row * 4 * H + u0, *gh = j->g + b * H + u0, *gc = j->c + b * H + u0;
-#pragma omp simd
-            for (int64_t k = 0; k < nu; k++) {
-                float s = dy[k] + gh[k];
-                float q = gc[k] + s * m[4 * H + k];
-                d[k] = q * m[k];
-                d[H + k] = q * m[H + k];
-                d[2 * H + k] = q * m[2 * H + k];
-                d[3 * H + k] = s * m[3 * H + k];
-                gc[k] = q * m[5 * H + k];
-            }
-        }
-#pragma omp barrier
-        /* g[:, units] = D[:, t] W_hh[:, units]: through W_hh h into the previous state */
-        compute(ROW_MAJOR, NO_TRANS, PACKED, rows, n1, k4, j->D + t * 4 * H, (int)(T * 4 * H), w, n1,
-                0.0f, j->g + u0, (int)H);
-    }
-    free(w);
-}
-
-int charlm_lstm_forward(int64_t B, int64_t T, int64_t H, const float *XP, const float *h0, float *c,
-                        const float *w_hh, const float *b_hh, float *Y, float *M, int threads) {
-    job_t j = {.B = B, .T = T, .H = H, .XP = XP, .h0 = h0, .c = c, .w_hh = w_hh, .b_hh = b_hh, .Y = Y, .M = M};
-    return run_blocks(j, threads, lstm_forward_units);
-}
-
-int charlm_lstm_backward(int64_t B, int64_t T, int64_t H, const float *dY, const float *M,
-                         const float *w_hh, float *D, float *g, float *c, int threads) {
-    job_t j = {.B = B, .T = T, .H = H, .dY = dY, .M_in = M, .w_hh = w_hh, .D = D, .g = g, .c = c};
-    return run_blocks(j, threads, lstm_backward_units);
+    return run_blocks(j, threads, 1);
 }
