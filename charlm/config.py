@@ -41,13 +41,13 @@ class TrainConfig:
     hidden: int = 256
     layers: int = 2
     embed: int = 32
-    dropout: float = 0.1
+    dropout: float = 0.2
     nonlinearity: str = "tanh"
     impl: str = "auto"
     gru_reset: str = "after"
     # optimisation
-    batch_size: int = 32
-    num_steps: int = 64
+    batch_size: int = 64
+    num_steps: int = 32
     sampling: str = "sequential"
     optimizer: str = "adamw"
     lr: float = 3e-3

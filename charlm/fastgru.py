@@ -19,8 +19,9 @@ forward and autograd replays ~30 more backward. Here each layer is one ``autogra
 
 Measured alternatives that lost (docs/BENCHMARKS.md): torch.compile of the step's element-wise
 part (slower per call than eager at these sizes, ~20 s to compile), the backward factors as
-batched ops after the loop, the batch halves on two threads (torch.jit.fork), and in C the batch
-rows split across threads (each thread streaming all of W_hh through its cache every step).
+batched ops after the loop, the batch halves on two threads (torch.jit.fork). In C, splitting the
+batch rows across threads instead of the hidden units measured the same within noise; the unit
+split keeps each thread's slice of W_hh in its own cache.
 
 Math (reset gate applied after the hidden projection, as in PyTorch/cuDNN), gate order r, z, n::
 

@@ -53,7 +53,7 @@ class Row:
 
 
 ROWS = {
-    "shakespeare": Row("Tiny Shakespeare (raw, 65 symbols)", "configs/shakespeare-lstm.toml", 240,
+    "shakespeare": Row("Tiny Shakespeare (raw, 65 symbols)", "configs/shakespeare-gru.toml", 240,
                        "nats", 1.50),
     "timemachine": Row("The Time Machine (d2l)", "configs/timemachine-gru.toml", 120, "ppl", 3.6),
     "shakespeare-gpu": Row("Tiny Shakespeare (raw, 65 symbols)", "configs/shakespeare-lstm.toml",
