@@ -40,7 +40,7 @@ def train(
     embed: Optional[int] = typer.Option(None, "--embed", help="Embedding size; 0 = one-hot inputs as in d2l.", rich_help_panel=MODEL),
     dropout: Optional[float] = typer.Option(None, "--dropout", help="Dropout between layers and before the output, in [0, 1).", rich_help_panel=MODEL),
     nonlinearity: Optional[str] = typer.Option(None, "--nonlinearity", help="tanh or relu (rnn only).", rich_help_panel=MODEL),
-    impl: Optional[str] = typer.Option(None, "--impl", help="auto, fused (torch/cuDNN), scratch (cells from the gate equations), fast (CPU GRU with its own backward).", rich_help_panel=MODEL),
+    impl: Optional[str] = typer.Option(None, "--impl", help="auto (default: fast for the GRU on the CPU, else fused), fused (torch/cuDNN), scratch (cells from the gate equations), fast (CPU GRU: own backward, C time loops; ~2x fused).", rich_help_panel=MODEL),
     gru_reset: Optional[str] = typer.Option(None, "--gru-reset", help="GRU reset gate after (PyTorch) or before (Cho et al., d2l) the recurrent product; before needs --impl scratch.", rich_help_panel=MODEL),
     bidirectional: bool = typer.Option(False, "--bidirectional", help="Refused: a bidirectional layer reads the characters it must predict.", rich_help_panel=MODEL),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Sequences per batch.", rich_help_panel=OPTIM),
