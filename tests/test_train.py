@@ -291,3 +291,19 @@ def test_help_does_not_import_torch():
             "print('torch' in sys.modules, file=sys.stderr)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stderr.strip().splitlines()[-1] == "False", done.stderr
+
+
+@pytest.mark.parametrize("extra, impl, reset", [
+    (["--impl", "scratch"], "scratch", "after"),
+    (["--gru-reset", "before"], "scratch", "before"),  # auto picks the one implementation that has it
+])
+def test_scratch_and_reset_before_train_end_to_end(small_text, tmp_path, runs_dir, extra, impl, reset):
+    run = tmp_path / "run"
+    result = CliRunner().invoke(app, _cli_args(small_text, run, "--cell", "gru", *extra, "--json"))
+    assert result.exit_code == 0, result.output
+    ckpt = load_checkpoint(run / "last.pt")
+    assert (ckpt["model_config"]["impl"], ckpt["model_config"]["gru_reset"]) == (impl, reset)
+    assert ckpt["step"] == 12
+    evaluated = CliRunner().invoke(app, ["eval", "perplexity", "--checkpoint", str(run), "--json"])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert json.loads(evaluated.stdout)["impl"] == impl
