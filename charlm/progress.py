@@ -33,8 +33,13 @@ class TrainDisplay:
 
         cfg, data = trainer.cfg, trainer.data
         verb = f"resuming at step {trainer.loop.step}" if resuming else "training"
+        impl = trainer.model_config.impl
+        if impl == "fast" and trainer.device.type == "cpu":
+            from charlm import ckernel
+
+            impl = f"fast: {ckernel.status()}"  # says so when the slower fallback loops run
         self.print(
-            f"{verb}: {cfg.cell} {cfg.layers}x{cfg.hidden} ({trainer.model_config.impl}), "
+            f"{verb}: {cfg.cell} {cfg.layers}x{cfg.hidden} ({impl}), "
             f"{params:,} parameters, on {describe(trainer.device)}"
         )
         self.print(
