@@ -32,6 +32,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchlib import cpu_name  # noqa: E402 - scripts/, beside this file
+
 from charlm.cells import FAST_MODES, MODES, recurrent_layer  # noqa: E402
 from charlm.devices import keep_freed_memory  # noqa: E402
 from charlm.optim import make_optimizer  # noqa: E402
@@ -158,15 +160,6 @@ def measure(args, device, hidden, batch, cell):
     return rows, load.cores
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
 
 def ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v]
@@ -205,7 +198,7 @@ def main(argv=None) -> int:
     meta = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "torch": torch.__version__, "python": platform.python_version(), "nproc": os.cpu_count(),
-        "cpu": cpu_model(), "threads": torch.get_num_threads(),
+        "cpu": cpu_name(), "threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "loadavg_before": os.getloadavg() if hasattr(os, "getloadavg") else None,

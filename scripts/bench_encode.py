@@ -32,6 +32,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchlib import cpu_name  # scripts/, beside this file
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TEXT = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 
@@ -130,15 +132,6 @@ def _run_child(*args: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -167,7 +160,7 @@ def main() -> None:
     naive = _run_child(args.path, "--naive-chars", str(args.naive_chars), "--child", "naive")
     best, median = min(fast["times"]), statistics.median(fast["times"])
     naive_scaled = naive["seconds"] * fast["chars"] / naive["chars"]
-    print(f"machine: nproc={os.cpu_count()}, {_cpu_model()}, torch threads={fast['threads']}, "
+    print(f"machine: nproc={os.cpu_count()}, {cpu_name()}, torch threads={fast['threads']}, "
           f"Python {platform.python_version()}, torch {fast['torch']}")
     print(f"command: python scripts/bench_encode.py {' '.join(sys.argv[1:])}".rstrip())
     print(f"date: {time.strftime('%Y-%m-%d %H:%M %Z')}; load average before: {load[0]:.2f}, after: "

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -35,6 +34,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchlib import cpu_name  # noqa: E402 - scripts/, beside this file
 
 from charlm.models import CharLM, ModelConfig  # noqa: E402
 from charlm.sample import SampleSettings, generate  # noqa: E402
@@ -76,15 +77,6 @@ def timed(fn, repeat: int) -> list[float]:
         times.append(time.perf_counter() - t0)
     return times
 
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> None:

@@ -43,6 +43,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchlib import cpu_name  # scripts/, beside this file
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 OVERRIDES = {  # option -> (type, TrainConfig key)
@@ -79,14 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def machine() -> dict:
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "python": platform.python_version()}
     if torch.cuda.is_available():

@@ -23,12 +23,13 @@ import argparse
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from benchlib import cpu_name  # scripts/, beside this file
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -105,14 +106,7 @@ def machine(device: str | None) -> str:
             return torch.cuda.get_device_name(0)
         except Exception:  # no CUDA here: the training run will have said so
             return "cuda (unavailable)"
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     return f"{cpu}, {os.cpu_count()} cores"
 
 
