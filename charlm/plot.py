@@ -13,8 +13,6 @@ the command, with the Agg canvas (no display, no pyplot global state).
 
 from __future__ import annotations
 
-import os
-import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -139,23 +137,7 @@ def _write_png(fig, out: Path) -> None:
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise CharlmError(f"cannot write {out}: directory {parent} does not exist")
-    tmp = parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    try:  # mode 0666 less umask, like any new file (mkstemp would make it 0600)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
-    except OSError as exc:
-        raise CharlmError(f"cannot write {out}: {exc.strerror}") from None
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    rundir.atomic_write(out, lambda fh: fig.savefig(fh, format="png"))
 
 
 def plot_command(
