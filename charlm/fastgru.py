@@ -150,32 +150,13 @@ class _GRULayer(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dY, dhn):
         x, h0, w_ih, w_hh, M, Y = ctx.saved_tensors
-        T, B, I = x.shape
+        T, B = x.shape[:2]
         H = w_hh.shape[1]
         D = torch.empty_like(M)
-        Df = D.view(T, B, _SLOTS * H)
         dh0 = _loops()[1](dY, M, D, dhn, w_hh)
-        dx = dw_ih = dw_hh = db_ih = db_hh = None
-        if ctx.needs_input_grad[0]:
-            w_perm = torch.cat([w_ih[2 * H :], w_ih[: 2 * H]])  # rows n, r, z like slots 0..2
-            dx = torch.mm(Df[..., : 3 * H].reshape(T * B, 3 * H), w_perm).view(T, B, I)
-        if not ctx.needs_input_grad[1]:
-            dh0 = None
-        if ctx.needs_input_grad[2]:
-            x2 = x.reshape(T * B, I)
-            dw_ih = torch.empty_like(w_ih)
-            torch.mm(Df[..., H : 3 * H].reshape(T * B, 2 * H).t(), x2, out=dw_ih[: 2 * H])
-            torch.mm(Df[..., :H].reshape(T * B, H).t(), x2, out=dw_ih[2 * H :])
-        if ctx.needs_input_grad[3]:
-            # sum_t dgh_t^T h_{t-1}, with h_{t-1} = Y[t-1] for t >= 1 and h0 for t = 0
-            d_hh = Df[..., H : 4 * H].reshape(T * B, 3 * H)
-            dw_hh = torch.mm(d_hh[:B].t(), h0)
-            dw_hh.addmm_(d_hh[B:].t(), Y[:-1].reshape((T - 1) * B, H))
-        if ctx.needs_input_grad[4] or ctx.needs_input_grad[5]:
-            sums = Df[..., : 4 * H].sum((0, 1))
-            db_ih = torch.cat([sums[H : 3 * H], sums[:H]])
-            db_hh = sums[H : 4 * H]
-        return dx, dh0, dw_ih, dw_hh, db_ih, db_hh
+        # rows in (t, b) order; the previous state of row (t, b) is h0[b] at t = 0, else Y[t-1, b]
+        h_prev = lambda: torch.cat([h0, Y[:-1].reshape((T - 1) * B, H)])  # noqa: E731
+        return _grads(ctx, D, x, dh0, w_ih, h_prev)
 
 
 class _GRULayerC(torch.autograd.Function):
@@ -203,32 +184,39 @@ class _GRULayerC(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dY, dhn):
         x, h0, w_ih, w_hh, M, Y = ctx.saved_tensors
-        B, T, I = x.shape
+        B, T = x.shape[:2]
         H = w_hh.shape[1]
         D = torch.empty_like(M)
         dh0 = dhn.contiguous().clone()  # in: dL/dh_T; the C loops leave dL/dh_0 here
         ckernel.backward(dY.contiguous(), M, w_hh.contiguous(), D, dh0)
-        Df = D.view(B * T, _SLOTS * H)
-        dx = dw_ih = dw_hh = db_ih = db_hh = None
-        if ctx.needs_input_grad[0]:
-            w_perm = torch.cat([w_ih[2 * H :], w_ih[: 2 * H]])  # rows n, r, z like slots 0..2
-            dx = torch.mm(Df[:, : 3 * H], w_perm).view(B, T, I)
-        if not ctx.needs_input_grad[1]:
-            dh0 = None
-        if ctx.needs_input_grad[2]:
-            x2 = x.view(B * T, I)
-            dw_ih = torch.empty_like(w_ih)
-            torch.mm(Df[:, H : 3 * H].t(), x2, out=dw_ih[: 2 * H])
-            torch.mm(Df[:, :H].t(), x2, out=dw_ih[2 * H :])
-        if ctx.needs_input_grad[3]:
-            # sum over rows and steps of dgh^T h_prev, h_prev = h0 at t = 0, else Y[:, t-1]
-            h_prev = torch.cat([h0.unsqueeze(1), Y[:, :-1]], 1).view(B * T, H)
-            dw_hh = torch.mm(Df[:, H : 4 * H].t(), h_prev)
-        if ctx.needs_input_grad[4] or ctx.needs_input_grad[5]:
-            sums = Df[:, : 4 * H].sum(0)
-            db_ih = torch.cat([sums[H : 3 * H], sums[:H]])
-            db_hh = sums[H : 4 * H]
-        return dx, dh0, dw_ih, dw_hh, db_ih, db_hh
+        # rows in (b, t) order; the previous state of row (b, t) is h0[b] at t = 0, else Y[b, t-1]
+        h_prev = lambda: torch.cat([h0.unsqueeze(1), Y[:, :-1]], 1).view(B * T, H)  # noqa: E731
+        return _grads(ctx, D, x, dh0, w_ih, h_prev)
+
+
+def _grads(ctx, D: Tensor, x: Tensor, dh0: Tensor, w_ih: Tensor, h_prev) -> tuple:
+    """Both layers' backward after the time loop, whatever their layout: the gradients for
+    (x, h0, w_ih, w_hh, b_ih, b_hh), None where not needed, from the slot gradients D (..., 5, H)
+    and the inputs x (..., I) of the same rows (one per batch row and step), and from the callable
+    h_prev their previous states (rows, H) in the same row order."""
+    need = ctx.needs_input_grad
+    H = w_ih.shape[0] // 3
+    Df, x2 = D.reshape(-1, _SLOTS * H), x.reshape(-1, x.shape[-1])  # views: both contiguous
+    dx = dw_ih = dw_hh = db_ih = db_hh = None
+    if need[0]:
+        w_perm = torch.cat([w_ih[2 * H :], w_ih[: 2 * H]])  # rows n, r, z like slots 0..2
+        dx = torch.mm(Df[:, : 3 * H], w_perm).view_as(x)
+    if need[2]:
+        dw_ih = torch.empty_like(w_ih)
+        torch.mm(Df[:, H : 3 * H].t(), x2, out=dw_ih[: 2 * H])
+        torch.mm(Df[:, :H].t(), x2, out=dw_ih[2 * H :])
+    if need[3]:
+        dw_hh = torch.mm(Df[:, H : 4 * H].t(), h_prev())  # sum over rows of dgh^T h_prev
+    if need[4] or need[5]:
+        sums = Df[:, : 4 * H].sum(0)
+        db_ih = torch.cat([sums[H : 3 * H], sums[:H]])
+        db_hh = sums[H : 4 * H]
+    return dx, dh0 if need[1] else None, dw_ih, dw_hh, db_ih, db_hh
 
 
 class FastGRU(nn.Module):
