@@ -169,6 +169,15 @@ def http_server():
         httpd.server_close()
 
 
+def pydoc_text(path: Path, chars: int) -> Path:
+    """Write `chars` characters of English prose and code from the stdlib's own docs (offline,
+    always there) to `path`: the tests' small corpus."""
+    from pydoc_data.topics import topics
+
+    path.write_text("\n\n".join(topics[k] for k in sorted(topics))[:chars], encoding="utf-8")
+    return path
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models in this process: one thread is fastest, and on a busy machine a second one
@@ -186,14 +195,12 @@ def one_thread():
 def tiny_run(tmp_path_factory) -> Path:
     """One real tiny run (10 steps), made in process: root/run/{last,best}.pt, root/small.txt.
     Tests that change it work on copies."""
-    from pydoc_data.topics import topics
     from typer.testing import CliRunner
 
     from charlm.cli import app
 
     root = tmp_path_factory.mktemp("tiny")
-    small = root / "small.txt"
-    small.write_text("\n\n".join(topics[k] for k in sorted(topics))[:30_000], encoding="utf-8")
+    small = pydoc_text(root / "small.txt", 30_000)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CHARLM_RUNS_DIR", str(root / "runs"))
         mp.setenv("CHARLM_DATA_DIR", str(root / "cache"))

@@ -24,6 +24,7 @@ from charlm.cli_train import free_port, launch_args
 from charlm.distributed import eval_shards
 from charlm.evaluate import corpus_nll
 from charlm.models import CharLM, ModelConfig
+from conftest import pydoc_text
 
 
 @pytest.mark.parametrize("cls", [SequentialBatches, RandomBatches])
@@ -65,11 +66,8 @@ def test_launch_args_give_the_ranks_the_same_command():
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
-    from pydoc_data.topics import topics
-
     root = tmp_path_factory.mktemp("ddp")
-    text = "\n\n".join(topics[k] for k in sorted(topics))[:30_000]
-    (root / "small.txt").write_text(text, encoding="utf-8")
+    pydoc_text(root / "small.txt", 30_000)
     return root
 
 

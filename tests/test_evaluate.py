@@ -22,6 +22,7 @@ from charlm.config import build_config
 from charlm.data import load_dataset
 from charlm.models import CharLM, ModelConfig
 from charlm.vocab import Vocab, preprocess
+from conftest import pydoc_text
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["--hidden", "16", "--embed", "8", "--batch-size", "4", "--num-steps", "8",
@@ -30,16 +31,11 @@ TRAIN = ["--hidden", "16", "--embed", "8", "--batch-size", "4", "--num-steps", "
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, one_thread):
     """`lstm`: 2-layer LSTM, d2l text, a 10% test split; `gru`: 1-layer GRU, raw text, no test split
     (trained last, so `latest` points at it)."""
-    from pydoc_data.topics import topics
-
     root = tmp_path_factory.mktemp("eval")
-    text = root / "small.txt"
-    text.write_text("\n\n".join(topics[k] for k in sorted(topics))[:6000], encoding="utf-8")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is faster, and kinder to a shared CPU
+    text = pydoc_text(root / "small.txt", 6000)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CHARLM_RUNS_DIR", str(root / "runs"))
         mp.setenv("CHARLM_DATA_DIR", str(root / "cache"))
@@ -54,7 +50,6 @@ def runs(tmp_path_factory):
             assert result.exit_code == 0, result.output
         yield {"root": root, "text": text, "lstm": root / "lstm", "gru": root / "gru",
                "gru-scratch": root / "gru-scratch"}
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

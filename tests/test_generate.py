@@ -18,6 +18,7 @@ from charlm.cli import app
 from charlm.models import CharLM, ModelConfig
 from charlm.sample import SampleSettings, generate, gumbel_noise
 from charlm.vocab import Vocab
+from conftest import pydoc_text
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["--hidden", "16", "--layers", "1", "--batch-size", "4", "--num-steps", "8",
@@ -26,15 +27,10 @@ TRAIN = ["--hidden", "16", "--layers", "1", "--batch-size", "4", "--num-steps", 
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, one_thread):
     """Two real runs: `raw` (GRU, embedding, raw text) and `d2l` (GRU, one-hot, d2l text)."""
-    from pydoc_data.topics import topics
-
     root = tmp_path_factory.mktemp("gen")
-    text = root / "small.txt"
-    text.write_text("\n\n".join(topics[k] for k in sorted(topics))[:6000], encoding="utf-8")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is faster, and kinder to a shared CPU
+    text = pydoc_text(root / "small.txt", 6000)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CHARLM_RUNS_DIR", str(root / "runs"))
         mp.setenv("CHARLM_DATA_DIR", str(root / "cache"))
@@ -44,7 +40,6 @@ def runs(tmp_path_factory):
                 app, ["train", "--text", str(text), *TRAIN, *extra, "--out", str(root / name)])
             assert result.exit_code == 0, result.output
         yield {"root": root, "raw": root / "raw", "d2l": root / "d2l"}
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

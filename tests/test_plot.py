@@ -18,6 +18,7 @@ from charlm import plot, rundir
 from charlm.cli import app
 from charlm.config import build_config
 from charlm.train import Trainer
+from conftest import pydoc_text
 
 try:
     import matplotlib  # noqa: F401
@@ -34,27 +35,19 @@ C0, C1 = (0x1F, 0x77, 0xB4), (0xFF, 0x7F, 0x0E)  # matplotlib's first two cycle 
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, one_thread):
     """Two real 20-step runs of a tiny GRU (different learning rates); `b` is the latest."""
-    from pydoc_data.topics import topics
-
     root = tmp_path_factory.mktemp("plot")
-    text = root / "small.txt"
-    text.write_text("\n\n".join(topics[k] for k in sorted(topics))[:6000], encoding="utf-8")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is faster, and kinder to a shared CPU
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("CHARLM_RUNS_DIR", str(root / "runs"))
-            for name, lr in (("a", 0.01), ("b", 0.003)):
-                cfg = build_config({}, {
-                    "text": [str(text)], "hidden": 16, "layers": 1, "embed": 8, "dropout": 0.0,
-                    "batch_size": 4, "num_steps": 16, "max_steps": 20, "time_budget": "0",
-                    "log_every": 5, "eval_every": 10, "checkpoint_every": 20, "lr": lr,
-                    "sample_length": 10, "impl": "fused", "out": str(root / name)})
-                Trainer(cfg).run()
-    finally:
-        torch.set_num_threads(threads)
+    text = pydoc_text(root / "small.txt", 6000)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CHARLM_RUNS_DIR", str(root / "runs"))
+        for name, lr in (("a", 0.01), ("b", 0.003)):
+            cfg = build_config({}, {
+                "text": [str(text)], "hidden": 16, "layers": 1, "embed": 8, "dropout": 0.0,
+                "batch_size": 4, "num_steps": 16, "max_steps": 20, "time_budget": "0",
+                "log_every": 5, "eval_every": 10, "checkpoint_every": 20, "lr": lr,
+                "sample_length": 10, "impl": "fused", "out": str(root / name)})
+            Trainer(cfg).run()
     return {"root": root, "runs": root / "runs", "a": root / "a", "b": root / "b"}
 
 

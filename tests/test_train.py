@@ -19,6 +19,7 @@ from charlm.cli import app
 from charlm.config import TrainConfig, build_config
 from charlm.models import CharLM, ModelConfig, detach_state
 from charlm.train import Trainer
+from conftest import pydoc_text
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,12 +33,7 @@ def runs_dir(tmp_path, monkeypatch) -> Path:
 @pytest.fixture(scope="module")
 def small_text(tmp_path_factory) -> Path:
     """About 30K characters of English prose and code from the stdlib's own docs (offline)."""
-    from pydoc_data.topics import topics
-
-    text = "\n\n".join(topics[k] for k in sorted(topics))[:30_000]
-    path = tmp_path_factory.mktemp("corpus") / "small.txt"
-    path.write_text(text, encoding="utf-8")
-    return path
+    return pydoc_text(tmp_path_factory.mktemp("corpus") / "small.txt", 30_000)
 
 
 def tiny(small_text: Path, out: Path, **over) -> TrainConfig:
