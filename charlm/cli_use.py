@@ -62,7 +62,7 @@ def load_model(target: Optional[str], impl: Optional[str], device_spec: str) -> 
     from charlm.cells import resolve_impl
     from charlm.checkpoint import find_checkpoint, load_checkpoint
     from charlm.devices import select_device
-    from charlm.models import CharLM, ModelConfig, check_parameters
+    from charlm.models import CharLM, ModelConfig, check_parameters, check_vocab_size
     from charlm.vocab import PREPROCESSING, Vocab
 
     device = select_device(device_spec)
@@ -73,11 +73,7 @@ def load_model(target: Optional[str], impl: Optional[str], device_spec: str) -> 
         vocab = Vocab.from_dict(ckpt["vocab"])
     except CharlmError as exc:
         raise CharlmError(f"{path}: {exc}; the file is damaged") from None
-    if len(vocab) != cfg.vocab_size:
-        raise CharlmError(
-            f"{path}: its vocabulary has {len(vocab)} tokens but its model config says "
-            f"{cfg.vocab_size}; the file is damaged"
-        )
+    check_vocab_size(str(path), len(vocab), cfg.vocab_size)
     preprocessing = ckpt.get("preprocessing")
     if preprocessing not in PREPROCESSING:
         raise CharlmError(f"{path}: unknown preprocessing {preprocessing!r}; the file is damaged")

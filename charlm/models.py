@@ -133,6 +133,13 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def check_vocab_size(where: str, tokens: int, said: object) -> None:
+    """Refuse a checkpoint whose vocabulary and model config disagree on the vocabulary size."""
+    if tokens != said:
+        raise CharlmError(f"{where}: its vocabulary has {tokens} tokens but its model config says "
+                          f"{said}; the file is damaged")
+
+
 def check_parameters(where: str, model: nn.Module, saved: object) -> None:
     """Refuse, naming the parameter, saved weights whose names, shapes or values do not fit
     ``model`` (one-line CharlmErrors that start with ``where``, e.g. the checkpoint's path)."""

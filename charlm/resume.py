@@ -16,7 +16,7 @@ from charlm import distributed, rundir
 from charlm.checkpoint import load_checkpoint
 from charlm.config import TrainConfig
 from charlm.errors import CharlmError, UsageError
-from charlm.models import State, check_parameters
+from charlm.models import State, check_parameters, check_vocab_size
 
 if TYPE_CHECKING:
     from charlm.train import Trainer
@@ -110,9 +110,7 @@ def restore(t: Trainer, ckpt: dict, where: str) -> None:
     """Put a trainer back where the checkpoint left it (its model was built from the same config)."""
     saved_config = ckpt.get("model_config")
     said = saved_config.get("vocab_size") if isinstance(saved_config, dict) else None
-    if said != len(t.data.vocab):
-        raise CharlmError(f"{where}: its vocabulary has {len(t.data.vocab)} tokens but its model "
-                          f"config says {said}; the file is damaged")
+    check_vocab_size(where, len(t.data.vocab), said)
     check_parameters(where, t.model, ckpt.get("model"))  # one line naming the weight
     try:
         t.model.load_state_dict(ckpt["model"])
