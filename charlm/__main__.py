@@ -1,4 +1,4 @@
-from charlm.cli import main
+from charlm.cli.app import main
 
 if __name__ == "__main__":
     main()

@@ -2,7 +2,7 @@
 
 perplexity = exp(sum of -log p(target) / number of targets); nats and bits per character are the
 same sum divided by the count (and by ln 2). The window layout comes from
-`charlm.batches.eval_windows`.
+`charlm.data.batches.eval_windows`.
 
 Only one stream is exact: with batch_size B > 1 the text is cut into B streams that each start
 from a zero state, so the first characters of streams 2..B lose their left context and the
@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from charlm.batches import eval_windows
-from charlm.models import CharLM, detach_state
+from charlm.data.batches import eval_windows
+from charlm.model.lm import CharLM, detach_state
 
 
 @torch.no_grad()

@@ -27,7 +27,7 @@ from typing import Callable, Iterator
 import torch
 
 from charlm.errors import UsageError
-from charlm.models import CharLM, State
+from charlm.model.lm import CharLM, State
 
 NOISE_BLOCK_STEPS = 64  # noise drawn per block: (steps, samples, vocab)
 NOISE_BLOCK_NUMBERS = 1 << 22  # ... but at most this many numbers (16 MB) per block

@@ -1,4 +1,4 @@
-"""Benchmark: vocabulary build + encode of a large text, charlm.vocab against the naive way.
+"""Benchmark: vocabulary build + encode of a large text, charlm.data.vocab against the naive way.
 
     python scripts/bench_encode.py [PATH] [--chars 100000000] [--naive-chars 5000000] [--repeat 3]
 
@@ -11,7 +11,7 @@ its peak RSS (``ru_maxrss``) is its own:
   (the text itself, 1 byte per ASCII character, is therefore not counted; it is reported
   separately). The encoded ids are 4 bytes per character of that.
 * the same with the chunk loops on all torch threads instead of one (ablation of
-  ``charlm.vocab._one_thread``).
+  ``charlm.data.vocab._one_thread``).
 * naive: ``list(text)``, ``collections.Counter``, sorted vocabulary, a dict lookup per character
   into a list, ``torch.tensor(ids, dtype=torch.int32)``; run on the first --naive-chars
   characters only and scaled per character (time and memory). It also checks that both give
@@ -64,11 +64,11 @@ def child_fast(path: str, chars: int, repeat: int, all_threads: bool = False) ->
 
     import torch
 
-    import charlm.vocab
-    from charlm.vocab import Vocab
+    import charlm.data.vocab
+    from charlm.data.vocab import Vocab
 
     if all_threads:  # ablation: let torch split each chunk's ops across all its threads
-        charlm.vocab._one_thread = contextlib.nullcontext
+        charlm.data.vocab._one_thread = contextlib.nullcontext
 
     Vocab.build("warm up").encode("warm up")  # first-call setup is not what we measure
     before_text = _rss_kib()
@@ -102,7 +102,7 @@ def child_naive(path: str, chars: int) -> dict:
 
     import torch
 
-    from charlm.vocab import Vocab
+    from charlm.data.vocab import Vocab
 
     text = _load(path, chars)
     rss0 = _rss_kib()
@@ -168,7 +168,7 @@ def main() -> None:
     print()
     print("| approach | chars | seconds (best / median of runs) | peak RSS growth, bytes/char |")
     print("|---|---|---|---|")
-    print(f"| charlm.vocab build + encode | {fast['chars']:,} | {best:.2f} / {median:.2f} "
+    print(f"| charlm.data.vocab build + encode | {fast['chars']:,} | {best:.2f} / {median:.2f} "
           f"({len(fast['times'])} runs) | {fast['peak_growth_bytes_per_char']:.2f} |")
     print(f"| same, chunk ops on all {threaded['threads']} torch threads (ablation) | {threaded['chars']:,} | "
           f"{min(threaded['times']):.2f} / {statistics.median(threaded['times']):.2f} "

@@ -95,9 +95,9 @@ class Side:
     def __init__(self, base: dict, impl: str, steps: int, warmup: int, root: Path):
         import torch
 
-        from charlm.config import build_config
-        from charlm.optim import make_optimizer
-        from charlm.train import Trainer
+        from charlm.training.config import build_config
+        from charlm.training.optim import make_optimizer
+        from charlm.training.trainer import Trainer
 
         self.impl, self.root = impl, root
         self.steps, self.warmup = steps, warmup
@@ -160,9 +160,9 @@ class Side:
         slices, so both see the same machine load."""
         from rich.console import Console
 
-        from charlm.config import build_config
-        from charlm.progress import TrainDisplay
-        from charlm.train import Trainer
+        from charlm.training.config import build_config
+        from charlm.training.display import TrainDisplay
+        from charlm.training.trainer import Trainer
 
         self.runs += 1
         out = self.root / f"run-{self.impl}-{self.runs}"
@@ -214,7 +214,7 @@ class Side:
 
 
 def base_values(args) -> dict:
-    from charlm.config import load_config_file
+    from charlm.training.config import load_config_file
 
     values = load_config_file(args.config)
     for key in OVERRIDES:

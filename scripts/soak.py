@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 RUN_FILES = {"config.toml", "metrics.jsonl", "samples.txt", "last.pt", "best.pt", "run.lock"}
-TEMP = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp$")  # as charlm.rundir.atomic_write names them
+TEMP = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp$")  # as charlm.training.rundir.atomic_write names them
 
 
 def write_corpus(path: Path, chars: int = 30_000) -> Path:
@@ -76,7 +76,7 @@ class Subprocesses:
 # reports on it: {"start": args, "stderr": path} -> pid; {"wait": pid, "block": bool} -> status.
 FORK_SERVER = r"""
 import json, os, runpy, sys, traceback
-import charlm.cli  # torch, typer, rich: imported once, here
+import charlm.cli.app  # torch, typer, rich: imported once, here
 import torch._dynamo  # torch.optim imports it when the first optimizer is made
 
 for line in sys.stdin:
@@ -230,7 +230,7 @@ class RunCheck:
 
 def check_run_dir(run: Path, killed_pid: int | None = None) -> RunCheck:
     """Every checkpoint loads; only the run's files, and temp files of `killed_pid` alone."""
-    from charlm.checkpoint import load_checkpoint
+    from charlm.training.checkpoint import load_checkpoint
     from charlm.errors import CharlmError
 
     check = RunCheck()
@@ -255,7 +255,7 @@ def weight_differences(a: Path, b: Path) -> list[str]:
     """Names of the tensors that differ between two checkpoints' weights (torch.equal)."""
     import torch
 
-    from charlm.checkpoint import load_checkpoint
+    from charlm.training.checkpoint import load_checkpoint
 
     wa, wb = load_checkpoint(a)["model"], load_checkpoint(b)["model"]
     if wa.keys() != wb.keys():

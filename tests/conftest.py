@@ -62,7 +62,7 @@ def refused_url() -> str:
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path, monkeypatch) -> Path:
     """A fresh CHARLM_DATA_DIR per test, and corpus downloads that can only reach loopback."""
-    from charlm import corpus
+    from charlm.data import corpus
 
     cache = tmp_path / "charlm-cache"
     monkeypatch.setenv("CHARLM_DATA_DIR", str(cache))
@@ -197,7 +197,7 @@ def tiny_run(tmp_path_factory) -> Path:
     Tests that change it work on copies."""
     from typer.testing import CliRunner
 
-    from charlm.cli import app
+    from charlm.cli.app import app
 
     root = tmp_path_factory.mktemp("tiny")
     small = pydoc_text(root / "small.txt", 30_000)

@@ -204,7 +204,7 @@ def snapshot(root: Path) -> dict[str, tuple[int, int, int]]:
 # `python -m charlm ARGS` in the request's cwd and environment, and answers the exit status.
 FORK_SERVER = r"""
 import json, os, runpy, sys, traceback
-import charlm.cli  # torch, typer, rich: imported once, here
+import charlm.cli.app  # torch, typer, rich: imported once, here
 import torch._dynamo  # torch.optim imports it when the first optimizer is made: 1-2 s more
 
 for line in sys.stdin:

@@ -3,7 +3,7 @@ import itertools
 import pytest
 import torch
 
-from charlm.batches import (
+from charlm.data.batches import (
     RandomBatches,
     SequentialBatches,
     eval_windows,

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from charlm.cells import (
+from charlm.model.cells import (
     IMPLS,
     ScratchRecurrent,
     gru_step,

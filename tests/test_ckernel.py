@@ -1,4 +1,4 @@
-"""FastGRU's compiled loops (charlm/fastgru_kernel.c via charlm.ckernel): equal to nn.GRU, with
+"""FastGRU's compiled loops (charlm/model/fastgru_kernel.c via charlm.model.ckernel): equal to nn.GRU, with
 the hidden units split across threads; and the fallback to the TorchScript loops."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from charlm import ckernel
+from charlm.model import ckernel
 from charlm.devices import keep_freed_memory
 from test_fastgru import assert_all_close, outputs_and_grads, pair
 

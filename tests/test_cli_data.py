@@ -10,8 +10,8 @@ from collections import Counter
 
 from typer.testing import CliRunner
 
-from charlm import corpus
-from charlm.cli import app
+from charlm.data import corpus
+from charlm.cli.app import app
 
 TM_SHA256 = "8424dbd9532ac81f7e5f0b6add90e6952baea29158309d7d1bf3884f4e12c516"
 TS_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"

@@ -1,4 +1,4 @@
-"""charlm.corpus: the registry, the cache folder, and load_corpus by name, file and URL."""
+"""charlm.data.corpus: the registry, the cache folder, and load_corpus by name, file and URL."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from importlib import resources
 import pytest
 from pydoc_data.topics import topics
 
-from charlm import corpus
-from charlm.corpus import CorpusText, cache_dir, corpus_names, load_corpus
-from charlm.download import DownloadError
+from charlm.data import corpus
+from charlm.data.corpus import CorpusText, cache_dir, corpus_names, load_corpus
+from charlm.data.download import DownloadError
 from charlm.errors import CharlmError, UsageError
 
 TM_SHA256 = "8424dbd9532ac81f7e5f0b6add90e6952baea29158309d7d1bf3884f4e12c516"
@@ -25,7 +25,7 @@ def dead_url(name: str) -> str:
 
 
 def test_registry_pins_the_reference_corpora():
-    table = tomllib.loads(resources.files("charlm").joinpath("corpora.toml").read_text("utf-8"))
+    table = tomllib.loads(resources.files("charlm.data").joinpath("corpora.toml").read_text("utf-8"))
     assert corpus_names() == ["python-docs", "timemachine", "tinyshakespeare"]
     tm, ts = table["timemachine"], table["tinyshakespeare"]
     assert tm["urls"] == ["http://d2l-data.s3-accelerate.amazonaws.com/timemachine.txt"]

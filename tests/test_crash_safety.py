@@ -29,8 +29,8 @@ import pytest
 pytestmark = pytest.mark.usefixtures("one_thread")
 import torch
 
-from charlm import rundir
-from charlm.checkpoint import load_checkpoint, save_checkpoint
+from charlm.training import rundir
+from charlm.training.checkpoint import load_checkpoint, save_checkpoint
 from charlm.errors import CharlmError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -147,8 +147,8 @@ def test_signal_saves_exits_130_and_the_resumed_run_ends_bit_identical(
 
 def test_sigterm_before_training_stops_with_one_line_and_130(corpus, tmp_path, monkeypatch,
                                                             capsys):
-    from charlm import corpus as corpus_module
-    from charlm.cli import main
+    from charlm.data import corpus as corpus_module
+    from charlm.cli.app import main
 
     monkeypatch.setenv("CHARLM_RUNS_DIR", str(tmp_path / "runs"))
     real_read = corpus_module.read_text
@@ -235,7 +235,7 @@ def test_a_failed_first_save_leaves_nothing(tmp_path, monkeypatch):
 
 def test_full_disk_mid_training_is_one_line_and_keeps_the_last_good_checkpoint(
         corpus, tmp_path, monkeypatch, capsys):
-    from charlm.cli import main
+    from charlm.cli.app import main
 
     monkeypatch.setenv("CHARLM_RUNS_DIR", str(tmp_path / "runs"))
     calls = []
@@ -294,7 +294,7 @@ def test_atomic_files_get_the_usual_mode(tmp_path):
 def test_resume_from_another_directory(corpus, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from charlm.cli import app
+    from charlm.cli.app import app
 
     monkeypatch.setenv("CHARLM_RUNS_DIR", str(tmp_path / "runs"))
     (tmp_path / "a").mkdir()

@@ -17,13 +17,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from charlm.batches import RandomBatches, SequentialBatches
-from charlm.checkpoint import load_checkpoint
-from charlm.cli import app
-from charlm.cli_train import free_port, launch_args
-from charlm.distributed import eval_shards
+from charlm.data.batches import RandomBatches, SequentialBatches
+from charlm.training.checkpoint import load_checkpoint
+from charlm.cli.app import app
+from charlm.cli.train import free_port, launch_args
+from charlm.training.distributed import eval_shards
 from charlm.evaluate import corpus_nll
-from charlm.models import CharLM, ModelConfig
+from charlm.model.lm import CharLM, ModelConfig
 from conftest import pydoc_text
 
 

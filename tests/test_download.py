@@ -1,4 +1,4 @@
-"""charlm.download against real loopback HTTP servers and real bytes."""
+"""charlm.data.download against real loopback HTTP servers and real bytes."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from charlm.download import DownloadError, download, install, mirror_urls
+from charlm.data.download import DownloadError, download, install, mirror_urls
 
 TM_SHA1 = "090b5e7e70c295757f55df93cb0a180b9691891a"
 TM_SHA256 = "8424dbd9532ac81f7e5f0b6add90e6952baea29158309d7d1bf3884f4e12c516"

@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from charlm.checkpoint import load_checkpoint, save_checkpoint
-from charlm.cli import app
-from charlm.config import build_config
-from charlm.data import load_dataset
-from charlm.models import CharLM, ModelConfig
-from charlm.vocab import Vocab, preprocess
+from charlm.training.checkpoint import load_checkpoint, save_checkpoint
+from charlm.cli.app import app
+from charlm.training.config import build_config
+from charlm.data.dataset import load_dataset
+from charlm.model.lm import CharLM, ModelConfig
+from charlm.data.vocab import Vocab, preprocess
 from conftest import pydoc_text
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,9 +7,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-import charlm.fastgru as fastgru
-from charlm.cells import recurrent_layer
-from charlm.fastgru import FastGRU
+import charlm.model.fastgru as fastgru
+from charlm.model.cells import recurrent_layer
+from charlm.model.fastgru import FastGRU
 
 SHAPES = [(1, 1, 3, 4), (3, 5, 4, 6), (2, 9, 5, 3), (4, 2, 1, 1)]  # (batch, time, input, hidden)
 TOL = dict(atol=1e-5, rtol=1e-5)

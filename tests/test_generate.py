@@ -13,11 +13,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from charlm.checkpoint import load_checkpoint
-from charlm.cli import app
-from charlm.models import CharLM, ModelConfig
+from charlm.training.checkpoint import load_checkpoint
+from charlm.cli.app import app
+from charlm.model.lm import CharLM, ModelConfig
 from charlm.sample import SampleSettings, generate, gumbel_noise
-from charlm.vocab import Vocab
+from charlm.data.vocab import Vocab
 from conftest import pydoc_text
 
 REPO = Path(__file__).resolve().parents[1]

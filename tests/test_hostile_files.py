@@ -22,9 +22,9 @@ import pytest
 pytestmark = pytest.mark.usefixtures("one_thread")
 import torch
 
-from charlm.checkpoint import load_checkpoint
+from charlm.training.checkpoint import load_checkpoint
 from charlm.errors import CharlmError
-from charlm.models import model_from_checkpoint
+from charlm.model.lm import model_from_checkpoint
 
 CODE = ("holds code objects, not plain data; refusing to load it (charlm checkpoints hold only "
         "tensors, numbers, strings, lists and dicts)")
@@ -77,7 +77,7 @@ def hostile_files(tiny_run: Path, folder: Path) -> tuple[dict[str, Path], Path]:
 
 def run_main(args: list[str]) -> tuple[int, str, str]:
     """`charlm ARGS` in process, through the console entry point (main), as the shell runs it."""
-    from charlm.cli import main
+    from charlm.cli.app import main
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

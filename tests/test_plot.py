@@ -14,10 +14,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from charlm import plot, rundir
-from charlm.cli import app
-from charlm.config import build_config
-from charlm.train import Trainer
+from charlm.cli import plot
+from charlm.training import rundir
+from charlm.cli.app import app
+from charlm.training.config import build_config
+from charlm.training.trainer import Trainer
 from conftest import pydoc_text
 
 try:
@@ -222,6 +223,6 @@ def test_out_must_be_png_in_an_existing_directory(runs, tmp_path):
 
 
 def test_help_does_not_import_matplotlib():
-    code = "import sys, charlm.cli; print('matplotlib' in sys.modules)"
+    code = "import sys, charlm.cli.app; print('matplotlib' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout == "False\n"

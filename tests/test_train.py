@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from charlm.checkpoint import load_checkpoint
-from charlm.cli import app
-from charlm.config import TrainConfig, build_config
-from charlm.models import CharLM, ModelConfig, detach_state
-from charlm.train import Trainer
+from charlm.training.checkpoint import load_checkpoint
+from charlm.cli.app import app
+from charlm.training.config import TrainConfig, build_config
+from charlm.model.lm import CharLM, ModelConfig, detach_state
+from charlm.training.trainer import Trainer
 from conftest import pydoc_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,8 +119,8 @@ def interrupt_at(step: int):
 
 
 def run_interrupted_then_resumed(cfg: TrainConfig, stop_at: int) -> dict:
-    from charlm.resume import resolve_resume
-    from charlm.train import Interrupted
+    from charlm.training.state import resolve_resume
+    from charlm.training.trainer import Interrupted
 
     trainer = Trainer(cfg)
     trainer.step_hook = interrupt_at(stop_at)
@@ -220,7 +220,7 @@ def test_cli_train_writes_a_complete_run_directory(small_text, tmp_path, runs_di
     names = {p.name for p in (tmp_path / "run").iterdir()}
     assert {"config.toml", "metrics.jsonl", "last.pt", "best.pt", "samples.txt"} <= names
     assert (runs_dir / "latest").read_text().strip() == str((tmp_path / "run").resolve())
-    from charlm.config import load_config_file
+    from charlm.training.config import load_config_file
 
     saved = load_config_file(tmp_path / "run" / "config.toml")
     assert saved["hidden"] == 16 and saved["max_steps"] == 12
@@ -281,7 +281,7 @@ def test_resume_with_no_runs_says_how_to_name_one(tmp_path, monkeypatch):
 
 def test_help_does_not_import_torch():
     """`charlm --help` and `charlm generate --help` answer at once (torch takes seconds to import)."""
-    code = ("import sys\nfrom charlm.cli import main\n"
+    code = ("import sys\nfrom charlm.cli.app import main\n"
             "for args in (['--help'], ['generate', '--help'], ['train', '--help']):\n"
             "    try:\n        main(args)\n    except SystemExit:\n        pass\n"
             "print('torch' in sys.modules, file=sys.stderr)")

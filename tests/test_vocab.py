@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from charlm.errors import CharlmError, UsageError
-from charlm.vocab import PREPROCESSING, Vocab, preprocess
-import charlm.vocab as vocab_module
+from charlm.data.vocab import PREPROCESSING, Vocab, preprocess
+import charlm.data.vocab as vocab_module
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -35,7 +35,7 @@ class TrainDisplay:
         verb = f"resuming at step {trainer.loop.step}" if resuming else "training"
         impl = trainer.model_config.impl
         if impl == "fast" and trainer.device.type == "cpu":
-            from charlm import ckernel
+            from charlm.model import ckernel
 
             impl = f"fast: {ckernel.status()}"  # says so when the slower fallback loops run
         self.print(

@@ -96,7 +96,7 @@ def train(
         if "WORLD_SIZE" in os.environ:
             raise UsageError("--nproc starts its own processes; drop it when running under torchrun")
         raise typer.Exit(launch(nproc, launch_args(explicit, config, resume, target, json_out, quiet)))
-    from charlm import distributed
+    from charlm.training import distributed
 
     group = distributed.from_env()
     try:
@@ -134,10 +134,10 @@ def launch_args(explicit: dict, config, resume: bool, target, json_out: bool, qu
 
 
 def _train(group, explicit: dict, config, resume: bool, target, json_out: bool, quiet: bool) -> None:
-    from charlm.config import build_config, load_config_file
-    from charlm.progress import TrainDisplay, summary_table
-    from charlm.resume import resolve_resume
-    from charlm.train import Interrupted, Trainer
+    from charlm.training.config import build_config, load_config_file
+    from charlm.training.display import TrainDisplay, summary_table
+    from charlm.training.state import resolve_resume
+    from charlm.training.trainer import Interrupted, Trainer
 
     def configure():
         file_values = load_config_file(config) if config else {}

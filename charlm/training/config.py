@@ -173,7 +173,7 @@ def _positive(cfg: TrainConfig, *keys: str, minimum: int = 1) -> None:
 
 def validate(cfg: TrainConfig) -> None:
     """Range checks that name the key; corpus-dependent checks happen when the data is loaded."""
-    from charlm.models import CELLS, GRU_RESETS, NONLINEARITIES
+    from charlm.model.lm import CELLS, GRU_RESETS, NONLINEARITIES
 
     choices = {
         "cell": CELLS,

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from charlm.errors import CharlmError
-from charlm.rundir import atomic_write
+from charlm.training.rundir import atomic_write
 
 FORMAT = "charlm-checkpoint"
 FORMAT_VERSION = 1
@@ -177,7 +177,7 @@ def _check_hidden(data: dict, path: Path) -> None:
 def _check_train_config(values: dict | None, path: Path) -> None:
     if values is None:
         return
-    from charlm.config import FIELD_TYPES, _type_ok
+    from charlm.training.config import FIELD_TYPES, _type_ok
 
     for key, value in values.items():
         if key in FIELD_TYPES and not _type_ok(key, value):

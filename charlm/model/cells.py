@@ -9,7 +9,7 @@ load across implementations and give the same outputs.
 Implementations (``--impl``):
   fused    torch's own layers (cuDNN on CUDA, ATen kernels on CPU)
   scratch  this module: plain autograd over the step functions below (slow; for reading/checking)
-  fast     ``charlm.fastgru.FastGRU``: hand-written backward, GRU only (fastest on CPU)
+  fast     ``charlm.model.fastgru.FastGRU``: hand-written backward, GRU only (fastest on CPU)
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from charlm.errors import UsageError
-from charlm.fastgru import FastGRU
+from charlm.model.fastgru import FastGRU
 
 MODES = ("rnn_tanh", "rnn_relu", "gru", "lstm")
 IMPLS = ("auto", "fused", "scratch", "fast")

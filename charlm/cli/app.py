@@ -11,7 +11,7 @@ import threading
 import typer
 
 from charlm import __version__
-from charlm.cli_common import debug_enabled, error_line
+from charlm.cli.common import debug_enabled, error_line
 from charlm.errors import CharlmError
 
 app = typer.Typer(
@@ -47,18 +47,19 @@ def _root(
 
 
 def _register_subcommands() -> None:
-    from charlm import cli_data, cli_train
-    from charlm.cli_common import handle_errors
+    from charlm.cli import data as cli_data
+    from charlm.cli import train as cli_train
+    from charlm.cli.common import handle_errors
 
     app.command("train", no_args_is_help=False)(handle_errors(cli_train.train))
     app.add_typer(cli_data.data_app, name="data")
 
-    from charlm import cli_use
+    from charlm.cli import use as cli_use
 
     app.command("generate")(handle_errors(cli_use.generate))
     app.add_typer(cli_use.eval_app, name="eval")
 
-    from charlm import plot
+    from charlm.cli import plot
 
     app.command("plot")(handle_errors(plot.plot_command))
 

@@ -20,7 +20,7 @@ from importlib import resources
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlparse
 
-from charlm.download import DownloadError, checksum_mismatch, download, install, mirror_urls
+from charlm.data.download import DownloadError, checksum_mismatch, download, install, mirror_urls
 from charlm.errors import CharlmError, UsageError
 
 DEFAULT_CORPUS = "timemachine"
@@ -41,7 +41,7 @@ class CorpusText:
 
 @dataclass(frozen=True)
 class Entry:
-    """One named corpus of charlm/corpora.toml."""
+    """One named corpus of charlm/data/corpora.toml."""
 
     name: str
     description: str
@@ -57,8 +57,8 @@ class Entry:
 
 @functools.cache
 def registry() -> dict[str, Entry]:
-    """The named corpora of charlm/corpora.toml, by name."""
-    table = tomllib.loads(resources.files("charlm").joinpath("corpora.toml").read_text("utf-8"))
+    """The named corpora of charlm/data/corpora.toml, by name."""
+    table = tomllib.loads(resources.files("charlm.data").joinpath("corpora.toml").read_text("utf-8"))
     entries = {}
     for name, fields in table.items():
         hashes = fields.pop("hashes", {})

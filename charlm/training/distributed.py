@@ -387,7 +387,7 @@ def corpus_nll(group: Group, model, tokens: torch.Tensor, batch_size: int, num_s
 
 
 def eval_shards(num_tokens: int, batch_size: int, world_size: int, rank: int):
-    """This rank's part of `charlm.batches.eval_windows(tokens, batch_size, ...)`.
+    """This rank's part of `charlm.data.batches.eval_windows(tokens, batch_size, ...)`.
 
     Yields (start, stop, rows): evaluating tokens[start:stop] with `rows` streams reproduces the
     rank's rows of the global layout (rank r: streams [r*B/W, (r+1)*B/W)); the last rank also

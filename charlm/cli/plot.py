@@ -19,7 +19,7 @@ from typing import Optional
 
 import typer
 
-from charlm import rundir
+from charlm.training import rundir
 from charlm.errors import CharlmError, UsageError
 
 MISSING_MATPLOTLIB = "charlm plot needs matplotlib: pip install 'charlm[plot]'"

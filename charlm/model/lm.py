@@ -5,7 +5,7 @@
                   --dropout--> --linear--> logits (B, T, V)
 
 The hyper-parameters are one dataclass, stored in every checkpoint, so a checkpoint rebuilds its
-own model. The recurrent layers come from `charlm.cells.recurrent_layer`, which hides which
+own model. The recurrent layers come from `charlm.model.cells.recurrent_layer`, which hides which
 implementation runs behind the torch.nn.GRU-style interface.
 """
 
@@ -89,7 +89,7 @@ def _check_int(key: str, value, minimum: int) -> None:
 class CharLM(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        from charlm.cells import recurrent_layer
+        from charlm.model.cells import recurrent_layer
 
         self.config = config.validate()
         vocab, hidden = config.vocab_size, config.hidden

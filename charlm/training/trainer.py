@@ -18,17 +18,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from charlm import distributed, rundir
-from charlm.batches import RandomBatches, SequentialBatches
-from charlm.checkpoint import save_checkpoint
-from charlm.config import TrainConfig, parse_duration
-from charlm.data import Dataset, load_dataset
+from charlm.training import distributed
+from charlm.training import rundir
+from charlm.data.batches import RandomBatches, SequentialBatches
+from charlm.training.checkpoint import save_checkpoint
+from charlm.training.config import TrainConfig, parse_duration
+from charlm.data.dataset import Dataset, load_dataset
 from charlm.devices import keep_freed_memory
 from charlm.errors import CharlmError, UsageError
-from charlm.models import CharLM, ModelConfig, State, count_parameters, detach_state
-from charlm.resume import payload, restore
-from charlm.optim import LRSchedule, make_optimizer
-from charlm.progress import TrainDisplay
+from charlm.model.lm import CharLM, ModelConfig, State, count_parameters, detach_state
+from charlm.training.state import payload, restore
+from charlm.training.optim import LRSchedule, make_optimizer
+from charlm.training.display import TrainDisplay
 from charlm.sample import SampleSettings, generate
 
 class Interrupted(Exception):
@@ -58,7 +59,7 @@ class _NoMetrics:
 
 
 class Trainer:
-    """One process's trainer; with a process group (`charlm.distributed`), one rank of many:
+    """One process's trainer; with a process group (`charlm.training.distributed`), one rank of many:
     all ranks step together and rank 0 alone writes the run directory."""
 
     def __init__(self, cfg: TrainConfig, resume: dict | None = None, display: TrainDisplay | None = None,
@@ -93,7 +94,7 @@ class Trainer:
                 f"the corpus has {self.data.num_tokens} tokens but the checkpoint was trained on "
                 f"{ckpt['corpus']['num_tokens']}; resume with the same text"
             )
-        from charlm.cells import resolve_impl
+        from charlm.model.cells import resolve_impl
 
         mc = ModelConfig(
             vocab_size=len(self.data.vocab), cell=cfg.cell, hidden=cfg.hidden, layers=cfg.layers,
@@ -385,7 +386,7 @@ class Trainer:
 
 
 def _config_toml(cfg: TrainConfig, run_dir: Path) -> str:
-    from charlm.config import to_toml
+    from charlm.training.config import to_toml
 
     values = cfg.to_dict()
     values["out"] = str(run_dir)

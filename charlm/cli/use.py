@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
-from charlm.cli_common import handle_errors
+from charlm.cli.common import handle_errors
 from charlm.errors import CharlmError, UsageError
 
 if TYPE_CHECKING:  # torch is imported by the commands themselves: `charlm --help` stays quick
@@ -50,20 +50,20 @@ JsonOpt = typer.Option(False, "--json", help="Print JSON on stdout instead of te
 class Loaded:
     path: Path
     ckpt: dict[str, Any]
-    model: Any  # charlm.models.CharLM
-    vocab: Any  # charlm.vocab.Vocab
+    model: Any  # charlm.model.lm.CharLM
+    vocab: Any  # charlm.data.vocab.Vocab
     preprocessing: str
     device: "torch.device"
 
 
 def load_model(target: Optional[str], impl: Optional[str], device_spec: str) -> Loaded:
     """The checkpoint at `target` (None: latest run), its model rebuilt, checked and in eval mode."""
-    from charlm import rundir
-    from charlm.cells import resolve_impl
-    from charlm.checkpoint import find_checkpoint, load_checkpoint
+    from charlm.training import rundir
+    from charlm.model.cells import resolve_impl
+    from charlm.training.checkpoint import find_checkpoint, load_checkpoint
     from charlm.devices import select_device
-    from charlm.models import CharLM, ModelConfig, check_parameters, check_vocab_size
-    from charlm.vocab import PREPROCESSING, Vocab
+    from charlm.model.lm import CharLM, ModelConfig, check_parameters, check_vocab_size
+    from charlm.data.vocab import PREPROCESSING, Vocab
 
     device = select_device(device_spec)
     path = find_checkpoint(target, rundir.runs_root())
@@ -131,7 +131,7 @@ def generate(
     """
     from charlm.sample import SampleSettings
     from charlm.sample import generate as draw
-    from charlm.vocab import preprocess
+    from charlm.data.vocab import preprocess
 
     if top_k is not None and top_k < 1:
         raise UsageError(f"--top-k must be >= 1, got {top_k}")
@@ -191,8 +191,8 @@ def _split_tokens(loaded: Loaded, split: str) -> "torch.Tensor":
     """Rebuild the run's splits from its train_config; the corpus must be the one trained on."""
     from dataclasses import fields
 
-    from charlm.config import TrainConfig, build_config
-    from charlm.data import load_dataset
+    from charlm.training.config import TrainConfig, build_config
+    from charlm.data.dataset import load_dataset
 
     ckpt, path = loaded.ckpt, loaded.path
     saved = ckpt.get("train_config")
@@ -244,7 +244,7 @@ def eval_perplexity(
     Example: charlm eval perplexity --split test --json
     """
     from charlm.evaluate import perplexity_of
-    from charlm.vocab import preprocess
+    from charlm.data.vocab import preprocess
 
     if split is not None and text is not None:
         raise UsageError("give --split or --text, not both")

@@ -10,8 +10,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from charlm import corpus
-from charlm.cli_common import handle_errors
+from charlm.data import corpus
+from charlm.cli.common import handle_errors
 
 data_app = typer.Typer(
     help="List, download, add and inspect corpora.\n\nExample: charlm data list",
@@ -105,7 +105,7 @@ def _load(spec: str | None, data_dir: Path | None) -> corpus.CorpusText:
 
 def corpus_stats(c: corpus.CorpusText, top: int = 10) -> dict:
     """Size, most frequent symbols, and vocabulary size (symbols + <unk>) per preprocessing mode."""
-    from charlm.vocab import PREPROCESSING, Vocab, preprocess  # torch: only when needed
+    from charlm.data.vocab import PREPROCESSING, Vocab, preprocess  # torch: only when needed
 
     vocabs = {mode: Vocab.build(preprocess(c.text, mode)) for mode in PREPROCESSING}
     raw = vocabs["raw"]  # most frequent first

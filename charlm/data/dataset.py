@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
-from charlm.batches import limit_tokens, split_tokens
-from charlm.config import TrainConfig
-from charlm.corpus import CorpusText, load_corpus
-from charlm.vocab import Vocab, preprocess
+from charlm.data.batches import limit_tokens, split_tokens
+from charlm.training.config import TrainConfig
+from charlm.data.corpus import CorpusText, load_corpus
+from charlm.data.vocab import Vocab, preprocess
 
 
 @dataclass

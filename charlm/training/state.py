@@ -12,14 +12,15 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from charlm import distributed, rundir
-from charlm.checkpoint import load_checkpoint
-from charlm.config import TrainConfig
+from charlm.training import distributed
+from charlm.training import rundir
+from charlm.training.checkpoint import load_checkpoint
+from charlm.training.config import TrainConfig
 from charlm.errors import CharlmError, UsageError
-from charlm.models import State, check_parameters, check_vocab_size
+from charlm.model.lm import State, check_parameters, check_vocab_size
 
 if TYPE_CHECKING:
-    from charlm.train import Trainer
+    from charlm.training.trainer import Trainer
 
 # Options that define the model or its data: a resumed run must not change them.
 FIXED_ON_RESUME = (
@@ -31,7 +32,7 @@ FIXED_ON_RESUME = (
 
 def resolve_resume(cfg: TrainConfig, explicit: dict, resume: str) -> tuple[TrainConfig, dict]:
     """The checkpoint's config, with the options given on the command line laid over it."""
-    from charlm.checkpoint import find_checkpoint
+    from charlm.training.checkpoint import find_checkpoint
 
     target = None if resume == "latest" else resume
     path = find_checkpoint(target, rundir.runs_root(), prefer="last.pt",
@@ -48,7 +49,7 @@ def resolve_resume(cfg: TrainConfig, explicit: dict, resume: str) -> tuple[Train
     values.update({k: v for k, v in saved.items() if k in values})
     values.update({k: v for k, v in explicit.items() if v is not None and k not in FIXED_ON_RESUME})
     values["out"] = str(path.parent)
-    from charlm.config import build_config
+    from charlm.training.config import build_config
 
     return build_config(values, {}), {"path": path, "ckpt": ckpt}
 

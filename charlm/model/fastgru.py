@@ -7,8 +7,8 @@ forward and autograd replays ~30 more backward. Here each layer is one ``autogra
 
 * the input projections of all time steps are one matrix product before the loop; the weight
   gradients of all steps are a few matrix products after the backward loop;
-* the time loops run in C where they can (``_GRULayerC``, ``charlm/fastgru_kernel.c`` built and
-  loaded by ``charlm.ckernel``): per step one GEMM on W_hh (packed once per call, each thread
+* the time loops run in C where they can (``_GRULayerC``, ``charlm/model/fastgru_kernel.c`` built and
+  loaded by ``charlm.model.ckernel``): per step one GEMM on W_hh (packed once per call, each thread
   keeping its slice of the hidden units and of W_hh in its own cache) and one fused pass that
   computes the gates, the new state and every factor the backward needs; a backward step is one
   pass (slot gradients = stored factors x incoming gradient) and one GEMM;
@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from charlm import ckernel
+from charlm.model import ckernel
 
 # Per time step and batch row, the backward works on 5 blocks of H numbers ("slots"):
 #   0: dL/d(W_in x + b_in)          1: dL/d(r pre-activation)       2: dL/d(z pre-activation)
