@@ -1,4 +1,10 @@
-"""Errors a user can fix. The CLI prints them as one line and exits non-zero, no traceback."""
+"""Errors a user can fix, and warnings a user should see.
+
+The CLI prints an error as one line (`charlm: error: ...`) and exits non-zero, no traceback; a
+warning is one line on stderr (`charlm: warning: ...`) and the command goes on.
+"""
+
+import sys
 
 
 class CharlmError(Exception):
@@ -11,3 +17,10 @@ class UsageError(CharlmError):
     """A bad option value or combination (exit code 2, like a command-line usage error)."""
 
     exit_code = 2
+
+
+def warn(message: str) -> None:
+    """One warning line on stderr, printed literally (no markup, no wrapping)."""
+    message = " ".join(str(message).split())
+    sys.stderr.write(f"charlm: warning: {message}\n")
+    sys.stderr.flush()

@@ -37,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchlib import cpu_name  # noqa: E402 - scripts/, beside this file
 
-from charlm.model.lm import CharLM, ModelConfig  # noqa: E402
+from charlm.model.config import ModelConfig  # noqa: E402
+from charlm.model.lm import CharLM  # noqa: E402
 from charlm.sample import SampleSettings, generate  # noqa: E402
 
 PREFIX = list(range(1, 15))

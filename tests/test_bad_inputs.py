@@ -67,10 +67,10 @@ CASES = [
     Case("bidirectional", train("--bidirectional"), 2,
          "--bidirectional is not supported: a bidirectional layer reads the characters it is "
          "asked to predict, so it cannot be a language model"),
-    Case("hidden-zero", train("--hidden", "0"), 2, "hidden must be >= 1, got 0"),
-    Case("layers-negative", train("--layers", "-1"), 2, "layers must be >= 1, got -1"),
-    Case("batch-zero", train("--batch-size", "0"), 2, "batch_size must be >= 1, got 0"),
-    Case("num-steps-negative", train("--num-steps", "-5"), 2, "num_steps must be >= 1, got -5"),
+    Case("hidden-zero", train("--hidden", "0"), 2, "hidden must be an integer >= 1, got 0"),
+    Case("layers-negative", train("--layers", "-1"), 2, "layers must be an integer >= 1, got -1"),
+    Case("batch-zero", train("--batch-size", "0"), 2, "batch_size must be an integer >= 1, got 0"),
+    Case("num-steps-negative", train("--num-steps", "-5"), 2, "num_steps must be an integer >= 1, got -5"),
     Case("dropout-one", train("--dropout", "1"), 2, "dropout must be in [0, 1), got 1.0"),
     Case("dropout-negative", train("--dropout", "-0.1"), 2, "dropout must be in [0, 1), got -0.1"),
     Case("lr-zero", train("--lr", "0"), 2, "lr must be a positive number, got 0.0"),
@@ -115,11 +115,11 @@ CASES = [
          "config file nosuch.toml does not exist"),
     # data files: exit 1
     Case("text-missing", train_on("missing.txt"), 1,
-         "text file not found: missing.txt; check the path"),
+         "missing.txt does not exist; check the path"),
     Case("text-empty", train_on("empty.txt"), 1,
          "empty.txt is empty; give a file that holds some text"),
     Case("text-directory", train_on("adir"), 1,
-         "adir is a directory; give a UTF-8 text file (or several)"),
+         "adir is a directory; give a UTF-8 text file"),
     Case("text-binary", train_on("{small}", "binary.bin"), 1,
          "binary.bin is not UTF-8 text (it holds NUL bytes, like a binary or UTF-16 file); "
          "give a UTF-8 text file"),

@@ -178,7 +178,7 @@ def test_subprocess_errors_are_one_stderr_line_and_exit_codes(tmp_path, shared_d
     latin.write_bytes("na\xefve".encode("latin-1"))
     p = charlm("info", str(missing))
     assert (p.returncode, p.stdout, p.stderr) == (
-        1, "", f"charlm: error: text file not found: {missing}; check the path\n"
+        1, "", f"charlm: error: {missing} does not exist; check the path\n"
     )
     p = charlm("info", str(latin), "--json")
     assert (p.returncode, p.stdout) == (1, "")

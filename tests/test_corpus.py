@@ -85,7 +85,7 @@ def test_local_files_are_read_and_joined_with_newlines(shared_data):
 @pytest.mark.parametrize(
     "content, message",
     [
-        (None, "text file not found: {p}; check the path"),
+        (None, "{p} does not exist; check the path"),
         (b"", "{p} is empty; give a file that holds some text"),
         (
             "caf\xe9 cr\xe8me".encode("latin-1"),
@@ -112,7 +112,7 @@ def test_unusable_text_files_give_one_line_errors(tmp_path, content, message):
 def test_a_directory_is_not_a_text_file(tmp_path):
     with pytest.raises(CharlmError) as err:
         load_corpus(texts=[tmp_path])
-    assert str(err.value) == f"{tmp_path} is a directory; give a UTF-8 text file (or several)"
+    assert str(err.value) == f"{tmp_path} is a directory; give a UTF-8 text file"
 
 
 def test_utf8_with_bom_and_non_ascii_text_is_kept(tmp_path):

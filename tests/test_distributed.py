@@ -20,10 +20,12 @@ from typer.testing import CliRunner
 from charlm.data.batches import RandomBatches, SequentialBatches
 from charlm.training.checkpoint import load_checkpoint
 from charlm.cli.app import app
-from charlm.cli.train import free_port, launch_args
+from charlm.cli.train import launch_args
+from charlm.training.launch import free_port
 from charlm.training.distributed import eval_shards
 from charlm.evaluate import corpus_nll
-from charlm.model.lm import CharLM, ModelConfig
+from charlm.model.config import ModelConfig
+from charlm.model.lm import CharLM
 from conftest import pydoc_text
 
 

@@ -18,10 +18,12 @@ from typer.testing import CliRunner
 
 from charlm.training.checkpoint import load_checkpoint, save_checkpoint
 from charlm.cli.app import app
-from charlm.training.config import build_config
+from charlm.training.config import DATA, build_config
 from charlm.data.dataset import load_dataset
-from charlm.model.lm import CharLM, ModelConfig
-from charlm.data.vocab import Vocab, preprocess
+from charlm.model.config import ModelConfig
+from charlm.model.lm import CharLM
+from charlm.data.text import preprocess
+from charlm.data.vocab import Vocab
 from conftest import pydoc_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,7 +75,8 @@ def load(run_dir: Path):
 
 def split_of(run_dir: Path, split: str) -> torch.Tensor:
     _, _, ckpt = load(run_dir)
-    return getattr(load_dataset(build_config(ckpt["train_config"], {}), vocab=ckpt["vocab"]), split)
+    cfg = build_config(ckpt["train_config"], {})
+    return getattr(load_dataset(**cfg.section(DATA), vocab=ckpt["vocab"]), split)
 
 
 @torch.no_grad()
@@ -201,11 +204,12 @@ def test_empty_or_too_short_text(runs, tmp_path):
                "needed)\n")
     missing = tmp_path / "missing.txt"
     assert fail("--text", str(missing)) == (
-        1, "", f"charlm: error: --text {missing} does not exist\n")
+        1, "", f"charlm: error: --text {missing} does not exist; check the path\n")
     binary = tmp_path / "bin.txt"
     binary.write_bytes(b"\xff\xfe\x00abc")
     assert fail("--text", str(binary)) == (
-        1, "", f"charlm: error: --text {binary} is not UTF-8 text\n")
+        1, "", f"charlm: error: --text {binary} is not UTF-8 text (it holds NUL bytes, like a "
+               "binary or UTF-16 file); give a UTF-8 text file\n")
 
 
 def test_option_errors(runs, tmp_path):

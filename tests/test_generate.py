@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 
 from charlm.training.checkpoint import load_checkpoint
 from charlm.cli.app import app
-from charlm.model.lm import CharLM, ModelConfig
+from charlm.model.config import ModelConfig
+from charlm.model.lm import CharLM
 from charlm.sample import SampleSettings, generate, gumbel_noise
 from charlm.data.vocab import Vocab
 from conftest import pydoc_text
@@ -264,7 +265,7 @@ def test_missing_or_foreign_checkpoint_and_missing_prefix_file(runs, tmp_path):
         1, f"charlm: error: run directory {tmp_path} holds no checkpoint (best.pt or last.pt)\n")
     result = invoke("--checkpoint", str(runs["raw"]), "--prefix-file", str(tmp_path / "p.txt"))
     assert (result.exit_code, result.stderr) == (
-        1, f"charlm: error: --prefix-file {tmp_path / 'p.txt'} does not exist\n")
+        1, f"charlm: error: --prefix-file {tmp_path / 'p.txt'} does not exist; check the path\n")
     other = tmp_path / "other.pt"  # a torch file, but not one of ours
     torch.save({"weights": torch.zeros(3)}, other)
     result = invoke("--checkpoint", str(other))

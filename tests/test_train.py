@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 from charlm.training.checkpoint import load_checkpoint
 from charlm.cli.app import app
 from charlm.training.config import TrainConfig, build_config
-from charlm.model.lm import CharLM, ModelConfig, detach_state
+from charlm.model.config import ModelConfig
+from charlm.model.lm import CharLM, detach_state
 from charlm.training.trainer import Trainer
 from conftest import pydoc_text
 
@@ -128,7 +129,7 @@ def run_interrupted_then_resumed(cfg: TrainConfig, stop_at: int) -> dict:
         trainer.run()
     assert info.value.checkpoint == Path(cfg.out) / "last.pt"
     assert load_checkpoint(info.value.checkpoint)["step"] == stop_at
-    again, resumed = resolve_resume(None, {}, cfg.out)
+    again, resumed = resolve_resume({}, cfg.out)
     return Trainer(again, resume=resumed).run()
 
 
@@ -247,7 +248,7 @@ def test_cli_resume_continues_to_the_new_limit(small_text, tmp_path):
     (["--bidirectional"], "--bidirectional is not supported: a bidirectional layer reads the "
                           "characters it is asked to predict, so it cannot be a language model"),
     (["--cell", "transformer"], "cell must be one of rnn, gru, lstm; got 'transformer'"),
-    (["--hidden", "-3"], "hidden must be >= 1, got -3"),
+    (["--hidden", "-3"], "hidden must be an integer >= 1, got -3"),
     (["--dropout", "1.0"], "dropout must be in [0, 1), got 1.0"),
     (["--lr", "0"], "lr must be a positive number, got 0.0"),
     (["--optimizer", "lbfgs"], "optimizer must be one of sgd, adam, adamw; got 'lbfgs'"),

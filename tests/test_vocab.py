@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from charlm.errors import CharlmError, UsageError
-from charlm.data.vocab import PREPROCESSING, Vocab, preprocess
+from charlm.data.text import PREPROCESSING, preprocess
+from charlm.data.vocab import Vocab
 import charlm.data.vocab as vocab_module
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

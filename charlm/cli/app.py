@@ -1,18 +1,27 @@
-"""The `charlm` command line: one typed function per command, its docstring is its help."""
+"""The `charlm` command line: the app, its sub-commands, and the error boundary.
+
+Each command is one typed function in its own module (train, generate, eval, data, plot); this
+module declares the app and its sub-Typers once, registers the commands, and turns whatever a
+command raises into one line on stderr and an exit code (`main`, `handle_errors`).
+"""
 
 from __future__ import annotations
 
+import functools
 import importlib
+import os
 import re
 import signal
 import sys
 import threading
+from typing import Callable, TypeVar
 
 import typer
 
 from charlm import __version__
-from charlm.cli.common import debug_enabled, error_line
 from charlm.errors import CharlmError
+
+F = TypeVar("F", bound=Callable)
 
 app = typer.Typer(
     name="charlm",
@@ -46,25 +55,67 @@ def _root(
     """
 
 
-def _register_subcommands() -> None:
-    from charlm.cli import data as cli_data
-    from charlm.cli import train as cli_train
-    from charlm.cli.common import handle_errors
+def debug_enabled() -> bool:
+    """Tracebacks are kept behind CHARLM_DEBUG=1 (or --debug on the main command)."""
+    return os.environ.get("CHARLM_DEBUG", "") not in ("", "0")
 
-    app.command("train", no_args_is_help=False)(handle_errors(cli_train.train))
-    app.add_typer(cli_data.data_app, name="data")
 
-    from charlm.cli import use as cli_use
+def error_line(message: str) -> None:
+    """Print one error line on stderr (never a traceback)."""
+    message = " ".join(str(message).split())  # one line, whatever the message held
+    sys.stderr.write(f"charlm: error: {message}\n")
+    sys.stderr.flush()
 
-    app.command("generate")(handle_errors(cli_use.generate))
-    app.add_typer(cli_use.eval_app, name="eval")
 
-    from charlm.cli import plot
+def handle_errors(fn: F) -> F:
+    """Decorate a command: a CharlmError becomes one stderr line and its exit code; Ctrl-C (or
+    SIGTERM, see cli.main) says 'interrupted' and exits 130 (Typer alone would exit silently)."""
 
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except CharlmError as exc:
+            if debug_enabled():
+                raise
+            error_line(str(exc))
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            if debug_enabled():
+                raise
+            error_line("interrupted")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+data_app = typer.Typer(
+    help="List, download, add and inspect corpora.\n\nExample: charlm data list",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+eval_app = typer.Typer(
+    help="Evaluate a trained model.\n\nExample: charlm eval perplexity --split val",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+
+
+def _register_commands() -> None:
+    from charlm.cli import data, eval, generate, plot, train
+
+    app.command("train", no_args_is_help=False)(handle_errors(train.train))
+    app.command("generate")(handle_errors(generate.generate))
+    app.add_typer(eval_app, name="eval")
+    eval_app.command("perplexity")(handle_errors(eval.eval_perplexity))
+    app.add_typer(data_app, name="data")
+    for name, command in (("list", data.data_list), ("download", data.data_download),
+                          ("add", data.data_add), ("info", data.data_info)):
+        data_app.command(name)(handle_errors(command))
     app.command("plot")(handle_errors(plot.plot_command))
 
 
-_register_subcommands()
+_register_commands()
 
 
 def _click_exception_classes(name: str) -> tuple[type, ...]:

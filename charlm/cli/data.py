@@ -11,13 +11,6 @@ from rich.console import Console
 from rich.table import Table
 
 from charlm.data import corpus
-from charlm.cli.common import handle_errors
-
-data_app = typer.Typer(
-    help="List, download, add and inspect corpora.\n\nExample: charlm data list",
-    no_args_is_help=True,
-    rich_markup_mode=None,
-)
 
 DataDir = typer.Option(
     None, "--data-dir",
@@ -31,8 +24,6 @@ def _print_json(value) -> None:
     typer.echo(json.dumps(value, indent=2, ensure_ascii=False))
 
 
-@data_app.command("list")
-@handle_errors
 def data_list(data_dir: Path | None = DataDir, as_json: bool = AsJson) -> None:
     """List the named corpora, their sizes and whether they are cached.
 
@@ -63,8 +54,6 @@ def data_list(data_dir: Path | None = DataDir, as_json: bool = AsJson) -> None:
     console.print(f"cache: {corpus.cache_dir(data_dir)}")
 
 
-@data_app.command("download")
-@handle_errors
 def data_download(name: str = Name, data_dir: Path | None = DataDir) -> None:
     """Download a named corpus into the cache (from CHARLM_MIRROR first) and verify its checksum.
 
@@ -78,8 +67,6 @@ def data_download(name: str = Name, data_dir: Path | None = DataDir) -> None:
     typer.echo(f"downloaded {name} to {path} (checksum verified)")
 
 
-@data_app.command("add")
-@handle_errors
 def data_add(
     name: str = Name,
     file: Path = typer.Argument(..., help="Your copy of the corpus's file."),
@@ -105,7 +92,8 @@ def _load(spec: str | None, data_dir: Path | None) -> corpus.CorpusText:
 
 def corpus_stats(c: corpus.CorpusText, top: int = 10) -> dict:
     """Size, most frequent symbols, and vocabulary size (symbols + <unk>) per preprocessing mode."""
-    from charlm.data.vocab import PREPROCESSING, Vocab, preprocess  # torch: only when needed
+    from charlm.data.text import PREPROCESSING, preprocess
+    from charlm.data.vocab import Vocab  # torch: only when needed
 
     vocabs = {mode: Vocab.build(preprocess(c.text, mode)) for mode in PREPROCESSING}
     raw = vocabs["raw"]  # most frequent first
@@ -121,8 +109,6 @@ def corpus_stats(c: corpus.CorpusText, top: int = 10) -> dict:
     }
 
 
-@data_app.command("info")
-@handle_errors
 def data_info(
     spec: str | None = typer.Argument(
         None, metavar="NAME|PATH",

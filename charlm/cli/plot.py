@@ -35,19 +35,18 @@ class Curves:
 def resolve_runs(targets: list[Path] | None) -> list[Path]:
     """The run directories to plot: those given, or the latest run."""
     if not targets:
-        root = rundir.runs_root()
-        pointer = root / "latest"
-        run = _follow_pointer(pointer) if pointer.is_file() else None
+        run = rundir.latest_run()
         if run is None:
             raise CharlmError(
-                f"no runs yet in {root}/: train one first with `charlm train`, or pass RUN_DIR"
+                f"no runs yet in {rundir.runs_root()}/: train one first with `charlm train`, or "
+                "pass RUN_DIR"
             )
         return [run]
     runs = []
     for target in targets:
         target = Path(target)
         if target.is_file() and target.name == "latest":
-            followed = _follow_pointer(target)
+            followed = rundir.latest_run(target.parent)
             if followed is None:
                 raise CharlmError(f"{target} points to a run directory that no longer exists")
             target = followed
@@ -61,14 +60,6 @@ def resolve_runs(targets: list[Path] | None) -> list[Path]:
             )
         runs.append(target)
     return runs
-
-
-def _follow_pointer(pointer: Path) -> Path | None:
-    named = pointer.read_text(encoding="utf-8").strip()
-    if not named:
-        return None
-    run = Path(named) if Path(named).is_absolute() else pointer.parent / named
-    return run if run.is_dir() else None
 
 
 def _names(runs: list[Path]) -> list[str]:

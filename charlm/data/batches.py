@@ -154,9 +154,14 @@ class _EpochBatches:
         self.epoch, self.position = self.epoch + 1, 0
 
     def state_dict(self) -> dict:
+        """Where the next batch comes from. Right after an epoch's last batch that is the next
+        epoch's first, whether or not the caller has asked for it yet."""
+        epoch, position = self.epoch, self.position
+        if position >= self._num_batches:
+            epoch, position = epoch + 1, 0
         return {
-            "epoch": self.epoch,
-            "position": self.position,
+            "epoch": epoch,
+            "position": position,
             "seed": self.seed,
             "batch_size": self.batch_size,
             "num_steps": self.num_steps,

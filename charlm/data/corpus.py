@@ -21,7 +21,8 @@ from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlparse
 
 from charlm.data.download import DownloadError, checksum_mismatch, download, install, mirror_urls
-from charlm.errors import CharlmError, UsageError
+from charlm.data.text import read_text
+from charlm.errors import CharlmError, UsageError, warn
 
 DEFAULT_CORPUS = "timemachine"
 FALLBACK_CORPUS = "python-docs"
@@ -144,33 +145,6 @@ def python_docs_text() -> str:
     return "\n\n".join(topics[key].rstrip("\n") for key in sorted(topics)) + "\n"
 
 
-def read_text(path: Path) -> str:
-    """A UTF-8 text file's contents, or a CharlmError saying what is wrong with the file."""
-    path = Path(path)
-    if not path.exists():
-        raise CharlmError(f"text file not found: {path}; check the path")
-    if path.is_dir():
-        raise CharlmError(f"{path} is a directory; give a UTF-8 text file (or several)")
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise CharlmError(f"cannot read {path}: {exc.strerror}") from None
-    if not data:
-        raise CharlmError(f"{path} is empty; give a file that holds some text")
-    if b"\0" in data:
-        raise CharlmError(
-            f"{path} is not UTF-8 text (it holds NUL bytes, like a binary or UTF-16 file); "
-            "give a UTF-8 text file"
-        )
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise CharlmError(
-            f"{path} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
-            f"convert it first, e.g. iconv -f latin1 -t utf-8 {path} > {path.stem}.utf8.txt"
-        ) from None
-
-
 def _first_word(text: str) -> str:
     """A sample prompt for a corpus without one: its first word, which the vocabulary surely has."""
     words = text.split(maxsplit=1)
@@ -208,12 +182,13 @@ def _from_url(url: str, sha256: str | None, data_dir: Path | None, progress: boo
     return CorpusText(basename, text, "raw", _first_word(text), url)
 
 
-def _warn(message: str) -> None:
-    from rich.console import Console
-
-    Console(stderr=True, soft_wrap=True, highlight=False).print(
-        f"charlm: warning: {message}", style="bold yellow", markup=False
-    )
+def check_source(name: str | None, texts, url: str | None, sha256: str | None) -> None:
+    """At most one source of text, and --sha256 only with --url."""
+    given = [what for what, value in (("a corpus name", name), ("--text", texts), ("--url", url)) if value]
+    if len(given) > 1:
+        raise UsageError(f"give one corpus source, not {' and '.join(given)}")
+    if sha256 and not url:
+        raise UsageError("--sha256 checks a --url download; give --url too")
 
 
 def load_corpus(
@@ -230,11 +205,7 @@ def load_corpus(
     With none of them, `timemachine`; if that is neither cached nor downloadable, the built-in
     `python-docs`, with one warning line on stderr. A corpus named explicitly never falls back.
     """
-    given = [what for what, value in (("a corpus name", name), ("--text", texts), ("--url", url)) if value]
-    if len(given) > 1:
-        raise UsageError(f"give one corpus source, not {' and '.join(given)}")
-    if sha256 and not url:
-        raise UsageError("--sha256 checks a --url download; give --url too")
+    check_source(name, texts, url, sha256)
     if texts:
         return _from_files(list(texts))
     if url:
@@ -244,7 +215,7 @@ def load_corpus(
     try:
         return _from_entry(entry(DEFAULT_CORPUS), data_dir, progress)
     except DownloadError as exc:
-        _warn(
+        warn(
             f"{DEFAULT_CORPUS} is not cached and cannot be downloaded, so the built-in "
             f"{FALLBACK_CORPUS} corpus is used instead ({exc})"
         )

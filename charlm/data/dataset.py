@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 
 from charlm.data.batches import limit_tokens, split_tokens
-from charlm.training.config import TrainConfig
-from charlm.data.corpus import CorpusText, load_corpus
-from charlm.data.vocab import Vocab, preprocess
+from charlm.data.corpus import load_corpus
+from charlm.data.text import preprocess
+from charlm.data.vocab import Vocab
 
 
 @dataclass
@@ -41,28 +41,25 @@ class Dataset:
         }
 
 
-def corpus_from_config(cfg: TrainConfig, progress: bool = True) -> CorpusText:
-    return load_corpus(
-        cfg.corpus or None,
-        texts=[Path(t) for t in cfg.text] or None,
-        url=cfg.url,
-        sha256=cfg.sha256,
-        data_dir=Path(cfg.data_dir) if cfg.data_dir else None,
-        progress=progress,
-    )
-
-
-def load_dataset(cfg: TrainConfig, vocab: dict | None = None, device: torch.device | str = "cpu",
+def load_dataset(*, corpus: str | None = None, text: list[str] = (), url: str | None = None,
+                 sha256: str | None = None, data_dir: str | None = None,
+                 preprocessing: str | None = None, min_freq: int = 1, max_vocab: int = 0,
+                 max_tokens: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.0,
+                 vocab: dict | None = None, device: torch.device | str = "cpu",
                  progress: bool = True) -> Dataset:
-    """Load, preprocess, encode and split; `vocab` (a checkpoint's) is reused when resuming."""
-    corpus = corpus_from_config(cfg, progress=progress)
-    mode = cfg.preprocessing or corpus.preprocessing
-    text = preprocess(corpus.text, mode)
+    """Load, preprocess, encode and split; `vocab` (a checkpoint's) is reused when resuming.
+
+    The keywords are the data options of `charlm train` (`TrainConfig.section(DATA)`)."""
+    source = load_corpus(corpus or None, texts=[Path(t) for t in text] or None, url=url,
+                         sha256=sha256, data_dir=Path(data_dir) if data_dir else None,
+                         progress=progress)
+    mode = preprocessing or source.preprocessing
+    chars = preprocess(source.text, mode)
     voc = Vocab.from_dict(vocab) if vocab is not None else Vocab.build(
-        text, min_freq=cfg.min_freq, max_size=cfg.max_vocab or None)
-    tokens = limit_tokens(voc.encode(text), cfg.max_tokens or None)
-    fractions = (1.0 - cfg.val_fraction - cfg.test_fraction, cfg.val_fraction, cfg.test_fraction)
+        chars, min_freq=min_freq, max_size=max_vocab or None)
+    tokens = limit_tokens(voc.encode(chars), max_tokens or None)
+    fractions = (1.0 - val_fraction - test_fraction, val_fraction, test_fraction)
     tokens = tokens.to(device)
     train, val, test = split_tokens(tokens, fractions)
-    return Dataset(corpus.name, corpus.source, mode, voc, corpus.sample_prefix, tokens.numel(),
+    return Dataset(source.name, source.source, mode, voc, source.sample_prefix, tokens.numel(),
                    train, val, test)

@@ -1,4 +1,4 @@
-"""Text preprocessing and the character vocabulary.
+"""The character vocabulary: characters to integer ids and back.
 
 Characters become integer ids without a Python loop per character: each chunk of text is encoded
 to UTF-32 (one int32 code point per character, read in place with ``torch.frombuffer``), counted
@@ -15,7 +15,6 @@ Chunks of ``CHUNK_CHARS`` characters keep the temporaries small, so encoding nee
 from __future__ import annotations
 
 import contextlib
-import re
 import warnings
 from collections.abc import Iterable
 
@@ -23,23 +22,7 @@ import torch
 
 from charlm.errors import CharlmError, UsageError
 
-PREPROCESSING = ("d2l", "lower", "raw")
-
 CHUNK_CHARS = 1 << 20  # 1M characters: 4 MB of code points per chunk
-
-_NON_LETTERS = re.compile("[^A-Za-z]+")
-
-
-def preprocess(text: str, mode: str) -> str:
-    """Apply a preprocessing mode: "d2l" (letters and single spaces, lowercased), "lower", "raw"."""
-    if mode == "d2l":
-        # Exactly d2l's read_time_machine: runs of non-letters (newlines too) become one space.
-        return _NON_LETTERS.sub(" ", text).lower()
-    if mode == "lower":
-        return text.lower()
-    if mode == "raw":
-        return text
-    raise UsageError(f"unknown preprocessing {mode!r}; choose one of: {', '.join(PREPROCESSING)}")
 
 
 def _code_points(chunk: str) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Recurrent layers written from the gate equations, and the choice between implementations.
+"""Recurrent layers written from the gate equations, and the factory that builds any implementation.
 
 ``ScratchRecurrent`` is the readable reference: one function per cell computes one time step from
 the equations (names as in d2l.ai), ``_run_layer`` runs a step function over time, and the module
@@ -22,17 +22,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from charlm.errors import UsageError
+from charlm.model.config import GRU_RESETS, IMPLS, MODES, check_combination
 from charlm.model.fastgru import FastGRU
 
-MODES = ("rnn_tanh", "rnn_relu", "gru", "lstm")
-IMPLS = ("auto", "fused", "scratch", "fast")
-GRU_RESETS = ("after", "before")
-FAST_MODES = ("gru",)
-
 _GATES = {"rnn_tanh": 1, "rnn_relu": 1, "gru": 3, "lstm": 4}
-_RESET_BEFORE_ONLY_SCRATCH = (
-    "--gru-reset before exists only in the scratch implementation; use --impl scratch"
-)
 
 
 # --- one time step per cell ------------------------------------------------------------------
@@ -94,14 +87,14 @@ def _run_layer(mode: str, X: Tensor, state, weights, reset: str):
     return torch.stack(outputs, dim=1), state
 
 
-def _check_mode(mode: str) -> None:
+def _check_layer(mode: str, gru_reset: str, impl: str = "scratch") -> None:
     if mode not in MODES:
         raise UsageError(f"unknown cell {mode!r}; choose one of: {', '.join(MODES)}")
-
-
-def _check_reset(gru_reset: str) -> None:
     if gru_reset not in GRU_RESETS:
         raise UsageError(f"unknown --gru-reset {gru_reset!r}; choose one of: {', '.join(GRU_RESETS)}")
+    if impl not in IMPLS:
+        raise UsageError(f"unknown implementation {impl!r}; choose one of: {', '.join(IMPLS)} (or auto)")
+    check_combination("rnn" if mode.startswith("rnn") else mode, impl, gru_reset)
 
 
 def add_torch_layout_parameters(module: nn.Module, gates: int, input_size: int, hidden_size: int,
@@ -129,8 +122,7 @@ class ScratchRecurrent(nn.Module):
     def __init__(self, mode: str, input_size: int, hidden_size: int, num_layers: int = 1,
                  dropout: float = 0.0, gru_reset: str = "after"):
         super().__init__()
-        _check_mode(mode)
-        _check_reset(gru_reset)
+        _check_layer(mode, gru_reset)
         self.mode = mode
         self.input_size = input_size
         self.hidden_size = hidden_size
@@ -170,45 +162,17 @@ class ScratchRecurrent(nn.Module):
                 f"dropout={self.dropout}{reset}")
 
 
-# --- choosing an implementation ---------------------------------------------------------------
-
-
-def resolve_impl(impl: str, mode: str, device_type: str, gru_reset: str = "after") -> str:
-    """Turn ``auto`` into a concrete implementation; other values are returned unchanged.
-
-    Rule (from scripts/bench_cells.py, docs/BENCHMARKS.md):
-      * ``--gru-reset before``                 -> scratch (the only implementation that has it)
-      * CUDA (any cell)                        -> fused (cuDNN)
-      * CPU, a cell in FAST_MODES (gru)        -> fast
-      * CPU, any other cell                    -> fused
-    """
-    if impl != "auto":
-        return impl
-    if mode == "gru" and gru_reset == "before":
-        return "scratch"
-    if device_type == "cpu" and mode in FAST_MODES:
-        return "fast"
-    return "fused"
+# --- building the recurrent stack ------------------------------------------------------------
 
 
 def recurrent_layer(impl: str, mode: str, input_size: int, hidden_size: int, num_layers: int = 1,
                     dropout: float = 0.0, gru_reset: str = "after") -> nn.Module:
-    """Build the recurrent stack (batch_first) for a concrete ``impl`` (call resolve_impl first)."""
-    _check_mode(mode)
-    _check_reset(gru_reset)
-    if impl not in IMPLS or impl == "auto":
-        choices = ", ".join(i for i in IMPLS if i != "auto")
-        raise UsageError(f"unknown implementation {impl!r}; choose one of: {choices} (or auto)")
-    if mode == "gru" and gru_reset == "before" and impl != "scratch":
-        raise UsageError(_RESET_BEFORE_ONLY_SCRATCH)
+    """Build the recurrent stack (batch_first) for a concrete ``impl``
+    (`charlm.model.config.resolve_impl` turns "auto" into one)."""
+    _check_layer(mode, gru_reset, impl)
     if impl == "scratch":
         return ScratchRecurrent(mode, input_size, hidden_size, num_layers, dropout, gru_reset)
     if impl == "fast":
-        if mode not in FAST_MODES:
-            raise UsageError(
-                f"--impl fast exists only for {', '.join(FAST_MODES)}, not {mode}; "
-                "use --impl fused or --impl scratch"
-            )
         return FastGRU(input_size, hidden_size, num_layers, dropout)
     dropout = dropout if num_layers > 1 else 0.0  # torch warns about dropout on a single layer
     if mode == "gru":

@@ -24,13 +24,19 @@ import math
 import pickle
 import warnings
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from charlm.data.vocab import Vocab
+from charlm.devices import select_device
 from charlm.errors import CharlmError
-from charlm.training.rundir import atomic_write
+from charlm.model.lm import CharLM
+from charlm.model.loading import model_from_checkpoint
+from charlm.training.config import TYPES, type_ok
+from charlm.training.rundir import atomic_write, latest_run, runs_root
 
 FORMAT = "charlm-checkpoint"
 FORMAT_VERSION = 1
@@ -177,10 +183,8 @@ def _check_hidden(data: dict, path: Path) -> None:
 def _check_train_config(values: dict | None, path: Path) -> None:
     if values is None:
         return
-    from charlm.training.config import FIELD_TYPES, _type_ok
-
     for key, value in values.items():
-        if key in FIELD_TYPES and not _type_ok(key, value):
+        if key in TYPES and not type_ok(key, value):
             raise _damaged(path, "train_config", f"has {key} = {value!r}, of the wrong type")
 
 
@@ -203,26 +207,18 @@ def _looks_like_torch_zip(path: Path) -> bool:
         return False
 
 
-def find_checkpoint(target: str | Path | None, runs_root: str | Path = "runs",
-                    prefer: str = "best.pt", how_to_name: str = "pass --checkpoint PATH") -> Path:
+def find_checkpoint(target: str | Path | None, prefer: str = "best.pt",
+                    how_to_name: str = "pass --checkpoint PATH") -> Path:
     """A checkpoint file, a run directory (its best.pt, else last.pt) or, with None, the latest run.
 
     `how_to_name` ends the error when there is no run yet: how this command takes a path.
     """
     if target is None:
-        runs_root = Path(runs_root)
-        pointer = runs_root / "latest"
-        run_dir = None
-        if pointer.is_file():
-            named = pointer.read_text(encoding="utf-8").strip()
-            candidate = Path(named) if Path(named).is_absolute() else runs_root / named
-            if candidate.is_dir():
-                run_dir = candidate
-        if run_dir is None:
+        target = latest_run()
+        if target is None:
             raise CharlmError(
-                f"no runs yet in {runs_root}/: train one first with `charlm train`, or {how_to_name}"
+                f"no runs yet in {runs_root()}/: train one first with `charlm train`, or {how_to_name}"
             )
-        target = run_dir
     target = Path(target)
     if target.is_dir():
         for name in (prefer, "best.pt", "last.pt"):
@@ -232,3 +228,25 @@ def find_checkpoint(target: str | Path | None, runs_root: str | Path = "runs",
     if not target.exists():
         raise CharlmError(f"checkpoint or run directory {target} does not exist")
     return target
+
+
+@dataclass
+class Loaded:
+    """A checkpoint ready for use: its file, its data, and its model (eval mode, on `device`)."""
+
+    path: Path
+    ckpt: dict[str, Any]
+    model: CharLM
+    vocab: Vocab
+    preprocessing: str
+    device: torch.device
+
+
+def load_model(target: str | Path | None, impl: str | None, device_spec: str) -> Loaded:
+    """The checkpoint at `target` (None: the latest run's best.pt), its model rebuilt and checked
+    (`charlm.model.loading.model_from_checkpoint`); `impl` None keeps the checkpoint's own."""
+    device = select_device(device_spec)
+    path = find_checkpoint(target)
+    ckpt = load_checkpoint(path, map_location=device)
+    restored = model_from_checkpoint(ckpt, str(path), impl, device)
+    return Loaded(path, ckpt, restored.model, restored.vocab, restored.preprocessing, device)

@@ -1,8 +1,18 @@
-"""Training configuration: one dataclass, loaded from TOML, overridden by command-line options.
+"""The training configuration: every option of `charlm train` declared once, here.
 
-Precedence: built-in defaults (the tuned `configs/timemachine-gru.toml`) < `--config FILE` <
-command-line options. Keys are the dataclass field names; a file may group them in tables
-(`[data]`, `[model]`, `[train]`, ...), which are flattened, so the table name is documentation.
+Each field of `TrainConfig` carries, in one `option(...)` declaration, its default, help text,
+help panel, choices or range (a `charlm.checks.Rule`; the model's options take theirs from
+`ModelConfig`) and whether a resumed run may change it. Everything else is made from that:
+
+    the `charlm train` options, their --help, defaults and choices   charlm.cli.train
+    config files: keys, types, ranges                              load_config_file, build_config
+    what --resume refuses to change                                fixed_on_resume()
+    a run's config.toml, the README's options table                to_toml, options_markdown
+
+Precedence: these defaults (equal to `configs/timemachine-gru.toml`, checked by a test) <
+`--config FILE` < the options typed on the command line. Keys are the field names; a file may
+group them in tables (`[data]`, `[model]`, ...), which are flattened: the table name is only
+for reading. No torch here: `charlm train --help` imports this module.
 """
 
 from __future__ import annotations
@@ -10,73 +20,194 @@ from __future__ import annotations
 import math
 import re
 import tomllib
-from dataclasses import asdict, dataclass, field, fields
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from charlm.checks import Rule, rule_of
+from charlm.data.text import PREPROCESSING
 from charlm.errors import UsageError
+from charlm.model.config import IMPLS, ModelConfig, check_combination
+from charlm.training.optim import OPTIMIZERS, SCHEDULES
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("none", "cosine", "plateau")
 SAMPLINGS = ("sequential", "random")
 PRECISIONS = ("fp32", "bf16", "fp16")
+DATA, MODEL, OPTIM, STOP, RUN = "Data", "Model", "Optimisation", "Stopping", "Run"
+
+
+@dataclass(frozen=True)
+class Option:
+    """How one TrainConfig field shows up as a command-line option and a config key."""
+
+    help: str
+    panel: str
+    rule: Rule | None = None
+    fixed: bool = False  # a resumed run must keep the checkpoint's value
+    short: str | None = None  # e.g. "-b"
+    default_text: str | None = None  # what --help says for a default of None
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        return self.rule.choices if self.rule else ()
+
+
+def option(default: Any, help: str, panel: str, *, rule: Rule | None = None, fixed: bool = False,
+           short: str | None = None, default_text: str | None = None, model: bool = False,
+           choices: tuple[str, ...] = ()) -> Any:
+    """A TrainConfig field. `model=True` takes the rule of ModelConfig's field of the same name
+    (filled in below, once the field's name is known); `choices` is shorthand for a Rule."""
+    meta = Option(help, panel, Rule(choices=choices) if choices else rule, fixed, short,
+                  default_text)
+    kwargs = {"default_factory": list} if isinstance(default, list) else {"default": default}
+    return field(metadata={"option": meta, "model_rule": model}, **kwargs)
+
+
+def _int(low: int = 0, **kw) -> Rule:
+    return Rule(kind=int, low=low, **kw)
+
+
+def _float(low: float, **kw) -> Rule:
+    return Rule(kind=float, low=low, **kw)
 
 
 @dataclass
 class TrainConfig:
-    # data
-    corpus: str | None = None  # a registered name; None: timemachine (python-docs fallback)
-    text: list[str] = field(default_factory=list)  # local UTF-8 files instead of a named corpus
-    url: str | None = None
-    sha256: str | None = None
-    data_dir: str | None = None
-    preprocessing: str | None = None  # None: the corpus's own (d2l for timemachine, else raw)
-    min_freq: int = 1
-    max_vocab: int = 0  # 0: no limit
-    max_tokens: int = 0  # d2l's knob: keep only the first N tokens; 0: all
-    val_fraction: float = 0.1
-    test_fraction: float = 0.0
-    # model
-    cell: str = "gru"
-    hidden: int = 256
-    layers: int = 2
-    embed: int = 32
-    dropout: float = 0.2
-    nonlinearity: str = "tanh"
-    impl: str = "auto"
-    gru_reset: str = "after"
-    # optimisation
-    batch_size: int = 64
-    num_steps: int = 32
-    sampling: str = "sequential"
-    optimizer: str = "adamw"
-    lr: float = 3e-3
-    weight_decay: float = 0.01
-    schedule: str = "cosine"
-    warmup_steps: int = 100
-    plateau_patience: int = 2
-    plateau_factor: float = 0.5
-    clip: float = 1.0
-    # stopping: whichever comes first; 0 / "" disables a limit
-    epochs: int = 0
-    max_steps: int = 0
-    time_budget: str = "2m"
-    # runtime
-    device: str = "auto"
-    precision: str = "fp32"
-    seed: int = 0
-    log_every: int = 50
-    eval_every: int = 500
-    checkpoint_every: int = 500
-    sample_prefix: str | None = None  # None: the corpus's own ("time traveller" for timemachine)
-    sample_length: int = 200
-    out: str | None = None
+    # -- data ----------------------------------------------------------------------------------
+    corpus: str | None = option(
+        None, "A named corpus (see charlm data list): timemachine, tinyshakespeare, python-docs.",
+        DATA, fixed=True, default_text="timemachine, else python-docs")
+    text: list[str] = option(
+        [], "Train on local UTF-8 file(s) instead (repeatable).", DATA, fixed=True)
+    url: str | None = option(None, "Train on a text downloaded from this URL.", DATA, fixed=True)
+    sha256: str | None = option(None, "Expected sha256 of --url.", DATA)
+    data_dir: str | None = option(
+        None, "Corpus cache directory.", DATA,
+        default_text="$CHARLM_DATA_DIR, else ~/.cache/charlm")
+    preprocessing: str | None = option(
+        None, "d2l (letters and single spaces, lowercased), lower, or raw.", DATA, fixed=True,
+        choices=PREPROCESSING, default_text="the corpus's own")
+    min_freq: int = option(1, "Symbols rarer than this map to <unk>.", DATA, rule=_int(1),
+                           fixed=True)
+    max_vocab: int = option(0, "Keep at most this many symbols (0: all).", DATA, rule=_int(0),
+                            fixed=True)
+    max_tokens: int = option(0, "Use only the first N tokens, as d2l's loader (0: all).", DATA,
+                             rule=_int(0), fixed=True)
+    val_fraction: float = option(
+        0.1, "Share of the corpus (from the end) for validation.", DATA,
+        rule=_float(0, high=1, high_open=True), fixed=True)
+    test_fraction: float = option(
+        0.0, "Share of the corpus (the very end) held out for test.", DATA,
+        rule=_float(0, high=1, high_open=True), fixed=True)
+    # -- model ---------------------------------------------------------------------------------
+    cell: str = option("gru", "The recurrent cell.", MODEL, model=True, fixed=True)
+    hidden: int = option(256, "Hidden units per layer.", MODEL, model=True, fixed=True)
+    layers: int = option(2, "Recurrent layers.", MODEL, model=True, fixed=True)
+    embed: int = option(32, "Embedding size; 0: one-hot inputs, as in d2l.", MODEL, model=True,
+                        fixed=True)
+    dropout: float = option(0.2, "Dropout between layers and before the output.", MODEL,
+                            model=True)
+    nonlinearity: str = option("tanh", "The RNN's nonlinearity (--cell rnn only).", MODEL,
+                               model=True, fixed=True)
+    impl: str = option(
+        "auto", "auto: fast for the GRU on the CPU, scratch for --gru-reset before, else fused; "
+        "fused: torch/cuDNN; scratch: cells from the gate equations; fast: CPU GRU with its own "
+        "backward and C time loops (~2x fused).", MODEL, choices=("auto", *IMPLS))
+    gru_reset: str = option(
+        "after", "GRU reset gate after (PyTorch) or before (Cho et al., d2l) the recurrent "
+        "product; before needs --impl scratch.", MODEL, model=True, fixed=True)
+    # -- optimisation --------------------------------------------------------------------------
+    batch_size: int = option(64, "Sequences per batch (the global batch with --nproc).", OPTIM,
+                             rule=_int(1), fixed=True, short="-b")
+    num_steps: int = option(32, "BPTT length: characters per sequence.", OPTIM, rule=_int(1),
+                            fixed=True)
+    sampling: str = option(
+        "sequential", "sequential: state carried, truncated BPTT; random: state reset per batch.",
+        OPTIM, choices=SAMPLINGS, fixed=True)
+    optimizer: str = option("adamw", "The optimizer (d2l uses sgd).", OPTIM, choices=OPTIMIZERS,
+                            fixed=True)
+    lr: float = option(3e-3, "Learning rate (d2l uses sgd with 1).", OPTIM,
+                       rule=_float(0, low_open=True))
+    weight_decay: float = option(0.01, "Weight decay.", OPTIM, rule=_float(0))
+    schedule: str = option(
+        "cosine", "none; cosine: linear warm-up, then decay to the end of the run; plateau: "
+        "multiply by --plateau-factor after --plateau-patience evaluations without improvement.",
+        OPTIM, choices=SCHEDULES)
+    warmup_steps: int = option(100, "Linear warm-up steps (cosine).", OPTIM, rule=_int(0))
+    plateau_patience: int = option(2, "Evaluations without improvement before a decay (plateau).",
+                                   OPTIM, rule=_int(1))
+    plateau_factor: float = option(0.5, "Learning-rate factor per decay (plateau).", OPTIM,
+                                   rule=_float(0, high=1, low_open=True, high_open=True))
+    clip: float = option(1.0, "Clip gradients to this global L2 norm (0: off).", OPTIM,
+                         rule=_float(0, text=">= 0 (0 disables clipping)"))
+    # -- stopping: whichever comes first; 0 disables a limit -------------------------------------
+    epochs: int = option(0, "Stop after this many epochs (0: no limit).", STOP, rule=_int(0))
+    max_steps: int = option(0, "Stop after this many steps (0: no limit).", STOP, rule=_int(0))
+    time_budget: str = option(
+        "2m", "Stop after this much training time, e.g. 90s, 5m, 1h ('0': no limit).", STOP)
+    # -- runtime -------------------------------------------------------------------------------
+    device: str = option("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.", RUN)
+    precision: str = option("fp32", "bf16 and fp16 autocast need CUDA.", RUN, choices=PRECISIONS)
+    seed: int = option(0, "Random seed: weights, batches, dropout.", RUN, fixed=True,
+                       rule=_int(0, high=2**63, high_open=True, text="an integer in [0, 2**63)"))
+    log_every: int = option(50, "Steps between progress lines.", RUN, rule=_int(1))
+    eval_every: int = option(500, "Steps between validation + sample.", RUN, rule=_int(1))
+    checkpoint_every: int = option(500, "Steps between saves of last.pt.", RUN, rule=_int(1))
+    sample_prefix: str | None = option(
+        None, "Prompt for the samples shown at each evaluation.", RUN,
+        default_text="the corpus's own")
+    sample_length: int = option(200, "Characters per sample.", RUN, rule=_int(1))
+    out: str | None = option(None, "Run directory.", RUN, short="-o",
+                             default_text="runs/<time>-<cell>-<corpus>")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def section(self, panel: str) -> dict[str, Any]:
+        """The fields of one help panel, e.g. section(DATA) for `load_dataset`."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if OPTIONS[f.name].panel == panel}
 
-FIELD_TYPES = {f.name: f.type for f in fields(TrainConfig)}
+
+def _options() -> dict[str, Option]:
+    found = {}
+    for f in fields(TrainConfig):
+        meta: Option = f.metadata["option"]
+        if f.metadata["model_rule"]:
+            meta = Option(meta.help, meta.panel, rule_of(ModelConfig, f.name), meta.fixed,
+                          meta.short, meta.default_text)
+        found[f.name] = meta
+    return found
+
+
+OPTIONS: dict[str, Option] = _options()  # field name -> its declaration
+TYPES: dict[str, Any] = typing.get_type_hints(TrainConfig)  # field name -> int, str | None, ...
+
+
+def base_type(name: str) -> Any:
+    """The type of option `name` without its Optional: int, float, str, bool or list[str]."""
+    kind = TYPES[name]
+    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+        return next(k for k in typing.get_args(kind) if k is not type(None))
+    return kind
+
+
+def optional(name: str) -> bool:
+    """Whether option `name` may be None (meaning: decided later, e.g. the corpus's own)."""
+    return type(None) in typing.get_args(TYPES[name])
+
+
+def default_of(name: str) -> Any:
+    f = TrainConfig.__dataclass_fields__[name]
+    return f.default_factory() if f.default is MISSING else f.default
+
+
+def fixed_on_resume() -> tuple[str, ...]:
+    """Options that define the model or its data: a resumed run must keep them."""
+    return tuple(name for name, meta in OPTIONS.items() if meta.fixed)
+
+
+# -- reading and checking ---------------------------------------------------------------------
 
 
 def parse_duration(value: str | int | float | None) -> float:
@@ -99,24 +230,29 @@ def parse_duration(value: str | int | float | None) -> float:
     return seconds
 
 
-def _type_ok(name: str, value: Any) -> bool:
-    kind = FIELD_TYPES[name]
-    if "list" in kind:
-        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+def type_ok(name: str, value: Any) -> bool:
+    """Whether `value` has the type of option `name` (a config file's or a checkpoint's value)."""
     if value is None:
-        return "None" in kind
-    if kind.startswith("int"):
+        return optional(name)
+    base = base_type(name)
+    if typing.get_origin(base) is list:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if base is bool:
+        return isinstance(value, bool)
+    if base is int:
         return isinstance(value, int) and not isinstance(value, bool)
-    if kind.startswith("float"):
+    if base is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if kind.startswith("str"):
-        return isinstance(value, str) or (name == "time_budget" and isinstance(value, (int, float)))
-    return True
+    if name == "time_budget":
+        return isinstance(value, (str, int, float)) and not isinstance(value, bool)
+    return isinstance(value, base)
 
 
-def _type_name(name: str) -> str:
-    kind = FIELD_TYPES[name].replace(" | None", "")
-    return {"int": "an integer", "float": "a number", "str": "a string"}.get(kind, "a list of strings")
+def type_name(name: str) -> str:
+    base = base_type(name)
+    if typing.get_origin(base) is list:
+        return "a list of strings"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[base]
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
@@ -137,26 +273,29 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         items = value.items() if isinstance(value, dict) else [(key, value)]
         for name, item in items:
             where = f"{key}.{name}" if isinstance(value, dict) else name
-            if name not in FIELD_TYPES:
+            if name not in OPTIONS:
                 raise UsageError(
                     f"unknown key '{where}' in config file {path}; see 'charlm train --help' "
                     "for the keys (option names with - written as _)"
                 )
-            if isinstance(item, int) and not isinstance(item, bool) and "float" in FIELD_TYPES[name]:
-                item = float(item)
-            if not _type_ok(name, item):
+            if not type_ok(name, item):
                 raise UsageError(
-                    f"key '{where}' in config file {path} must be {_type_name(name)}, got {item!r}"
+                    f"key '{where}' in config file {path} must be {type_name(name)}, got {item!r}"
                 )
             flat[name] = item
     return flat
 
 
 def build_config(file_values: dict[str, Any], overrides: dict[str, Any]) -> TrainConfig:
-    """Defaults < file values < command-line overrides (None means 'not given')."""
+    """Defaults < file values < command-line overrides (None means 'not given'), checked."""
     values = TrainConfig().to_dict()
     values.update(file_values)
     values.update({k: v for k, v in overrides.items() if v is not None})
+    for name, value in values.items():
+        if base_type(name) is float and isinstance(value, int) and not isinstance(value, bool):
+            values[name] = float(value)
+        elif OPTIONS[name].choices and isinstance(value, str):
+            values[name] = value.lower()  # --cell GRU is --cell gru
     if isinstance(values.get("time_budget"), (int, float)):
         values["time_budget"] = f"{values['time_budget']}s"
     cfg = TrainConfig(**values)
@@ -164,82 +303,50 @@ def build_config(file_values: dict[str, Any], overrides: dict[str, Any]) -> Trai
     return cfg
 
 
-def _positive(cfg: TrainConfig, *keys: str, minimum: int = 1) -> None:
-    for key in keys:
-        value = getattr(cfg, key)
-        if value < minimum:
-            raise UsageError(f"{key} must be >= {minimum}, got {value}")
-
-
 def validate(cfg: TrainConfig) -> None:
-    """Range checks that name the key; corpus-dependent checks happen when the data is loaded."""
-    from charlm.model.lm import CELLS, GRU_RESETS, NONLINEARITIES
-
-    choices = {
-        "cell": CELLS,
-        "nonlinearity": NONLINEARITIES,
-        "gru_reset": GRU_RESETS,
-        "optimizer": OPTIMIZERS,
-        "schedule": SCHEDULES,
-        "sampling": SAMPLINGS,
-        "precision": PRECISIONS,
-        "impl": ("auto", "fused", "scratch", "fast"),
-        "preprocessing": ("d2l", "lower", "raw", None),
-    }
-    for key, allowed in choices.items():
-        value = getattr(cfg, key)
-        if value not in allowed:
-            shown = ", ".join(a for a in allowed if a is not None)
-            raise UsageError(f"{key} must be one of {shown}; got {value!r}")
-    _positive(cfg, "hidden", "layers", "batch_size", "num_steps", "min_freq", "sample_length")
-    _positive(cfg, "log_every", "eval_every", "checkpoint_every", "plateau_patience")
-    _positive(cfg, "embed", "max_vocab", "max_tokens", "epochs", "max_steps", "warmup_steps",
-              minimum=0)
-    if not 0 <= cfg.seed < 2**63:
-        raise UsageError(f"seed must be in [0, 2**63), got {cfg.seed}")
-    if not 0.0 <= cfg.dropout < 1.0:
-        raise UsageError(f"dropout must be in [0, 1), got {cfg.dropout}")
-    if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
-        raise UsageError(f"lr must be a positive number, got {cfg.lr}")
-    if not cfg.weight_decay >= 0:
-        raise UsageError(f"weight_decay must be >= 0, got {cfg.weight_decay}")
-    if not cfg.clip >= 0:
-        raise UsageError(f"clip must be >= 0 (0 disables clipping), got {cfg.clip}")
-    if not 0.0 < cfg.plateau_factor < 1.0:
-        raise UsageError(f"plateau_factor must be in (0, 1), got {cfg.plateau_factor}")
-    for key in ("val_fraction", "test_fraction"):
-        if not 0.0 <= getattr(cfg, key) < 1.0:
-            raise UsageError(f"{key} must be in [0, 1), got {getattr(cfg, key)}")
+    """Every option's rule (naming the key), then the checks across options; checks that need
+    the corpus happen when it is loaded."""
+    for name, meta in OPTIONS.items():
+        value = getattr(cfg, name)
+        if meta.rule is not None and not (value is None and optional(name)):
+            meta.rule.check(name, value)
     if cfg.val_fraction + cfg.test_fraction >= 1.0:
         raise UsageError("val_fraction + test_fraction must leave some text for training")
-    if cfg.gru_reset == "before" and cfg.cell != "gru":
-        raise UsageError("gru_reset before applies to --cell gru only")
+    check_combination(cfg.cell, cfg.impl, cfg.gru_reset)
     parse_duration(cfg.time_budget)
-    sources = sum(bool(x) for x in (cfg.corpus, cfg.text, cfg.url))
-    if sources > 1:
-        raise UsageError("give one of --corpus, --text or --url, not several")
-    if cfg.sha256 and not cfg.url:
-        raise UsageError("--sha256 goes with --url")
+    from charlm.data.corpus import check_source
+
+    check_source(cfg.corpus, cfg.text, cfg.url, cfg.sha256)
 
 
-def to_toml(values: dict[str, Any]) -> str:
-    """Write a flat config dict as TOML (keys with value None are left out: they mean default)."""
-    lines = ["# Resolved charlm training configuration; rerun with: charlm train --config THIS_FILE"]
+def model_config(cfg: TrainConfig, vocab_size: int, impl: str) -> ModelConfig:
+    """The ModelConfig a run of `cfg` trains, with `impl` resolved for its device."""
+    values = {f.name: getattr(cfg, f.name) for f in fields(ModelConfig) if hasattr(cfg, f.name)}
+    return ModelConfig(**{**values, "vocab_size": vocab_size, "impl": impl}).validate()
+
+
+# -- writing -----------------------------------------------------------------------------------
+
+
+def to_toml(values: dict[str, Any], header: str = "") -> str:
+    """A flat config dict as TOML, grouped by panel (keys with value None mean 'the default'
+    and are left out)."""
+    import tomli_w
+
+    tables: dict[str, dict[str, Any]] = {}
     for key, value in values.items():
-        if value is None:
-            continue
-        lines.append(f"{key} = {_toml_value(value)}")
-    return "\n".join(lines) + "\n"
+        if value is not None:
+            tables.setdefault(OPTIONS[key].panel.lower(), {})[key] = value
+    return header + tomli_w.dumps(tables)
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-        return f'"{escaped}"'
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {value!r} as TOML")
+def options_markdown() -> str:
+    """The README's table of every `charlm train` option, made from the declarations."""
+    rows = ["| option | default | values | meaning |", "|---|---|---|---|"]
+    for name, meta in OPTIONS.items():
+        flag = f"`--{name.replace('_', '-')}`" + (f", `{meta.short}`" if meta.short else "")
+        default = default_of(name)
+        shown = meta.default_text or ("" if default in (None, []) else f"`{default}`")
+        values = meta.rule.describe() if meta.rule else ""
+        rows.append(f"| {flag} | {shown} | {values.replace('|', '/')} | {meta.help} |")
+    return "\n".join(rows) + "\n"

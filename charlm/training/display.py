@@ -6,10 +6,32 @@ Human output goes to stderr so that `charlm train --json` leaves stdout to the J
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+
+
+@dataclass
+class RunInfo:
+    """What the first lines say about a run (made by the trainer)."""
+
+    resumed_at: int | None  # the step a resumed run continues from; None for a new run
+    model: str  # e.g. "gru 2x256 (fast: compiled C loops)"
+    parameters: int
+    device: str  # e.g. "cpu (2 threads)"
+    corpus: str
+    num_tokens: int
+    preprocessing: str
+    vocab_size: int
+    train_tokens: int
+    val_tokens: int
+    batches_per_epoch: int
+    batch_size: int
+    num_steps: int
+    run_dir: Path
 
 
 def _si(x: float) -> str:
@@ -28,26 +50,15 @@ class TrainDisplay:
         if self.enabled:
             self.console.print(*args, **kwargs)
 
-    def start(self, trainer, params: int, resuming: bool) -> None:
-        from charlm.devices import describe
-
-        cfg, data = trainer.cfg, trainer.data
-        verb = f"resuming at step {trainer.loop.step}" if resuming else "training"
-        impl = trainer.model_config.impl
-        if impl == "fast" and trainer.device.type == "cpu":
-            from charlm.model import ckernel
-
-            impl = f"fast: {ckernel.status()}"  # says so when the slower fallback loops run
+    def start(self, run: "RunInfo") -> None:
+        verb = f"resuming at step {run.resumed_at}" if run.resumed_at is not None else "training"
+        self.print(f"{verb}: {run.model}, {run.parameters:,} parameters, on {run.device}")
         self.print(
-            f"{verb}: {cfg.cell} {cfg.layers}x{cfg.hidden} ({impl}), "
-            f"{params:,} parameters, on {describe(trainer.device)}"
+            f"corpus {run.corpus}: {run.num_tokens:,} tokens ({run.preprocessing}, vocab "
+            f"{run.vocab_size}), train {run.train_tokens:,} / val {run.val_tokens:,}; "
+            f"{run.batches_per_epoch} batches of {run.batch_size}x{run.num_steps} per epoch"
         )
-        self.print(
-            f"corpus {data.name}: {data.num_tokens:,} tokens ({data.preprocessing}, vocab "
-            f"{len(data.vocab)}), train {data.train.numel():,} / val {data.val.numel():,}; "
-            f"{len(trainer.batches)} batches of {cfg.batch_size}x{cfg.num_steps} per epoch"
-        )
-        self.print(f"run directory: {trainer.run_dir}")
+        self.print(f"run directory: {run.run_dir}")
         if self.live:
             self.progress = Progress(
                 TextColumn("[bold]{task.fields[head]}"), BarColumn(),

@@ -370,8 +370,8 @@ def rank_state(group: Group, ckpt: dict, batch_size: int) -> tuple[Any, dict]:
     return hidden, rngs[group.rank]
 
 
-def corpus_nll(group: Group, model, tokens: torch.Tensor, batch_size: int, num_steps: int,
-               autocast: Callable) -> tuple[float, int]:
+def validation_nll(group: Group, model, tokens: torch.Tensor, batch_size: int, num_steps: int,
+                   autocast: Callable) -> tuple[float, int]:
     """`charlm.evaluate.corpus_nll` of the whole split; in a group each rank evaluates its rows
     of the same windows (`eval_shards`) and the sums are added up across ranks."""
     from charlm.evaluate import corpus_nll as nll_of

@@ -226,6 +226,19 @@ def read_metrics(path: Path) -> list[dict]:
     return rows
 
 
+def latest_run(root: Path | None = None) -> Path | None:
+    """The run directory `runs/latest` names, if it still exists."""
+    pointer = (root if root is not None else runs_root()) / "latest"
+    try:
+        named = pointer.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not named:
+        return None
+    run = Path(named) if Path(named).is_absolute() else pointer.parent / named
+    return run if run.is_dir() else None
+
+
 def point_latest(run_dir: Path) -> None:
     root = runs_root()
     root.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,12 @@
-"""The training loop: get batch, forward, loss, backward, clip, step, log, evaluate, save.
+"""The training loop: get batch, forward, loss, backward, clip, step; then log, evaluate, save.
 
 Everything the loop touches per step stays on the device: the corpus is one integer tensor
 there, batches are slices of it, the running loss is a device tensor. The host only syncs at
 log, evaluation and checkpoint points.
+
+The Trainer owns its state: `state_dict()` is what a checkpoint holds (each part of the run
+gives its own: model, optimizer, LR schedule, batch iterator, counters), `load_state_dict()`
+puts a run back where a checkpoint left it.
 """
 
 from __future__ import annotations
@@ -11,44 +15,38 @@ import math
 import random
 import signal
 import time
-from contextlib import ExitStack, closing, nullcontext
-from dataclasses import dataclass, field
+from contextlib import ExitStack, closing, contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from charlm.training import distributed
-from charlm.training import rundir
 from charlm.data.batches import RandomBatches, SequentialBatches
-from charlm.training.checkpoint import save_checkpoint
-from charlm.training.config import TrainConfig, parse_duration
 from charlm.data.dataset import Dataset, load_dataset
+from charlm.devices import describe as describe_device
 from charlm.devices import keep_freed_memory
 from charlm.errors import CharlmError, UsageError
-from charlm.model.lm import CharLM, ModelConfig, State, count_parameters, detach_state
-from charlm.training.state import payload, restore
-from charlm.training.optim import LRSchedule, make_optimizer
-from charlm.training.display import TrainDisplay
+from charlm.model.config import resolve_impl
+from charlm.model.lm import CharLM, State, count_parameters, detach_state
+from charlm.model.loading import model_from_checkpoint
 from charlm.sample import SampleSettings, generate
+from charlm.training import distributed, rundir
+from charlm.training.checkpoint import save_checkpoint
+from charlm.training.config import DATA, TrainConfig, model_config, parse_duration, to_toml
+from charlm.training.display import RunInfo, TrainDisplay
+from charlm.training.optim import LRSchedule, make_optimizer
+from charlm.training.state import (LoopState, hidden_from_plain, hidden_to_plain, rng_state,
+                                   set_rng_state)
+
+CONFIG_HEADER = "# Resolved charlm training configuration; rerun with: charlm train --config THIS_FILE\n"
+
 
 class Interrupted(Exception):
     """SIGINT/SIGTERM arrived: the loop stopped at a step boundary and saved a checkpoint."""
 
-    def __init__(self, checkpoint: Path | None, signame: str):
+    def __init__(self, checkpoint: Path | None, signame: str, step: int):
         super().__init__(signame)
-        self.checkpoint, self.signame = checkpoint, signame
-
-
-@dataclass
-class LoopState:
-    step: int = 0
-    epoch: int = 0
-    tokens_seen: int = 0
-    elapsed: float = 0.0  # training wall time across resumes
-    best_val_loss: float = math.inf
-    last_val_loss: float = math.nan
-    history: list = field(default_factory=list)
+        self.checkpoint, self.signame, self.step = checkpoint, signame, step
 
 
 class _NoMetrics:
@@ -58,88 +56,133 @@ class _NoMetrics:
         pass
 
 
-class Trainer:
-    """One process's trainer; with a process group (`charlm.training.distributed`), one rank of many:
-    all ranks step together and rank 0 alone writes the run directory."""
+class _Window:
+    """What happened since the last log line; the loss sum stays on the device."""
 
-    def __init__(self, cfg: TrainConfig, resume: dict | None = None, display: TrainDisplay | None = None,
-                 group: distributed.Group | None = None):
+    def __init__(self, device: torch.device):
+        self.loss_sum = torch.zeros((), device=device)
+        self.steps, self.tokens, self.since = 0, 0, time.perf_counter()
+
+    def add(self, loss: torch.Tensor, tokens: int) -> None:
+        self.loss_sum += loss
+        self.steps += 1
+        self.tokens += tokens
+
+    def reset(self) -> None:
+        self.loss_sum.zero_()
+        self.steps, self.tokens, self.since = 0, 0, time.perf_counter()
+
+
+class Trainer:
+    """One process's trainer; with a process group (`charlm.training.distributed`), one rank of
+    many: all ranks step together and rank 0 alone writes the run directory."""
+
+    def __init__(self, cfg: TrainConfig, resume: dict | None = None,
+                 display: TrainDisplay | None = None, group: distributed.Group | None = None):
         self.cfg = cfg
         self.group = g = group or distributed.current()
         self.display = display or TrainDisplay(enabled=False)
         ckpt = resume["ckpt"] if resume else None
-        self.resume_path = str(resume.get("path") or "checkpoint") if resume else None
-        g.together(lambda: self._check_setup(cfg, ckpt))
+        self.where = str(resume.get("path") or "checkpoint") if resume else "checkpoint"
+        self.device = g.together(lambda: _setup_device(cfg, g, ckpt))
         self.data: Dataset = g.local_first(lambda: load_dataset(
-            cfg, vocab=ckpt["vocab"] if ckpt else None, device=self.device))
+            **cfg.section(DATA), vocab=ckpt["vocab"] if ckpt else None, device=self.device))
         # the files were found relative to here; record them absolute so a resume works anywhere
         cfg.text = [str(Path(t).resolve()) for t in cfg.text]
-        g.together(lambda: self._build(cfg, ckpt))
+        self.model, self.optimizer, self.schedule, self.batches, self.scaler = g.together(
+            lambda: self._parts(ckpt))
+        self.model_config = self.model.config
+        self.loop = LoopState()
+        self.hidden: State | None = None  # carried across batches (sequential sampling)
+        self.stop_signal: list[str] = []  # a signal name once SIGINT/SIGTERM arrived
+        self.agreed_stop: str | None = None  # the signal all ranks stop for
+        self.step_hook = None  # called after every step with the trainer (tests, tools)
+        self.time_budget = parse_duration(cfg.time_budget)
+        if ckpt is not None:
+            g.together(lambda: self.load_state_dict(ckpt))
         self.net = g.wrap(self.model, self.device)  # DDP: same weights everywhere, grads averaged
         self.run_dir = Path(g.broadcast(str(
             Path(cfg.out) if cfg.out else rundir.default_run_dir(cfg.cell, self.data.name))))
 
-    def _check_setup(self, cfg: TrainConfig, ckpt: dict | None) -> None:
-        self.device = distributed.select_rank_device(cfg.device, self.group)
-        if self.device.type == "cpu":
-            keep_freed_memory()  # no page-fault churn from freeing each step's activations
-        if cfg.precision != "fp32" and self.device.type != "cuda":
-            raise UsageError(f"--precision {cfg.precision} needs a CUDA device; use fp32 on {self.device.type}")
-        distributed.check_world(self.group, cfg.batch_size, ckpt.get("world_size", 1) if ckpt else None)
-
-    def _build(self, cfg: TrainConfig, ckpt: dict | None) -> None:
-        g = self.group
+    def _parts(self, ckpt: dict | None):
+        """The model (a checkpoint's, on resume), optimizer, schedule, batches and loss scaler."""
+        cfg, g = self.cfg, self.group
         if ckpt and ckpt.get("corpus", {}).get("num_tokens") not in (None, self.data.num_tokens):
             raise CharlmError(
                 f"the corpus has {self.data.num_tokens} tokens but the checkpoint was trained on "
                 f"{ckpt['corpus']['num_tokens']}; resume with the same text"
             )
-        from charlm.model.cells import resolve_impl
-
-        mc = ModelConfig(
-            vocab_size=len(self.data.vocab), cell=cfg.cell, hidden=cfg.hidden, layers=cfg.layers,
-            embed=cfg.embed, dropout=cfg.dropout, nonlinearity=cfg.nonlinearity,
-            gru_reset=cfg.gru_reset,
-        )
         # --impl auto resolves per device and cell; the checkpoint records the concrete choice,
         # and a resumed run uses the impl given now (parameters are laid out alike in all).
-        mc.impl = resolve_impl(cfg.impl, mc.mode, self.device.type, cfg.gru_reset)
-        self.model_config = mc.validate()
+        impl = resolve_impl(cfg.impl, cfg.cell, self.device.type, cfg.gru_reset)
+        wanted = model_config(cfg, len(self.data.vocab), impl)
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
-        self.model = CharLM(self.model_config).to(self.device)
+        if ckpt is None:
+            model = CharLM(wanted).to(self.device)
+        else:
+            model = model_from_checkpoint(ckpt, self.where, impl, self.device, wanted).model.train()
         if g.rank:  # the same weights on every rank, but other dropout masks
             torch.manual_seed((cfg.seed + 0x9E3779B97F4A7C15 * g.rank) % 2**63)
-        self.optimizer = make_optimizer(cfg.optimizer, self.model.parameters(), cfg.lr, cfg.weight_decay)
-        self.schedule = LRSchedule(cfg.schedule, cfg.lr, cfg.warmup_steps, cfg.plateau_factor,
-                                   cfg.plateau_patience)
+        optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay)
+        schedule = LRSchedule(cfg.schedule, cfg.lr, cfg.warmup_steps, cfg.plateau_factor,
+                              cfg.plateau_patience)
         iterator_cls = SequentialBatches if cfg.sampling == "sequential" else RandomBatches
-        self.batches = iterator_cls(self.data.train, cfg.batch_size, cfg.num_steps, seed=cfg.seed,
-                                    rows=g.rows(cfg.batch_size))
-        self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
-        self.loop = LoopState()
-        self.stop_signal: list[str] = []  # a signal name once SIGINT/SIGTERM arrived
-        self.agreed_stop: str | None = None  # in a process group: the signal all ranks stop for
-        self.step_hook = None  # called after every step with the trainer (tests, tools)
-        self.hidden: State | None = None
-        self.time_budget = parse_duration(cfg.time_budget)
-        if ckpt is not None:
-            self._restore(ckpt, self.resume_path)
+        batches = iterator_cls(self.data.train, cfg.batch_size, cfg.num_steps, seed=cfg.seed,
+                               rows=g.rows(cfg.batch_size))
+        scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
+        return model, optimizer, schedule, batches, scaler
 
-    # -- checkpoints ---------------------------------------------------------------------
-    def _payload(self) -> dict:
-        return payload(self)
+    # -- state -----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything a checkpoint holds, as plain data. In a process group this is a
+        collective: every rank's hidden rows and RNG state are joined on rank 0."""
+        sequential = self.cfg.sampling == "sequential"
+        rng = rng_state()
+        hidden, ranks = distributed.gather_state(
+            self.group, hidden_to_plain(self.hidden) if sequential else None, rng)
+        return {
+            "model_config": self.model_config.to_dict(),
+            "vocab": self.data.vocab.to_dict(),
+            "preprocessing": self.data.preprocessing,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "rng": rng,
+            "iterator": (iterator := self.batches.state_dict()),
+            "hidden": hidden,
+            "epoch": iterator["epoch"],
+            **self.loop.state_dict(),
+            "train_config": self.cfg.to_dict(),
+            "corpus": self.data.describe(),
+            **ranks,
+        }
 
-    def _restore(self, ckpt: dict, where: str) -> None:
-        restore(self, ckpt, where)
+    def load_state_dict(self, ckpt: dict) -> None:
+        """Put the run back where `ckpt` left it (its weights came with the model, loaded and
+        checked by `model_from_checkpoint`)."""
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise CharlmError(f"checkpoint does not match its own model config: {first}") from None
+        self.schedule.load_state_dict(ckpt["scheduler"])
+        if self.scaler and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.batches.load_state_dict(ckpt["iterator"])
+        hidden, rng = distributed.rank_state(self.group, ckpt, self.cfg.batch_size)
+        self.hidden = hidden_from_plain(hidden, self.device)
+        self.loop.load_state_dict(ckpt)
+        set_rng_state(rng)
 
     def save(self, name: str) -> Path:
-        payload, path = self._payload(), self.run_dir / name
-        self.group.on_main(lambda: save_checkpoint(payload, path))
+        state, path = self.state_dict(), self.run_dir / name
+        self.group.on_main(lambda: save_checkpoint(state, path))
         return path
 
-    # -- pieces of the loop --------------------------------------------------------------
-    def progress(self) -> float:
+    # -- pieces of a step --------------------------------------------------------------------
+    def fraction_done(self) -> float:
         """How far along the run is, 0..1, by whichever limit is closest to stopping it."""
         cfg, loop = self.cfg, self.loop
         parts = [0.0]
@@ -151,11 +194,12 @@ class Trainer:
             parts.append(loop.elapsed / self.time_budget)
         return min(max(parts), 1.0)
 
-    def stop_reason(self) -> str | None:
+    def limit_reached(self) -> str | None:
         cfg, loop = self.cfg, self.loop
         if cfg.max_steps and loop.step >= cfg.max_steps:
             return f"max_steps {cfg.max_steps}"
-        if cfg.epochs and self.batches.epoch >= cfg.epochs:
+        done = self.batches.epoch + (self.batches.position >= len(self.batches))
+        if cfg.epochs and done >= cfg.epochs:
             return f"epochs {cfg.epochs}"
         if self.time_budget and loop.elapsed >= self.time_budget:
             return f"time_budget {cfg.time_budget}"
@@ -169,7 +213,6 @@ class Trainer:
 
     def train_step(self, X: torch.Tensor, Y: torch.Tensor, state: State | None):
         """One optimisation step; returns the (device) loss and the new (attached) state."""
-        cfg = self.cfg
         with self.autocast():
             logits, state = self.net(X, state)
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), Y.reshape(-1))
@@ -179,8 +222,8 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
         else:
             loss.backward()
-        if cfg.clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip)
+        if self.cfg.clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -192,8 +235,9 @@ class Trainer:
         """Mean NLL per character over the whole validation split (state carried)."""
         if self.data.val.numel() < 2:
             return math.nan
-        nll, count = distributed.corpus_nll(self.group, self.model, self.data.val,
-                                            self.cfg.batch_size, self.cfg.num_steps, self.autocast)
+        nll, count = distributed.validation_nll(self.group, self.model, self.data.val,
+                                                self.cfg.batch_size, self.cfg.num_steps,
+                                                self.autocast)
         return nll / count
 
     def sample_text(self) -> str:
@@ -203,126 +247,118 @@ class Trainer:
         drawn = generate(self.model, ids, SampleSettings(length=self.cfg.sample_length), generator=gen)
         return prefix + self.data.vocab.decode(drawn[0])
 
-    # -- the loop ------------------------------------------------------------------------
+    # -- the loop ----------------------------------------------------------------------------
     def run(self) -> dict:
-        cfg, loop = self.cfg, self.loop
-        resuming = loop.step > 0 or self.batches.position > 0 or self.batches.epoch > 0
+        resuming = self.loop.step > 0 or self.batches.position > 0 or self.batches.epoch > 0
         with ExitStack() as stack:
-            def open_run_dir() -> rundir.MetricsLog:
-                rundir.prepare_run_dir(self.run_dir, resuming=resuming)
-                stack.enter_context(rundir.RunLock(self.run_dir))
-                rundir.write_text_atomic(self.run_dir / "config.toml", _config_toml(cfg, self.run_dir))
-                rundir.point_latest(self.run_dir)
-                return stack.enter_context(closing(rundir.MetricsLog(
-                    self.run_dir / "metrics.jsonl", keep_until_step=loop.step if resuming else -1)))
+            metrics = self.group.on_main(lambda: self._open_run_dir(stack, resuming))
+            return self._loop(metrics or _NoMetrics(), resuming)
 
-            metrics = self.group.on_main(open_run_dir) or _NoMetrics()  # rank 0 alone writes it
-            return self._run(metrics, resuming)
+    def _open_run_dir(self, stack: ExitStack, resuming: bool) -> rundir.MetricsLog:
+        rundir.prepare_run_dir(self.run_dir, resuming=resuming)
+        stack.enter_context(rundir.RunLock(self.run_dir))
+        values = dict(self.cfg.to_dict(), out=str(self.run_dir))
+        rundir.write_text_atomic(self.run_dir / "config.toml", to_toml(values, CONFIG_HEADER))
+        rundir.point_latest(self.run_dir)
+        keep = self.loop.step if resuming else -1
+        return stack.enter_context(closing(rundir.MetricsLog(self.run_dir / "metrics.jsonl", keep)))
 
-    def _run(self, metrics: rundir.MetricsLog, resuming: bool) -> dict:
-        cfg, loop, display = self.cfg, self.loop, self.display
+    def _loop(self, metrics, resuming: bool) -> dict:
+        cfg, loop = self.cfg, self.loop
         params = count_parameters(self.model)
-        display.start(self, params, resuming)
-        stop_signal = self.stop_signal
-
-        def on_signal(signum, frame):
-            if stop_signal:  # a second Ctrl-C: stop now, without waiting for the step
-                raise KeyboardInterrupt
-            stop_signal.append(signal.Signals(signum).name)
-
-        old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        loss_sum = torch.zeros((), device=self.device)
-        n_steps, n_tokens = 0, 0
-        last_log = time.perf_counter()
-        t_mark = time.perf_counter()
-        reason = self.stop_reason()
-        batch_tokens = cfg.batch_size * cfg.num_steps
+        self.display.start(self._run_info(params, resuming))
+        self._window = _Window(self.device)
+        self._mark = time.perf_counter()
+        batches = self._batches()
         self.net.train()
         try:
-            while reason is None:
-                # position == len: a run stopped right after an epoch's last batch; iterating
-                # starts the next epoch, whose first batch gets a fresh state too
-                at_epoch_start = self.batches.position in (0, len(self.batches))
-                for X, Y in self.batches:
-                    if cfg.sampling == "random" or at_epoch_start:
-                        state, at_epoch_start = None, False  # fresh state per batch / per epoch
-                    else:
-                        state = detach_state(self.hidden)  # truncated BPTT: keep values, cut graph
-                    lr = self.schedule.lr(loop.step, self.progress())
+            with _signals_caught(self.stop_signal):
+                while (stop := self._stop_check()) is None:
+                    X, Y, fresh = next(batches)
+                    state = None if fresh else detach_state(self.hidden)  # truncated BPTT
+                    lr = self.schedule.lr(loop.step, self.fraction_done())
                     for group in self.optimizer.param_groups:
                         group["lr"] = lr
                     loss, state = self.train_step(X, Y, state)
                     self.hidden = state if cfg.sampling == "sequential" else None
-                    loss_sum += loss
-                    n_steps += 1
-                    n_tokens += batch_tokens
-                    loop.step += 1
-                    loop.tokens_seen += batch_tokens
-                    now = time.perf_counter()
-                    loop.elapsed += now - t_mark
-                    t_mark = now
-                    if loop.step % cfg.log_every == 0:
-                        mean = self._mean_loss(loss_sum, n_steps)
-                        self._check_finite(mean)
-                        seconds = time.perf_counter() - last_log
-                        row = {"kind": "train", "step": loop.step, "epoch": self.batches.epoch,
-                               "tokens": loop.tokens_seen, "time": round(loop.elapsed, 3),
-                               "loss": mean, "ppl": math.exp(min(mean, 50)), "lr": lr,
-                               "tokens_per_s": n_tokens / max(seconds, 1e-9)}
-                        metrics.write(row)
-                        display.log(row, self.progress())
-                        loss_sum.zero_()
-                        n_steps, n_tokens, last_log = 0, 0, time.perf_counter()
-                    if loop.step % cfg.eval_every == 0:
-                        self._eval_and_sample(metrics)
-                        t_mark = last_log = time.perf_counter()
-                    if loop.step % cfg.checkpoint_every == 0:
-                        self._check_finite(self._mean_loss(loss_sum, n_steps) if n_steps else 0.0)
-                        self.save("last.pt")
-                        t_mark = last_log = time.perf_counter()
-                    if self.step_hook is not None:
-                        self.step_hook(self)
-                    if self._stopping():  # checked after a whole step: position and weights agree
-                        break
-                    reason = self.stop_reason()
-                    if reason:
-                        break
-                if self._stopping(sync=False):
-                    break
-                reason = self.stop_reason()  # an epoch just ended: the epochs limit may be hit
+                    self._on_step_end(loss, lr, metrics)
         except KeyboardInterrupt:  # a second Ctrl-C mid-step: the step is torn, so save nothing
-            display.stop()
+            self.display.stop()
             last = self.run_dir / "last.pt"
-            raise Interrupted(last if last.exists() else None, "SIGINT (twice)") from None
-        finally:
-            for sig, handler in old.items():
-                signal.signal(sig, handler)
-        stopped = self._stopping(sync=False)
-        if stopped:
+            raise Interrupted(last if last.exists() else None, "SIGINT (twice)", loop.step) from None
+        if self.agreed_stop:
             path = self.save("last.pt")
-            display.stop()
-            raise Interrupted(path, stopped)
-        if n_steps:
-            self._check_finite(self._mean_loss(loss_sum, n_steps))
+            self.display.stop()
+            raise Interrupted(path, self.agreed_stop, loop.step)
+        if self._window.steps:
+            self._check_finite(self._mean_loss())
         evaluated_now = loop.step % cfg.eval_every == 0 and math.isfinite(loop.last_val_loss)
-        final_val = loop.last_val_loss if evaluated_now else self._eval_and_sample(metrics)
+        final_val = loop.last_val_loss if evaluated_now else self._evaluate_and_sample(metrics)
         self.save("last.pt")
-        display.stop()
-        summary = self._summary(reason or "done", params, final_val)
+        self.display.stop()
+        summary = self._summary(stop, params, final_val)
         metrics.write({"kind": "summary", "step": loop.step, **summary})
         return summary
 
-    def _stopping(self, sync: bool = True) -> str | None:
-        """The signal the run stops for, if any. In a process group the ranks agree on it, and on
-        the elapsed time (the schedule and --time-budget read it), once at the end of each step:
-        a small host-side message, no device sync."""
-        if sync or not self.group.active:
-            self.loop.elapsed, self.agreed_stop = self.group.agree_stop(self.loop.elapsed,
-                                                                        self.stop_signal)
-        return self.agreed_stop
+    def _batches(self):
+        """(X, Y, fresh) forever, epoch after epoch; fresh: start from a zero state (every batch
+        with random sampling, each epoch's first with sequential)."""
+        while True:
+            # position == len: a run stopped right after an epoch's last batch; iterating
+            # starts the next epoch, whose first batch gets a fresh state too
+            fresh = self.batches.position in (0, len(self.batches))
+            for X, Y in self.batches:
+                yield X, Y, fresh or self.cfg.sampling == "random"
+                fresh = False
 
-    def _mean_loss(self, loss_sum: torch.Tensor, n_steps: int) -> float:
-        mean = (loss_sum / n_steps).item()  # the one host sync per log interval
+    def _stop_check(self) -> str | None:
+        """Why the run stops now, if it does: a signal, which the ranks of a process group agree
+        on (with the elapsed time, which the schedule and --time-budget read), or a limit."""
+        self.loop.elapsed, self.agreed_stop = self.group.agree_stop(self.loop.elapsed,
+                                                                    self.stop_signal)
+        return self.agreed_stop or self.limit_reached()
+
+    def _on_step_end(self, loss: torch.Tensor, lr: float, metrics) -> None:
+        cfg, loop = self.cfg, self.loop
+        tokens = cfg.batch_size * cfg.num_steps
+        self._window.add(loss, tokens)
+        loop.step += 1
+        loop.tokens_seen += tokens
+        now = time.perf_counter()
+        loop.elapsed += now - self._mark
+        self._mark = now
+        if loop.step % cfg.log_every == 0:
+            self._log(lr, metrics)
+        if loop.step % cfg.eval_every == 0:
+            self._evaluate_and_sample(metrics)
+            self._restart_clock()
+        if loop.step % cfg.checkpoint_every == 0:
+            self._check_finite(self._mean_loss() if self._window.steps else 0.0)
+            self.save("last.pt")
+            self._restart_clock()
+        if self.step_hook is not None:
+            self.step_hook(self)
+
+    def _restart_clock(self) -> None:
+        """After a pause (evaluation, checkpoint): it counts neither as training time nor
+        against tokens/s."""
+        self._mark = self._window.since = time.perf_counter()
+
+    def _log(self, lr: float, metrics) -> None:
+        loop, window = self.loop, self._window
+        mean = self._mean_loss()
+        self._check_finite(mean)
+        seconds = time.perf_counter() - window.since
+        row = {"kind": "train", "step": loop.step, "epoch": self.batches.epoch,
+               "tokens": loop.tokens_seen, "time": round(loop.elapsed, 3), "loss": mean,
+               "ppl": math.exp(min(mean, 50)), "lr": lr,
+               "tokens_per_s": window.tokens / max(seconds, 1e-9)}
+        metrics.write(row)
+        self.display.log(row, self.fraction_done())
+        window.reset()
+
+    def _mean_loss(self) -> float:
+        mean = (self._window.loss_sum / self._window.steps).item()  # the one host sync per log
         g = self.group
         return g.sum([mean])[0] / g.world_size if g.active else mean
 
@@ -337,7 +373,7 @@ class Trainer:
             )
             raise distributed.shared(error) if self.group.active else error
 
-    def _eval_and_sample(self, metrics: rundir.MetricsLog) -> float:
+    def _evaluate_and_sample(self, metrics) -> float:
         loop, g = self.loop, self.group
         val = self.evaluate()
         sample = self.sample_text() if g.is_main else ""
@@ -346,7 +382,8 @@ class Trainer:
         improved = math.isfinite(val) and val < loop.best_val_loss
         if improved:
             loop.best_val_loss = val
-        self.schedule.observe(val) if math.isfinite(val) else None
+        if math.isfinite(val):
+            self.schedule.observe(val)
         row = {"kind": "val", "step": loop.step, "epoch": self.batches.epoch,
                "tokens": loop.tokens_seen, "time": round(loop.elapsed, 3), "loss": val,
                "ppl": math.exp(min(val, 50)) if math.isfinite(val) else None,
@@ -359,6 +396,22 @@ class Trainer:
         if g.broadcast(improved or not (self.run_dir / "best.pt").exists()):  # rank 0 decides
             self.save("best.pt")
         return val
+
+    def _run_info(self, params: int, resuming: bool) -> RunInfo:
+        mc, data = self.model_config, self.data
+        impl = mc.impl
+        if impl == "fast" and self.device.type == "cpu":
+            from charlm.model import ckernel
+
+            impl = f"fast: {ckernel.status()}"  # says so when the slower fallback loops run
+        return RunInfo(
+            resumed_at=self.loop.step if resuming else None,
+            model=f"{mc.cell} {mc.layers}x{mc.hidden} ({impl})", parameters=params,
+            device=describe_device(self.device), corpus=data.name, num_tokens=data.num_tokens,
+            preprocessing=data.preprocessing, vocab_size=len(data.vocab),
+            train_tokens=data.train.numel(), val_tokens=data.val.numel(),
+            batches_per_epoch=len(self.batches), batch_size=self.cfg.batch_size,
+            num_steps=self.cfg.num_steps, run_dir=self.run_dir)
 
     def _summary(self, reason: str, params: int, final_val: float) -> dict:
         loop = self.loop
@@ -385,9 +438,29 @@ class Trainer:
         }
 
 
-def _config_toml(cfg: TrainConfig, run_dir: Path) -> str:
-    from charlm.training.config import to_toml
+def _setup_device(cfg: TrainConfig, group: distributed.Group, ckpt: dict | None) -> torch.device:
+    device = distributed.select_rank_device(cfg.device, group)
+    if device.type == "cpu":
+        keep_freed_memory()  # no page-fault churn from freeing each step's activations
+    if cfg.precision != "fp32" and device.type != "cuda":
+        raise UsageError(f"--precision {cfg.precision} needs a CUDA device; use fp32 on {device.type}")
+    distributed.check_world(group, cfg.batch_size, ckpt.get("world_size", 1) if ckpt else None)
+    return device
 
-    values = cfg.to_dict()
-    values["out"] = str(run_dir)
-    return to_toml(values)
+
+@contextmanager
+def _signals_caught(stop_signal: list[str]):
+    """SIGINT/SIGTERM ask the loop to stop after the current step (their name is appended to
+    `stop_signal`); a second one stops at once (KeyboardInterrupt)."""
+
+    def on_signal(signum, frame):
+        if stop_signal:  # a second Ctrl-C: stop now, without waiting for the step
+            raise KeyboardInterrupt
+        stop_signal.append(signal.Signals(signum).name)
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,110 @@
+"""`charlm generate`: continue a prefix with a trained model, one character per step."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from charlm.errors import UsageError, warn
+
+CheckpointOpt = typer.Option(
+    None, "--checkpoint",
+    help="A checkpoint file or a run directory (its best.pt). Default: the latest run's best.pt "
+         "(runs root: $CHARLM_RUNS_DIR or ./runs).",
+    show_default=False,
+)
+DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.")
+ImplOpt = typer.Option(
+    None, "--impl",
+    help="Load with another implementation: auto, fused, scratch or fast (GRU on CPU). "
+         "Default: the checkpoint's own. Parameters are laid out alike in all of them.",
+    show_default=False,
+)
+JsonOpt = typer.Option(False, "--json", help="Print JSON on stdout instead of text.")
+
+
+def generate(
+    prefix: Optional[str] = typer.Option(None, "--prefix", "-p", help="Text to continue (warms up the state). Default: none, start from a neutral state."),
+    prefix_file: Optional[Path] = typer.Option(None, "--prefix-file", help="Read the prefix from this UTF-8 file (verbatim, newlines included)."),
+    length: int = typer.Option(200, "--length", "-n", help="Characters to draw after the prefix."),
+    temperature: float = typer.Option(1.0, "--temperature", help="Divide the logits by this (< 1: safer, > 1: wilder)."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Draw only among the K likeliest characters."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Draw only among the smallest set of characters holding this much probability (nucleus)."),
+    greedy: bool = typer.Option(False, "--greedy", help="Always take the likeliest character (d2l's predict_ch8); ignores temperature, top-k, top-p and seed."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed: the same seed gives the same text. Default: a fresh one (shown by --json)."),
+    num_samples: int = typer.Option(1, "--num-samples", help="Draw this many samples as one batch; printed after drawing, separated by a blank line."),
+    checkpoint: Optional[str] = CheckpointOpt,
+    impl: Optional[str] = ImplOpt,
+    device: str = DeviceOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    """Generate text from a trained model.
+
+    The prefix goes through the checkpoint's own preprocessing, warms up the hidden state, and
+    characters are drawn one at a time. One sample streams to stdout as it is drawn; several
+    are printed once drawn. --json prints {prefix, samples, settings, checkpoint}; each
+    sample there is the continuation only (the text is prefix + sample).
+
+    Example: charlm generate --prefix "time traveller" --length 300 --temperature 0.8
+    """
+    from charlm.data.text import preprocess, read_text
+    from charlm.sample import SampleSettings
+    from charlm.sample import generate as draw
+    from charlm.training.checkpoint import load_model
+
+    if top_k is not None and top_k < 1:
+        raise UsageError(f"--top-k must be >= 1, got {top_k}")
+    settings = SampleSettings(length=length, temperature=temperature, top_k=top_k or 0,
+                              top_p=top_p, greedy=greedy, num_samples=num_samples, seed=seed)
+    settings.validate()
+    if prefix is not None and prefix_file is not None:
+        raise UsageError("give --prefix or --prefix-file, not both")
+    raw = (read_text(prefix_file, "--prefix-file", allow_empty=True) if prefix_file is not None
+           else prefix or "")
+
+    loaded = load_model(checkpoint, impl, device)
+    vocab = loaded.vocab
+    text = preprocess(raw, loaded.preprocessing)
+    unknown = [c for c in dict.fromkeys(text) if c not in vocab]
+    if unknown:
+        warn(
+            f"{len(unknown)} prefix character{'s' if len(unknown) > 1 else ''} not in the "
+            f"model's vocabulary, read as <unk>: {', '.join(repr(c) for c in unknown)}"
+        )
+    ids = vocab.encode(text).tolist()
+    if not greedy and settings.seed is None:
+        settings.seed = secrets.randbits(63)  # reported by --json so the text can be redrawn
+
+    stream = num_samples == 1 and not json_out
+    tokens, out = vocab.tokens, sys.stdout
+
+    def write_char(step_ids: list[int]) -> None:
+        out.write(tokens[step_ids[0]])
+        out.flush()
+
+    on_step = write_char if stream else None
+    if stream:
+        out.write(text)
+        out.flush()
+
+    try:
+        drawn = draw(loaded.model, ids, settings, on_step=on_step)
+        samples = [vocab.decode(row) for row in drawn]
+        if json_out:
+            payload = {"prefix": text, "samples": samples, "settings": settings.to_dict(),
+                       "checkpoint": str(loaded.path)}
+            sys.stdout.write(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
+        elif stream:
+            sys.stdout.write("\n")
+        else:
+            sys.stdout.write("\n\n".join(text + s for s in samples) + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:  # e.g. `charlm generate | head -c 100`: the reader has had enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(0) from None

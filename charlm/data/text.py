@@ -1,0 +1,60 @@
+"""Text in: reading a UTF-8 file (one reader, one set of refusals) and the preprocessing modes.
+
+No torch here: `charlm --help` and config checking import this module.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from charlm.errors import CharlmError, UsageError
+
+PREPROCESSING = ("d2l", "lower", "raw")
+
+_NON_LETTERS = re.compile("[^A-Za-z]+")
+
+
+def preprocess(text: str, mode: str) -> str:
+    """Apply a preprocessing mode: "d2l" (letters and single spaces, lowercased), "lower", "raw"."""
+    if mode == "d2l":
+        # Exactly d2l's read_time_machine: runs of non-letters (newlines too) become one space.
+        return _NON_LETTERS.sub(" ", text).lower()
+    if mode == "lower":
+        return text.lower()
+    if mode == "raw":
+        return text
+    raise UsageError(f"unknown preprocessing {mode!r}; choose one of: {', '.join(PREPROCESSING)}")
+
+
+def read_text(path: str | Path, what: str = "", allow_empty: bool = False) -> str:
+    """A UTF-8 text file's contents, or a one-line CharlmError saying what is wrong with it.
+
+    `what` names the file in messages ("--text", "--prefix-file"; nothing for a corpus file).
+    A BOM is dropped. NUL bytes are refused: UTF-8 text never holds them, while binary files and
+    UTF-16 text (which would otherwise decode into nonsense) do.
+    """
+    path = Path(path)
+    label = f"{what} {path}" if what else str(path)
+    if not path.exists():
+        raise CharlmError(f"{label} does not exist; check the path")
+    if path.is_dir():
+        raise CharlmError(f"{label} is a directory; give a UTF-8 text file")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CharlmError(f"cannot read {label}: {exc.strerror}") from None
+    if not data and not allow_empty:
+        raise CharlmError(f"{label} is empty; give a file that holds some text")
+    if b"\0" in data:
+        raise CharlmError(
+            f"{label} is not UTF-8 text (it holds NUL bytes, like a binary or UTF-16 file); "
+            "give a UTF-8 text file"
+        )
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise CharlmError(
+            f"{label} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+            f"convert it first, e.g. iconv -f latin1 -t utf-8 {path} > {path.stem}.utf8.txt"
+        ) from None

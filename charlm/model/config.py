@@ -1,0 +1,102 @@
+"""The model's hyper-parameters: one dataclass, stored in every checkpoint, and the choices it takes.
+
+No torch here: `charlm train --help` and config checking import this module. The Rules on the
+fields are the one home of each value's range; the training options of the same names take
+theirs from here (`charlm.training.config`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+from charlm.checks import Rule, check_fields
+from charlm.errors import CharlmError, UsageError
+
+CELLS = ("rnn", "gru", "lstm")
+NONLINEARITIES = ("tanh", "relu")
+GRU_RESETS = ("after", "before")  # the GRU's reset gate after (PyTorch, cuDNN) or before W_hh
+IMPLS = ("fused", "scratch", "fast")  # the concrete implementations; "auto" picks one
+MODES = ("rnn_tanh", "rnn_relu", "gru", "lstm")  # what the layer factory takes: cell + nonlinearity
+FAST_MODES = ("gru",)  # the cells `fast` exists for
+
+
+def _rule(**kw) -> dict:
+    return {"rule": Rule(**kw)}
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = field(metadata=_rule(kind=int, low=1))
+    cell: str = field(default="gru", metadata=_rule(choices=CELLS))
+    hidden: int = field(default=256, metadata=_rule(kind=int, low=1))
+    layers: int = field(default=1, metadata=_rule(kind=int, low=1))
+    # 0: one-hot inputs, exactly as in d2l
+    embed: int = field(default=0, metadata=_rule(kind=int, low=0))
+    # between recurrent layers and before the output layer
+    dropout: float = field(default=0.0, metadata=_rule(kind=float, low=0, high=1, high_open=True))
+    nonlinearity: str = field(default="tanh", metadata=_rule(choices=NONLINEARITIES))  # rnn only
+    impl: str = field(default="fused", metadata=_rule(choices=IMPLS))
+    gru_reset: str = field(default="after", metadata=_rule(choices=GRU_RESETS))  # gru only
+
+    @property
+    def mode(self) -> str:
+        """The cell name the recurrent layer factory takes: rnn_tanh, rnn_relu, gru or lstm."""
+        return f"rnn_{self.nonlinearity}" if self.cell == "rnn" else self.cell
+
+    def validate(self) -> "ModelConfig":
+        check_fields(self)
+        check_combination(self.cell, self.impl, self.gru_reset)
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelConfig":
+        """A checkpoint's model config, checked: one-line errors, never a half-valid config."""
+        if not isinstance(data, dict):
+            raise CharlmError("checkpoint's model config is not a table; the file is damaged")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise CharlmError(
+                f"checkpoint's model config has unknown keys {unknown}; it was written by a newer "
+                "charlm: upgrade charlm to load it"
+            )
+        try:
+            return cls(**data).validate()
+        except (TypeError, UsageError) as exc:
+            raise CharlmError(f"checkpoint's model config is invalid: {exc}") from None
+
+
+def check_combination(cell: str, impl: str, gru_reset: str) -> None:
+    """Settings that are each valid but do not go together (impl may still be "auto")."""
+    if gru_reset == "before" and cell != "gru":
+        raise UsageError("gru_reset before applies to --cell gru only")
+    if gru_reset == "before" and impl not in ("auto", "scratch"):
+        raise UsageError(
+            "--gru-reset before exists only in the scratch implementation; use --impl scratch"
+        )
+    if impl == "fast" and cell not in FAST_MODES:
+        raise UsageError(
+            f"--impl fast exists only for {', '.join(FAST_MODES)}, not {cell}; "
+            "use --impl fused or --impl scratch"
+        )
+
+
+def resolve_impl(impl: str, cell: str, device_type: str, gru_reset: str = "after") -> str:
+    """Turn ``auto`` into a concrete implementation; other values are returned unchanged.
+
+    Rule (from scripts/bench_cells.py, docs/BENCHMARKS.md):
+      * ``--gru-reset before``                 -> scratch (the only implementation that has it)
+      * CUDA (any cell)                        -> fused (cuDNN)
+      * CPU, a cell in FAST_MODES (gru)        -> fast
+      * CPU, any other cell                    -> fused
+    """
+    if impl != "auto":
+        return impl
+    if cell == "gru" and gru_reset == "before":
+        return "scratch"
+    if device_type == "cpu" and cell in FAST_MODES:
+        return "fast"
+    return "fused"

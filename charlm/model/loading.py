@@ -1,0 +1,106 @@
+"""A model rebuilt from a checkpoint, every field it needs checked before use.
+
+The one loader behind `charlm generate`, `charlm eval perplexity`, `charlm train --resume` and the
+tests (`charlm.training.checkpoint.load_model` finds and reads the file first)::
+
+    ckpt["model_config"]   -> ModelConfig, checked            -> CharLM in the implementation asked for
+    ckpt["vocab"]          -> Vocab, checked; its size must be model_config.vocab_size
+    ckpt["preprocessing"]  -> one of d2l, lower, raw
+    ckpt["model"]          -> names and shapes those of the model, values finite -> load_state_dict
+
+All implementations lay out their parameters like torch.nn.RNN/GRU/LSTM, so the same weights load
+into any of them. Errors are one line, starting with `where` (the checkpoint's path).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from charlm.data.text import PREPROCESSING
+from charlm.data.vocab import Vocab
+from charlm.errors import CharlmError
+from charlm.model.config import ModelConfig, resolve_impl
+from charlm.model.lm import CharLM
+
+
+@dataclass
+class Restored:
+    model: CharLM  # in eval mode, on the device asked for
+    vocab: Vocab
+    preprocessing: str
+
+
+# What a resumed run may change about its model: neither changes a weight's shape.
+ADJUSTABLE = ("impl", "dropout")
+
+
+def model_from_checkpoint(ckpt: dict, where: str = "checkpoint", impl: str | None = None,
+                          device: torch.device | str = "cpu",
+                          config: ModelConfig | None = None) -> Restored:
+    """The checkpoint's model, vocabulary and preprocessing, checked, weights loaded.
+
+    `impl` (fused / scratch / fast / auto) runs the weights in another implementation; None keeps
+    the checkpoint's own. `config` (a resumed run's) builds the model instead of the checkpoint's
+    own model_config, which it must equal but for ADJUSTABLE.
+    """
+    saved = ModelConfig.from_dict(ckpt.get("model_config"))
+    try:
+        vocab = Vocab.from_dict(ckpt.get("vocab"))
+    except CharlmError as exc:
+        raise CharlmError(f"{where}: {exc}; the file is damaged") from None
+    check_vocab_size(where, len(vocab), saved.vocab_size)
+    preprocessing = ckpt.get("preprocessing")
+    if preprocessing not in PREPROCESSING:
+        raise CharlmError(f"{where}: unknown preprocessing {preprocessing!r}; the file is damaged")
+    if config is not None:
+        for key, value in saved.to_dict().items():
+            if key not in ADJUSTABLE and getattr(config, key) != value:
+                raise CharlmError(
+                    f"{where}: its model_config has {key} = {value!r} but its train_config "
+                    f"gives {getattr(config, key)!r}; the file is damaged or was edited"
+                )
+    config = config or saved
+    if impl is not None:
+        config.impl = resolve_impl(impl, config.cell, torch.device(device).type, config.gru_reset)
+        config.validate()
+    model = CharLM(config)
+    check_parameters(where, model, ckpt.get("model"))
+    model.load_state_dict(ckpt["model"])
+    return Restored(model.to(device).eval(), vocab, preprocessing)
+
+
+def check_vocab_size(where: str, tokens: int, said: object) -> None:
+    """Refuse a checkpoint whose vocabulary and model config disagree on the vocabulary size."""
+    if tokens != said:
+        raise CharlmError(f"{where}: its vocabulary has {tokens} tokens but its model config says "
+                          f"{said}; the file is damaged")
+
+
+def check_parameters(where: str, model: nn.Module, saved: object) -> None:
+    """Refuse, naming the parameter, saved weights whose names, shapes or values do not fit
+    ``model`` (one-line CharlmErrors that start with ``where``, e.g. the checkpoint's path)."""
+    if not isinstance(saved, dict):
+        raise CharlmError(f"{where}: its 'model' entry is not a table of tensors; the file is damaged")
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in saved]
+    unexpected = [k for k in saved if k not in expected]
+    if missing or unexpected:
+        parts = ([f"missing {', '.join(missing[:3])}"] if missing else []) + (
+            [f"unexpected {', '.join(map(str, unexpected[:3]))}"] if unexpected else [])
+        raise CharlmError(
+            f"{where}: its parameters do not match its model config ({'; '.join(parts)}); "
+            "the file is damaged"
+        )
+    for name, want in expected.items():
+        got = saved[name]
+        if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+            shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+            raise CharlmError(
+                f"{where}: parameter {name} is {shape} but its model config gives "
+                f"{tuple(want.shape)}; the file is damaged"
+            )
+        if not torch.isfinite(got).all():
+            raise CharlmError(f"{where}: parameter {name} holds NaN or infinity; use another checkpoint")
