@@ -147,6 +147,30 @@ def test_two_rank_checkpoint_resumes_on_two_ranks(work, two_ranks, tmp_path):
         assert torch.allclose(h1, h2, atol=1e-5, rtol=0)
 
 
+def test_ctrl_c_reaches_every_rank_once_and_saves(work, tmp_path):
+    """SIGINT to the `--nproc` launcher: the ranks finish the same step, rank 0 saves and says
+    how to resume, nothing else is printed, and the launcher exits 130."""
+    import signal
+    import time
+
+    out = tmp_path / "stopped"
+    args = _args(work, out, 100_000)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CHARLM_RUNS_DIR": str(work / "runs"),
+           "CHARLM_DATA_DIR": str(work / "cache")}
+    proc = subprocess.Popen([sys.executable, "-m", "charlm", *args, "--nproc", "2", "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while not (out / "last.pt").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)  # training is under way once the first checkpoint is written
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    step = load_checkpoint(out / "last.pt")["step"]
+    assert stderr == (f"charlm: SIGINT: saved {out / 'last.pt'} at step {step}; resume with: "
+                      f"charlm train --nproc 2 --resume {out}\n")
+    assert stdout == ""
+
+
 def test_resume_on_another_world_size_is_one_line(work, two_ranks, tmp_path, monkeypatch):
     monkeypatch.setenv("CHARLM_RUNS_DIR", str(tmp_path / "runs"))
     shutil.copytree(work / "two6", tmp_path / "part")

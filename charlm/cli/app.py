@@ -137,11 +137,31 @@ def main(argv: list[str] | None = None) -> None:
     """
     args = sys.argv[1:] if argv is None else list(argv)
     previous = _sigterm_as_interrupt()
+    code = 0
     try:
         _main(args)
+    except SystemExit as exc:
+        code = exc.code
+        raise
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        _end_rank(code)
+
+
+def _end_rank(code) -> None:
+    """A rank of a process group ends here, its output flushed: gloo's threads may still hold
+    tensors, and letting the interpreter and C++ tear them down can abort the process at exit
+    ("terminate called without an active exception") after a run that went well."""
+    distributed = sys.modules.get("charlm.training.distributed")
+    if distributed is None or not distributed.joined():
+        return
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code if isinstance(code, int) else 0 if code is None else 1)
 
 
 def _raise_interrupt(signum, frame) -> None:

@@ -217,6 +217,7 @@ class ProcessGroup(Group):
 
 SINGLE = Group()
 _current: Group = SINGLE
+_joined = False  # whether this process has been a rank of a process group
 
 
 def current() -> Group:
@@ -282,8 +283,14 @@ def from_env() -> Group:
     except (RuntimeError, ValueError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise CharlmError(f"rank {rank} could not join the process group: {first}") from None
-    _current = ProcessGroup(rank, world, local_rank, ctrl)
+    global _joined
+    _current, _joined = ProcessGroup(rank, world, local_rank, ctrl), True
     return _current
+
+
+def joined() -> bool:
+    """Whether this process has been a rank of a process group (see `charlm.cli.app.main`)."""
+    return _joined
 
 
 def close() -> None:

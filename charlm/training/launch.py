@@ -1,16 +1,26 @@
-"""`charlm train --nproc N`: start N ranks of a data-parallel run on this machine."""
+"""`charlm train --nproc N`: start N ranks of a data-parallel run on this machine.
+
+PyTorch's own launcher does the work (`torch.distributed.launcher.api.elastic_launch`, what
+`torchrun --standalone --nproc-per-node N` runs): a rendezvous on a free local port, one
+`python -m charlm train ...` per rank, each in its own session, so a Ctrl-C reaches a rank once,
+forwarded by the launcher (SIGINT, SIGTERM, SIGHUP and SIGQUIT alike), and the ranks get
+SHUTDOWN_S seconds to save and stop before they are killed. What charlm adds: the launcher's
+log lines stay quiet, and a failed run ends with the ranks' own one-line error and exit code
+instead of torchrun's traceback and exit code 1.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
-import signal
 import socket
-import subprocess
 import sys
-import time
+import tempfile
+import uuid
+from contextlib import contextmanager
 
-
-GRACE_S = 10.0  # after one rank fails, how long the others get to stop by themselves
+SHUTDOWN_S = 300  # after a signal or a failed rank, how long the ranks get to save and stop
+MONITOR_S = 0.2  # how often the launcher looks at its ranks
 
 
 def free_port() -> int:
@@ -19,60 +29,49 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(nproc: int, args: list[str], env: dict[str, str] | None = None) -> int:
-    """Run `python -m charlm <args>` as `nproc` ranks on this machine; return the exit code.
-
-    Like `torchrun --standalone --nproc-per-node N`, but a failure stays the ranks' own one-line
-    error and exit code (torchrun wraps it in a traceback and exit code 1). Each rank starts in
-    its own session, so a Ctrl-C reaches it exactly once, forwarded from here. When one rank
-    fails, the others get GRACE_S seconds, then SIGTERM, then SIGKILL.
-    """
-    base = dict(os.environ if env is None else env)
-    base.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(nproc),
-                LOCAL_WORLD_SIZE=str(nproc), GROUP_RANK="0")
-    procs: list[subprocess.Popen] = []
-
-    def forward(signum, frame):
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signum)
-
-    old = {}
+@contextmanager
+def _quiet_launcher():
+    """torch.distributed.elastic logs every start, signal and failure on stderr; the ranks say
+    what matters themselves."""
+    loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
+               if name.startswith("torch.distributed")]
+    before = [logger.disabled for logger in loggers]
+    for logger in loggers:  # each has its own level and handler (elastic.utils.logging)
+        logger.disabled = True
     try:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            old[sig] = signal.signal(sig, forward)
-    except ValueError:  # not the main thread: signals stay with the caller
-        pass
-    try:
-        for rank in range(nproc):
-            rank_env = {**base, "RANK": str(rank), "LOCAL_RANK": str(rank)}
-            procs.append(subprocess.Popen([sys.executable, "-m", "charlm", *args], env=rank_env,
-                                          start_new_session=True))
-        failed_at = None
-        while any(p.poll() is None for p in procs):
-            if failed_at is None and any(p.returncode not in (None, 0) for p in procs):
-                failed_at = time.monotonic()
-            if failed_at is not None and time.monotonic() - failed_at > GRACE_S:
-                _stop(procs)
-                break
-            time.sleep(0.05)
+        yield
     finally:
-        _stop(procs)
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
-    codes = [1 if p.returncode is None else p.returncode if p.returncode >= 0 else 128 - p.returncode
-             for p in procs]
-    return codes[0] or next((c for c in codes if c), 0)  # rank 0's, which reported the error
+        for logger, disabled in zip(loggers, before):
+            logger.disabled = disabled
 
 
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-        alive = [p for p in procs if p.poll() is None]
-        for p in alive:
-            p.send_signal(sig)
-        for p in alive:
-            try:
-                p.wait(wait)
-            except subprocess.TimeoutExpired:
-                pass
+def launch(nproc: int, args: list[str]) -> int:
+    """Run `python -m charlm <args>` as `nproc` ranks on this machine; return the exit code."""
+    import torch.distributed.elastic.rendezvous.c10d_rendezvous_backend  # noqa: F401 (its logger)
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    with tempfile.TemporaryDirectory(prefix="charlm-launch-") as logs, _quiet_launcher():
+        config = LaunchConfig(
+            min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
+            rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
+            monitor_interval=MONITOR_S, shutdown_timeout=SHUTDOWN_S,
+            logs_specs=DefaultLogsSpecs(log_dir=logs),
+        )
+        try:
+            elastic_launch(config, sys.executable)("-m", "charlm", *args)
+        except ChildFailedError as exc:
+            # the first rank to fail names the cause (rank 0 has printed it); the others were
+            # stopped because of it
+            first = min(exc.failures.values(), key=lambda f: f.timestamp)
+            return _exit_code(first.exitcode)
+        except SignalException as exc:
+            return 128 + int(exc.sigval)
+    return 0
+
+
+def _exit_code(code: int) -> int:
+    """A rank's exit code as a shell reports it: a death by signal N is 128 + N."""
+    return 128 - code if code < 0 else code
