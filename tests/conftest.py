@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import tempfile
-import socket
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -21,7 +20,7 @@ from urllib.parse import unquote
 
 import pytest
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from helpers import SHARED_DATA, refused_port, train_runs
 
 
 def pytest_configure(config):
@@ -41,17 +40,11 @@ def pytest_unconfigure(config):
 
 @pytest.fixture
 def shared_data() -> Path:
-    """The reference corpora, read in place (never copied into the repo)."""
+    """The reference corpora, read in place (never copied into the repo); $CHARLM_SHARED_DATA
+    points elsewhere."""
     if not (SHARED_DATA / "timemachine.txt").is_file():
-        pytest.skip(f"reference corpora not found in {SHARED_DATA}")
+        pytest.skip(f"reference corpora not found in {SHARED_DATA} (set CHARLM_SHARED_DATA)")
     return SHARED_DATA
-
-
-def refused_port() -> int:
-    """A loopback port that nothing listens on: bound once, then closed."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -169,15 +162,6 @@ def http_server():
         httpd.server_close()
 
 
-def pydoc_text(path: Path, chars: int) -> Path:
-    """Write `chars` characters of English prose and code from the stdlib's own docs (offline,
-    always there) to `path`: the tests' small corpus."""
-    from pydoc_data.topics import topics
-
-    path.write_text("\n\n".join(topics[k] for k in sorted(topics))[:chars], encoding="utf-8")
-    return path
-
-
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models in this process: one thread is fastest, and on a busy machine a second one
@@ -195,18 +179,7 @@ def one_thread():
 def tiny_run(tmp_path_factory) -> Path:
     """One real tiny run (10 steps), made in process: root/run/{last,best}.pt, root/small.txt.
     Tests that change it work on copies."""
-    from typer.testing import CliRunner
-
-    from charlm.cli.app import app
-
     root = tmp_path_factory.mktemp("tiny")
-    small = pydoc_text(root / "small.txt", 30_000)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CHARLM_RUNS_DIR", str(root / "runs"))
-        mp.setenv("CHARLM_DATA_DIR", str(root / "cache"))
-        result = CliRunner().invoke(app, [
-            "train", "--text", str(small), "--hidden", "16", "--layers", "1", "--embed", "8",
-            "--batch-size", "4", "--num-steps", "8", "--max-steps", "10", "--time-budget", "0",
-            "--eval-every", "5", "--checkpoint-every", "5", "--out", str(root / "run"), "-q"])
-    assert result.exit_code == 0, result.output
+    train_runs(root, {"run": ["--layers", "1", "--embed", "8", "--max-steps", "10",
+                              "--eval-every", "5", "--checkpoint-every", "5"]}, text_chars=30_000)
     return root

@@ -26,7 +26,7 @@ from charlm.training.distributed import eval_shards
 from charlm.evaluate import corpus_nll
 from charlm.model.config import ModelConfig
 from charlm.model.lm import CharLM
-from conftest import pydoc_text
+from helpers import pydoc_text
 
 
 @pytest.mark.parametrize("cls", [SequentialBatches, RandomBatches])

@@ -24,34 +24,21 @@ from charlm.model.config import ModelConfig
 from charlm.model.lm import CharLM
 from charlm.data.text import preprocess
 from charlm.data.vocab import Vocab
-from conftest import pydoc_text
+from helpers import invoke, train_runs
 
 REPO = Path(__file__).resolve().parents[1]
-TRAIN = ["--hidden", "16", "--embed", "8", "--batch-size", "4", "--num-steps", "8",
-         "--max-steps", "20", "--time-budget", "0", "--eval-every", "10",
-         "--checkpoint-every", "10", "--log-every", "5", "-q"]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, one_thread):
     """`lstm`: 2-layer LSTM, d2l text, a 10% test split; `gru`: 1-layer GRU, raw text, no test split
     (trained last, so `latest` points at it)."""
-    root = tmp_path_factory.mktemp("eval")
-    text = pydoc_text(root / "small.txt", 6000)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CHARLM_RUNS_DIR", str(root / "runs"))
-        mp.setenv("CHARLM_DATA_DIR", str(root / "cache"))
-        for name, extra in (
-            ("lstm", ["--cell", "lstm", "--layers", "2", "--preprocessing", "d2l",
-                      "--test-fraction", "0.1"]),
-            ("gru-scratch", ["--cell", "gru", "--layers", "2", "--impl", "scratch"]),
-            ("gru", ["--cell", "gru", "--layers", "1"]),  # last: the latest run
-        ):
-            result = CliRunner().invoke(
-                app, ["train", "--text", str(text), *TRAIN, *extra, "--out", str(root / name)])
-            assert result.exit_code == 0, result.output
-        yield {"root": root, "text": text, "lstm": root / "lstm", "gru": root / "gru",
-               "gru-scratch": root / "gru-scratch"}
+    return train_runs(tmp_path_factory.mktemp("eval"), {
+        "lstm": ["--embed", "8", "--cell", "lstm", "--layers", "2", "--preprocessing", "d2l",
+                 "--test-fraction", "0.1"],
+        "gru-scratch": ["--embed", "8", "--cell", "gru", "--layers", "2", "--impl", "scratch"],
+        "gru": ["--embed", "8", "--cell", "gru", "--layers", "1"],  # last: the latest run
+    })
 
 
 @pytest.fixture(autouse=True)
@@ -186,7 +173,7 @@ def test_table_output(runs):
 
 
 def fail(*args: str):
-    result = CliRunner().invoke(app, ["eval", "perplexity", *args])
+    result = invoke("eval", "perplexity", *args)
     return result.exit_code, result.stdout, result.stderr
 
 

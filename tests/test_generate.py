@@ -19,28 +19,18 @@ from charlm.model.config import ModelConfig
 from charlm.model.lm import CharLM
 from charlm.sample import SampleSettings, generate, gumbel_noise
 from charlm.data.vocab import Vocab
-from conftest import pydoc_text
+from helpers import train_runs
 
 REPO = Path(__file__).resolve().parents[1]
-TRAIN = ["--hidden", "16", "--layers", "1", "--batch-size", "4", "--num-steps", "8",
-         "--max-steps", "20", "--time-budget", "0", "--eval-every", "10",
-         "--checkpoint-every", "10", "--log-every", "5", "-q"]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, one_thread):
     """Two real runs: `raw` (GRU, embedding, raw text) and `d2l` (GRU, one-hot, d2l text)."""
-    root = tmp_path_factory.mktemp("gen")
-    text = pydoc_text(root / "small.txt", 6000)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CHARLM_RUNS_DIR", str(root / "runs"))
-        mp.setenv("CHARLM_DATA_DIR", str(root / "cache"))
-        for name, extra in (("d2l", ["--embed", "0", "--preprocessing", "d2l"]),
-                            ("raw", ["--embed", "8"])):
-            result = CliRunner().invoke(
-                app, ["train", "--text", str(text), *TRAIN, *extra, "--out", str(root / name)])
-            assert result.exit_code == 0, result.output
-        yield {"root": root, "raw": root / "raw", "d2l": root / "d2l"}
+    return train_runs(tmp_path_factory.mktemp("gen"), {
+        "d2l": ["--layers", "1", "--embed", "0", "--preprocessing", "d2l"],
+        "raw": ["--layers", "1", "--embed", "8"],
+    })
 
 
 @pytest.fixture(autouse=True)

@@ -8,8 +8,6 @@ weights_only=True, a field changed, saved again) must be refused with one line n
 
 from __future__ import annotations
 
-import contextlib
-import io
 import math
 import os
 import pathlib
@@ -25,6 +23,7 @@ import torch
 from charlm.training.checkpoint import load_checkpoint
 from charlm.errors import CharlmError
 from charlm.model.loading import model_from_checkpoint
+from helpers import run_main
 
 CODE = ("holds code objects, not plain data; refusing to load it (charlm checkpoints hold only "
         "tensors, numbers, strings, lists and dicts)")
@@ -73,20 +72,6 @@ def hostile_files(tiny_run: Path, folder: Path) -> tuple[dict[str, Path], Path]:
     with open(paths["pickle protocol 0"], "wb") as fh:
         pickle.dump(Touch(marker), fh, protocol=0)
     return paths, marker
-
-
-def run_main(args: list[str]) -> tuple[int, str, str]:
-    """`charlm ARGS` in process, through the console entry point (main), as the shell runs it."""
-    from charlm.cli.app import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main(args)
-            code = 0
-        except SystemExit as exc:
-            code = exc.code
-    return code, out.getvalue(), err.getvalue()
 
 
 def test_the_hostile_files_do_run_code_when_loaded_unsafely(tiny_run, tmp_path):

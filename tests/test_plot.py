@@ -19,7 +19,7 @@ from charlm.training import rundir
 from charlm.cli.app import app
 from charlm.training.config import build_config
 from charlm.training.trainer import Trainer
-from conftest import pydoc_text
+from helpers import pydoc_text
 
 try:
     import matplotlib  # noqa: F401

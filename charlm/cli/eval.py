@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Optional
 
 import typer
 
-from charlm.cli.generate import CheckpointOpt, DeviceOpt, ImplOpt, JsonOpt
+from charlm.cli.options import CheckpointOpt, DeviceOpt, ImplOpt, JsonOpt
 from charlm.errors import CharlmError, UsageError
 
 if TYPE_CHECKING:  # torch is imported by the command itself: `charlm --help` stays quick

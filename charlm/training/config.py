@@ -348,5 +348,7 @@ def options_markdown() -> str:
         default = default_of(name)
         shown = meta.default_text or ("" if default in (None, []) else f"`{default}`")
         values = meta.rule.describe() if meta.rule else ""
-        rows.append(f"| {flag} | {shown} | {values.replace('|', '/')} | {meta.help} |")
+        cells = [flag, shown, values, meta.help]
+        cells = [c.replace("|", "/").replace("<", "&lt;").replace(">", "&gt;") for c in cells]
+        rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows) + "\n"

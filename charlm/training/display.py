@@ -20,8 +20,10 @@ class RunInfo:
 
     resumed_at: int | None  # the step a resumed run continues from; None for a new run
     model: str  # e.g. "gru 2x256 (fast: compiled C loops)"
+    impl: str
     parameters: int
-    device: str  # e.g. "cpu (2 threads)"
+    device: str  # e.g. "cpu"
+    device_text: str  # e.g. "cpu (2 threads)"
     corpus: str
     num_tokens: int
     preprocessing: str
@@ -32,6 +34,7 @@ class RunInfo:
     batch_size: int
     num_steps: int
     run_dir: Path
+    extra: dict  # more summary entries (a process group's world_size)
 
 
 def _si(x: float) -> str:
@@ -52,7 +55,7 @@ class TrainDisplay:
 
     def start(self, run: "RunInfo") -> None:
         verb = f"resuming at step {run.resumed_at}" if run.resumed_at is not None else "training"
-        self.print(f"{verb}: {run.model}, {run.parameters:,} parameters, on {run.device}")
+        self.print(f"{verb}: {run.model}, {run.parameters:,} parameters, on {run.device_text}")
         self.print(
             f"corpus {run.corpus}: {run.num_tokens:,} tokens ({run.preprocessing}, vocab "
             f"{run.vocab_size}), train {run.train_tokens:,} / val {run.val_tokens:,}; "
@@ -88,6 +91,32 @@ class TrainDisplay:
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+
+
+def run_summary(run: RunInfo, reason: str, loop, final_val: float) -> dict:
+    """The end of a run in numbers (`loop`: the trainer's LoopState): what --json prints, the
+    summary row of metrics.jsonl, and what summary_table shows."""
+    best = loop.best_val_loss if math.isfinite(loop.best_val_loss) else final_val
+    finite = math.isfinite(best)
+    per_epoch = run.batches_per_epoch * run.batch_size * run.num_steps
+    return {
+        "stopped_by": reason,
+        "steps": loop.step,
+        "epochs": round(loop.tokens_seen / max(1, per_epoch), 3),
+        "best_val_loss": best if finite else None,
+        "best_val_ppl": math.exp(best) if finite else None,
+        "best_val_bpc": best / math.log(2) if finite else None,
+        "final_val_loss": final_val if math.isfinite(final_val) else None,
+        "tokens_per_s": loop.tokens_seen / max(loop.elapsed, 1e-9),
+        "wall_time_s": round(loop.elapsed, 2),
+        "parameters": run.parameters,
+        "device": run.device,
+        **run.extra,
+        "impl": run.impl,
+        "run_dir": str(run.run_dir),
+        "best_checkpoint": str(run.run_dir / "best.pt"),
+        "last_checkpoint": str(run.run_dir / "last.pt"),
+    }
 
 
 def summary_table(summary: dict) -> Table:

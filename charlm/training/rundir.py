@@ -21,6 +21,7 @@ import os
 import re
 import secrets
 import time
+from contextlib import ExitStack, closing
 from pathlib import Path
 from typing import BinaryIO, Callable
 
@@ -213,6 +214,17 @@ class MetricsLog:
 
     def close(self) -> None:
         self.fh.close()
+
+
+def open_run(stack: ExitStack, run_dir: Path, config_toml: str, resumed_at: int | None) -> MetricsLog:
+    """Make (or, resuming, reuse) a run directory and hold it for the life of `stack`: the lock,
+    config.toml, the `latest` pointer, and metrics.jsonl (cut back to `resumed_at` on resume)."""
+    prepare_run_dir(run_dir, resuming=resumed_at is not None)
+    stack.enter_context(RunLock(run_dir))
+    write_text_atomic(run_dir / "config.toml", config_toml)
+    point_latest(run_dir)
+    keep = -1 if resumed_at is None else resumed_at
+    return stack.enter_context(closing(MetricsLog(run_dir / "metrics.jsonl", keep_until_step=keep)))
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import math
 import random
-import signal
 import time
-from contextlib import ExitStack, closing, contextmanager, nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 import torch
@@ -32,21 +31,15 @@ from charlm.model.loading import model_from_checkpoint
 from charlm.sample import SampleSettings, generate
 from charlm.training import distributed, rundir
 from charlm.training.checkpoint import save_checkpoint
-from charlm.training.config import DATA, TrainConfig, model_config, parse_duration, to_toml
-from charlm.training.display import RunInfo, TrainDisplay
+from charlm.training.config import DATA, TrainConfig, model_config, to_toml
+from charlm.training.limits import Limits
+from charlm.training.display import RunInfo, TrainDisplay, run_summary
 from charlm.training.optim import LRSchedule, make_optimizer
+from charlm.training.signals import Interrupted, stop_requests
 from charlm.training.state import (LoopState, hidden_from_plain, hidden_to_plain, rng_state,
                                    set_rng_state)
 
 CONFIG_HEADER = "# Resolved charlm training configuration; rerun with: charlm train --config THIS_FILE\n"
-
-
-class Interrupted(Exception):
-    """SIGINT/SIGTERM arrived: the loop stopped at a step boundary and saved a checkpoint."""
-
-    def __init__(self, checkpoint: Path | None, signame: str, step: int):
-        super().__init__(signame)
-        self.checkpoint, self.signame, self.step = checkpoint, signame, step
 
 
 class _NoMetrics:
@@ -97,7 +90,7 @@ class Trainer:
         self.stop_signal: list[str] = []  # a signal name once SIGINT/SIGTERM arrived
         self.agreed_stop: str | None = None  # the signal all ranks stop for
         self.step_hook = None  # called after every step with the trainer (tests, tools)
-        self.time_budget = parse_duration(cfg.time_budget)
+        self.limits = Limits.of(cfg)
         if ckpt is not None:
             g.together(lambda: self.load_state_dict(ckpt))
         self.net = g.wrap(self.model, self.device)  # DDP: same weights everywhere, grads averaged
@@ -184,26 +177,10 @@ class Trainer:
     # -- pieces of a step --------------------------------------------------------------------
     def fraction_done(self) -> float:
         """How far along the run is, 0..1, by whichever limit is closest to stopping it."""
-        cfg, loop = self.cfg, self.loop
-        parts = [0.0]
-        if cfg.max_steps:
-            parts.append(loop.step / cfg.max_steps)
-        if cfg.epochs:
-            parts.append((self.batches.epoch + self.batches.position / len(self.batches)) / cfg.epochs)
-        if self.time_budget:
-            parts.append(loop.elapsed / self.time_budget)
-        return min(max(parts), 1.0)
+        return self.limits.fraction_done(self.loop.step, self._epochs_done(), self.loop.elapsed)
 
-    def limit_reached(self) -> str | None:
-        cfg, loop = self.cfg, self.loop
-        if cfg.max_steps and loop.step >= cfg.max_steps:
-            return f"max_steps {cfg.max_steps}"
-        done = self.batches.epoch + (self.batches.position >= len(self.batches))
-        if cfg.epochs and done >= cfg.epochs:
-            return f"epochs {cfg.epochs}"
-        if self.time_budget and loop.elapsed >= self.time_budget:
-            return f"time_budget {cfg.time_budget}"
-        return None
+    def _epochs_done(self) -> float:
+        return self.batches.epoch + self.batches.position / len(self.batches)
 
     def autocast(self):
         if self.cfg.precision == "fp32":
@@ -255,24 +232,19 @@ class Trainer:
             return self._loop(metrics or _NoMetrics(), resuming)
 
     def _open_run_dir(self, stack: ExitStack, resuming: bool) -> rundir.MetricsLog:
-        rundir.prepare_run_dir(self.run_dir, resuming=resuming)
-        stack.enter_context(rundir.RunLock(self.run_dir))
-        values = dict(self.cfg.to_dict(), out=str(self.run_dir))
-        rundir.write_text_atomic(self.run_dir / "config.toml", to_toml(values, CONFIG_HEADER))
-        rundir.point_latest(self.run_dir)
-        keep = self.loop.step if resuming else -1
-        return stack.enter_context(closing(rundir.MetricsLog(self.run_dir / "metrics.jsonl", keep)))
+        config = to_toml(dict(self.cfg.to_dict(), out=str(self.run_dir)), CONFIG_HEADER)
+        return rundir.open_run(stack, self.run_dir, config, self.loop.step if resuming else None)
 
     def _loop(self, metrics, resuming: bool) -> dict:
         cfg, loop = self.cfg, self.loop
-        params = count_parameters(self.model)
-        self.display.start(self._run_info(params, resuming))
+        info = self._run_info(count_parameters(self.model), resuming)
+        self.display.start(info)
         self._window = _Window(self.device)
         self._mark = time.perf_counter()
         batches = self._batches()
         self.net.train()
         try:
-            with _signals_caught(self.stop_signal):
+            with stop_requests(self.stop_signal):
                 while (stop := self._stop_check()) is None:
                     X, Y, fresh = next(batches)
                     state = None if fresh else detach_state(self.hidden)  # truncated BPTT
@@ -296,7 +268,7 @@ class Trainer:
         final_val = loop.last_val_loss if evaluated_now else self._evaluate_and_sample(metrics)
         self.save("last.pt")
         self.display.stop()
-        summary = self._summary(stop, params, final_val)
+        summary = run_summary(info, stop, loop, final_val)
         metrics.write({"kind": "summary", "step": loop.step, **summary})
         return summary
 
@@ -316,7 +288,8 @@ class Trainer:
         on (with the elapsed time, which the schedule and --time-budget read), or a limit."""
         self.loop.elapsed, self.agreed_stop = self.group.agree_stop(self.loop.elapsed,
                                                                     self.stop_signal)
-        return self.agreed_stop or self.limit_reached()
+        return self.agreed_stop or self.limits.reached(self.loop.step, self._epochs_done(),
+                                                       self.loop.elapsed)
 
     def _on_step_end(self, loss: torch.Tensor, lr: float, metrics) -> None:
         cfg, loop = self.cfg, self.loop
@@ -406,36 +379,13 @@ class Trainer:
             impl = f"fast: {ckernel.status()}"  # says so when the slower fallback loops run
         return RunInfo(
             resumed_at=self.loop.step if resuming else None,
-            model=f"{mc.cell} {mc.layers}x{mc.hidden} ({impl})", parameters=params,
-            device=describe_device(self.device), corpus=data.name, num_tokens=data.num_tokens,
-            preprocessing=data.preprocessing, vocab_size=len(data.vocab),
-            train_tokens=data.train.numel(), val_tokens=data.val.numel(),
-            batches_per_epoch=len(self.batches), batch_size=self.cfg.batch_size,
-            num_steps=self.cfg.num_steps, run_dir=self.run_dir)
-
-    def _summary(self, reason: str, params: int, final_val: float) -> dict:
-        loop = self.loop
-        best = loop.best_val_loss if math.isfinite(loop.best_val_loss) else final_val
-        finite = math.isfinite(best)
-        return {
-            "stopped_by": reason,
-            "steps": loop.step,
-            "epochs": round(loop.tokens_seen / max(1, len(self.batches) * self.cfg.batch_size
-                                                   * self.cfg.num_steps), 3),
-            "best_val_loss": best if finite else None,
-            "best_val_ppl": math.exp(best) if finite else None,
-            "best_val_bpc": best / math.log(2) if finite else None,
-            "final_val_loss": final_val if math.isfinite(final_val) else None,
-            "tokens_per_s": loop.tokens_seen / max(loop.elapsed, 1e-9),
-            "wall_time_s": round(loop.elapsed, 2),
-            "parameters": params,
-            "device": str(self.device),
-            **distributed.describe(self.group),
-            "impl": self.model_config.impl,
-            "run_dir": str(self.run_dir),
-            "best_checkpoint": str(self.run_dir / "best.pt"),
-            "last_checkpoint": str(self.run_dir / "last.pt"),
-        }
+            model=f"{mc.cell} {mc.layers}x{mc.hidden} ({impl})", impl=mc.impl, parameters=params,
+            device=str(self.device), device_text=describe_device(self.device), corpus=data.name,
+            num_tokens=data.num_tokens, preprocessing=data.preprocessing,
+            vocab_size=len(data.vocab), train_tokens=data.train.numel(),
+            val_tokens=data.val.numel(), batches_per_epoch=len(self.batches),
+            batch_size=self.cfg.batch_size, num_steps=self.cfg.num_steps, run_dir=self.run_dir,
+            extra=distributed.describe(self.group))
 
 
 def _setup_device(cfg: TrainConfig, group: distributed.Group, ckpt: dict | None) -> torch.device:
@@ -446,21 +396,3 @@ def _setup_device(cfg: TrainConfig, group: distributed.Group, ckpt: dict | None)
         raise UsageError(f"--precision {cfg.precision} needs a CUDA device; use fp32 on {device.type}")
     distributed.check_world(group, cfg.batch_size, ckpt.get("world_size", 1) if ckpt else None)
     return device
-
-
-@contextmanager
-def _signals_caught(stop_signal: list[str]):
-    """SIGINT/SIGTERM ask the loop to stop after the current step (their name is appended to
-    `stop_signal`); a second one stops at once (KeyboardInterrupt)."""
-
-    def on_signal(signum, frame):
-        if stop_signal:  # a second Ctrl-C: stop now, without waiting for the step
-            raise KeyboardInterrupt
-        stop_signal.append(signal.Signals(signum).name)
-
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)

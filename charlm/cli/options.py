@@ -1,0 +1,18 @@
+"""Options that several commands take alike (generate, eval perplexity)."""
+
+import typer
+
+CheckpointOpt = typer.Option(
+    None, "--checkpoint",
+    help="A checkpoint file or a run directory (its best.pt). Default: the latest run's best.pt "
+         "(runs root: $CHARLM_RUNS_DIR or ./runs).",
+    show_default=False,
+)
+DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.")
+ImplOpt = typer.Option(
+    None, "--impl",
+    help="Load with another implementation: auto, fused, scratch or fast (GRU on CPU). "
+         "Default: the checkpoint's own. Parameters are laid out alike in all of them.",
+    show_default=False,
+)
+JsonOpt = typer.Option(False, "--json", help="Print JSON on stdout instead of text.")
