@@ -179,3 +179,38 @@ def test_the_ranks_of_nproc_get_back_exactly_what_was_typed():
     command = typer.main.get_command(app).commands["train"]
     ctx = command.make_context("train", args[1:])
     assert typed(ctx, {k: v for k, v in ctx.params.items() if k in OPTIONS}) == given
+
+
+def test_a_source_on_the_command_line_replaces_the_files(tmp_path):
+    """--config d2l-gru.toml (corpus = "timemachine") --text notes.txt trains on notes.txt."""
+    d2l = load_config_file(REPO / "configs" / "d2l-gru.toml")
+    cfg = build_config(d2l, {"text": ["notes.txt"]})
+    assert (cfg.corpus, cfg.text, cfg.max_tokens) == (None, ["notes.txt"], 10000)
+    url = build_config({"url": "http://x/a.txt", "sha256": "0" * 64}, {"corpus": "tinyshakespeare"})
+    assert (url.corpus, url.url, url.sha256) == ("tinyshakespeare", None, None)
+    with pytest.raises(UsageError, match="^give one corpus source, not a corpus name and --text$"):
+        build_config({}, {"corpus": "timemachine", "text": ["a.txt"]})  # both typed: still refused
+
+
+@pytest.mark.parametrize("file, typed, limits", [
+    ({}, {}, (0, 0, "2m")),  # the defaults' limit
+    ({}, {"max_steps": 5000}, (0, 5000, "0")),  # a typed limit replaces the defaults' limits
+    ({}, {"epochs": 20}, (20, 0, "0")),
+    ({"max_steps": 300}, {}, (0, 300, "0")),  # so does a file's
+    ({"time_budget": "4m"}, {"max_steps": 100}, (0, 100, "4m")),  # the file's own limits stay
+])
+def test_limits_named_anywhere_replace_the_defaults_limits(file, typed, limits):
+    cfg = build_config(file, typed)
+    assert (cfg.epochs, cfg.max_steps, cfg.time_budget) == limits
+
+
+def test_the_first_line_says_what_stops_the_run(tmp_path):
+    from helpers import pydoc_text
+
+    text = pydoc_text(tmp_path / "small.txt", 6000)
+    result = invoke("train", "--text", str(text), "--hidden", "8", "--layers", "1",
+                    "--batch-size", "4", "--num-steps", "8", "--max-steps", "3", "--impl", "fused",
+                    "--out", str(tmp_path / "run"))
+    assert result.exit_code == 0, result.output
+    first = result.stderr.splitlines()[0]
+    assert first.startswith("training: gru 1x8 (fused), ") and first.endswith(", until max_steps 3")

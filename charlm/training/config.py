@@ -286,11 +286,28 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     return flat
 
 
+SOURCES = ("corpus", "text", "url")  # where the text comes from: one of them
+LIMITS = ("epochs", "max_steps", "time_budget")  # when a run stops: the first one reached
+
+
 def build_config(file_values: dict[str, Any], overrides: dict[str, Any]) -> TrainConfig:
-    """Defaults < file values < command-line overrides (None means 'not given'), checked."""
+    """Defaults < file values < command-line overrides (None means 'not given'), checked.
+
+    Two groups of options are taken whole rather than key by key:
+      * the text: a source named on the command line (--corpus, --text or --url) replaces the
+        file's source (and its sha256), so `--config d2l-gru.toml --text notes.txt` trains on
+        notes.txt;
+      * the limits: once a file or the command line names any stopping limit, the defaults'
+        limits (time_budget 2m) no longer apply; the limits named there do.
+    """
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if any(k in overrides for k in SOURCES):
+        file_values = {k: v for k, v in file_values.items() if k not in (*SOURCES, "sha256")}
     values = TrainConfig().to_dict()
+    if any(k in file_values or k in overrides for k in LIMITS):
+        values.update(epochs=0, max_steps=0, time_budget="0")
     values.update(file_values)
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    values.update(overrides)
     for name, value in values.items():
         if base_type(name) is float and isinstance(value, int) and not isinstance(value, bool):
             values[name] = float(value)

@@ -35,6 +35,7 @@ class RunInfo:
     num_steps: int
     run_dir: Path
     extra: dict  # more summary entries (a process group's world_size)
+    limits: str = ""  # what stops the run, e.g. "max_steps 5000 or time_budget 2m"
 
 
 def _si(x: float) -> str:
@@ -44,7 +45,7 @@ def _si(x: float) -> str:
 class TrainDisplay:
     def __init__(self, enabled: bool = True, console: Console | None = None):
         self.enabled = enabled
-        self.console = console or Console(stderr=True)
+        self.console = console or Console(stderr=True, soft_wrap=True)  # long lines are not cut
         self.live = enabled and self.console.is_terminal
         self.progress: Progress | None = None
         self.task = None
@@ -55,7 +56,8 @@ class TrainDisplay:
 
     def start(self, run: "RunInfo") -> None:
         verb = f"resuming at step {run.resumed_at}" if run.resumed_at is not None else "training"
-        self.print(f"{verb}: {run.model}, {run.parameters:,} parameters, on {run.device_text}")
+        self.print(f"{verb}: {run.model}, {run.parameters:,} parameters, on {run.device_text}, "
+                   f"until {run.limits}")
         self.print(
             f"corpus {run.corpus}: {run.num_tokens:,} tokens ({run.preprocessing}, vocab "
             f"{run.vocab_size}), train {run.train_tokens:,} / val {run.val_tokens:,}; "

@@ -33,6 +33,13 @@ class Limits:
             parts.append(elapsed / self.time_budget)
         return min(max(parts), 1.0)
 
+    def describe(self) -> str:
+        """'max_steps 5000 or time_budget 2m', or 'no limit (stop it with Ctrl-C)'."""
+        parts = [f"max_steps {self.max_steps}"] if self.max_steps else []
+        parts += [f"epochs {self.epochs}"] if self.epochs else []
+        parts += [f"time_budget {self.budget_text}"] if self.time_budget else []
+        return " or ".join(parts) if parts else "no limit (stop it with Ctrl-C)"
+
     def reached(self, step: int, epochs_done: float, elapsed: float) -> str | None:
         if self.max_steps and step >= self.max_steps:
             return f"max_steps {self.max_steps}"

@@ -385,7 +385,7 @@ class Trainer:
             vocab_size=len(data.vocab), train_tokens=data.train.numel(),
             val_tokens=data.val.numel(), batches_per_epoch=len(self.batches),
             batch_size=self.cfg.batch_size, num_steps=self.cfg.num_steps, run_dir=self.run_dir,
-            extra=distributed.describe(self.group))
+            extra=distributed.describe(self.group), limits=self.limits.describe())
 
 
 def _setup_device(cfg: TrainConfig, group: distributed.Group, ckpt: dict | None) -> torch.device:
