@@ -77,6 +77,11 @@ class _Handler(BaseHTTPRequestHandler):
     close_mid_body  ignores Range; announces the whole file, sends half of it, closes
     stall           sends nothing at all until the test ends
     stall_mid_body  announces the whole file, sends its first 1,000 bytes, then nothing
+    trickle         announces the whole file, then sends one byte every 0.05 s
+    endless         no Content-Length: sends "a" * 64 KiB blocks until the client leaves
+    html            like files, but says Content-Type: text/html
+
+    `server.redirects` maps a path to the Location a 302 answer sends instead (any mode).
     """
 
     def log_message(self, *args) -> None:  # keep pytest output clean
@@ -85,8 +90,25 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         srv: _Server = self.server  # type: ignore[assignment]
         srv.seen.append({"path": self.path, "range": self.headers.get("Range")})
+        if self.headers.get("Authorization"):
+            srv.seen[-1]["auth"] = self.headers["Authorization"]
+        if self.path in srv.redirects:
+            self.send_response(302)
+            self.send_header("Location", srv.redirects[self.path])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if srv.mode == "stall":
             srv.release.wait(10)
+            return
+        if srv.mode == "endless":
+            self.send_response(200)
+            self.end_headers()
+            try:
+                while not srv.release.is_set():
+                    self.wfile.write(b"a" * 65536)
+            except OSError:
+                pass
             return
         path = srv.root / unquote(self.path).lstrip("/")
         if not path.is_file():
@@ -102,6 +124,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.end_headers()
             return
         self.send_response(206 if start else 200)
+        if srv.mode == "html":
+            self.send_header("Content-Type", "text/html; charset=utf-8")
         if start:
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
         self.send_header("Content-Length", str(len(data) - start))
@@ -115,6 +139,15 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body[:1000])
             self.wfile.flush()
             srv.release.wait(10)
+        elif srv.mode == "trickle":
+            try:
+                for i in range(len(body)):
+                    if srv.release.wait(0.05):
+                        break
+                    self.wfile.write(body[i : i + 1])
+                    self.wfile.flush()
+            except OSError:
+                pass
         else:
             self.wfile.write(body)
 
@@ -122,10 +155,13 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, root: Path, mode: str):
+    def __init__(self, root: Path, mode: str, tls=None):
         super().__init__(("127.0.0.1", 0), _Handler)
+        if tls is not None:  # an ssl.SSLContext: serve https
+            self.socket = tls.wrap_socket(self.socket, server_side=True)
         self.root, self.mode = Path(root), mode
         self.seen: list[dict] = []
+        self.redirects: dict[str, str] = {}
         self.release = threading.Event()
 
 
@@ -135,10 +171,11 @@ class LoopbackServer:
 
     httpd: _Server
     seen: list[dict] = field(default_factory=list)
+    scheme: str = "http"
 
     @property
     def base(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        return f"{self.scheme}://127.0.0.1:{self.httpd.server_address[1]}"
 
     def url(self, name: str) -> str:
         return f"{self.base}/{name}"
@@ -146,14 +183,15 @@ class LoopbackServer:
 
 @pytest.fixture
 def http_server():
-    """Start loopback servers: `http_server(root, mode="files")` (modes: see _Handler)."""
+    """Start loopback servers: `http_server(root, mode="files", tls=None)` (modes: see _Handler;
+    tls: an ssl.SSLContext to serve https with)."""
     started: list[_Server] = []
 
-    def start(root: Path, mode: str = "files") -> LoopbackServer:
-        httpd = _Server(root, mode)
+    def start(root: Path, mode: str = "files", tls=None) -> LoopbackServer:
+        httpd = _Server(root, mode, tls)
         threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
         started.append(httpd)
-        return LoopbackServer(httpd, httpd.seen)
+        return LoopbackServer(httpd, httpd.seen, "https" if tls is not None else "http")
 
     yield start
     for httpd in started:

@@ -4,7 +4,8 @@ The cache is one flat folder (see `cache_dir`):
 
     <cache>/timemachine.txt            named corpora, under the registry's `filename`
     <cache>/tinyshakespeare.txt
-    <cache>/urls/<sha256(url)[:16]>-<basename>   --url downloads
+    <cache>/urls/<sha256(url)[:16]>-<basename>   --url downloads (the URL less any user:password@,
+                                                 the basename cut to 100 characters)
     <cache>/<filename>.part            an unfinished download, resumed by the next one
 """
 
@@ -21,6 +22,7 @@ from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlparse
 
 from charlm.data.download import DownloadError, checksum_mismatch, download, install, mirror_urls
+from charlm.data.transfer import public_url
 from charlm.data.text import read_text
 from charlm.errors import CharlmError, UsageError, warn
 
@@ -104,13 +106,14 @@ def is_cached(e: Entry, data_dir: Path | None = None) -> bool:
     return path.is_file() and checksum_mismatch(path, sha1=e.sha1, sha256=e.sha256) is None
 
 
-def _fetch(e: Entry, data_dir: Path | None, progress: bool) -> Path:
+def _fetch(e: Entry, data_dir: Path | None, progress: bool, network: dict | None = None) -> Path:
     if is_cached(e, data_dir):
         return cached_path(e, data_dir)
     try:
         return download(
             [*mirror_urls(e.filename), *e.urls], cached_path(e, data_dir),
-            sha1=e.sha1, sha256=e.sha256, progress=progress, **DOWNLOAD_OPTIONS,
+            sha1=e.sha1, sha256=e.sha256, size=e.size, progress=progress,
+            **{**DOWNLOAD_OPTIONS, **(network or {})},
         )
     except DownloadError as exc:
         raise DownloadError(
@@ -151,11 +154,12 @@ def _first_word(text: str) -> str:
     return words[0][:20] if words else text[:1]
 
 
-def _from_entry(e: Entry, data_dir: Path | None, progress: bool) -> CorpusText:
+def _from_entry(e: Entry, data_dir: Path | None, progress: bool,
+                network: dict | None = None) -> CorpusText:
     if e.builtin:
         text, source = python_docs_text(), "pydoc_data.topics"
     else:
-        path = _fetch(e, data_dir, progress)
+        path = _fetch(e, data_dir, progress, network)
         text, source = read_text(path), str(path)
     return CorpusText(e.name, text, e.preprocessing, e.sample_prefix, source)
 
@@ -166,20 +170,27 @@ def _from_files(paths: list[Path]) -> CorpusText:
     return CorpusText(name, text, "raw", _first_word(text), ", ".join(str(p) for p in paths))
 
 
-def _from_url(url: str, sha256: str | None, data_dir: Path | None, progress: bool) -> CorpusText:
-    parsed = urlparse(url)
-    if parsed.scheme not in ("http", "https", "file"):
-        raise UsageError(f"--url takes an http, https or file URL, not {url!r}")
-    basename = re.sub(r"[^\w.-]", "_", PurePosixPath(unquote(parsed.path)).name) or "download"
-    path = cache_dir(data_dir) / "urls" / f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{basename}"
+def _from_url(url: str, sha256: str | None, data_dir: Path | None, progress: bool,
+              network: dict | None = None) -> CorpusText:
+    shown = public_url(url)  # what messages, configs and checkpoints hold: no user:password@
+    try:
+        parsed = urlparse(url)
+    except ValueError:
+        parsed = None
+    if parsed is None or parsed.scheme not in ("http", "https", "file"):
+        raise UsageError(f"--url takes an http, https or file URL, not {shown!r}")
+    basename = re.sub(r"[^\w.-]", "_", PurePosixPath(unquote(parsed.path)).name)[:100] or "download"
+    key = hashlib.sha256(shown.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    path = cache_dir(data_dir) / "urls" / f"{key}-{basename}"
     if not (path.is_file() and checksum_mismatch(path, sha256=sha256) is None):
-        download([url], path, sha256=sha256, progress=progress, **DOWNLOAD_OPTIONS)
+        download([url], path, sha256=sha256, progress=progress,
+                 **{**DOWNLOAD_OPTIONS, **(network or {})})
     try:
         text = read_text(path)
     except CharlmError as exc:
         path.unlink()  # not text: do not keep it in the cache
-        raise CharlmError(f"the file at {url} is unusable: {exc}") from None
-    return CorpusText(basename, text, "raw", _first_word(text), url)
+        raise CharlmError(f"the file at {shown} is unusable: {exc}") from None
+    return CorpusText(basename, text, "raw", _first_word(text), shown)
 
 
 def check_source(name: str | None, texts, url: str | None, sha256: str | None) -> None:
@@ -199,21 +210,23 @@ def load_corpus(
     sha256: str | None = None,
     data_dir: Path | None = None,
     progress: bool = True,
+    network: dict | None = None,
 ) -> CorpusText:
     """The text to train on: a named corpus, local UTF-8 files (joined by newlines), or a URL.
 
     With none of them, `timemachine`; if that is neither cached nor downloadable, the built-in
     `python-docs`, with one warning line on stderr. A corpus named explicitly never falls back.
+    `network`: keywords for `download` (deadline, min_rate).
     """
     check_source(name, texts, url, sha256)
     if texts:
         return _from_files(list(texts))
     if url:
-        return _from_url(url, sha256, data_dir, progress)
+        return _from_url(url, sha256, data_dir, progress, network)
     if name:
-        return _from_entry(entry(name), data_dir, progress)
+        return _from_entry(entry(name), data_dir, progress, network)
     try:
-        return _from_entry(entry(DEFAULT_CORPUS), data_dir, progress)
+        return _from_entry(entry(DEFAULT_CORPUS), data_dir, progress, network)
     except DownloadError as exc:
         warn(
             f"{DEFAULT_CORPUS} is not cached and cannot be downloaded, so the built-in "

@@ -43,6 +43,7 @@ class Dataset:
 
 def load_dataset(*, corpus: str | None = None, text: list[str] = (), url: str | None = None,
                  sha256: str | None = None, data_dir: str | None = None,
+                 download_timeout: float = 1800.0, download_min_rate: int = 1024,
                  preprocessing: str | None = None, min_freq: int = 1, max_vocab: int = 0,
                  max_tokens: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.0,
                  vocab: dict | None = None, device: torch.device | str = "cpu",
@@ -52,7 +53,8 @@ def load_dataset(*, corpus: str | None = None, text: list[str] = (), url: str | 
     The keywords are the data options of `charlm train` (`TrainConfig.section(DATA)`)."""
     source = load_corpus(corpus or None, texts=[Path(t) for t in text] or None, url=url,
                          sha256=sha256, data_dir=Path(data_dir) if data_dir else None,
-                         progress=progress)
+                         progress=progress,
+                         network={"deadline": download_timeout, "min_rate": download_min_rate})
     mode = preprocessing or source.preprocessing
     chars = preprocess(source.text, mode)
     voc = Vocab.from_dict(vocab) if vocab is not None else Vocab.build(

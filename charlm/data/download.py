@@ -1,53 +1,47 @@
-"""Fetch one file into the cache: resumable, retried, checksum-verified, moved in atomically.
+"""Fetch one file into the cache: resumable, retried, bounded, checksum-verified, moved in atomically.
 
 On disk, while a download runs (dest = <cache>/timemachine.txt):
 
+    <cache>/.timemachine.txt.lock  held (flock) by the one process downloading this file; a
+                                   second one waits, then finds the file in place; removed after
     <cache>/timemachine.txt.part   bytes received so far; a retry or a later run resumes it
                                    with `Range: bytes=N-` (206 -> append, 200 -> start again)
     <cache>/timemachine.txt        appears only by os.replace, after every given checksum matched
 
 What a failure leaves behind: nothing, except a `.part` holding the bytes of a transfer that broke
-off mid-body (connection closed or stalled) after all retries, so that the next run resumes it.
-A checksum mismatch deletes the `.part`.
+off mid-body (connection closed, stalled or too slow) after all retries, so that the next run
+resumes it. A checksum mismatch or a body larger than the file can be deletes the `.part`.
+
+What a server cannot do: send more than the file's known size (or MAX_BYTES when it is unknown),
+keep one URL busy past `deadline` seconds, or trickle below `min_rate` bytes/s (averaged over
+`rate_window` seconds); redirect https to http or to anything but http(s); pass off an HTML page
+as a text file whose checksum is unknown. Credentials in a URL (`https://user:pw@host/...`) are
+used for the request and never shown: messages name `public_url(url)`.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
-import requests
-import urllib3.exceptions
-from tqdm import tqdm
+from charlm.data.transfer import CHUNK, HEADERS, Bounds, Failed, Session, fetch_http, public_url
+from charlm.errors import CharlmError, warn
 
-from charlm import __version__
-from charlm.errors import CharlmError
-
-CHUNK = 1 << 16
-_HEADERS = {
-    "User-Agent": f"charlm/{__version__}",
-    # Byte ranges and Content-Length must count the file's own bytes, not a gzip encoding of them.
-    "Accept-Encoding": "identity",
-}
+DEADLINE_S = 1800.0  # per URL, every attempt included (the options' defaults)
+MIN_RATE = 1024  # bytes/s, over RATE_WINDOW_S
+RATE_WINDOW_S = 30.0
 
 
 class DownloadError(CharlmError):
     """Every source of a file failed; the message names each URL and why."""
-
-
-class _Failed(Exception):
-    """One attempt at one URL failed; `retry` says whether trying that URL again may help."""
-
-    def __init__(self, cause: str, retry: bool):
-        super().__init__(cause)
-        self.cause = cause
-        self.retry = retry
 
 
 def file_digests(path: Path) -> dict[str, str]:
@@ -87,108 +81,57 @@ def _commit(part: Path, dest: Path, sha1: str | None, sha256: str | None, retry:
     mismatch = checksum_mismatch(part, sha1=sha1, sha256=sha256)
     if mismatch:
         part.unlink(missing_ok=True)
-        raise _Failed(mismatch, retry=retry)
+        raise Failed(mismatch, retry=retry)
     os.replace(part, dest)
 
 
-def _copy_local(url: str, part: Path) -> None:
+def _copy_local(url: str, part: Path, bounds: Bounds | None = None) -> None:
     src = Path(urllib.request.url2pathname(urlparse(url).path))
-    if not src.is_file():
-        raise _Failed("file not found", retry=False)
+    if not src.is_file():  # directories, devices, pipes: never read as a corpus
+        raise Failed("file not found" if not src.exists() else "not a regular file", retry=False)
+    if bounds is not None and src.stat().st_size > bounds.limit:
+        raise Failed(bounds.too_big(), retry=False)
     with open(src, "rb") as fin, open(part, "wb") as fout:
         shutil.copyfileobj(fin, fout, CHUNK)
         fout.flush()
         os.fsync(fout.fileno())
 
 
-def _chain(exc: BaseException):
-    """The exception and everything it wraps (requests -> urllib3 -> socket errors)."""
-    seen: set[int] = set()
-    todo = [exc]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        yield e
-        todo += [e.__cause__, e.__context__, getattr(e, "reason", None)]
-        todo += [a for a in e.args if isinstance(a, BaseException)]
+@contextmanager
+def _exclusive(dest: Path):
+    """Hold `.<dest>.lock` (flock): one process downloads a file, the others wait for it.
 
-
-def _network_failure(exc: Exception, url: str, timeout: tuple[float, float]) -> _Failed:
-    """What went wrong with the network, in a few words, and whether to try again."""
-    chain = list(_chain(exc))
-    if isinstance(exc, requests.ConnectTimeout):
-        return _Failed(f"no connection within {timeout[0]:g} s (connect timeout)", retry=True)
-    if any(isinstance(e, (requests.ReadTimeout, urllib3.exceptions.ReadTimeoutError)) for e in chain):
-        return _Failed(f"server stalled (no data for {timeout[1]:g} s)", retry=True)
-    if any(isinstance(e, ConnectionRefusedError) for e in chain):
-        return _Failed("connection refused", retry=True)
-    if any(isinstance(e, urllib3.exceptions.NameResolutionError) for e in chain):
-        # Offline machines fail here at once; waiting and asking again only delays the fallback.
-        return _Failed(f"cannot resolve host {urlparse(url).hostname}", retry=False)
-    for e in reversed(chain):
-        if isinstance(e, OSError) and e.strerror:
-            return _Failed(e.strerror.lower(), retry=True)
-    return _Failed(f"{type(exc).__name__}: {exc}", retry=True)
-
-
-def _start(response: requests.Response, offset: int) -> int | None:
-    """Where the body starts in the file: 0 for a 200, `offset` for a 206 that resumes; else None."""
-    if response.status_code == 200:
-        return 0
-    if response.status_code == 206:
-        content_range = response.headers.get("Content-Range", "")
-        if content_range.startswith(f"bytes {offset}-"):
-            return offset
-    return None
-
-
-def _fetch_http(
-    session: requests.Session, url: str, part: Path, timeout: tuple[float, float], show: bool
-) -> None:
-    offset = part.stat().st_size if part.exists() else 0
-    total = None
-    headers = {"Range": f"bytes={offset}-"} if offset else {}
+    The holder removes the lock file when done; a waiter that then gets the lock of a removed
+    file tries again on the one now there, so two processes never hold "the" lock at once."""
+    lock = dest.with_name(f".{dest.name}.lock")
+    told = False
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        except OSError as exc:
+            raise DownloadError(f"cannot write in {lock.parent}: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not told:
+                warn(f"another process is downloading {dest.name}; waiting for it")
+                told = True
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            current = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        os.close(fd)
     try:
-        with session.get(url, headers=headers, stream=True, timeout=timeout) as r:
-            start = _start(r, offset)
-            if offset and start is None and r.status_code in (206, 416):
-                # The server cannot continue our .part (a range we did not ask for, or one past
-                # its end): start again from zero.
-                part.unlink()
-                return _fetch_http(session, url, part, timeout, show)
-            if start is None:
-                transient = r.status_code >= 500 or r.status_code in (408, 429)
-                raise _Failed(f"HTTP {r.status_code} {r.reason}".rstrip(), retry=transient)
-            length = r.headers.get("Content-Length")
-            if length and length.isdigit() and r.headers.get("Content-Encoding", "identity") == "identity":
-                total = start + int(length)
-            bar = tqdm(
-                total=total, initial=start, desc=part.name.removesuffix(".part"), unit="B",
-                unit_scale=True, unit_divisor=1024, leave=False, file=sys.stderr,
-                disable=not show,
-            )
-            # read1 hands over whatever has arrived, so a transfer that breaks off keeps every
-            # byte it received (iter_content would drop a partly filled chunk).
-            read = getattr(r.raw, "read1", r.raw.read)
-            with open(part, "ab" if start else "wb") as f, bar:
-                try:
-                    while chunk := read(CHUNK, decode_content=True):
-                        f.write(chunk)
-                        bar.update(len(chunk))
-                finally:
-                    f.flush()
-                    os.fsync(f.fileno())
-    except (requests.exceptions.ChunkedEncodingError, urllib3.exceptions.ProtocolError):
-        got = part.stat().st_size if part.exists() else 0
-        of = f" of {total:,}" if total is not None else ""
-        raise _Failed(f"connection closed after {got:,}{of} bytes", retry=True) from None
-    except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
-        raise _network_failure(exc, url, timeout) from None
-    received = part.stat().st_size
-    if total is not None and received != total:
-        raise _Failed(f"connection closed after {received:,} of {total:,} bytes", retry=True)
+        yield
+    finally:
+        try:
+            os.unlink(lock)
+        except OSError:
+            pass
+        os.close(fd)
 
 
 def download(
@@ -197,7 +140,11 @@ def download(
     *,
     sha1: str | None = None,
     sha256: str | None = None,
+    size: int | None = None,
     timeout: tuple[float, float] = (10, 30),
+    deadline: float = DEADLINE_S,
+    min_rate: float = MIN_RATE,
+    rate_window: float = RATE_WINDOW_S,
     retries: int = 3,
     backoff: float = 0.5,
     progress: bool = True,
@@ -205,39 +152,65 @@ def download(
     """Fetch `dest` from the first of `urls` that works (http, https or file) and return `dest`.
 
     Each URL gets 1 + `retries` attempts for transient failures (refused or broken connections,
-    timeouts, HTTP 5xx, 408, 429), `backoff` * 2**k seconds apart; an unknown host, another HTTP
-    error or a checksum mismatch moves on to the next URL at once. `timeout` is (connect, read) in seconds. Raises DownloadError.
+    timeouts, HTTP 5xx, 408, 429), `backoff` * 2**k seconds apart, all within `deadline` seconds
+    (0: none); an unknown host, a TLS failure, another HTTP error, a bad redirect, a body over
+    `size` bytes (the file's known size; else MAX_BYTES), a pace under `min_rate` bytes/s over
+    `rate_window` seconds (0: any pace) or a checksum mismatch moves on to the next URL at once.
+    `timeout` is (connect, read) in seconds. Raises DownloadError.
     """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DownloadError(f"cannot create the cache folder {dest.parent}: {exc.strerror}") from None
     show = progress and sys.stderr.isatty()
+    with _exclusive(dest):
+        if dest.is_file() and checksum_mismatch(dest, sha1=sha1, sha256=sha256) is None:
+            return dest  # another process fetched it while this one waited
+        return _download(urls, dest, sha1, sha256, size, timeout, deadline, min_rate,
+                         rate_window, retries, backoff, show)
+
+
+def _download(urls, dest, sha1, sha256, size, timeout, deadline, min_rate, rate_window, retries,
+              backoff, show) -> Path:
+    part = dest.with_name(dest.name + ".part")
     failures: list[str] = []
-    with requests.Session() as session:
-        session.headers.update(_HEADERS)
+    with Session() as session:
+        session.headers.update(HEADERS)
         for url in urls:
             scheme = urlparse(url).scheme
+            bounds = Bounds(size, deadline, min_rate, rate_window,
+                             refuse_html=not (sha1 or sha256))
             attempts = 0
             while True:
                 attempts += 1
                 resumed = scheme != "file" and part.exists() and part.stat().st_size > 0
                 try:
                     if scheme == "file":
-                        _copy_local(url, part)
+                        _copy_local(url, part, bounds)
                     elif scheme in ("http", "https"):
-                        _fetch_http(session, url, part, timeout, show)
+                        fetch_http(session, url, part, timeout, show, bounds)
                     else:
-                        raise _Failed(f"unsupported URL scheme {scheme!r}", retry=False)
+                        raise Failed(f"unsupported URL scheme {scheme!r}", retry=False)
                     # A mismatch after resuming may be the old .part's fault (it is deleted):
                     # then a fresh attempt from zero settles it.
                     _commit(part, dest, sha1, sha256, retry=resumed)
                     return dest
-                except _Failed as failed:
+                except Failed as failed:
                     if not failed.retry or attempts > retries:
                         times = f" (after {attempts} attempts)" if attempts > 1 else ""
-                        failures.append(f"{url}: {failed.cause}{times}")
+                        failures.append(f"{public_url(url)}: {failed.cause}{times}")
                         break
-                    time.sleep(backoff * 2 ** (attempts - 1))
+                    pause = backoff * 2 ** (attempts - 1)
+                    if bounds.ends is not None and time.monotonic() + pause > bounds.ends:
+                        failures.append(f"{public_url(url)}: {failed.cause} (then the download "
+                                        f"deadline of {deadline:g} s came)")
+                        break
+                    time.sleep(pause)
+                except OSError as exc:  # our own disk, not the network: no other URL helps
+                    part.unlink(missing_ok=True)
+                    raise DownloadError(f"could not download {dest.name}: cannot write "
+                                        f"{exc.filename or part}: {exc.strerror or exc}") from None
     if part.exists() and part.stat().st_size == 0:
         part.unlink()
     raise DownloadError(f"could not download {dest.name}: " + ("; ".join(failures) or "no URL given"))
@@ -253,7 +226,7 @@ def install(src: Path, dest: Path, *, sha1: str | None = None, sha256: str | Non
     try:
         _copy_local(Path(src).resolve().as_uri(), tmp)
         _commit(tmp, dest, sha1, sha256, retry=False)
-    except _Failed as failed:
+    except Failed as failed:
         raise CharlmError(
             f"{src} is not the expected {dest.name}: {failed.cause}; nothing was written"
         ) from None

@@ -85,6 +85,12 @@ class TrainConfig:
     data_dir: str | None = option(
         None, "Corpus cache directory.", DATA,
         default_text="$CHARLM_DATA_DIR, else ~/.cache/charlm")
+    download_timeout: float = option(
+        1800.0, "Give up on a download URL after this many seconds, retries included (0: "
+        "never); the next URL is tried.", DATA, rule=_float(0))
+    download_min_rate: int = option(
+        1024, "Give up on a download URL that sends fewer bytes/s than this over 30 s (0: any "
+        "pace).", DATA, rule=_int(0))
     preprocessing: str | None = option(
         None, "d2l (letters and single spaces, lowercased), lower, or raw.", DATA, fixed=True,
         choices=PREPROCESSING, default_text="the corpus's own")

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from charlm.data.transfer import public_url
 from charlm.errors import UsageError
 from charlm.model.lm import State
 from charlm.training.checkpoint import find_checkpoint, load_checkpoint
@@ -80,6 +81,8 @@ def resolve_resume(given: dict, resume: str) -> tuple[TrainConfig, dict]:
     ckpt = load_checkpoint(path)
     saved = dict(ckpt.get("train_config") or {})
     fixed = fixed_on_resume()
+    if given.get("url"):  # a checkpoint holds the URL without its user:password@
+        given = {**given, "url": public_url(given["url"])}
     for key in fixed:
         if key in given and given[key] is not None and given[key] != saved.get(key):
             raise UsageError(

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from charlm.data.batches import RandomBatches, SequentialBatches
 from charlm.data.dataset import Dataset, load_dataset
+from charlm.data.transfer import public_url
 from charlm.devices import describe as describe_device
 from charlm.devices import keep_freed_memory
 from charlm.errors import CharlmError, UsageError
@@ -82,6 +83,8 @@ class Trainer:
             **cfg.section(DATA), vocab=ckpt["vocab"] if ckpt else None, device=self.device))
         # the files were found relative to here; record them absolute so a resume works anywhere
         cfg.text = [str(Path(t).resolve()) for t in cfg.text]
+        # config.toml and checkpoints never hold a password; the cache is keyed by this form
+        cfg.url = public_url(cfg.url) if cfg.url else cfg.url
         self.model, self.optimizer, self.schedule, self.batches, self.scaler = g.together(
             lambda: self._parts(ckpt))
         self.model_config = self.model.config
