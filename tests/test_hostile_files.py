@@ -225,9 +225,9 @@ CLI_EDITS = {
                              "{path}: its 'hidden' entry has shape (2, 4, 16) but its "
                              f"train_config has layers = 1 and hidden = 16; {DAMAGED}"),
     "step-negative": (_set("step", -3),
-                      f"{{path}}: its 'step' entry is -3, not a whole number >= 0; {DAMAGED}"),
+                      f"{{path}}: its 'step' entry is -3, not a whole number in [0, 2**63); {DAMAGED}"),
     "step-a-string": (_set("step", "ten"),
-                      f"{{path}}: its 'step' entry is 'ten', not a whole number >= 0; {DAMAGED}"),
+                      f"{{path}}: its 'step' entry is 'ten', not a whole number in [0, 2**63); {DAMAGED}"),
     "rng-other-size": (_set("rng.torch", torch.zeros(3, dtype=torch.uint8)),
                        f"{{path}}: its 'rng' entry does not hold a torch generator state; "
                        f"{DAMAGED}"),

@@ -14,6 +14,7 @@ into any of them. Errors are one line, starting with `where` (the checkpoint's p
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +36,33 @@ class Restored:
 
 # What a resumed run may change about its model: neither changes a weight's shape.
 ADJUSTABLE = ("impl", "dropout")
+# Trained weights and states stay within about 100; past this bound float32 products overflow
+# (a checkpoint near float32's limit would only ever compute infinities and NaN).
+MAX_MAGNITUDE = 1e6
+
+
+def tensor_problem(t: torch.Tensor) -> str | None:
+    """None when `t` is a plain strided tensor whose storage holds every element its shape
+    declares; else what is wrong, in a few words. Pure arithmetic on the sizes: it reads no
+    element, so a tensor that declares billions of elements over a tiny storage costs nothing."""
+    if t.layout != torch.strided or t.is_quantized or t.is_meta:
+        return f"is not a plain dense tensor ({str(t.layout).removeprefix('torch.')})"
+    shape, strides = tuple(t.shape), t.stride()
+    numel = math.prod(shape)
+    if numel == 0:
+        return None
+    if any(stride < 0 for stride in strides):
+        return f"has negative strides {strides}"
+    item = t.element_size()
+    try:
+        held = t.untyped_storage().nbytes()
+    except (RuntimeError, NotImplementedError):
+        return "has no storage"
+    extent = t.storage_offset() + sum((n - 1) * st for n, st in zip(shape, strides)) + 1
+    if numel * item > held or extent * item > held:
+        return (f"declares shape {shape} ({numel:,} elements) but holds data for "
+                f"{held // item:,}")
+    return None
 
 
 def model_from_checkpoint(ckpt: dict, where: str = "checkpoint", impl: str | None = None,
@@ -102,5 +130,15 @@ def check_parameters(where: str, model: nn.Module, saved: object) -> None:
                 f"{where}: parameter {name} is {shape} but its model config gives "
                 f"{tuple(want.shape)}; the file is damaged"
             )
+        problem = tensor_problem(got) or (
+            None if got.is_floating_point()
+            else f"has dtype {str(got.dtype).removeprefix('torch.')}, not a float")
+        if problem:
+            raise CharlmError(f"{where}: parameter {name} {problem}; the file is damaged")
+    for name in expected:  # values only once every tensor is known to be what it says
+        got = saved[name]
         if not torch.isfinite(got).all():
             raise CharlmError(f"{where}: parameter {name} holds NaN or infinity; use another checkpoint")
+        if got.numel() and float(got.abs().max()) > MAX_MAGNITUDE:
+            raise CharlmError(f"{where}: parameter {name} holds values beyond "
+                              f"{MAX_MAGNITUDE:g}; the file is damaged")

@@ -20,7 +20,6 @@ A checkpoint is one dict:
 
 from __future__ import annotations
 
-import math
 import pickle
 import warnings
 import zipfile
@@ -35,7 +34,7 @@ from charlm.devices import select_device
 from charlm.errors import CharlmError
 from charlm.model.lm import CharLM
 from charlm.model.loading import model_from_checkpoint
-from charlm.training.config import TYPES, type_ok
+from charlm.training.fields import check_fields
 from charlm.training.rundir import atomic_write, latest_run, runs_root
 
 FORMAT = "charlm-checkpoint"
@@ -92,100 +91,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     for key in ("model_config", "vocab", "model"):
         if key not in data:
             raise CharlmError(f"{path} lacks '{key}'; the file is damaged")
-    _check_fields(data, path)
+    check_fields(data, path)
     return data
-
-
-def _damaged(path: Path, key: str, problem: str) -> CharlmError:
-    return CharlmError(f"{path}: its '{key}' entry {problem}; the file is damaged or was edited")
-
-
-def _is_int(value: Any, minimum: int = 0) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _check_fields(data: dict, path: Path) -> None:
-    """Plain-data checks on the fields the trainer and the commands use without looking.
-
-    The model itself (parameter names and shapes against model_config, vocabulary size) is
-    checked where it is rebuilt; here: weights are a table of finite tensors, and the
-    training state a resumed run restores has the types it needs.
-    """
-    model = data["model"]
-    if not isinstance(model, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in model.items()
-    ):
-        raise CharlmError(
-            f"{path}: its 'model' entry is not a table of tensors; the file is damaged"
-        )
-    for name, tensor in model.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise CharlmError(
-                f"{path}: its weight {name} holds NaN or infinity; the file is damaged: use "
-                "another checkpoint (best.pt or last.pt of the run)"
-            )
-    if not isinstance(data["model_config"], dict):
-        raise _damaged(path, "model_config", "is not a table")
-    for key in ("step", "epoch", "tokens_seen"):
-        if key in data and not _is_int(data[key]):
-            raise _damaged(path, key, f"is {data[key]!r}, not a whole number >= 0")
-    if "elapsed" in data and not (_is_number(data["elapsed"]) and 0 <= data["elapsed"] < math.inf):
-        raise _damaged(path, "elapsed", f"is {data['elapsed']!r}, not a number of seconds")
-    best = data.get("best_val_loss", 0.0)
-    if not _is_number(best) or math.isnan(best):
-        raise _damaged(path, "best_val_loss", f"is {best!r}, not a number")
-    for key in ("optimizer", "scheduler", "iterator", "rng", "train_config"):
-        if key in data and not isinstance(data[key], dict):
-            raise _damaged(path, key, "is not a table")
-    optimizer = data.get("optimizer")
-    if optimizer is not None and not (
-        isinstance(optimizer.get("state"), dict) and isinstance(optimizer.get("param_groups"), list)
-    ):
-        raise _damaged(path, "optimizer", "lacks its 'state' and 'param_groups'")
-    scheduler = data.get("scheduler") or {}
-    if not all(_is_number(v) for v in scheduler.values()):
-        raise _damaged(path, "scheduler", "holds something other than numbers")
-    rng = (data.get("rng") or {}).get("torch")
-    if rng is not None and not (
-        isinstance(rng, torch.Tensor) and rng.dtype == torch.uint8
-        and rng.numel() == torch.get_rng_state().numel()
-    ):
-        raise _damaged(path, "rng", "does not hold a torch generator state")
-    _check_hidden(data, path)
-    _check_train_config(data.get("train_config"), path)
-
-
-def _check_hidden(data: dict, path: Path) -> None:
-    """The carried state: None, or (layers, batch, hidden) tensors (h, or [h, c] for an LSTM)
-    whose layers and units are those of the train_config a resumed run rebuilds its model from."""
-    hidden = data.get("hidden")
-    if hidden is None:
-        return
-    parts = list(hidden) if isinstance(hidden, (list, tuple)) else [hidden]
-    tc = data.get("train_config") or {}
-    layers, size = tc.get("layers"), tc.get("hidden")
-    for part in parts:
-        if not isinstance(part, torch.Tensor) or part.dim() != 3:
-            raise _damaged(path, "hidden", "is not a (layers, batch, hidden) state")
-        if _is_int(layers) and _is_int(size) and (part.shape[0], part.shape[2]) != (layers, size):
-            raise _damaged(
-                path, "hidden", f"has shape {tuple(part.shape)} but its train_config has "
-                f"layers = {layers} and hidden = {size}"
-            )
-        if not bool(torch.isfinite(part).all()):
-            raise _damaged(path, "hidden", "holds NaN or infinity")
-
-
-def _check_train_config(values: dict | None, path: Path) -> None:
-    if values is None:
-        return
-    for key, value in values.items():
-        if key in TYPES and not type_ok(key, value):
-            raise _damaged(path, "train_config", f"has {key} = {value!r}, of the wrong type")
 
 
 def _looks_like_torch_file(path: Path) -> bool:

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import torch
 
 from charlm.data.transfer import public_url
-from charlm.errors import UsageError
+from charlm.errors import CharlmError, UsageError
 from charlm.model.lm import State
 from charlm.training.checkpoint import find_checkpoint, load_checkpoint
-from charlm.training.config import TrainConfig, build_config, fixed_on_resume
+from charlm.training.config import OPTIONS, TrainConfig, build_config, fixed_on_resume
 
 
 @dataclass
@@ -64,10 +64,13 @@ def hidden_to_plain(state: State | None):
     return [s.detach().cpu() for s in state] if isinstance(state, tuple) else state.detach().cpu()
 
 
-def hidden_from_plain(data, device) -> State | None:
+def hidden_from_plain(data, device, dtype: torch.dtype = torch.float32) -> State | None:
+    """A checkpoint's carried state on `device`, in the dtype the model computes it in."""
     if data is None:
         return None
-    return tuple(s.to(device) for s in data) if isinstance(data, list) else data.to(device)
+    if isinstance(data, list):
+        return tuple(s.to(device=device, dtype=dtype) for s in data)
+    return data.to(device=device, dtype=dtype)
 
 
 def resolve_resume(given: dict, resume: str) -> tuple[TrainConfig, dict]:
@@ -80,6 +83,11 @@ def resolve_resume(given: dict, resume: str) -> tuple[TrainConfig, dict]:
                            how_to_name="name one: charlm train --resume RUN_DIR|CHECKPOINT")
     ckpt = load_checkpoint(path)
     saved = dict(ckpt.get("train_config") or {})
+    try:  # the file's own configuration must be one charlm could have run
+        build_config({k: v for k, v in saved.items() if k in OPTIONS}, {})
+    except UsageError as exc:
+        raise CharlmError(f"{path}: its 'train_config' entry is invalid ({exc}); the file is "
+                          "damaged or was edited") from None
     fixed = fixed_on_resume()
     if given.get("url"):  # a checkpoint holds the URL without its user:password@
         given = {**given, "url": public_url(given["url"])}

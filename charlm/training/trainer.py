@@ -35,7 +35,8 @@ from charlm.training.checkpoint import save_checkpoint
 from charlm.training.config import DATA, TrainConfig, model_config, to_toml
 from charlm.training.limits import Limits
 from charlm.training.display import RunInfo, TrainDisplay, run_summary
-from charlm.training.optim import LRSchedule, make_optimizer
+from charlm.training.fields import check_resumable
+from charlm.training.optim import LRSchedule, load_optimizer_state, make_optimizer
 from charlm.training.signals import Interrupted, stop_requests
 from charlm.training.state import (LoopState, hidden_from_plain, hidden_to_plain, rng_state,
                                    set_rng_state)
@@ -158,17 +159,14 @@ class Trainer:
     def load_state_dict(self, ckpt: dict) -> None:
         """Put the run back where `ckpt` left it (its weights came with the model, loaded and
         checked by `model_from_checkpoint`)."""
-        try:
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as exc:
-            first = str(exc).strip().splitlines()[0]
-            raise CharlmError(f"checkpoint does not match its own model config: {first}") from None
+        check_resumable(ckpt, self.where)
+        load_optimizer_state(self.optimizer, ckpt["optimizer"], self.where)
         self.schedule.load_state_dict(ckpt["scheduler"])
         if self.scaler and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.batches.load_state_dict(ckpt["iterator"])
         hidden, rng = distributed.rank_state(self.group, ckpt, self.cfg.batch_size)
-        self.hidden = hidden_from_plain(hidden, self.device)
+        self.hidden = hidden_from_plain(hidden, self.device, self.model.head.weight.dtype)
         self.loop.load_state_dict(ckpt)
         set_rng_state(rng)
 
