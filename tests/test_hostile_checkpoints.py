@@ -309,3 +309,52 @@ def test_a_float64_carried_state_resumes_as_the_models_float32(tiny_run, tmp_pat
     assert code == 0, err
     assert torch.load(run / "last.pt", weights_only=True)["hidden"].dtype == torch.float32
     assert math.isfinite(torch.load(run / "last.pt", weights_only=True)["best_val_loss"])
+
+
+# --- the text a checkpoint was trained on ------------------------------------------------------------
+
+
+def test_the_corpus_digest_is_the_sha256_of_the_token_ids_whatever_their_dtype():
+    import hashlib
+    import struct
+
+    from charlm.data.dataset import token_digest
+
+    ids = [0, 5, 27, 3, 3, 1000, 7]
+    want = hashlib.sha256(struct.pack(f"<{len(ids)}i", *ids)).hexdigest()
+    tokens = torch.tensor(ids)
+    assert token_digest(tokens) == token_digest(tokens.to(torch.int16)) == want
+    assert token_digest(tokens[:3], tokens[3:], chunk=2) == want  # splits, chunks: one digest
+
+
+def test_a_text_replaced_by_another_of_the_same_length_is_refused(tiny_run, tmp_path, monkeypatch):
+    text = tmp_path / "notes.txt"
+    original = (tiny_run / "small.txt").read_text(encoding="utf-8")
+    text.write_text(original, encoding="utf-8")
+    run = edited_run(tiny_run, tmp_path, _set("train_config/text", [str(text)]))
+    trained = torch.load(run / "last.pt", weights_only=True)["corpus"]["sha256"]
+    swapped = original.translate(str.maketrans("ae", "ea"))  # same length, same symbols
+    text.write_text(swapped, encoding="utf-8")
+    monkeypatch.setenv("CHARLM_RUNS_DIR", str(tmp_path / "runs"))
+    before = contents(run)
+
+    code, out, err = run_main(["eval", "perplexity", "--checkpoint", str(run / "last.pt")])
+    now = err.split("hashes to sha256 ")[1].split()[0] if "sha256" in err else "?"
+    assert now != trained and len(now) == 64
+    assert (code, out, err) == (1, "", (
+        f"charlm: error: the corpus now hashes to sha256 {now} but {run / 'last.pt'} was trained "
+        f"on a text that hashes to {trained}; the text changed since training, so its splits "
+        "cannot be rebuilt: to evaluate this text anyway, pass it with --text FILE\n"))
+    code, out, err = run_main(["train", "--resume", str(run), "--max-steps", "12", "-q"])
+    assert (code, out, err) == (1, "", (
+        f"charlm: error: {run / 'last.pt'}: the corpus is not the text this run was trained on "
+        f"(its tokens hash to sha256 {now}, the text trained on to {trained}); resume with the "
+        "same text\n"))
+    assert contents(run) == before
+    # the explicit way to score the changed text
+    code, out, err = run_main(["eval", "perplexity", "--checkpoint", str(run / "last.pt"),
+                               "--text", str(text), "--json"])
+    assert code == 0, err
+    # and the text as it was resumes
+    text.write_text(original, encoding="utf-8")
+    assert run_main(["train", "--resume", str(run), "--max-steps", "12", "-q"])[0] == 0

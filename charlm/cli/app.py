@@ -63,8 +63,11 @@ def debug_enabled() -> bool:
 def error_line(message: str) -> None:
     """Print one error line on stderr (never a traceback)."""
     message = " ".join(str(message).split())  # one line, whatever the message held
-    sys.stderr.write(f"charlm: error: {message}\n")
-    sys.stderr.flush()
+    try:
+        sys.stderr.write(f"charlm: error: {message}\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):  # stderr is gone (a closed terminal): the exit code says it
+        pass
 
 
 def handle_errors(fn: F) -> F:
@@ -132,8 +135,9 @@ def _click_exception_classes(name: str) -> tuple[type, ...]:
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: usage errors and user errors become one line on stderr.
 
-    SIGTERM is read as Ctrl-C for the whole command: the trainer saves and exits 130 on either,
-    and anywhere else both stop with one line and exit 130.
+    SIGTERM and SIGHUP (the terminal closed) are read as Ctrl-C for the whole command: the
+    trainer saves and exits 130 on any of them, and anywhere else they stop with one line and
+    exit 130.
     """
     args = sys.argv[1:] if argv is None else list(argv)
     previous = _sigterm_as_interrupt()
@@ -144,8 +148,8 @@ def main(argv: list[str] | None = None) -> None:
         code = exc.code
         raise
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         _end_rank(code)
 
 
@@ -168,10 +172,11 @@ def _raise_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def _sigterm_as_interrupt():
+def _sigterm_as_interrupt() -> dict:
+    """SIGTERM and SIGHUP raise KeyboardInterrupt; returns the handlers they had."""
     if threading.current_thread() is not threading.main_thread():
-        return None
-    return signal.signal(signal.SIGTERM, _raise_interrupt)
+        return {}
+    return {s: signal.signal(s, _raise_interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
 
 
 def _out_of_memory(exc: BaseException) -> str | None:

@@ -52,6 +52,12 @@ def _split_tokens(loaded: "Loaded", split: str) -> "torch.Tensor":
             "the text changed since training, so its splits cannot be rebuilt: evaluate a file "
             "with --text FILE"
         )
+    if corpus_info.get("sha256") not in (None, data.digest):  # same length, other characters
+        raise CharlmError(
+            f"the corpus now hashes to sha256 {data.digest} but {path} was trained on a text "
+            f"that hashes to {corpus_info['sha256']}; the text changed since training, so its "
+            "splits cannot be rebuilt: to evaluate this text anyway, pass it with --text FILE"
+        )
     return getattr(data, split)
 
 

@@ -6,6 +6,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,12 +36,32 @@ class Dataset:
         prefix = self.default_prefix if given is None else given
         return preprocess(prefix, self.preprocessing).lstrip() if prefix else ""
 
+    @functools.cached_property
+    def digest(self) -> str:
+        """sha256 of the encoded corpus (every split), computed once: what a checkpoint records
+        of its text, so a resume or an evaluation can tell another text of the same length."""
+        return token_digest(self.train, self.val, self.test)
+
     def describe(self) -> dict:
         return {
             "name": self.name, "source": self.source, "num_tokens": self.num_tokens,
             "splits": {"train": self.train.numel(), "val": self.val.numel(),
                        "test": self.test.numel()},
+            "sha256": self.digest,
         }
+
+
+def token_digest(*parts: torch.Tensor, chunk: int = 1 << 22) -> str:
+    """sha256 of the token ids of `parts`, one after the other, as int32 in the machine's byte
+    order (little-endian wherever torch runs): the same for any dtype or device the ids are
+    kept in. Chunked, so hashing costs 16 MB of memory whatever the corpus."""
+    h = hashlib.sha256()
+    for part in parts:
+        flat = part.reshape(-1)
+        for start in range(0, flat.numel(), chunk):
+            block = flat[start : start + chunk].to("cpu", torch.int32).contiguous()
+            h.update(ctypes.string_at(block.data_ptr(), block.numel() * 4))
+    return h.hexdigest()
 
 
 def load_dataset(*, corpus: str | None = None, text: list[str] = (), url: str | None = None,

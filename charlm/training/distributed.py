@@ -25,6 +25,7 @@ from typing import Any, Callable, TypeVar
 import torch
 
 from charlm.errors import CharlmError, UsageError
+from charlm.training.lifeline import stop_with_parent
 
 T = TypeVar("T")
 
@@ -271,6 +272,7 @@ def from_env() -> Group:
         return SINGLE
     if world < 1 or not 0 <= rank < world:
         raise CharlmError(f"RANK={rank} WORLD_SIZE={world}: not a valid rank of a process group")
+    stop_with_parent()
     import torch.distributed as dist
 
     if not dist.is_available():

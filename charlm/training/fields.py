@@ -217,7 +217,22 @@ def check_resumable(data: dict, path) -> None:
                           f"{world} processes")
         for state in ranks:
             _check_rng(state, path, "rank_rng")
+    if not isinstance(data.get("eval_pending", False), bool):
+        raise damaged(path, "eval_pending", f"is {data['eval_pending']!r}, not true or false")
     scaler = data.get("scaler")
     if scaler is not None and not (isinstance(scaler, dict) and all(
             _is_number(v) and math.isfinite(v) for v in scaler.values())):
         raise damaged(path, "scaler", "is not a loss scaler's state (numbers)")
+
+
+def corpus_changed(saved: Any, data) -> str | None:
+    """How the corpus now (a `charlm.data.dataset.Dataset`) differs from the one a checkpoint
+    was trained on (its `corpus` entry), or None: another length, or the same length and
+    other characters (checkpoints without a digest are compared by length only)."""
+    saved = saved if isinstance(saved, dict) else {}
+    if saved.get("num_tokens") not in (None, data.num_tokens):
+        return f"it has {data.num_tokens} tokens, the text trained on had {saved['num_tokens']}"
+    if saved.get("sha256") not in (None, data.digest):
+        return (f"its tokens hash to sha256 {data.digest}, the text trained on to "
+                f"{saved['sha256']}")
+    return None

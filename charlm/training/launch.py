@@ -4,7 +4,9 @@ PyTorch's own launcher does the work (`torch.distributed.launcher.api.elastic_la
 `torchrun --standalone --nproc-per-node N` runs): a rendezvous on a free local port, one
 `python -m charlm train ...` per rank, each in its own session, so a Ctrl-C reaches a rank once,
 forwarded by the launcher (SIGINT, SIGTERM, SIGHUP and SIGQUIT alike), and the ranks get
-SHUTDOWN_S seconds to save and stop before they are killed. What charlm adds: the launcher's
+SHUTDOWN_S seconds to save and stop before they are killed. A launcher killed outright (SIGKILL)
+forwards nothing: each rank asked the kernel for a SIGTERM when its parent dies
+(`charlm.training.lifeline`), so they stop and save all the same. What charlm adds: the launcher's
 log lines stay quiet, and a failed run ends with the ranks' own one-line error and exit code
 instead of torchrun's traceback and exit code 1.
 """
@@ -18,6 +20,8 @@ import sys
 import tempfile
 import uuid
 from contextlib import contextmanager
+
+from charlm.training.lifeline import LAUNCHER_ENV
 
 SHUTDOWN_S = 300  # after a signal or a failed rank, how long the ranks get to save and stop
 MONITOR_S = 0.2  # how often the launcher looks at its ranks
@@ -53,6 +57,8 @@ def launch(nproc: int, args: list[str]) -> int:
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    # the ranks stop (saved) when this process dies, however it dies (distributed.from_env)
+    os.environ[LAUNCHER_ENV] = str(os.getpid())
     with tempfile.TemporaryDirectory(prefix="charlm-launch-") as logs, _quiet_launcher():
         config = LaunchConfig(
             min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),

@@ -35,9 +35,9 @@ from charlm.training.checkpoint import save_checkpoint
 from charlm.training.config import DATA, TrainConfig, model_config, to_toml
 from charlm.training.limits import Limits
 from charlm.training.display import RunInfo, TrainDisplay, run_summary
-from charlm.training.fields import check_resumable
+from charlm.training.fields import check_resumable, corpus_changed
 from charlm.training.optim import LRSchedule, load_optimizer_state, make_optimizer
-from charlm.training.signals import Interrupted, stop_requests
+from charlm.training.signals import Abandoned, Interrupted, StopRequests, stop_requests
 from charlm.training.state import (LoopState, hidden_from_plain, hidden_to_plain, rng_state,
                                    set_rng_state)
 
@@ -91,7 +91,8 @@ class Trainer:
         self.model_config = self.model.config
         self.loop = LoopState()
         self.hidden: State | None = None  # carried across batches (sequential sampling)
-        self.stop_signal: list[str] = []  # a signal name once SIGINT/SIGTERM arrived
+        self.stop_signal: list[str] = []  # a signal name once SIGINT/SIGTERM/SIGHUP arrived
+        self.requests = StopRequests(self.stop_signal)  # what those signals do (signals.py)
         self.agreed_stop: str | None = None  # the signal all ranks stop for
         self.step_hook = None  # called after every step with the trainer (tests, tools)
         self.limits = Limits.of(cfg)
@@ -104,11 +105,9 @@ class Trainer:
     def _parts(self, ckpt: dict | None):
         """The model (a checkpoint's, on resume), optimizer, schedule, batches and loss scaler."""
         cfg, g = self.cfg, self.group
-        if ckpt and ckpt.get("corpus", {}).get("num_tokens") not in (None, self.data.num_tokens):
-            raise CharlmError(
-                f"the corpus has {self.data.num_tokens} tokens but the checkpoint was trained on "
-                f"{ckpt['corpus']['num_tokens']}; resume with the same text"
-            )
+        if ckpt and (change := corpus_changed(ckpt.get("corpus"), self.data)):
+            raise CharlmError(f"{self.where}: the corpus is not the text this run was trained "
+                              f"on ({change}); resume with the same text")
         # --impl auto resolves per device and cell; the checkpoint records the concrete choice,
         # and a resumed run uses the impl given now (parameters are laid out alike in all).
         impl = resolve_impl(cfg.impl, cfg.cell, self.device.type, cfg.gru_reset)
@@ -245,7 +244,10 @@ class Trainer:
         batches = self._batches()
         self.net.train()
         try:
-            with stop_requests(self.stop_signal):
+            with stop_requests(self.requests):
+                if loop.eval_pending:  # the evaluation a stop request cut short, done now
+                    self._evaluate_and_sample(metrics)
+                    self._restart_clock()
                 while (stop := self._stop_check()) is None:
                     X, Y, fresh = next(batches)
                     state = None if fresh else detach_state(self.hidden)  # truncated BPTT
@@ -255,6 +257,13 @@ class Trainer:
                     loss, state = self.train_step(X, Y, state)
                     self.hidden = state if cfg.sampling == "sequential" else None
                     self._on_step_end(loss, lr, metrics)
+                if not self.agreed_stop:
+                    if self._window.steps:
+                        self._check_finite(self._mean_loss())
+                    final_val = (loop.last_val_loss if loop.evaluated_at == loop.step
+                                 else self._evaluate_and_sample(metrics))
+        except Abandoned:  # a stop request during an evaluation: the steps so far are saved
+            self.agreed_stop = self.stop_signal[0]
         except KeyboardInterrupt:  # a second Ctrl-C mid-step: the step is torn, so save nothing
             self.display.stop()
             last = self.run_dir / "last.pt"
@@ -263,10 +272,6 @@ class Trainer:
             path = self.save("last.pt")
             self.display.stop()
             raise Interrupted(path, self.agreed_stop, loop.step)
-        if self._window.steps:
-            self._check_finite(self._mean_loss())
-        evaluated_now = loop.step % cfg.eval_every == 0 and math.isfinite(loop.last_val_loss)
-        final_val = loop.last_val_loss if evaluated_now else self._evaluate_and_sample(metrics)
         self.save("last.pt")
         self.display.stop()
         summary = run_summary(info, stop, loop, final_val)
@@ -348,9 +353,14 @@ class Trainer:
             raise distributed.shared(error) if self.group.active else error
 
     def _evaluate_and_sample(self, metrics) -> float:
+        """Validation and a sample; a stop request may abandon them (not in a process group,
+        where they are collectives), and then the run resumes by doing them first."""
         loop, g = self.loop, self.group
-        val = self.evaluate()
-        sample = self.sample_text() if g.is_main else ""
+        loop.eval_pending = True
+        with self.requests.abandonable(allowed=not g.active):
+            val = self.evaluate()
+            sample = self.sample_text() if g.is_main else ""
+        loop.eval_pending, loop.evaluated_at = False, loop.step
         self.model.train()
         loop.last_val_loss = val
         improved = math.isfinite(val) and val < loop.best_val_loss
