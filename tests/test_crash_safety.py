@@ -18,6 +18,7 @@ import errno
 import importlib.util
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -307,3 +308,50 @@ def test_resume_from_another_directory(corpus, tmp_path, monkeypatch):
     result = CliRunner().invoke(app, ["train", "--resume", str(tmp_path / "run"),
                                       "--max-steps", "6"])
     assert result.exit_code == 0, result.stderr
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs mounted for this test (root only; skipped where mounting is refused)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a small filesystem needs root and mount(8)")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def fill(disk: Path, leave: int) -> None:
+    """Fill `disk` up to `leave` free bytes."""
+    (disk / "filler").unlink(missing_ok=True)
+    st = os.statvfs(disk)
+    with open(disk / "filler", "wb") as fh:
+        fh.write(b"\0" * max(0, st.f_bavail * st.f_frsize - leave))
+
+
+def test_a_real_full_disk_is_one_line_and_keeps_the_last_good_checkpoint(
+        corpus, small_disk, monkeypatch):
+    """torch.save on a really full disk fails inside its zip writer ("[enforce fail at
+    inline_container.cc] unexpected pos"), not with the OSError simulated above."""
+    from helpers import run_main
+
+    monkeypatch.setenv("CHARLM_RUNS_DIR", str(small_disk.parent / "runs"))
+    run = small_disk / "run"
+    assert run_main(soak.train_args(corpus, run, 4, SEED))[0] == 0
+    before = (run / "last.pt").read_bytes()
+    # room for config.toml and metrics rows, not for a checkpoint (about 105 KB): with 64 KB the
+    # zip writer fails mid-file (RuntimeError), with 8 KB the first write fails (OSError)
+    for leave in (64 * 1024, 8 * 1024):
+        fill(small_disk, leave)
+        assert run_main(["train", "--resume", str(run), "--max-steps", "8", "-q"]) == (1, "", (
+            f"charlm: error: cannot write {run / 'last.pt'}: No space left on device; the "
+            "previous last.pt, if any, is intact\n"))
+    assert (run / "last.pt").read_bytes() == before
+    assert load_checkpoint(run / "last.pt")["step"] == 4
+    assert soak.check_run_dir(run).temps == []

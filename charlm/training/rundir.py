@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -79,8 +80,37 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
             f"cannot write {path}: {exc.strerror or exc}; the previous {path.name}, if any, is "
             "intact"
         ) from exc
+    except RuntimeError as exc:  # torch.save's writer reports a failed write its own way
+        reason = _write_failure(exc, path.parent)
+        if reason is None:
+            raise
+        raise CharlmError(
+            f"cannot write {path}: {reason}; the previous {path.name}, if any, is intact"
+        ) from exc
     _fsync_dir(path.parent)
     return path
+
+
+def _write_failure(exc: RuntimeError, directory: Path) -> str | None:
+    """What a RuntimeError from torch.save's zip writer says about the disk, or None if it is
+    not one. On a full disk it reads "[enforce fail at inline_container.cc:...] unexpected pos
+    ...", with the OSError it swallowed as its context (when it wrote to a Python file)."""
+    seen, cause = set(), exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, OSError) and cause.strerror:
+            return cause.strerror
+        cause = cause.__cause__ or cause.__context__
+    text = str(exc)
+    if "inline_container" not in text and "PytorchStreamWriter" not in text:
+        return None
+    try:
+        free = os.statvfs(directory)
+        if free.f_bavail * free.f_frsize < (1 << 20):
+            return os.strerror(errno.ENOSPC)
+    except OSError:
+        pass
+    return f"write failed ({text.strip().splitlines()[0]})"
 
 
 def remove_stale_temp_files(directory: str | Path, min_age: float = 0.0) -> list[Path]:
@@ -209,8 +239,12 @@ class MetricsLog:
         self.fh = open(path, "a", encoding="utf-8")
 
     def write(self, row: dict) -> None:
-        self.fh.write(json.dumps(row) + "\n")
-        self.fh.flush()
+        try:
+            self.fh.write(json.dumps(row) + "\n")
+            self.fh.flush()
+        except OSError as exc:  # a full disk, most likely: say which file, and what is safe
+            raise CharlmError(f"cannot write {self.path}: {exc.strerror or exc}; the run's "
+                              "checkpoints are intact") from None
 
     def close(self) -> None:
         self.fh.close()
