@@ -31,6 +31,10 @@ from charlm.model.lm import CharLM, State
 
 NOISE_BLOCK_STEPS = 64  # noise drawn per block: (steps, samples, vocab)
 NOISE_BLOCK_NUMBERS = 1 << 22  # ... but at most this many numbers (16 MB) per block
+# Below this temperature a draw is the likeliest character anyway: logits / T then differ by more
+# than the Gumbel noise can span (-5..88) wherever float32 logits differ at all. Such draws are
+# made greedily, since logits / T overflows float32 (and degenerates to <unk>) for smaller T.
+MIN_TEMPERATURE = 1e-8
 
 
 @dataclass
@@ -48,6 +52,10 @@ class SampleSettings:
             raise UsageError(f"--length must be a positive integer, got {self.length}")
         if not self.temperature > 0 or self.temperature == float("inf"):
             raise UsageError(f"--temperature must be a positive number, got {self.temperature}")
+        if self.temperature < MIN_TEMPERATURE:
+            self.greedy = True  # what sampling at this temperature amounts to (see above)
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise UsageError(f"--seed must be an integer in [0, 2**63), got {self.seed}")
         if self.top_k < 0:
             raise UsageError(f"--top-k must be >= 1 (or 0 for off), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
@@ -74,8 +82,10 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)
-        # drop a token when the mass before it already reaches top_p (the first always stays)
+        # drop a token when the mass before it already reaches top_p (the first always stays,
+        # even for a top_p that rounds to 0 in float32)
         drop_sorted = (probs.cumsum(-1) - probs) >= top_p
+        drop_sorted[..., 0] = False
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
@@ -168,11 +178,13 @@ def generate(
     settings: SampleSettings,
     on_step: Callable[[list[int]], None] | None = None,
     generator: torch.Generator | None = None,
+    keep: bool = True,
 ) -> list[list[int]]:
     """Token ids drawn after `prefix_ids`, one list per sample (the prefix is not included).
 
     `on_step` receives the ids drawn at each step (one per sample), for streaming output (it
-    costs one host sync per step). An empty prefix starts from the zero state, the first
+    costs one host sync per step); with `keep` False nothing else is kept (memory does not grow
+    with the length) and the result is []. An empty prefix starts from the zero state, the first
     character drawn from the output layer's bias alone. With `greedy`, each step takes the
     argmax (d2l's predict_ch8) and temperature, top-k, top-p and the generator play no part.
     """
@@ -211,7 +223,8 @@ def generate(
                     logits = filter_logits(logits, settings.top_k, settings.top_p)
                 logits = logits + next(noise)
             nxt = logits.argmax(-1)
-            drawn.append(nxt)
+            if keep:
+                drawn.append(nxt)
             if on_step is not None:
                 on_step(nxt.tolist())
             if step == length - 1:
@@ -221,7 +234,7 @@ def generate(
             else:
                 logits, state = model(nxt[:, None], state)
                 logits = logits[:, -1] * scale
-        return torch.stack(drawn, 1).tolist()
+        return torch.stack(drawn, 1).tolist() if keep else []
     finally:
         torch.set_num_threads(threads)
         model.train(was_training)

@@ -67,8 +67,8 @@ CASES = [
     Case("bidirectional", train("--bidirectional"), 2,
          "--bidirectional is not supported: a bidirectional layer reads the characters it is "
          "asked to predict, so it cannot be a language model"),
-    Case("hidden-zero", train("--hidden", "0"), 2, "hidden must be an integer >= 1, got 0"),
-    Case("layers-negative", train("--layers", "-1"), 2, "layers must be an integer >= 1, got -1"),
+    Case("hidden-zero", train("--hidden", "0"), 2, "hidden must be an integer in [1, 16777216], got 0"),
+    Case("layers-negative", train("--layers", "-1"), 2, "layers must be an integer in [1, 1024], got -1"),
     Case("batch-zero", train("--batch-size", "0"), 2, "batch_size must be an integer >= 1, got 0"),
     Case("num-steps-negative", train("--num-steps", "-5"), 2, "num_steps must be an integer >= 1, got -5"),
     Case("dropout-one", train("--dropout", "1"), 2, "dropout must be in [0, 1), got 1.0"),
@@ -159,9 +159,45 @@ CASES = [
     Case("run-dir-locked", ("train", "--resume", "run", "--max-steps", "12", "-q"), 1,
          "run is in use by a running trainer (pid {pid}); wait for it to finish or choose "
          "another --out", lock=True),
-    Case("model-larger-than-memory", train("--device", "cpu", "--hidden", str(10**12)), 1,
+    Case("model-larger-than-memory", train("--device", "cpu", "--hidden", str(2**24)), 1,
          r"out of memory \(tried to allocate [\d,.]+ GiB\); use a smaller model or batch "
          r"\(e\.g\. --hidden, --batch-size\)", regex=True),
+    # unbounded inputs: special files are streamed with a cap, and refused at their first chunk
+    # of NUL bytes; a config file is read up to a MiB (exit 1, or 2 for the config file)
+    Case("text-dev-zero", train_on("/dev/zero"), 1,
+         "/dev/zero is not UTF-8 text (it holds NUL bytes, like a binary or UTF-16 file); give a "
+         "UTF-8 text file"),
+    Case("prefix-file-dev-zero", ("generate", "--checkpoint", "model.pt", "--prefix-file",
+                                  "/dev/zero"), 1,
+         "--prefix-file /dev/zero is not UTF-8 text (it holds NUL bytes, like a binary or UTF-16 "
+         "file); give a UTF-8 text file"),
+    Case("eval-text-dev-zero", ("eval", "perplexity", "--checkpoint", "model.pt", "--text",
+                                "/dev/zero"), 1,
+         "--text /dev/zero is not UTF-8 text (it holds NUL bytes, like a binary or UTF-16 file); "
+         "give a UTF-8 text file"),
+    Case("data-info-dev-zero", ("data", "info", "/dev/zero"), 1,
+         "/dev/zero is not UTF-8 text (it holds NUL bytes, like a binary or UTF-16 file); give a "
+         "UTF-8 text file"),
+    Case("data-add-dev-zero", ("data", "add", "timemachine", "/dev/zero"), 1,
+         "/dev/zero is not a file; give the path of your copy of timemachine.txt"),
+    Case("config-dev-zero", train("--config", "/dev/zero"), 2,
+         "config file /dev/zero is larger than 1 MiB; a config file is a few lines of TOML"),
+    # numbers at their extremes, typed or in a config file: exit 2, never an overflow in C++
+    Case("hidden-2-to-the-62", train("--hidden", str(2**62)), 2,
+         f"hidden must be an integer in [1, 16777216], got {2**62}"),
+    Case("embed-2-to-the-62", train("--embed", str(2**62)), 2,
+         f"embed must be an integer in [0, 16777216], got {2**62}"),
+    Case("layers-2-to-the-62", train("--layers", str(2**62)), 2,
+         f"layers must be an integer in [1, 1024], got {2**62}"),
+    Case("config-seed-beyond-64-bits", train("--config", "bigseed.toml"), 2,
+         f"seed must be an integer in [0, 2**63), got {2**64}"),
+    Case("config-hidden-int64-max", ("train", "--text", "{small}", "--max-steps", "1", "-q",
+                                     "--out", "new", "--config", "bighidden.toml"), 2,
+         f"hidden must be an integer in [1, 16777216], got {2**63 - 1}"),
+    Case("lr-beyond-float64", train("--lr", "1e309"), 2, "lr must be a positive number, got inf"),
+    Case("generate-seed-beyond-64-bits", ("generate", "--checkpoint", "model.pt", "--seed",
+                                          str(2**64)), 2,
+         f"--seed must be an integer in [0, 2**63), got {2**64}"),
 ]
 
 
@@ -182,6 +218,8 @@ def populate(folder: Path, tiny: Path) -> None:
     (folder / "malformed.toml").write_text("hidden = \n", encoding="utf-8")
     (folder / "unknown.toml").write_text("[model]\nhiddn = 3\n", encoding="utf-8")
     (folder / "wrongtype.toml").write_text('hidden = "big"\n', encoding="utf-8")
+    (folder / "bigseed.toml").write_text(f"[run]\nseed = {2**64}\n", encoding="utf-8")
+    (folder / "bighidden.toml").write_text(f"hidden = {2**63 - 1}\n", encoding="utf-8")
     shutil.copytree(tiny / "run", folder / "run")
     good = tiny / "run" / "best.pt"
     shutil.copy2(good, folder / "model.pt")

@@ -114,3 +114,37 @@ def test_float64_uses_the_torchscript_loops():
 
 def test_keep_freed_memory_takes_on_linux():
     assert keep_freed_memory() is sys.platform.startswith("linux")
+
+
+# --- a cached library someone else could have written ------------------------------------------
+
+
+def test_a_cached_library_others_could_have_written_is_not_loaded(fresh_kernel):
+    """Loading a library runs its code: one that another user owns or may write (or whose folder
+    they may write) is refused, and FastGRU runs its TorchScript loops instead."""
+    import os
+
+    if not CAN_BUILD:
+        pytest.skip("needs Linux, a C compiler and a torch with MKL's packed GEMM")
+    assert ckernel.load() is not None
+    (so,) = fresh_kernel.iterdir()
+    assert so.stat().st_mode & 0o777 == 0o755 and fresh_kernel.stat().st_mode & 0o777 == 0o700
+
+    def status_after(change) -> str:
+        change()
+        ckernel.reset()
+        ckernel.load()
+        return ckernel.status()
+
+    assert status_after(lambda: so.chmod(0o777)) == (
+        f"TorchScript loops (not loaded: {so} is writable by other users)")
+    fused, fast = pair(3, 8, 1)
+    x = torch.randn(2, 3, 3, requires_grad=True)
+    assert_all_close(outputs_and_grads(fused, x, None), outputs_and_grads(fast, x, None))
+    assert status_after(lambda: so.chmod(0o755)) == "compiled C loops + MKL packed GEMM"
+    assert status_after(lambda: fresh_kernel.chmod(0o777)) == (
+        f"TorchScript loops (not loaded: {fresh_kernel} is writable by other users)")
+    assert status_after(lambda: fresh_kernel.chmod(0o1777)) == "compiled C loops + MKL packed GEMM"
+    if os.geteuid() == 0:  # only root can give a file away
+        assert status_after(lambda: os.chown(so, 4242, -1)) == (
+            f"TorchScript loops (not loaded: {so} belongs to uid 4242, not to you)")

@@ -299,3 +299,44 @@ def test_subprocess_streams_and_stops_quietly_when_the_reader_leaves(runs):
     proc.stdout.close()
     assert proc.wait(timeout=60) == 0
     assert proc.stderr.read() == b""
+
+
+# --- numbers at their extremes; memory while streaming ---------------------------------------------
+
+
+@pytest.mark.parametrize("extreme", [("--temperature", "1e-50"), ("--temperature", "1e-9"),
+                                     ("--top-p", "1e-50")])
+def test_a_temperature_or_nucleus_too_small_to_sample_draws_the_likeliest(runs, extreme):
+    """logits / 1e-50 overflows float32 and a top-p of 1e-50 rounds to 0: both used to draw
+    <unk> every time. Such settings amount to greedy decoding, and are drawn that way."""
+    args = ("--checkpoint", str(runs["raw"]), "--prefix", "for ", "--length", "40")
+    greedy, got = invoke(*args, "--greedy"), invoke(*args, *extreme, "--seed", "5")
+    assert got.exit_code == 0, got.output
+    assert got.stdout == greedy.stdout
+    assert greedy.stdout.count("<unk>") < 40  # so "<unk> every time" could not pass for it
+
+
+def test_streaming_keeps_nothing_of_what_it_drew(runs):
+    """While characters stream out, generate keeps none of them: its memory does not grow with
+    --length (here: 20,000 steps allocate no more Python objects than 10 do)."""
+    import tracemalloc
+
+    model, vocab = load(runs["raw"])
+    ids = vocab.encode("for ").tolist()
+    seen: list[int] = []
+    kept = generate(model, ids, SampleSettings(length=2000, seed=4))[0]
+    assert generate(model, ids, SampleSettings(length=2000, seed=4),
+                    on_step=lambda step: seen.append(step[0]), keep=False) == []
+    assert seen == kept  # the same characters, streamed
+
+    def growth(length: int, keep: bool) -> int:
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        generate(model, ids, SampleSettings(length=length, seed=4), on_step=lambda s: None,
+                 keep=keep)
+        peak = tracemalloc.get_traced_memory()[1] - before
+        tracemalloc.stop()
+        return peak
+
+    assert growth(20_000, keep=False) < growth(10, keep=False) + 64 * 1024
+    assert growth(20_000, keep=True) > 1 << 20  # what keeping them costs

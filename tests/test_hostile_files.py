@@ -172,15 +172,15 @@ MODEL_EDITS = [
      "checkpoint's model config has unknown keys ['heads']; it was written by a newer charlm: "
      "upgrade charlm to load it"),
     ("config-hidden-a-string", _set("model_config.hidden", "16"),
-     "checkpoint's model config is invalid: hidden must be an integer >= 1, got '16'"),
+     "checkpoint's model config is invalid: hidden must be an integer in [1, 16777216], got '16'"),
     ("config-hidden-a-bool", _set("model_config.hidden", True),
-     "checkpoint's model config is invalid: hidden must be an integer >= 1, got True"),
+     "checkpoint's model config is invalid: hidden must be an integer in [1, 16777216], got True"),
     ("config-unknown-cell", _set("model_config.cell", "transformer"),
      "checkpoint's model config is invalid: cell must be one of rnn, gru, lstm; got 'transformer'"),
     ("config-dropout-one", _set("model_config.dropout", 1.0),
      "checkpoint's model config is invalid: dropout must be in [0, 1), got 1.0"),
     ("config-vocab-size-zero", _set("model_config.vocab_size", 0),
-     "checkpoint's model config is invalid: vocab_size must be an integer >= 1, got 0"),
+     "checkpoint's model config is invalid: vocab_size must be an integer in [1, 1114113], got 0"),
 ]
 
 
@@ -217,7 +217,7 @@ CLI_EDITS = {
                       "says {V}; the file is damaged"),
     "config-hidden-a-string": (_set("model_config.hidden", "16"),
                                "checkpoint's model config is invalid: hidden must be an integer "
-                               ">= 1, got '16'"),
+                               "in [1, 16777216], got '16'"),
     "train-config-hidden-a-string": (_set("train_config.hidden", "16"),
                                      "{path}: its 'train_config' entry has hidden = '16', of the "
                                      f"wrong type; {DAMAGED}"),

@@ -208,6 +208,27 @@ def test_metrics_without_curve_rows(tmp_path):
     )
 
 
+@needs_matplotlib
+def test_damaged_rows_are_skipped_with_one_warning(runs, tmp_path):
+    """Rows that are not JSON, not a row, or whose step, time or perplexity is not a number are
+    skipped with one warning; the last line of a live run, not yet complete, quietly."""
+    run = tmp_path / "damaged"
+    run.mkdir()
+    good = (runs["a"] / "metrics.jsonl").read_bytes().splitlines(keepends=True)
+    damaged = [b"not json\n", b"[1, 2]\n", b'{"kind": "train", "step": "x", "ppl": 3}\n',
+               b'{"kind": "val", "step": 5, "time": 1, "ppl": "NaN"}\n', b"\xff\xfe\n",
+               b'{"kind": "train", "step": 3, "time": 1, "ppl": 1e400}\n', b"42\n"]
+    mixed = [line for pair in zip(good, damaged + [b""] * len(good)) for line in pair]
+    (run / "metrics.jsonl").write_bytes(b"".join(mixed) + b'{"kind": "tra')
+    result = invoke(str(run))
+    assert result.exit_code == 0, result.output
+    assert result.stderr == (f"charlm: warning: skipped 7 damaged rows of "
+                             f"{run / 'metrics.jsonl'}\n")
+    assert png_size(run / "curves.png") == (WIDTH, HEIGHT)
+    want, got = plot.read_curves(runs["a"], "a"), plot.read_curves(run, "a")
+    assert (got.train, got.val) == (want.train, want.val) and want.train and want.val
+
+
 def test_out_must_be_png_in_an_existing_directory(runs, tmp_path):
     result = invoke(str(runs["a"]), "--out", "curves.jpg")
     assert result.exit_code == 2

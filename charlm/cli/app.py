@@ -7,8 +7,10 @@ command raises into one line on stderr and an exit code (`main`, `handle_errors`
 
 from __future__ import annotations
 
+import codecs
 import functools
 import importlib
+import io
 import os
 import re
 import signal
@@ -140,6 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     exit 130.
     """
     args = sys.argv[1:] if argv is None else list(argv)
+    _names_as_bytes()
     previous = _sigterm_as_interrupt()
     code = 0
     try:
@@ -151,6 +154,24 @@ def main(argv: list[str] | None = None) -> None:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         _end_rank(code)
+
+
+def _bytes_or_escape(exc: UnicodeError):
+    """A file name's undecodable bytes (U+DC80..U+DCFF, as Python reads names and arguments)
+    are written back as those bytes; anything else that cannot be encoded, as an escape."""
+    try:
+        return codecs.lookup_error("surrogateescape")(exc)
+    except UnicodeError:
+        return codecs.backslashreplace_errors(exc)
+
+
+def _names_as_bytes() -> None:
+    """stdout and stderr print any file name, whatever its encoding (a name that is not UTF-8
+    would otherwise raise UnicodeEncodeError the moment a path is printed)."""
+    codecs.register_error("charlm-names", _bytes_or_escape)
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="charlm-names")
 
 
 def _end_rank(code) -> None:

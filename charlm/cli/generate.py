@@ -19,7 +19,7 @@ def generate(
     prefix: Optional[str] = typer.Option(None, "--prefix", "-p", help="Text to continue (warms up the state). Default: none, start from a neutral state."),
     prefix_file: Optional[Path] = typer.Option(None, "--prefix-file", help="Read the prefix from this UTF-8 file (verbatim, newlines included)."),
     length: int = typer.Option(200, "--length", "-n", help="Characters to draw after the prefix."),
-    temperature: float = typer.Option(1.0, "--temperature", help="Divide the logits by this (< 1: safer, > 1: wilder)."),
+    temperature: float = typer.Option(1.0, "--temperature", help="Divide the logits by this (< 1: safer, > 1: wilder; below 1e-8 it is --greedy)."),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Draw only among the K likeliest characters."),
     top_p: float = typer.Option(1.0, "--top-p", help="Draw only among the smallest set of characters holding this much probability (nucleus)."),
     greedy: bool = typer.Option(False, "--greedy", help="Always take the likeliest character (d2l's predict_ch8); ignores temperature, top-k, top-p and seed."),
@@ -80,7 +80,7 @@ def generate(
         out.flush()
 
     try:
-        drawn = draw(loaded.model, ids, settings, on_step=on_step)
+        drawn = draw(loaded.model, ids, settings, on_step=on_step, keep=not stream)
         samples = [vocab.decode(row) for row in drawn]
         if json_out:
             payload = {"prefix": text, "samples": samples, "settings": settings.to_dict(),

@@ -13,6 +13,8 @@ the command, with the Agg canvas (no display, no pyplot global state).
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -20,7 +22,7 @@ from typing import Optional
 import typer
 
 from charlm.training import rundir
-from charlm.errors import CharlmError, UsageError
+from charlm.errors import CharlmError, UsageError, warn
 
 MISSING_MATPLOTLIB = "charlm plot needs matplotlib: pip install 'charlm[plot]'"
 
@@ -63,30 +65,64 @@ def resolve_runs(targets: list[Path] | None) -> list[Path]:
 
 
 def _names(runs: list[Path]) -> list[str]:
-    """Directory names; parent/name where two runs share a name."""
-    names = [r.resolve().name for r in runs]
+    """Directory names; parent/name where two runs share a name. A name's bytes that are not
+    UTF-8 show as U+FFFD (the figure's fonts draw text, not bytes)."""
+    def shown(name: str) -> str:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+    names = [shown(r.resolve().name) for r in runs]
     return [
-        f"{r.resolve().parent.name}/{n}" if names.count(n) > 1 else n for r, n in zip(runs, names)
+        f"{shown(r.resolve().parent.name)}/{n}" if names.count(n) > 1 else n
+        for r, n in zip(runs, names)
     ]
 
 
 def read_curves(run: Path, name: str) -> Curves:
+    """The train and val curves of a run's metrics.jsonl. Damaged rows (not JSON, not a row, a
+    step, time or perplexity that is not a number) are skipped with one warning; a last line
+    still being written (no newline yet, the run is live) is skipped quietly."""
     path = run / "metrics.jsonl"
     if not path.is_file():
         raise CharlmError(f"{run} has no metrics.jsonl; is it a charlm run directory?")
-    curves = Curves(name)
-    for row in rundir.read_metrics(path):
-        kind, ppl = row.get("kind"), row.get("ppl")
-        if kind not in ("train", "val") or not isinstance(ppl, (int, float)):
-            continue  # summary rows, and validations that had no finite loss
-        point = (int(row.get("step", 0)), float(row.get("time", 0.0)), float(ppl))
-        (curves.train if kind == "train" else curves.val).append(point)
+    try:
+        lines = path.read_bytes().decode("utf-8", "replace").split("\n")[:-1]
+    except OSError as exc:
+        raise CharlmError(f"cannot read {path}: {exc.strerror}") from None
+    curves, damaged = Curves(name), 0
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            point = _curve_point(json.loads(line))
+        except ValueError:  # not JSON, or not a row of ours
+            damaged += 1
+            continue
+        if point is not None:
+            (curves.train if point[0] == "train" else curves.val).append(point[1:])
+    if damaged:
+        warn(f"skipped {damaged} damaged row{'s' if damaged > 1 else ''} of {path}")
     if not curves.train and not curves.val:
         raise CharlmError(
             f"{path} holds no train or validation rows yet; let the run log at least once "
             "(every --log-every steps)"
         )
     return curves
+
+
+def _curve_point(row) -> tuple | None:
+    """(kind, step, time, ppl) of a train or val row; None for other rows (the summary, an
+    evaluation without a finite loss); ValueError for a damaged one."""
+    if not isinstance(row, dict):
+        raise ValueError("not a row")
+    kind, ppl = row.get("kind"), row.get("ppl")
+    if kind not in ("train", "val") or (kind == "val" and ppl is None):
+        return None
+    step, seconds = row.get("step", 0), row.get("time", 0.0)
+    numbers = (step, seconds, ppl)
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers) or not (
+            isinstance(step, int) and step >= 0 and all(math.isfinite(v) for v in numbers)):
+        raise ValueError("not a curve point")
+    return kind, step, float(seconds), float(ppl)
 
 
 def render(curves: list[Curves], out: Path, log_y: bool = False) -> Path:

@@ -19,6 +19,7 @@ import hashlib
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -70,9 +71,11 @@ def _build(cc: str) -> Path:
         [src, " ".join(FLAGS).encode(), version.encode(), platform.machine().encode(), _cpu_id().encode()]
     )).hexdigest()[:16]
     out = kernel_dir() / f"fastgru-{key}.so"
+    out.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _check_trusted(out.parent, folder=True)
     if out.is_file():
+        _check_trusted(out)
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".fastgru-", suffix=".so", dir=out.parent)
     os.close(fd)
     try:
@@ -80,11 +83,27 @@ def _build(cc: str) -> Path:
                               capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             raise RuntimeError(f"{cc} failed: {done.stderr.strip().splitlines()[-1:] or ['?']}")
+        os.chmod(tmp, 0o755)  # whatever the umask: never writable by others (see _check_trusted)
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return out
+
+
+class Untrusted(Exception):
+    """A cached library (or its folder) someone else could have written: never loaded."""
+
+
+def _check_trusted(path: Path, folder: bool = False) -> None:
+    """Loading a library runs its code: it must be the user's own (or root's) and writable by
+    no one else, and so must its folder, unless the folder is sticky like /tmp (then others
+    cannot replace what is yours)."""
+    st = os.stat(path)
+    if st.st_uid not in (os.getuid(), 0):
+        raise Untrusted(f"{path} belongs to uid {st.st_uid}, not to you")
+    if st.st_mode & 0o022 and not (folder and st.st_mode & stat.S_ISVTX):
+        raise Untrusted(f"{path} is writable by other users")
 
 
 def _load():
@@ -102,6 +121,8 @@ def _load():
         lib = ctypes.CDLL(str(_build(cc)))
         if lib.charlm_gru_abi() != ABI:
             return None, "stale kernel in the cache"
+    except Untrusted as e:
+        return None, f"not loaded: {e}"
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         return None, f"build failed: {e}"
     P, I64 = ctypes.c_void_p, ctypes.c_int64

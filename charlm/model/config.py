@@ -24,14 +24,21 @@ def _rule(**kw) -> dict:
     return {"rule": Rule(**kw)}
 
 
+# Upper bounds keep every size torch is asked for within int64 (a model that large is refused as
+# "out of memory", not with an overflow deep in C++); no real model comes near them.
+MAX_WIDTH = 2**24
+MAX_LAYERS = 1024
+MAX_VOCAB = 0x110000 + 1  # every Unicode code point, and <unk>
+
+
 @dataclass
 class ModelConfig:
-    vocab_size: int = field(metadata=_rule(kind=int, low=1))
+    vocab_size: int = field(metadata=_rule(kind=int, low=1, high=MAX_VOCAB))
     cell: str = field(default="gru", metadata=_rule(choices=CELLS))
-    hidden: int = field(default=256, metadata=_rule(kind=int, low=1))
-    layers: int = field(default=1, metadata=_rule(kind=int, low=1))
+    hidden: int = field(default=256, metadata=_rule(kind=int, low=1, high=MAX_WIDTH))
+    layers: int = field(default=1, metadata=_rule(kind=int, low=1, high=MAX_LAYERS))
     # 0: one-hot inputs, exactly as in d2l
-    embed: int = field(default=0, metadata=_rule(kind=int, low=0))
+    embed: int = field(default=0, metadata=_rule(kind=int, low=0, high=MAX_WIDTH))
     # between recurrent layers and before the output layer
     dropout: float = field(default=0.0, metadata=_rule(kind=float, low=0, high=1, high_open=True))
     nonlinearity: str = field(default="tanh", metadata=_rule(choices=NONLINEARITIES))  # rnn only

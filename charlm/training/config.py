@@ -18,6 +18,7 @@ for reading. No torch here: `charlm train --help` imports this module.
 from __future__ import annotations
 
 import math
+import os
 import re
 import tomllib
 import types
@@ -265,11 +266,18 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a TOML config into a flat {key: value} dict, rejecting unknown keys and wrong types."""
     path = Path(path)
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        with open(path, "rb") as fh:  # at most a MiB: <(...) works, /dev/zero cannot hang us
+            data = fh.read((1 << 20) + 1)
+        if len(data) > 1 << 20:
+            raise UsageError(f"config file {path} is larger than 1 MiB; a config file is a few "
+                             "lines of TOML")
+        raw = tomllib.loads(data.decode("utf-8"))
     except FileNotFoundError:
         raise UsageError(f"config file {path} does not exist") from None
     except IsADirectoryError:
         raise UsageError(f"config file {path} is a directory, not a TOML file") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read config file {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
         raise UsageError(f"config file {path} is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
@@ -357,10 +365,20 @@ def to_toml(values: dict[str, Any], header: str = "") -> str:
     import tomli_w
 
     tables: dict[str, dict[str, Any]] = {}
+    notes = ""
     for key, value in values.items():
-        if value is not None:
-            tables.setdefault(OPTIONS[key].panel.lower(), {})[key] = value
-    return header + tomli_w.dumps(tables)
+        if value is None:
+            continue
+        try:  # a file name in another encoding: TOML holds only UTF-8, the command line more
+            for item in value if isinstance(value, list) else [value]:
+                str(item).encode("utf-8")
+        except UnicodeEncodeError:
+            shown = [os.fsencode(v) for v in value] if isinstance(value, list) else os.fsencode(value)
+            notes += (f"# {key}: {shown!r} is not UTF-8, which TOML cannot hold; give it on "
+                      "the command line\n")
+            continue
+        tables.setdefault(OPTIONS[key].panel.lower(), {})[key] = value
+    return header + notes + tomli_w.dumps(tables)
 
 
 def options_markdown() -> str:

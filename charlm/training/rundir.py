@@ -275,9 +275,10 @@ def read_metrics(path: Path) -> list[dict]:
 def latest_run(root: Path | None = None) -> Path | None:
     """The run directory `runs/latest` names, if it still exists."""
     pointer = (root if root is not None else runs_root()) / "latest"
-    try:
-        named = pointer.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError):
+    try:  # a path in the file system's own bytes (any encoding), and never more than a path
+        with open(pointer, "rb") as fh:
+            named = os.fsdecode(fh.read(1 << 16).strip())
+    except (OSError, ValueError):
         return None
     if not named:
         return None
@@ -289,4 +290,4 @@ def point_latest(run_dir: Path) -> None:
     root = runs_root()
     root.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(root, min_age=60.0)
-    write_text_atomic(root / "latest", str(run_dir.resolve()) + "\n")
+    atomic_write(root / "latest", lambda fh: fh.write(os.fsencode(run_dir.resolve()) + b"\n"))
