@@ -72,6 +72,19 @@ def test_sighup_saves_and_says_how_to_resume_like_sigterm(corpus, tmp_path):
     assert soak.metrics_steps(run)[-1] == step
 
 
+def test_under_nohup_sighup_stays_ignored(corpus, tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "charlm", *soak.train_args(corpus, run, 40, SEED)],
+        env=soak.env_for(tmp_path / "runs"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    wait_for_rows(proc, run)
+    proc.send_signal(signal.SIGHUP)
+    out, err = stopped(proc, timeout=180)
+    assert (proc.returncode, err) == (0, "")
+    assert load_checkpoint(run / "last.pt")["step"] == 40
+
+
 # --- stops during an evaluation or a sample ---------------------------------------------------------
 
 

@@ -194,10 +194,12 @@ def _raise_interrupt(signum, frame) -> None:
 
 
 def _sigterm_as_interrupt() -> dict:
-    """SIGTERM and SIGHUP raise KeyboardInterrupt; returns the handlers they had."""
+    """SIGTERM and SIGHUP (unless ignored, as under nohup) raise KeyboardInterrupt; returns the
+    handlers they had."""
     if threading.current_thread() is not threading.main_thread():
         return {}
-    return {s: signal.signal(s, _raise_interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
+    return {s: signal.signal(s, _raise_interrupt) for s in (signal.SIGTERM, signal.SIGHUP)
+            if not (s == signal.SIGHUP and signal.getsignal(s) is signal.SIG_IGN)}  # nohup
 
 
 def _out_of_memory(exc: BaseException) -> str | None:

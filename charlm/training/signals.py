@@ -8,7 +8,8 @@
                     Abandoned at once, so a long sample does not keep the user waiting
     second signal   KeyboardInterrupt at once: the step is torn, so nothing is saved
 
-SIGHUP is the terminal closing: the run is saved as on Ctrl-C, not lost.
+SIGHUP is the terminal closing: the run is saved as on Ctrl-C, not lost; under `nohup` (SIGHUP
+ignored) it stays ignored.
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ class StopRequests:
 def stop_requests(requests: StopRequests):
     """While inside, SIGINT/SIGTERM/SIGHUP ask the loop to stop after the current step (their
     name is appended to `requests.stop_signal`); a second one stops at once (KeyboardInterrupt)."""
-    old = {s: signal.signal(s, requests.on_signal) for s in STOP_SIGNALS}
+    old = {s: signal.signal(s, requests.on_signal) for s in STOP_SIGNALS
+           if not (s == signal.SIGHUP and signal.getsignal(s) is signal.SIG_IGN)}  # nohup
     try:
         yield requests
     finally:
