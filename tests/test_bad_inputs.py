@@ -180,6 +180,9 @@ CASES = [
          "UTF-8 text file"),
     Case("data-add-dev-zero", ("data", "add", "timemachine", "/dev/zero"), 1,
          "/dev/zero is not a file; give the path of your copy of timemachine.txt"),
+    Case("data-dir-is-a-file", ("train", *FAST, "--corpus", "timemachine", "--data-dir",
+                                "afile", "--out", "new"), 1,
+         "cannot create the cache folder afile: File exists"),
     Case("config-dev-zero", train("--config", "/dev/zero"), 2,
          "config file /dev/zero is larger than 1 MiB; a config file is a few lines of TOML"),
     # numbers at their extremes, typed or in a config file: exit 2, never an overflow in C++

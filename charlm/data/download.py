@@ -109,7 +109,7 @@ def _exclusive(dest: Path):
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
         except OSError as exc:
-            raise DownloadError(f"cannot write in {lock.parent}: {exc.strerror}") from None
+            raise CharlmError(f"cannot write in {lock.parent}: {exc.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -156,13 +156,14 @@ def download(
     (0: none); an unknown host, a TLS failure, another HTTP error, a bad redirect, a body over
     `size` bytes (the file's known size; else MAX_BYTES), a pace under `min_rate` bytes/s over
     `rate_window` seconds (0: any pace) or a checksum mismatch moves on to the next URL at once.
-    `timeout` is (connect, read) in seconds. Raises DownloadError.
+    `timeout` is (connect, read) in seconds. Raises DownloadError, or CharlmError for a cache
+    folder that cannot be written (no other URL would help, nor the python-docs fallback).
     """
     dest = Path(dest)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise DownloadError(f"cannot create the cache folder {dest.parent}: {exc.strerror}") from None
+        raise CharlmError(f"cannot create the cache folder {dest.parent}: {exc.strerror}") from None
     show = progress and sys.stderr.isatty()
     with _exclusive(dest):
         if dest.is_file() and checksum_mismatch(dest, sha1=sha1, sha256=sha256) is None:
@@ -209,8 +210,8 @@ def _download(urls, dest, sha1, sha256, size, timeout, deadline, min_rate, rate_
                     time.sleep(pause)
                 except OSError as exc:  # our own disk, not the network: no other URL helps
                     part.unlink(missing_ok=True)
-                    raise DownloadError(f"could not download {dest.name}: cannot write "
-                                        f"{exc.filename or part}: {exc.strerror or exc}") from None
+                    raise CharlmError(f"could not download {dest.name}: cannot write "
+                                      f"{exc.filename or part}: {exc.strerror or exc}") from None
     if part.exists() and part.stat().st_size == 0:
         part.unlink()
     raise DownloadError(f"could not download {dest.name}: " + ("; ".join(failures) or "no URL given"))

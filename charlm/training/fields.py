@@ -52,14 +52,14 @@ def _is_number(value: Any) -> bool:
 
 def check_tensors(data: Any, path: Path | str) -> None:
     """Step 1: every tensor in `data` (walked without recursion) has the elements it declares."""
-    todo, seen = [((), data)], 0
+    nested = (dict, list, tuple, torch.Tensor)  # what may hold a tensor or be one
+    todo = [((), data)]
     while todo:
         where, value = todo.pop()
-        seen += 1
         if isinstance(value, dict):
-            todo += [((*where, str(k)), v) for k, v in value.items()]
-        elif isinstance(value, (list, tuple)):
-            todo += [((*where, str(i)), v) for i, v in enumerate(value)]
+            todo += [((*where, str(k)), v) for k, v in value.items() if isinstance(v, nested)]
+        elif isinstance(value, (list, tuple)):  # (a vocabulary's strings are skipped at once)
+            todo += [((*where, str(i)), v) for i, v in enumerate(value) if isinstance(v, nested)]
         elif isinstance(value, torch.Tensor):
             problem = tensor_problem(value)
             if problem:
