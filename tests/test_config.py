@@ -122,9 +122,9 @@ def test_choices_ignore_case(value):
 def test_values_are_checked_with_one_wording_from_a_file_or_the_command_line(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text("[model]\nhidden = 0\n", encoding="utf-8")
-    with pytest.raises(UsageError, match=r"^hidden must be an integer in [1, 16777216], got 0$"):
+    with pytest.raises(UsageError, match=r"^hidden must be an integer in \[1, 16777216\], got 0$"):
         build_config(load_config_file(path), {})
-    with pytest.raises(UsageError, match=r"^hidden must be an integer in [1, 16777216], got 0$"):
+    with pytest.raises(UsageError, match=r"^hidden must be an integer in \[1, 16777216\], got 0$"):
         build_config({}, {"hidden": 0})
     result = invoke("train", "--hidden", "0", "--out", str(tmp_path / "r"))
     assert (result.exit_code, result.stderr) == (

@@ -374,7 +374,8 @@ class Trainer:
                "bpc": val / math.log(2) if math.isfinite(val) else None}
         metrics.write(row)
         if g.is_main:
-            with open(self.run_dir / "samples.txt", "a", encoding="utf-8", errors="backslashreplace") as fh:
+            with open(self.run_dir / "samples.txt", "a", encoding="utf-8",
+                      errors="backslashreplace") as fh:  # a prompt's bytes need not be UTF-8
                 fh.write(f"--- step {loop.step}\n{sample}\n")
         self.display.evaluation(row, sample, improved)
         if g.broadcast(improved or not (self.run_dir / "best.pt").exists()):  # rank 0 decides
