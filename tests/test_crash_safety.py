@@ -355,3 +355,19 @@ def test_a_real_full_disk_is_one_line_and_keeps_the_last_good_checkpoint(
     assert (run / "last.pt").read_bytes() == before
     assert load_checkpoint(run / "last.pt")["step"] == 4
     assert soak.check_run_dir(run).temps == []
+
+
+def test_a_damaged_metrics_file_does_not_stop_a_resume(corpus, tmp_path, monkeypatch):
+    """metrics.jsonl is cut back to the checkpoint's step on resume: bytes that are not UTF-8,
+    rows that are not objects, a step that is not a number are dropped, not a crash."""
+    from helpers import run_main
+
+    monkeypatch.setenv("CHARLM_RUNS_DIR", str(tmp_path / "runs"))
+    run = tmp_path / "run"
+    assert run_main(soak.train_args(corpus, run, 4, SEED))[0] == 0
+    good = (run / "metrics.jsonl").read_bytes()
+    (run / "metrics.jsonl").write_bytes(
+        good + b'\xff\xfe garbage\n[1, 2]\n42\n{"kind": "train", "step": "x"}\n')
+    assert run_main(["train", "--resume", str(run), "--max-steps", "6", "-q"])[0] == 0
+    assert soak.metrics_steps(run) == [1, 2, 3, 4, 5, 6]
+    assert b"garbage" not in (run / "metrics.jsonl").read_bytes()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import math
 import os
 import re
 import secrets
@@ -234,7 +235,7 @@ class MetricsLog:
     def __init__(self, path: Path, keep_until_step: int | None = None):
         self.path = path
         if keep_until_step is not None and path.exists():
-            rows = [r for r in read_metrics(path) if r.get("step", 0) <= keep_until_step]
+            rows = [r for r in read_metrics(path) if _step_of(r) <= keep_until_step]
             write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
         self.fh = open(path, "a", encoding="utf-8")
 
@@ -250,6 +251,11 @@ class MetricsLog:
         self.fh.close()
 
 
+def _step_of(row: dict) -> float:
+    step = row.get("step", 0)
+    return step if isinstance(step, (int, float)) and not isinstance(step, bool) else math.inf
+
+
 def open_run(stack: ExitStack, run_dir: Path, config_toml: str, resumed_at: int | None) -> MetricsLog:
     """Make (or, resuming, reuse) a run directory and hold it for the life of `stack`: the lock,
     config.toml, the `latest` pointer, and metrics.jsonl (cut back to `resumed_at` on resume)."""
@@ -262,13 +268,16 @@ def open_run(stack: ExitStack, run_dir: Path, config_toml: str, resumed_at: int 
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """Rows of a metrics.jsonl; a torn last line (a crash mid-write) is skipped."""
+    """Rows of a metrics.jsonl; a torn last line (a crash mid-write), or any line that is not a
+    JSON object (a damaged or edited file), is skipped."""
     rows = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    for line in Path(path).read_bytes().decode("utf-8", "replace").splitlines():
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
+            row = json.loads(line)
+        except ValueError:
             continue
+        if isinstance(row, dict):
+            rows.append(row)
     return rows
 
 
