@@ -105,9 +105,6 @@ class Trainer:
     def _parts(self, ckpt: dict | None):
         """The model (a checkpoint's, on resume), optimizer, schedule, batches and loss scaler."""
         cfg, g = self.cfg, self.group
-        if ckpt and (change := corpus_changed(ckpt.get("corpus"), self.data)):
-            raise CharlmError(f"{self.where}: the corpus is not the text this run was trained "
-                              f"on ({change}); resume with the same text")
         # --impl auto resolves per device and cell; the checkpoint records the concrete choice,
         # and a resumed run uses the impl given now (parameters are laid out alike in all).
         impl = resolve_impl(cfg.impl, cfg.cell, self.device.type, cfg.gru_reset)
@@ -116,8 +113,11 @@ class Trainer:
         random.seed(cfg.seed)
         if ckpt is None:
             model = CharLM(wanted).to(self.device)
-        else:
+        else:  # the file checked first (a damaged vocabulary also changes the tokens' digest)
             model = model_from_checkpoint(ckpt, self.where, impl, self.device, wanted).model.train()
+            if change := corpus_changed(ckpt.get("corpus"), self.data):
+                raise CharlmError(f"{self.where}: the corpus is not the text this run was "
+                                  f"trained on ({change}); resume with the same text")
         if g.rank:  # the same weights on every rank, but other dropout masks
             torch.manual_seed((cfg.seed + 0x9E3779B97F4A7C15 * g.rank) % 2**63)
         optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay)
