@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 from dataclasses import dataclass, field
 
 
@@ -153,7 +154,7 @@ def model_card(facts: CardFacts) -> str:
         parts.append(
             "Exact figures on the held-out validation split: one stream over every character, "
             "each predicted from all of the text before it (the hidden state carried), as "
-            f"`charlm eval perplexity --checkpoint {name}` prints them.\n\n"
+            f"`charlm eval perplexity --checkpoint {shlex.quote(name)}` prints them.\n\n"
             "| split | characters | perplexity | bits / char | nats / char | `<unk>` share |\n"
             "|---|---|---|---|---|---|\n"
             f"| validation | {ev['characters']:,} | {ev['perplexity']:.4f} | "
@@ -161,11 +162,11 @@ def model_card(facts: CardFacts) -> str:
     else:
         parts.append("Not measured when this folder was made"
                      + "".join(f": {n}" for n in facts.notes[:1]) + ". Measure it on a text with "
-                     f"`charlm eval perplexity --checkpoint {name} --text FILE`.\n")
-    command = (f"charlm generate --checkpoint {name} --prefix {json.dumps(facts.prefix)} "
+                     f"`charlm eval perplexity --checkpoint {shlex.quote(name)} --text FILE`.\n")
+    command = (f"charlm generate --checkpoint {shlex.quote(name)} --prefix {shlex.quote(facts.prefix)} "
                f"--length {facts.sample_length} --seed {facts.seed} --device cpu"
                if facts.prefix else
-               f"charlm generate --checkpoint {name} --length {facts.sample_length} --seed "
+               f"charlm generate --checkpoint {shlex.quote(name)} --length {facts.sample_length} --seed "
                f"{facts.seed} --device cpu")
     fence = "````" if "```" in facts.sample else "```"
     parts.append(
@@ -179,9 +180,9 @@ def model_card(facts: CardFacts) -> str:
     usage = (
         "## How to use\n\n"
         f"With charlm installed, this folder goes wherever a checkpoint does:\n\n```bash\n"
-        f"charlm generate --checkpoint {name} --prefix \"...\" --length 500 --temperature 0.8\n"
-        f"charlm generate --checkpoint {name} --prefix \"...\" --beam 5   # beam search\n"
-        f"charlm eval perplexity --checkpoint {name} --text FILE\n```\n\n"
+        f"charlm generate --checkpoint {shlex.quote(name)} --prefix \"...\" --length 500 --temperature 0.8\n"
+        f"charlm generate --checkpoint {shlex.quote(name)} --prefix \"...\" --beam 5   # beam search\n"
+        f"charlm eval perplexity --checkpoint {shlex.quote(name)} --text FILE\n```\n\n"
         "Without charlm: `config.json` holds the model's sizes (`model`), the vocabulary "
         "(`vocab.tokens`, index 0 is `<unk>`) and the preprocessing to apply to a prompt "
         f"(`{config['preprocessing']}`); `model.safetensors` holds the weights, named and laid "
@@ -199,7 +200,7 @@ def model_card(facts: CardFacts) -> str:
             f"outputs {', '.join(f'`{n}`' for n in onnx.get('outputs', []))} (the next "
             "character's logits `(batch, vocab)`; the state to feed back). charlm's "
             "`scripts/onnx_generate.py` samples text with onnxruntime and the standard library "
-            f"alone:\n\n```bash\npython scripts/onnx_generate.py {name} --prefix \"...\" "
+            f"alone:\n\n```bash\npython scripts/onnx_generate.py {shlex.quote(name)} --prefix \"...\" "
             "--length 300\n```\n")
     parts.append(usage)
     files = [("config.json", "the model's sizes, vocabulary, preprocessing, training and "

@@ -251,13 +251,14 @@ class Loaded:
     device: torch.device
 
 
-def load_model(target: str | Path | None, impl: str | None, device_spec: str) -> Loaded:
+def load_model(target: str | Path | None, impl: str | None, device_spec: str,
+               how_to_name: str = "pass --checkpoint PATH") -> Loaded:
     """The checkpoint at `target` (None: the latest run's best.pt) or the model folder `charlm
     export` wrote, its model rebuilt and checked (`charlm.model.loading.model_from_checkpoint`);
     `impl` None keeps a checkpoint's own, and picks `auto`'s choice for a folder (which records
     none: its weights run in any implementation)."""
     device = select_device(device_spec)
-    path = find_checkpoint(target, exported=True)
+    path = find_checkpoint(target, how_to_name=how_to_name, exported=True)
     if path.is_dir():
         ckpt = read_model_folder(path)
         _check_train_config(ckpt["train_config"], path / CONFIG)

@@ -34,7 +34,7 @@ from charlm.sample import SampleSettings, generate
 from charlm.training.card import CardFacts, model_card
 from charlm.training.checkpoint import Loaded, load_model
 from charlm.training.rundir import atomic_write
-from charlm.training.splits import run_split
+from charlm.training.splits import run_data
 
 FORMATS = ("safetensors", "onnx")
 ONNX_CHECK_STEPS = 64  # characters run through onnxruntime and torch before the folder is kept
@@ -72,7 +72,8 @@ def export_model(target: str | None, out: Path, fmt: str = "safetensors", device
         require_extra()
     out = Path(out)
     replacing = _check_out(out, force)
-    cpu = load_model(target, "auto", "cpu")  # the model as the folder gives it on a CPU
+    # the model as the folder will give it on a CPU
+    cpu = load_model(target, "auto", "cpu", how_to_name="name one: charlm export RUN_DIR --out DIR")
     say(f"exporting {cpu.path}: {_describe(cpu)}")
     staging = out.with_name(f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
@@ -159,8 +160,9 @@ def _write(cpu: Loaded, staging: Path, name: str, fmt: str, device: str, prefix:
         atomic_write(staging / file, lambda fh, data=data: fh.write(data))
     _check_round_trip(staging, cpu)
 
-    evaluation, notes = _evaluate(cpu, device, say)
-    text_prefix = _sample_prefix(ckpt, cpu.preprocessing, prefix)
+    evaluation, notes, run_prefix = _evaluate(cpu, device, say)
+    text_prefix = (run_prefix if prefix is None and run_prefix is not None
+                   else _sample_prefix(ckpt, cpu.preprocessing, prefix))
     settings = SampleSettings(length=sample_length, seed=seed)
     ids = cpu.vocab.encode(text_prefix).tolist()
     sample = text_prefix + cpu.vocab.decode(generate(model, ids, settings)[0])
@@ -202,23 +204,26 @@ def _check_tokens(ckpt: dict, cpu: Loaded, steps: int) -> list[int]:
     return ids[:steps]
 
 
-def _evaluate(cpu: Loaded, device: str, say: Callable[[str], None]) -> tuple[dict | None, list[str]]:
-    """`charlm eval perplexity`'s figures on the run's validation split, or why there are none."""
+def _evaluate(cpu: Loaded, device: str, say: Callable[[str], None]
+              ) -> tuple[dict | None, list[str], str | None]:
+    """`charlm eval perplexity`'s figures on the run's validation split, or why there are none;
+    and the run's own sample prompt, which its corpus (read for the split) gives."""
     same = select_device(device) == cpu.device
     loaded = cpu if same else load_model(cpu.path, "auto", device)
     try:
-        tokens = run_split(loaded, "val")
+        data = run_data(loaded, "val")
     except CharlmError as exc:
         note = f"no validation figures: {exc}"
         warn(note)
-        return None, [note]
-    if tokens.numel() < 2:
+        return None, [note], None
+    run_prefix = data.sample_prefix((cpu.ckpt.get("train_config") or {}).get("sample_prefix"))
+    if data.val.numel() < 2:
         note = "no validation figures: the validation split is shorter than 2 characters"
         warn(note)
-        return None, [note]
-    say(f"evaluating on the validation split ({tokens.numel() - 1:,} characters)")
-    result = perplexity_of(loaded.model, tokens)
-    return {"split": "val", **result.to_dict()}, []
+        return None, [note], run_prefix
+    say(f"evaluating on the validation split ({data.val.numel() - 1:,} characters)")
+    result = perplexity_of(loaded.model, data.val)
+    return {"split": "val", **result.to_dict()}, [], run_prefix
 
 
 def _sample_prefix(ckpt: dict, preprocessing: str, given: str | None) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from charlm.data.dataset import Dataset, load_dataset
 from charlm.errors import CharlmError
 from charlm.training.checkpoint import Loaded
 
@@ -16,7 +17,11 @@ FRACTION_OPTION = {"val": "--val-fraction", "test": "--test-fraction"}
 
 def run_split(loaded: Loaded, split: str) -> torch.Tensor:
     """Rebuild the run's splits from its train_config; the corpus must be the one trained on."""
-    from charlm.data.dataset import load_dataset
+    return getattr(run_data(loaded, split), split)
+
+
+def run_data(loaded: Loaded, split: str) -> Dataset:
+    """The run's dataset rebuilt, refused where `split` was not held out or the text changed."""
     from charlm.training.config import DATA, OPTIONS, build_config
 
     ckpt, path = loaded.ckpt, loaded.path
@@ -45,4 +50,4 @@ def run_split(loaded: Loaded, split: str) -> torch.Tensor:
             "the text changed since training, so its splits cannot be rebuilt: evaluate a file "
             "with --text FILE"
         )
-    return getattr(data, split)
+    return data
