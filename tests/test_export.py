@@ -332,8 +332,16 @@ def test_resume_refuses_an_exported_folder(exported):
         "from\n"))
 
 
-def test_out_must_be_new_empty_or_an_earlier_export_with_force(runs, exported, tmp_path):
+def test_out_must_be_new_empty_or_an_earlier_export_with_force(runs, exported, tmp_path,
+                                                               monkeypatch):
     run = str(runs["gru"])
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    assert run_main(["export", run, "--out", "."]) == (1, "", (
+        "charlm: error: --out . is the current folder or holds it; export into a new or empty "
+        "folder\n"))
+    (tmp_path / "here").rmdir()
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "file").write_text("x")
     assert run_main(["export", run, "--out", str(tmp_path / "file")]) == (1, "", (
         f"charlm: error: --out {tmp_path / 'file'} exists and is not a folder; choose another --out\n"))

@@ -72,14 +72,19 @@ def export_model(target: str | None, out: Path, fmt: str = "safetensors", device
         require_extra()
     out = Path(out)
     replacing = _check_out(out, force)
+    where = out.resolve()  # `--out .` or `x/..` have no name of their own
     # the model as the folder will give it on a CPU
     cpu = load_model(target, "auto", "cpu", how_to_name="name one: charlm export RUN_DIR --out DIR")
     say(f"exporting {cpu.path}: {_describe(cpu)}")
-    staging = out.with_name(f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    staging = where.with_name(f".{where.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        staging.mkdir(parents=True)
-        result = _write(cpu, staging, out.name, fmt, device, prefix, sample_length, seed, say)
-        _swap(staging, out, replacing)
+        staging.parent.mkdir(parents=True, exist_ok=True)
+        staging.mkdir()
+    except OSError as exc:
+        raise CharlmError(f"cannot create {out}: {exc.strerror or exc}; choose another --out") from None
+    try:
+        result = _write(cpu, staging, where.name, fmt, device, prefix, sample_length, seed, say)
+        _swap(staging, where, replacing)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -99,6 +104,9 @@ def _check_out(out: Path, force: bool) -> bool:
         raise CharlmError(f"--out {out} exists and is not a folder; choose another --out")
     if not out.is_dir():
         return False
+    if out.resolve() in (Path.cwd(), *Path.cwd().parents):
+        raise CharlmError(f"--out {out} is the current folder or holds it; export into a new or "
+                          "empty folder")
     names = sorted(p.name for p in out.iterdir())
     if not names:
         return False
