@@ -116,8 +116,14 @@ def test_a_missing_extra_is_one_line_before_any_work(tmp_path, monkeypatch):
     text.write_text("some text to train on " * 50)
     assert run_main(["train", "--text", str(text), "--tensorboard", "--out", str(tmp_path / "r")]) == (
         1, "", "charlm: error: --tensorboard needs the tensorboard package: install the "
-               "tensorboard extra with pip install 'charlm[tensorboard]'\n")
+               "tensorboard extra with pip install 'charlm[tensorboard]' (or log nothing: "
+               "--tensorboard off)\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["small.txt"]  # no run, no runs/
+    code, _, err = run_main(["train", "--text", str(text), "--tensorboard", "off", "--max-steps",
+                             "2", "--hidden", "8", "--batch-size", "2", "--num-steps", "8", "-q",
+                             "--out", str(tmp_path / "r")])
+    assert (code, err) == (0, "")
+    assert not (tmp_path / "r" / "tensorboard").exists() and not (tmp_path / "r" / "off").exists()
 
 
 @pytest.mark.parametrize("args, expected", [

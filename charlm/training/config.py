@@ -165,7 +165,8 @@ class TrainConfig:
     tensorboard: str | None = option(
         None, "Also log losses, perplexity, bits/char, learning rate, tokens/s, gradient norm and "
         "the samples for TensorBoard, in DIR (RUN_DIR/... is inside the run directory); alone: "
-        "RUN_DIR/tensorboard. Needs pip install 'charlm[tensorboard]'.", RUN, default_text="off",
+        "RUN_DIR/tensorboard; off: none (a resumed run logs where it logged). Needs pip install "
+        "'charlm[tensorboard]'.", RUN, default_text="off",
         bare="RUN_DIR/tensorboard")
 
     def to_dict(self) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from charlm.errors import CharlmError
 
 EXTRA = "tensorboard"
 RUN_DIR = "RUN_DIR"  # a value that starts with it names a folder inside the run directory
+OFF = "off"  # no logs: what a resumed run of a logging run passes to stop logging
 TRAIN = {"loss": "loss/train", "ppl": "perplexity/train", "lr": "learning_rate",
          "tokens_per_s": "tokens_per_s", "grad_norm": "grad_norm"}
 VAL = {"loss": "loss/val", "ppl": "perplexity/val", "bpc": "bits_per_char/val"}
@@ -30,9 +31,10 @@ VAL = {"loss": "loss/val", "ppl": "perplexity/val", "bpc": "bits_per_char/val"}
 
 def require(value: str | None) -> None:
     """Refuse --tensorboard, before anything is written, where the tensorboard package is not."""
-    if value is not None and importlib.util.find_spec("tensorboard") is None:
+    if value not in (None, OFF) and importlib.util.find_spec("tensorboard") is None:
         raise CharlmError(f"--tensorboard needs the tensorboard package: install the "
-                          f"{EXTRA} extra with pip install 'charlm[{EXTRA}]'")
+                          f"{EXTRA} extra with pip install 'charlm[{EXTRA}]' (or log nothing: "
+                          f"--tensorboard {OFF})")
 
 
 def log_dir(value: str, run_dir: Path) -> Path:
@@ -100,6 +102,6 @@ NO_BOARD = _NoBoard()
 def open_board(stack: ExitStack, value: str | None, run_dir: Path, resumed_at: int | None,
                config_toml: str) -> Board | _NoBoard:
     """The run's TensorBoard log for the life of `stack` (NO_BOARD without --tensorboard)."""
-    if value is None:
+    if value in (None, OFF):
         return NO_BOARD
     return stack.enter_context(closing(Board(log_dir(value, run_dir), resumed_at, config_toml)))
