@@ -102,9 +102,9 @@ eval_app = typer.Typer(
 
 
 def _register_commands() -> None:
-    from charlm.cli import data, eval, generate, plot, train
+    from charlm.cli import data, eval, export, generate, plot, train
 
-    app.command("train", no_args_is_help=False)(handle_errors(train.train))
+    app.command("train", no_args_is_help=False, cls=train.TrainCommand)(handle_errors(train.train))
     app.command("generate")(handle_errors(generate.generate))
     app.add_typer(eval_app, name="eval")
     eval_app.command("perplexity")(handle_errors(eval.eval_perplexity))
@@ -113,6 +113,7 @@ def _register_commands() -> None:
                           ("add", data.data_add), ("info", data.data_info)):
         data_app.command(name)(handle_errors(command))
     app.command("plot")(handle_errors(plot.plot_command))
+    app.command("export")(handle_errors(export.export))
 
 
 _register_commands()

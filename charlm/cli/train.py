@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from typer.core import TyperCommand
 
 from charlm.errors import CharlmError, UsageError
 from charlm.training.config import MODEL, OPTIONS, RUN, base_type, default_of
@@ -43,13 +44,34 @@ def options() -> list[inspect.Parameter]:
         help_text = meta.help
         if meta.rule is not None and not meta.choices and meta.rule.kind is not None:
             help_text = f"{help_text} ({meta.rule.describe()})"
+        metavar = f"[{'|'.join(meta.choices)}]" if meta.choices else None
+        if meta.bare is not None:
+            metavar = "[DIR]"
         info = typer.Option(
             default, *decls, help=help_text, rich_help_panel=meta.panel, show_default=shown,
-            metavar=f"[{'|'.join(meta.choices)}]" if meta.choices else None,
+            metavar=metavar,
         )
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=info,
                                         annotation=annotation))
     return params
+
+
+def bare_values(args: list[str]) -> list[str]:
+    """`--tensorboard` given without a value (last, or before another option) becomes
+    `--tensorboard=<its bare value>`: Click has no options whose value may be left out."""
+    bare = {flag(name): meta.bare for name, meta in OPTIONS.items() if meta.bare is not None}
+    out = list(args)
+    for i, arg in enumerate(args):
+        if arg == "--":
+            break
+        if arg in bare and (i + 1 == len(args) or args[i + 1].startswith("-")):
+            out[i] = f"{arg}={bare[arg]}"
+    return out
+
+
+class TrainCommand(TyperCommand):
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, bare_values(args))
 
 
 def typed(ctx: typer.Context, values: dict[str, Any]) -> dict[str, Any]:

@@ -47,6 +47,7 @@ class Option:
     fixed: bool = False  # a resumed run must keep the checkpoint's value
     short: str | None = None  # e.g. "-b"
     default_text: str | None = None  # what --help says for a default of None
+    bare: str | None = None  # the value of the option given alone (`--tensorboard`)
 
     @property
     def choices(self) -> tuple[str, ...]:
@@ -55,11 +56,12 @@ class Option:
 
 def option(default: Any, help: str, panel: str, *, rule: Rule | None = None, fixed: bool = False,
            short: str | None = None, default_text: str | None = None, model: bool = False,
-           choices: tuple[str, ...] = ()) -> Any:
+           choices: tuple[str, ...] = (), bare: str | None = None) -> Any:
     """A TrainConfig field. `model=True` takes the rule of ModelConfig's field of the same name
-    (filled in below, once the field's name is known); `choices` is shorthand for a Rule."""
+    (filled in below, once the field's name is known); `choices` is shorthand for a Rule; `bare`
+    lets the option be given without a value, meaning that one."""
     meta = Option(help, panel, Rule(choices=choices) if choices else rule, fixed, short,
-                  default_text)
+                  default_text, bare)
     kwargs = {"default_factory": list} if isinstance(default, list) else {"default": default}
     return field(metadata={"option": meta, "model_rule": model}, **kwargs)
 
@@ -160,6 +162,12 @@ class TrainConfig:
     sample_length: int = option(200, "Characters per sample.", RUN, rule=_int(1))
     out: str | None = option(None, "Run directory.", RUN, short="-o",
                              default_text="runs/<time>-<cell>-<corpus>")
+    tensorboard: str | None = option(
+        None, "Also log losses, perplexity, bits/char, learning rate, tokens/s, gradient norm and "
+        "the samples for TensorBoard, in DIR (RUN_DIR/... is inside the run directory); alone: "
+        "RUN_DIR/tensorboard; off: none (a resumed run logs where it logged). Needs pip install "
+        "'charlm[tensorboard]'.", RUN, default_text="off",
+        bare="RUN_DIR/tensorboard")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -175,7 +183,7 @@ def _options() -> dict[str, Option]:
         meta: Option = f.metadata["option"]
         if f.metadata["model_rule"]:
             meta = Option(meta.help, meta.panel, rule_of(ModelConfig, f.name), meta.fixed,
-                          meta.short, meta.default_text)
+                          meta.short, meta.default_text, meta.bare)
         found[f.name] = meta
     return found
 

@@ -29,7 +29,7 @@ from charlm.model.config import resolve_impl
 from charlm.model.lm import CharLM, State, count_parameters, detach_state
 from charlm.model.loading import model_from_checkpoint
 from charlm.sample import SampleSettings, generate
-from charlm.training import distributed, rundir
+from charlm.training import distributed, rundir, tensorboard
 from charlm.training.checkpoint import save_checkpoint
 from charlm.training.config import DATA, TrainConfig, model_config, to_toml
 from charlm.training.limits import Limits
@@ -73,6 +73,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, resume: dict | None = None,
                  display: TrainDisplay | None = None, group: distributed.Group | None = None):
         self.cfg = cfg
+        tensorboard.require(cfg.tensorboard)  # a missing extra is refused before any work
         self.group = g = group or distributed.current()
         self.display = display or TrainDisplay(enabled=False)
         ckpt = resume["ckpt"] if resume else None
@@ -90,6 +91,8 @@ class Trainer:
         self.stop_signal: list[str] = []  # a signal name once SIGINT/SIGTERM arrived
         self.agreed_stop: str | None = None  # the signal all ranks stop for
         self.step_hook = None  # called after every step with the trainer (tests, tools)
+        self.board = tensorboard.NO_BOARD  # rank 0's TensorBoard log with --tensorboard
+        self.grad_norm: torch.Tensor | None = None  # the last step's, when clipped or logged
         self.limits = Limits.of(cfg)
         if ckpt is not None:
             g.together(lambda: self.load_state_dict(ckpt))
@@ -199,8 +202,9 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
         else:
             loss.backward()
-        if self.cfg.clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip)
+        if self.cfg.clip > 0 or self.board.enabled:  # --clip 0: the norm alone (scaled by 1)
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                            self.cfg.clip or math.inf)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -233,7 +237,11 @@ class Trainer:
 
     def _open_run_dir(self, stack: ExitStack, resuming: bool) -> rundir.MetricsLog:
         config = to_toml(dict(self.cfg.to_dict(), out=str(self.run_dir)), CONFIG_HEADER)
-        return rundir.open_run(stack, self.run_dir, config, self.loop.step if resuming else None)
+        resumed_at = self.loop.step if resuming else None
+        metrics = rundir.open_run(stack, self.run_dir, config, resumed_at)
+        self.board = tensorboard.open_board(stack, self.cfg.tensorboard, self.run_dir, resumed_at,
+                                            config)
+        return metrics
 
     def _loop(self, metrics, resuming: bool) -> dict:
         cfg, loop = self.cfg, self.loop
@@ -326,7 +334,10 @@ class Trainer:
                "tokens": loop.tokens_seen, "time": round(loop.elapsed, 3), "loss": mean,
                "ppl": math.exp(min(mean, 50)), "lr": lr,
                "tokens_per_s": window.tokens / max(seconds, 1e-9)}
+        if self.grad_norm is not None:
+            row["grad_norm"] = self.grad_norm.item()  # the last step's, before clipping
         metrics.write(row)
+        self.board.write(row)
         self.display.log(row, self.fraction_done())
         window.reset()
 
@@ -362,6 +373,8 @@ class Trainer:
                "ppl": math.exp(min(val, 50)) if math.isfinite(val) else None,
                "bpc": val / math.log(2) if math.isfinite(val) else None}
         metrics.write(row)
+        self.board.write(row)
+        self.board.sample(loop.step, sample)
         if g.is_main:
             with open(self.run_dir / "samples.txt", "a", encoding="utf-8") as fh:
                 fh.write(f"--- step {loop.step}\n{sample}\n")
