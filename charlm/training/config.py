@@ -83,7 +83,7 @@ class TrainConfig:
     text: list[str] = option(
         [], "Train on local UTF-8 file(s) instead (repeatable).", DATA, fixed=True)
     url: str | None = option(None, "Train on a text downloaded from this URL.", DATA, fixed=True)
-    sha256: str | None = option(None, "Expected sha256 of --url.", DATA)
+    sha256: str | None = option(None, "Expected sha256 of --url (64 hex digits).", DATA)
     data_dir: str | None = option(
         None, "Corpus cache directory.", DATA,
         default_text="$CHARLM_DATA_DIR, else ~/.cache/charlm")
