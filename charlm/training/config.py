@@ -363,7 +363,8 @@ def model_config(cfg: TrainConfig, vocab_size: int, impl: str) -> ModelConfig:
 
 # -- writing -----------------------------------------------------------------------------------
 
-RUN_FILE_HEADER = "# The resolved configuration of a charlm run; rerun it with: charlm train --config THIS_FILE\n"
+RUN_FILE_HEADER = ("# The resolved configuration of a charlm run; rerun it with: "
+                   "charlm train --config THIS_FILE\n")
 
 
 def run_config_toml(cfg: TrainConfig) -> str:
@@ -374,7 +375,6 @@ def run_config_toml(cfg: TrainConfig) -> str:
     values = {name: value for name, value in cfg.to_dict().items()
               if name != "out" and applies(name, cfg.cell)}
     return to_toml(values, RUN_FILE_HEADER)
-
 
 
 def to_toml(values: dict[str, Any], header: str = "") -> str:

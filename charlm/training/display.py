@@ -4,7 +4,7 @@ Human output goes to stderr so that `charlm train --json` leaves stdout to the J
 
     training: gru 2x256 (fast: ...), 625,564 parameters, on cpu (2 threads), until time_budget 2m
     corpus timemachine: ...; run directory: ...
-    epoch 3 step 143 ━━━━━━━━━━━━━━━━━━  100% ppl 5.512  61.2K tok/s  lr 3.00e-04  0:02:00 ETA 0:00:00
+    epoch 3 step 143 ━━━━━━━━━━━━ 100% ppl 5.512  61.2K tok/s  lr 3.00e-04 0:02:00 ETA 0:00:00
 
 On a terminal the live line moves every step (`tick`: step, epoch, share done and ETA are host
 numbers, so no device sync); its loss and speed are those of the latest log point. The ETA comes
@@ -25,7 +25,6 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from rich.table import Table
 
 from charlm.console import console as make_console
-from charlm.devices import describe as describe_device
 
 
 @dataclass
@@ -54,6 +53,7 @@ class RunInfo:
     @classmethod
     def of(cls, trainer, resuming: bool) -> "RunInfo":
         """What a `charlm.training.trainer.Trainer` is about to do."""
+        from charlm.devices import describe as describe_device
         from charlm.model.lm import count_parameters
         from charlm.training.distributed import describe as describe_group
 
