@@ -12,7 +12,7 @@ Every hypothesis here has the same length at each step, so ranking by the normal
 ranking by total log-probability: the search returns what exhaustive search would return when
 the beam is wide enough (V^(length-1)), and `--beam 1` is greedy decoding. Candidates are ranked
 by a stable sort, so among equal scores the lower beam and character index wins, as argmax picks
-the first maximum.
+the first maximum. `<unk>` is never part of a continuation (charlm.sample.without_unk).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from charlm.model.lm import CharLM, State
+from charlm.sample import without_unk
 
 
 @dataclass
@@ -57,7 +58,9 @@ def beam_search(model: CharLM, prefix_ids: list[int], beam: int, length: int) ->
         scores = torch.zeros(1, dtype=torch.float64, device=device)
         paths = torch.empty(1, 0, dtype=torch.long, device=device)
         for step in range(length):
-            candidates = (scores[:, None] + F.log_softmax(logits.double(), -1)).reshape(-1)
+            # <unk> is never a continuation, as in sampling (so --beam 1 is --greedy)
+            log_probs = F.log_softmax(without_unk(logits).double(), -1)
+            candidates = (scores[:, None] + log_probs).reshape(-1)
             best = torch.sort(candidates, descending=True, stable=True).indices[:beam]
             parents, chars = best // vocab, best % vocab
             scores = candidates[best]

@@ -14,11 +14,13 @@ import torch.nn.functional as F
 from charlm.beam import beam_search
 from charlm.model.config import ModelConfig
 from charlm.model.lm import CharLM
+from charlm.sample import without_unk
 from helpers import run_main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-V, LENGTH, PREFIX = 4, 4, [1, 2, 3]
+V, LENGTH, PREFIX = 5, 4, [1, 2, 3]
+CHARS = range(1, V)  # what a continuation is made of: every id but <unk> (0)
 
 
 def tiny_model(cell: str, impl: str, seed: int) -> CharLM:
@@ -32,9 +34,10 @@ def tiny_model(cell: str, impl: str, seed: int) -> CharLM:
 
 @torch.no_grad()
 def log_prob(model: CharLM, prefix: list[int], continuations: list[list[int]]) -> torch.Tensor:
-    """log p(continuation | prefix) for each continuation, from one forward over the whole text."""
+    """log p(continuation | prefix) for each continuation, from one forward over the whole text,
+    <unk> (id 0) excluded as it is when sampling."""
     text = torch.tensor([prefix + c for c in continuations])
-    logp = F.log_softmax(model(text[:, :-1])[0].double(), -1)
+    logp = F.log_softmax(without_unk(model(text[:, :-1])[0]).double(), -1)
     targets = text[:, 1:, None]
     return logp.gather(-1, targets)[:, len(prefix) - 1:, 0].sum(1)
 
@@ -44,7 +47,7 @@ def plain_beam(model: CharLM, prefix: list[int], beam: int, length: int) -> list
     """Beam search as written in a textbook: score every extension from scratch, keep the best."""
     beams = [[]]
     for _ in range(length):
-        candidates = [b + [c] for b in beams for c in range(V)]
+        candidates = [b + [c] for b in beams for c in CHARS]
         scores = log_prob(model, prefix, candidates).tolist()
         ranked = sorted(range(len(candidates)), key=lambda i: -scores[i])
         beams = [candidates[i] for i in ranked[:beam]]
@@ -55,13 +58,13 @@ def plain_beam(model: CharLM, prefix: list[int], beam: int, length: int) -> list
 @pytest.mark.parametrize("prefix", [PREFIX, []], ids=["prefix", "no-prefix"])
 def test_a_beam_of_v_to_the_length_minus_one_is_exhaustive_search(cell, impl, prefix):
     model = tiny_model(cell, impl, seed=3)
-    every = [list(c) for c in itertools.product(range(V), repeat=LENGTH)]
+    every = [list(c) for c in itertools.product(CHARS, repeat=LENGTH)]
     if not prefix:  # from the zero state: charlm reads the first character off the bias
         scores = torch.stack([log_prob_from_zero(model, c) for c in every])
     else:
         scores = log_prob(model, prefix, every)
     order = torch.argsort(scores, descending=True).tolist()
-    width = V ** (LENGTH - 1)
+    width = len(CHARS) ** (LENGTH - 1)
     found = beam_search(model, prefix, width, LENGTH)
     assert len(found) == width
     assert [h.log_prob for h in found] == pytest.approx(scores[order[:width]].tolist(), abs=1e-5)
@@ -75,7 +78,7 @@ def test_a_beam_of_v_to_the_length_minus_one_is_exhaustive_search(cell, impl, pr
 def log_prob_from_zero(model: CharLM, continuation: list[int]) -> torch.Tensor:
     """Without a prefix: the first character from the zero state (the head's bias), the rest
     from a forward pass that starts at the zero state."""
-    first = F.log_softmax(model.head.bias.double(), -1)[continuation[0]]
+    first = F.log_softmax(without_unk(model.head.bias).double(), -1)[continuation[0]]
     return first + log_prob(model, continuation[:1], [continuation[1:]])[0]
 
 
@@ -84,7 +87,7 @@ def test_a_narrow_beam_equals_a_plainly_written_beam_search(beam):
     model = tiny_model("gru", "fused", seed=5)
     found = beam_search(model, PREFIX, beam, 6)
     assert [h.ids for h in found] == plain_beam(model, PREFIX, beam, 6)
-    best = max(log_prob(model, PREFIX, [list(c) for c in itertools.product(range(V), repeat=6)]))
+    best = max(log_prob(model, PREFIX, [list(c) for c in itertools.product(CHARS, repeat=6)]))
     assert found[0].log_prob <= best.item() + 1e-5
 
 

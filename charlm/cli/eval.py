@@ -69,8 +69,9 @@ def eval_perplexity(
                    "impl": loaded.model.config.impl, "device": str(loaded.device)}
         sys.stdout.write(json.dumps(payload, indent=2) + "\n")
         return
-    from rich.console import Console
     from rich.table import Table
+
+    from charlm.console import console
 
     table = Table(title="charlm eval perplexity", show_header=False)
     table.add_column(style="bold")
@@ -82,4 +83,4 @@ def eval_perplexity(
     table.add_row("bits / char", f"{result.bits_per_char:.4f}")
     table.add_row("characters evaluated", f"{result.characters:,}")
     table.add_row("<unk> share", f"{result.unk_share:.4%} ({result.unk_characters:,})")
-    Console().print(table)
+    console().print(table)

@@ -16,30 +16,28 @@ import random
 import time
 from contextlib import ExitStack, nullcontext
 from pathlib import Path
+from shlex import quote
 
 import torch
 import torch.nn.functional as F
 
 from charlm.data.batches import RandomBatches, SequentialBatches
 from charlm.data.dataset import Dataset, load_dataset
-from charlm.devices import describe as describe_device
 from charlm.devices import keep_freed_memory
 from charlm.errors import CharlmError, UsageError
 from charlm.model.config import resolve_impl
-from charlm.model.lm import CharLM, State, count_parameters, detach_state
+from charlm.model.lm import CharLM, State, detach_state
 from charlm.model.loading import model_from_checkpoint
 from charlm.sample import SampleSettings, generate
 from charlm.training import distributed, rundir, tensorboard
 from charlm.training.checkpoint import save_checkpoint
-from charlm.training.config import DATA, TrainConfig, model_config, to_toml
+from charlm.training.config import DATA, TrainConfig, model_config, run_config_toml
 from charlm.training.limits import Limits
 from charlm.training.display import RunInfo, TrainDisplay, run_summary
 from charlm.training.optim import LRSchedule, make_optimizer
 from charlm.training.signals import Interrupted, stop_requests
 from charlm.training.state import (LoopState, hidden_from_plain, hidden_to_plain, rng_state,
                                    set_rng_state)
-
-CONFIG_HEADER = "# Resolved charlm training configuration; rerun with: charlm train --config THIS_FILE\n"
 
 
 class _NoMetrics:
@@ -81,8 +79,15 @@ class Trainer:
         self.device = g.together(lambda: _setup_device(cfg, g, ckpt))
         self.data: Dataset = g.local_first(lambda: load_dataset(
             **cfg.section(DATA), vocab=ckpt["vocab"] if ckpt else None, device=self.device))
-        # the files were found relative to here; record them absolute so a resume works anywhere
+        # Record what the run actually uses, so that its config.toml and a resume train on the
+        # same text: files absolute (found relative to here), and the default corpus (or its
+        # python-docs fallback), preprocessing and sample prefix as they resolved.
         cfg.text = [str(Path(t).resolve()) for t in cfg.text]
+        if not (cfg.corpus or cfg.text or cfg.url):
+            cfg.corpus = self.data.name
+        cfg.preprocessing = self.data.preprocessing
+        if cfg.sample_prefix is None:
+            cfg.sample_prefix = self.data.default_prefix
         self.model, self.optimizer, self.schedule, self.batches, self.scaler = g.together(
             lambda: self._parts(ckpt))
         self.model_config = self.model.config
@@ -185,6 +190,9 @@ class Trainer:
     def _epochs_done(self) -> float:
         return self.batches.epoch + self.batches.position / len(self.batches)
 
+    def _eta(self) -> float | None:
+        return self.limits.eta(self.loop.step, self._epochs_done(), self.loop.elapsed)
+
     def autocast(self):
         if self.cfg.precision == "fp32":
             return nullcontext()
@@ -231,12 +239,17 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> dict:
         resuming = self.loop.step > 0 or self.batches.position > 0 or self.batches.epoch > 0
+        if resuming:  # a run that reached its limit has nothing to do: say how to go on
+            nproc = f" --nproc {self.group.world_size}" if self.group.active else ""
+            again = f"charlm train{nproc} --resume {quote(str(self.run_dir))}"
+            self.limits.check_not_reached(self.loop.step, self._epochs_done(), self.loop.elapsed,
+                                          again)
         with ExitStack() as stack:
             metrics = self.group.on_main(lambda: self._open_run_dir(stack, resuming))
             return self._loop(metrics or _NoMetrics(), resuming)
 
     def _open_run_dir(self, stack: ExitStack, resuming: bool) -> rundir.MetricsLog:
-        config = to_toml(dict(self.cfg.to_dict(), out=str(self.run_dir)), CONFIG_HEADER)
+        config = run_config_toml(self.cfg)
         resumed_at = self.loop.step if resuming else None
         metrics = rundir.open_run(stack, self.run_dir, config, resumed_at)
         self.board = tensorboard.open_board(stack, self.cfg.tensorboard, self.run_dir, resumed_at,
@@ -245,7 +258,7 @@ class Trainer:
 
     def _loop(self, metrics, resuming: bool) -> dict:
         cfg, loop = self.cfg, self.loop
-        info = self._run_info(count_parameters(self.model), resuming)
+        info = RunInfo.of(self, resuming)
         self.display.start(info)
         self._window = _Window(self.device)
         self._mark = time.perf_counter()
@@ -270,12 +283,12 @@ class Trainer:
             path = self.save("last.pt")
             self.display.stop()
             raise Interrupted(path, self.agreed_stop, loop.step)
-        if self._window.steps:
-            self._check_finite(self._mean_loss())
+        if self._window.steps:  # the steps since the last log line: logged too, loss checked
+            self._log(lr, metrics)
+        self.display.stop()  # its last line: the final step, 100%
         evaluated_now = loop.step % cfg.eval_every == 0 and math.isfinite(loop.last_val_loss)
         final_val = loop.last_val_loss if evaluated_now else self._evaluate_and_sample(metrics)
         self.save("last.pt")
-        self.display.stop()
         summary = run_summary(info, stop, loop, final_val)
         metrics.write({"kind": "summary", "step": loop.step, **summary})
         return summary
@@ -308,6 +321,7 @@ class Trainer:
         now = time.perf_counter()
         loop.elapsed += now - self._mark
         self._mark = now
+        self.display.tick(loop.step, self.batches.epoch, self.fraction_done(), self._eta())
         if loop.step % cfg.log_every == 0:
             self._log(lr, metrics)
         if loop.step % cfg.eval_every == 0:
@@ -338,7 +352,7 @@ class Trainer:
             row["grad_norm"] = self.grad_norm.item()  # the last step's, before clipping
         metrics.write(row)
         self.board.write(row)
-        self.display.log(row, self.fraction_done())
+        self.display.log(row, self.fraction_done(), self._eta())
         window.reset()
 
     def _mean_loss(self) -> float:
@@ -382,23 +396,6 @@ class Trainer:
         if g.broadcast(improved or not (self.run_dir / "best.pt").exists()):  # rank 0 decides
             self.save("best.pt")
         return val
-
-    def _run_info(self, params: int, resuming: bool) -> RunInfo:
-        mc, data = self.model_config, self.data
-        impl = mc.impl
-        if impl == "fast" and self.device.type == "cpu":
-            from charlm.model import ckernel
-
-            impl = f"fast: {ckernel.status()}"  # says so when the slower fallback loops run
-        return RunInfo(
-            resumed_at=self.loop.step if resuming else None,
-            model=f"{mc.cell} {mc.layers}x{mc.hidden} ({impl})", impl=mc.impl, parameters=params,
-            device=str(self.device), device_text=describe_device(self.device), corpus=data.name,
-            num_tokens=data.num_tokens, preprocessing=data.preprocessing,
-            vocab_size=len(data.vocab), train_tokens=data.train.numel(),
-            val_tokens=data.val.numel(), batches_per_epoch=len(self.batches),
-            batch_size=self.cfg.batch_size, num_steps=self.cfg.num_steps, run_dir=self.run_dir,
-            extra=distributed.describe(self.group), limits=self.limits.describe())
 
 
 def _setup_device(cfg: TrainConfig, group: distributed.Group, ckpt: dict | None) -> torch.device:
