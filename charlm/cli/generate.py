@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from charlm.cli.options import CheckpointOpt, DeviceOpt, ImplOpt, JsonOpt
+from charlm.cli.options import CheckpointOpt, DeviceOpt, ImplOpt, JsonOpt, WeightsOpt
 from charlm.errors import UsageError, warn
 
 
@@ -28,6 +28,7 @@ def generate(
     checkpoint: Optional[str] = CheckpointOpt,
     impl: Optional[str] = ImplOpt,
     device: str = DeviceOpt,
+    weights: str = WeightsOpt,
     json_out: bool = JsonOpt,
 ) -> None:
     """Generate text from a trained model.
@@ -54,7 +55,7 @@ def generate(
     raw = (read_text(prefix_file, "--prefix-file", allow_empty=True) if prefix_file is not None
            else prefix or "")
 
-    loaded = load_model(checkpoint, impl, device)
+    loaded = load_model(checkpoint, impl, device, weights)
     vocab = loaded.vocab
     text = preprocess(raw, loaded.preprocessing)
     unknown = [c for c in dict.fromkeys(text) if c not in vocab]

@@ -16,3 +16,7 @@ ImplOpt = typer.Option(
     show_default=False,
 )
 JsonOpt = typer.Option(False, "--json", help="Print JSON on stdout instead of text.")
+WeightsOpt = typer.Option(
+    "auto", "--weights",
+    help="auto: a run trained with --ema uses its averaged weights, else the raw ones; ema; raw.",
+)

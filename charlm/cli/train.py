@@ -41,7 +41,7 @@ def options() -> list[inspect.Parameter]:
             decls = [f"{flag(name)}/--no-{flag(name)[2:]}"]
         shown: Any = meta.default_text if meta.default_text else default not in (None, [])
         help_text = meta.help
-        if meta.rule is not None and not meta.choices and meta.rule.kind is not None:
+        if meta.rule is not None and not meta.choices and meta.rule.kind not in (None, bool):
             help_text = f"{help_text} ({meta.rule.describe()})"
         info = typer.Option(
             default, *decls, help=help_text, rich_help_panel=meta.panel, show_default=shown,
@@ -94,7 +94,7 @@ def train(
         raise typer.Exit(launch(nproc, launch_args(given, config, resume, target, json_out, quiet)))
     from charlm.training import distributed
 
-    group = distributed.from_env()
+    group = distributed.from_env(given.get("device"))
     try:
         _train(group, given, config, resume, target, json_out, quiet)
     except CharlmError as exc:

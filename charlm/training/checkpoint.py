@@ -242,11 +242,14 @@ class Loaded:
     device: torch.device
 
 
-def load_model(target: str | Path | None, impl: str | None, device_spec: str) -> Loaded:
+def load_model(target: str | Path | None, impl: str | None, device_spec: str,
+               weights: str = "auto") -> Loaded:
     """The checkpoint at `target` (None: the latest run's best.pt), its model rebuilt and checked
-    (`charlm.model.loading.model_from_checkpoint`); `impl` None keeps the checkpoint's own."""
-    device = select_device(device_spec)
+    (`charlm.model.loading.model_from_checkpoint`); `impl` None keeps the checkpoint's own where
+    it suits the device; `weights` auto takes the run's averaged weights where it has them."""
     path = find_checkpoint(target)
-    ckpt = load_checkpoint(path, map_location=device)
-    restored = model_from_checkpoint(ckpt, str(path), impl, device)
+    ckpt = load_checkpoint(path)  # on the CPU: the device may depend on the cell (MPS)
+    cell = ckpt["model_config"].get("cell")
+    device = select_device(device_spec, cell if isinstance(cell, str) else None)
+    restored = model_from_checkpoint(ckpt, str(path), impl, device, weights=weights)
     return Loaded(path, ckpt, restored.model, restored.vocab, restored.preprocessing, device)

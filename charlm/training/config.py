@@ -29,7 +29,7 @@ from typing import Any
 from charlm.checks import Rule, rule_of
 from charlm.data.text import PREPROCESSING
 from charlm.errors import UsageError
-from charlm.model.config import IMPLS, ModelConfig, check_combination
+from charlm.model.config import IMPLS, ModelConfig, check_combination, check_tying
 from charlm.training.optim import OPTIMIZERS, SCHEDULES
 
 SAMPLINGS = ("sequential", "random")
@@ -117,6 +117,21 @@ class TrainConfig:
     gru_reset: str = option(
         "after", "GRU reset gate after (PyTorch) or before (Cho et al., d2l) the recurrent "
         "product; before needs --impl scratch.", MODEL, model=True, fixed=True)
+    input_dropout: float = option(
+        0.0, "Dropout on the embedding (or one-hot) output, into the first layer.", MODEL,
+        model=True)
+    embed_dropout: float = option(
+        0.0, "Drop whole characters: rows of the embedding, one mask per batch.", MODEL,
+        model=True)
+    weight_drop: float = option(
+        0.0, "DropConnect on the recurrent weights W_hh, one mask per batch (AWD-LSTM).", MODEL,
+        model=True)
+    locked_dropout: bool = option(
+        False, "Locked (variational) dropout: --dropout and --input-dropout draw one mask per "
+        "sequence, the same at every step.", MODEL, model=True)
+    tie_weights: bool = option(
+        False, "The output layer shares the embedding's weight (through a projection when "
+        "--embed is not --hidden).", MODEL, model=True, fixed=True)
     # -- optimisation --------------------------------------------------------------------------
     batch_size: int = option(64, "Sequences per batch (the global batch with --nproc).", OPTIM,
                              rule=_int(1), fixed=True, short="-b")
@@ -141,6 +156,10 @@ class TrainConfig:
                                    rule=_float(0, high=1, low_open=True, high_open=True))
     clip: float = option(1.0, "Clip gradients to this global L2 norm (0: off).", OPTIM,
                          rule=_float(0, text=">= 0 (0 disables clipping)"))
+    ema: float = option(
+        0.0, "Average the weights: an exponential moving average with this decay (e.g. 0.999), "
+        "used for validation, best.pt, generate and eval (0: off).", OPTIM,
+        rule=_float(0, high=1, high_open=True))
     # -- stopping: whichever comes first; 0 disables a limit -------------------------------------
     epochs: int = option(0, "Stop after this many epochs (0: no limit).", STOP, rule=_int(0))
     max_steps: int = option(0, "Stop after this many steps (0: no limit).", STOP, rule=_int(0))
@@ -149,6 +168,9 @@ class TrainConfig:
     # -- runtime -------------------------------------------------------------------------------
     device: str = option("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.", RUN)
     precision: str = option("fp32", "bf16 and fp16 autocast need CUDA.", RUN, choices=PRECISIONS)
+    tf32: bool = option(
+        False, "Let CUDA use TF32 tensor cores for float32 products (faster, 10-bit mantissa); "
+        "eval perplexity never does.", RUN)
     seed: int = option(0, "Random seed: weights, batches, dropout.", RUN, fixed=True,
                        rule=_int(0, high=2**63, high_open=True, text="an integer in [0, 2**63)"))
     log_every: int = option(50, "Steps between progress lines.", RUN, rule=_int(1))
@@ -330,6 +352,7 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.val_fraction + cfg.test_fraction >= 1.0:
         raise UsageError("val_fraction + test_fraction must leave some text for training")
     check_combination(cfg.cell, cfg.impl, cfg.gru_reset)
+    check_tying(cfg.tie_weights, cfg.embed)
     parse_duration(cfg.time_budget)
     from charlm.data.corpus import check_source
 

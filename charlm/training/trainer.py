@@ -22,18 +22,17 @@ import torch.nn.functional as F
 
 from charlm.data.batches import RandomBatches, SequentialBatches
 from charlm.data.dataset import Dataset, load_dataset
-from charlm.devices import describe as describe_device
-from charlm.devices import keep_freed_memory
-from charlm.errors import CharlmError, UsageError
+from charlm.errors import CharlmError, UsageError, warn
 from charlm.model.config import resolve_impl
 from charlm.model.lm import CharLM, State, count_parameters, detach_state
 from charlm.model.loading import model_from_checkpoint
 from charlm.sample import SampleSettings, generate
-from charlm.training import distributed, rundir
+from charlm.training import distributed, rundir, runtime
 from charlm.training.checkpoint import save_checkpoint
 from charlm.training.config import DATA, TrainConfig, model_config, to_toml
 from charlm.training.limits import Limits
 from charlm.training.display import RunInfo, TrainDisplay, run_summary
+from charlm.training.ema import WeightAverage
 from charlm.training.optim import LRSchedule, make_optimizer
 from charlm.training.signals import Interrupted, stop_requests
 from charlm.training.state import (LoopState, hidden_from_plain, hidden_to_plain, rng_state,
@@ -77,7 +76,7 @@ class Trainer:
         self.display = display or TrainDisplay(enabled=False)
         ckpt = resume["ckpt"] if resume else None
         self.where = str(resume.get("path") or "checkpoint") if resume else "checkpoint"
-        self.device = g.together(lambda: _setup_device(cfg, g, ckpt))
+        self.device = g.together(lambda: runtime.setup_device(cfg, g, ckpt))
         self.data: Dataset = g.local_first(lambda: load_dataset(
             **cfg.section(DATA), vocab=ckpt["vocab"] if ckpt else None, device=self.device))
         # the files were found relative to here; record them absolute so a resume works anywhere
@@ -85,6 +84,7 @@ class Trainer:
         self.model, self.optimizer, self.schedule, self.batches, self.scaler = g.together(
             lambda: self._parts(ckpt))
         self.model_config = self.model.config
+        self.ema = WeightAverage(self.model, cfg.ema) if cfg.ema else None
         self.loop = LoopState()
         self.hidden: State | None = None  # carried across batches (sequential sampling)
         self.stop_signal: list[str] = []  # a signal name once SIGINT/SIGTERM arrived
@@ -131,7 +131,7 @@ class Trainer:
         """Everything a checkpoint holds, as plain data. In a process group this is a
         collective: every rank's hidden rows and RNG state are joined on rank 0."""
         sequential = self.cfg.sampling == "sequential"
-        rng = rng_state()
+        rng = rng_state(self.device)
         hidden, ranks = distributed.gather_state(
             self.group, hidden_to_plain(self.hidden) if sequential else None, rng)
         return {
@@ -142,6 +142,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
+            "ema": self.ema.state_dict() if self.ema else None,
             "rng": rng,
             "iterator": (iterator := self.batches.state_dict()),
             "hidden": hidden,
@@ -163,11 +164,15 @@ class Trainer:
         self.schedule.load_state_dict(ckpt["scheduler"])
         if self.scaler and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
+        if self.ema and ckpt.get("ema") is not None:  # else the average starts here
+            self.ema.load_state_dict(ckpt["ema"], self.where)
         self.batches.load_state_dict(ckpt["iterator"])
         hidden, rng = distributed.rank_state(self.group, ckpt, self.cfg.batch_size)
         self.hidden = hidden_from_plain(hidden, self.device)
         self.loop.load_state_dict(ckpt)
-        set_rng_state(rng)
+        note = set_rng_state(rng, self.device, needed=self.model_config.stochastic)
+        if note and self.group.is_main:
+            warn(note)
 
     def save(self, name: str) -> Path:
         state, path = self.state_dict(), self.run_dir / name
@@ -206,6 +211,8 @@ class Trainer:
             self.scaler.update()
         else:
             self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update()
         return loss.detach(), state
 
     def evaluate(self) -> float:
@@ -238,9 +245,12 @@ class Trainer:
     def _loop(self, metrics, resuming: bool) -> dict:
         cfg, loop = self.cfg, self.loop
         info = self._run_info(count_parameters(self.model), resuming)
+        if self.group.is_main and (note := runtime.precision_note(cfg)):
+            warn(note)
         self.display.start(info)
         self._window = _Window(self.device)
         self._mark = time.perf_counter()
+        self._clock = loop.elapsed  # this process's training time; loop.elapsed: the agreed one
         batches = self._batches()
         self.net.train()
         try:
@@ -286,7 +296,7 @@ class Trainer:
     def _stop_check(self) -> str | None:
         """Why the run stops now, if it does: a signal, which the ranks of a process group agree
         on (with the elapsed time, which the schedule and --time-budget read), or a limit."""
-        self.loop.elapsed, self.agreed_stop = self.group.agree_stop(self.loop.elapsed,
+        self.loop.elapsed, self.agreed_stop = self.group.agree_stop(self._clock,
                                                                     self.stop_signal)
         return self.agreed_stop or self.limits.reached(self.loop.step, self._epochs_done(),
                                                        self.loop.elapsed)
@@ -298,8 +308,10 @@ class Trainer:
         loop.step += 1
         loop.tokens_seen += tokens
         now = time.perf_counter()
-        loop.elapsed += now - self._mark
+        self._clock += now - self._mark
         self._mark = now
+        if not self.group.active:  # a process group agrees on it at the next stop check
+            loop.elapsed = self._clock
         if loop.step % cfg.log_every == 0:
             self._log(lr, metrics)
         if loop.step % cfg.eval_every == 0:
@@ -348,8 +360,9 @@ class Trainer:
 
     def _evaluate_and_sample(self, metrics) -> float:
         loop, g = self.loop, self.group
-        val = self.evaluate()
-        sample = self.sample_text() if g.is_main else ""
+        with self.ema.applied() if self.ema else nullcontext():  # validation sees the average
+            val = self.evaluate()
+            sample = self.sample_text() if g.is_main else ""
         self.model.train()
         loop.last_val_loss = val
         improved = math.isfinite(val) and val < loop.best_val_loss
@@ -372,27 +385,15 @@ class Trainer:
 
     def _run_info(self, params: int, resuming: bool) -> RunInfo:
         mc, data = self.model_config, self.data
-        impl = mc.impl
-        if impl == "fast" and self.device.type == "cpu":
-            from charlm.model import ckernel
-
-            impl = f"fast: {ckernel.status()}"  # says so when the slower fallback loops run
+        impl = runtime.impl_text(mc, self.device)
         return RunInfo(
             resumed_at=self.loop.step if resuming else None,
             model=f"{mc.cell} {mc.layers}x{mc.hidden} ({impl})", impl=mc.impl, parameters=params,
-            device=str(self.device), device_text=describe_device(self.device), corpus=data.name,
+            device=str(self.device), device_text=runtime.device_text(self.cfg, self.device),
+            corpus=data.name,
             num_tokens=data.num_tokens, preprocessing=data.preprocessing,
             vocab_size=len(data.vocab), train_tokens=data.train.numel(),
             val_tokens=data.val.numel(), batches_per_epoch=len(self.batches),
             batch_size=self.cfg.batch_size, num_steps=self.cfg.num_steps, run_dir=self.run_dir,
             extra=distributed.describe(self.group), limits=self.limits.describe())
 
-
-def _setup_device(cfg: TrainConfig, group: distributed.Group, ckpt: dict | None) -> torch.device:
-    device = distributed.select_rank_device(cfg.device, group)
-    if device.type == "cpu":
-        keep_freed_memory()  # no page-fault churn from freeing each step's activations
-    if cfg.precision != "fp32" and device.type != "cuda":
-        raise UsageError(f"--precision {cfg.precision} needs a CUDA device; use fp32 on {device.type}")
-    distributed.check_world(group, cfg.batch_size, ckpt.get("world_size", 1) if ckpt else None)
-    return device
