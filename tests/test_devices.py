@@ -284,3 +284,30 @@ def test_eval_perplexity_turns_tf32_off_and_training_records_its_choice(tiny_run
     assert torch.backends.cudnn.rnn.fp32_precision == "ieee"
     assert load_checkpoint(tiny_run / "run" / "last.pt")["train_config"]["tf32"] is False
     assert json.loads(result.stdout)["weights"] == "raw"
+
+
+# -- scripts/gpu_check.sh ----------------------------------------------------------------------------
+
+def test_gpu_check_starts_and_prints_its_table_with_the_gpu_rows_skipped(tmp_path):
+    """What CI can check of the GPU script on a machine without a GPU (the suite hides the GPUs
+    from the processes it starts): it runs, says what it found, skips the rest, exits 0."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run(["bash", str(repo / "scripts" / "gpu_check.sh"), "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHON": sys.executable})
+    assert done.returncode == 0, done.stderr
+    table = [line for line in done.stdout.splitlines() if line.startswith("| ")]
+    assert table[0] == "| check | result | detail |"
+    rows = {cells[1].strip(): (cells[2].strip(), cells[3].strip())
+            for cells in (line.split("|") for line in table[1:])}
+    assert rows["environment"][0] == "PASS" and "no CUDA device" in rows["environment"][1]
+    gpu_rows = [name for name in rows if name != "environment"]
+    assert {"cuda tests", "train gru bf16", "resume exact (2 layers, dropout)",
+            "ddp on 2 gpus", "trainer vs bare step"} <= set(gpu_rows)
+    assert all(rows[name] == ("SKIP", "no CUDA device") for name in gpu_rows)
+    assert json.loads((tmp_path / "gpu-check.json").read_text())[0][0] == "environment"
