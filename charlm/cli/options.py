@@ -8,7 +8,7 @@ CheckpointOpt = typer.Option(
          "(runs root: $CHARLM_RUNS_DIR or ./runs).",
     show_default=False,
 )
-DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.")
+DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA, then MPS but not for a GRU, then CPU), cpu, cuda, cuda:N or mps.")
 ImplOpt = typer.Option(
     None, "--impl",
     help="Load with another implementation: auto, fused, scratch or fast (GRU on CPU). "

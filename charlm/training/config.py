@@ -166,8 +166,11 @@ class TrainConfig:
     time_budget: str = option(
         "2m", "Stop after this much training time, e.g. 90s, 5m, 1h ('0': no limit).", STOP)
     # -- runtime -------------------------------------------------------------------------------
-    device: str = option("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.", RUN)
-    precision: str = option("fp32", "bf16 and fp16 autocast need CUDA.", RUN, choices=PRECISIONS)
+    device: str = option(
+        "auto", "auto (CUDA, then MPS but not for a GRU, then CPU), cpu, cuda, cuda:N or mps.", RUN)
+    precision: str = option(
+        "fp32", "Mixed precision needs CUDA: bf16 (recurrent layers too) or fp16 (loss scaling); "
+        "for small models fp32 is faster.", RUN, choices=PRECISIONS)
     tf32: bool = option(
         False, "Let CUDA use TF32 tensor cores for float32 products (faster, 10-bit mantissa); "
         "eval perplexity never does.", RUN)
