@@ -106,7 +106,7 @@ def test_eval_dynamic_reports_both_figures_and_never_changes_the_checkpoint(tiny
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     dynamic = report["dynamic"]
-    assert (dynamic["lr"], dynamic["decay"], dynamic["window"]) == (1e-3, 0.02, 20)
+    assert (dynamic["lr"], dynamic["decay"], dynamic["window"]) == (1e-4, 0.02, 20)
     assert dynamic["characters"] == report["characters"]
     assert dynamic["gain_nats_per_char"] == pytest.approx(
         report["nats_per_char"] - dynamic["nats_per_char"])
@@ -116,7 +116,7 @@ def test_eval_dynamic_reports_both_figures_and_never_changes_the_checkpoint(tiny
     zero = json.loads(static.stdout)
     assert zero["dynamic"]["nats_per_char"] == zero["nats_per_char"]
     table = invoke("eval", "perplexity", "--checkpoint", str(best), "--dynamic")
-    assert "dynamic perplexity" in table.stdout and "lr 0.001, decay 0.02, window 50" in table.stdout
+    assert "dynamic perplexity" in table.stdout and "lr 0.0001, decay 0.02, window 50" in table.stdout
 
 
 @pytest.mark.parametrize("args, message", [

@@ -10,9 +10,11 @@ A checkpoint is one dict:
     model             state_dict (tensors)
     optimizer         optimizer.state_dict()
     scheduler         LRSchedule.state_dict() (numbers)
-    rng               {"torch": ByteTensor, "cuda": [ByteTensor, ...], "python": [...]}
+    ema               None, or {"decay", "updates", "model": averaged weights} (--ema)
+    rng               {"torch": ByteTensor, "python": [...], and on a GPU "device": "cuda" | "mps",
+                      "device_rng": the training device's generator} (older: "cuda": every GPU's)
     iterator          batch iterator state (ints)
-    hidden            carried hidden state (tensor, or [h, c]) for exact resume, or None
+    hidden            carried hidden state (float32 tensor, or [h, c]) for exact resume, or None
     step, epoch, tokens_seen, elapsed, best_val_loss
     train_config      TrainConfig as a dict
     corpus            {"name", "source", "num_tokens", "splits": {...}}
