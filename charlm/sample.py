@@ -122,7 +122,7 @@ class _Stepper:
         self.b_ih = [None] + [p("bias_ih", k) for k in range(1, cfg.layers)]
         self.w_hh = [p("weight_hh", k).t().contiguous() for k in range(cfg.layers)]
         self.b_hh = [p("bias_hh", k) for k in range(cfg.layers)]
-        self.head_w = (model.head.weight.detach().t() * scale).contiguous()
+        self.head_w = (model.output_weight().detach().t() * scale).contiguous()
         self.head_b = without_unk(model.head.bias.detach() * scale)
 
     @staticmethod

@@ -278,7 +278,6 @@ def test_eval_windows_errors():
 
 @pytest.mark.cuda
 @pytest.mark.filterwarnings("ignore:Synchronization debug mode is a prototype")
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("cls", ITERATORS)
 def test_batches_on_cuda_equal_cpu_batches(cls):
     cpu = cls(corpus(3000), 4, 13, seed=5)

@@ -13,8 +13,8 @@ from charlm.checks import Rule
 from charlm.cli.train import launch_args, typed
 from charlm.errors import UsageError
 from charlm.training.config import (OPTIONS, PRECISIONS, TrainConfig, build_config, default_of,
-                                    fixed_on_resume, load_config_file, options_markdown,
-                                    run_config_toml)
+                                    fixed_on_resume)
+from charlm.training.configfile import load_config_file, options_markdown, run_config_toml
 from helpers import invoke
 
 REPO = Path(__file__).resolve().parents[1]
@@ -154,7 +154,7 @@ def test_fixed_on_resume_are_the_options_that_define_the_model_or_its_data():
     assert set(fixed_on_resume()) == {
         "cell", "hidden", "layers", "embed", "nonlinearity", "gru_reset", "corpus", "text", "url",
         "preprocessing", "min_freq", "max_vocab", "max_tokens", "val_fraction", "test_fraction",
-        "batch_size", "num_steps", "sampling", "optimizer", "seed"}
+        "batch_size", "num_steps", "sampling", "optimizer", "seed", "tie_weights"}
 
 
 def test_train_help_shows_every_option_with_its_default_and_choices():
@@ -175,6 +175,9 @@ def test_train_help_shows_every_option_with_its_default_and_choices():
             assert f"[{'|'.join(meta.choices)}]" in part, here
         if meta.default_text:
             assert f"[default: ({meta.default_text})]" in part, here
+        elif isinstance(default, bool):  # a --flag/--no-flag pair (help may wrap at its "-")
+            shown = f"[default:{'' if default else 'no-'}{flag(name)[2:]}]"
+            assert shown in "".join(part.split()), here
         elif default not in (None, []):
             assert f"[default: {default}]" in part, here
 

@@ -28,10 +28,14 @@ APART = "the files do not belong together"
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, one_thread):
-    """`gru` (one layer, embedding, raw text) and `lstm` (two layers, one-hot, d2l text)."""
+    """`gru` (one layer, embedding, raw text), `lstm` (two layers, one-hot, d2l text) and `awd`
+    (tied weights, locked and embedding dropout, weight drop, averaged weights)."""
     return train_runs(tmp_path_factory.mktemp("export"), {
         "gru": ["--layers", "1", "--embed", "8"],
         "lstm": ["--cell", "lstm", "--layers", "2", "--embed", "0", "--preprocessing", "d2l"],
+        "awd": ["--layers", "2", "--embed", "16", "--tie-weights", "--locked-dropout",
+                "--dropout", "0.2", "--embed-dropout", "0.1", "--weight-drop", "0.2",
+                "--ema", "0.9"],
     })
 
 
@@ -39,7 +43,7 @@ def runs(tmp_path_factory, one_thread):
 def exported(runs):
     """{run: (folder, export's --json, its stderr)}, exported once."""
     done = {}
-    for name in ("gru", "lstm"):
+    for name in ("gru", "lstm", "awd"):
         out = runs["root"] / "share" / name
         code, stdout, err = run_main(["export", str(runs[name]), "--out", str(out), "--json"])
         assert code == 0, err
@@ -67,10 +71,12 @@ def copy_folder(folder: Path, tmp_path: Path) -> Path:
 # --- the folder ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("run", ["gru", "lstm"])
+@pytest.mark.parametrize("run", ["gru", "lstm", "awd"])
 def test_the_folder_holds_plain_weights_and_the_models_facts(runs, exported, run):
     folder, result, err = exported[run]
     ckpt = ckpt_of(runs[run])
+    if ckpt.get("ema"):  # a run trained with --ema shares its averaged weights, as generate uses
+        ckpt["model"] = ckpt["ema"]["model"]
     assert sorted(p.name for p in folder.iterdir()) == FILES
     assert sorted(result["files"]) == FILES
     assert result["files"] == {p.name: p.stat().st_size for p in folder.iterdir()}
@@ -94,10 +100,12 @@ def test_the_folder_holds_plain_weights_and_the_models_facts(runs, exported, run
     assert config["evaluation"] == result["evaluation"]
     assert "onnx" not in config
     characters = ckpt["corpus"]["splits"]["val"] - 1
+    tied = {"head.weight"} if ckpt["model_config"].get("tie_weights") else set()  # the embedding
+    parameters = sum(v.numel() for k, v in ckpt["model"].items() if k not in tied)
     assert err.splitlines() == [
         f"charlm: exporting {runs[run] / 'best.pt'}: {ckpt['model_config']['cell']} "
         f"{ckpt['model_config']['layers']}x16, "
-        f"{sum(v.numel() for v in ckpt['model'].values()):,} parameters, vocabulary "
+        f"{parameters:,} parameters, vocabulary "
         f"{ckpt['model_config']['vocab_size']}",
         f"charlm: evaluating on the validation split ({characters:,} characters)",
     ]
@@ -127,11 +135,11 @@ def both(args: list[str], run: Path, folder: Path) -> tuple[dict, dict]:
     return outputs[0], outputs[1]
 
 
-@pytest.mark.parametrize("run", ["gru", "lstm"])
+@pytest.mark.parametrize("run", ["gru", "lstm", "awd"])
 def test_eval_gives_the_same_figures_and_the_card_holds_them(runs, exported, run):
     folder, result, _ = exported[run]
     from_ckpt, from_folder = both(["eval", "perplexity"], runs[run], folder)
-    drop = ("checkpoint",)
+    drop = ("checkpoint", "weights")  # a folder holds one set of weights: the run's average, if any
     assert {k: v for k, v in from_folder.items() if k not in drop} == {
         k: v for k, v in from_ckpt.items() if k not in drop}
     figures = {k: from_ckpt[k] for k in ("perplexity", "nats_per_char", "bits_per_char",
@@ -141,7 +149,7 @@ def test_eval_gives_the_same_figures_and_the_card_holds_them(runs, exported, run
     assert text[0]["perplexity"] == text[1]["perplexity"]
 
 
-@pytest.mark.parametrize("run", ["gru", "lstm"])
+@pytest.mark.parametrize("run", ["gru", "lstm", "awd"])
 @pytest.mark.parametrize("args", [
     ["--prefix", "the ", "--length", "40", "--seed", "5"],
     ["--prefix", "the ", "--length", "40", "--greedy"],

@@ -31,7 +31,9 @@ SCRIPT = REPO / "scripts" / "onnx_generate.py"
     ("gru", "fast", {}, 3),
     ("gru", "scratch", {"gru_reset": "before", "embed": 0}, 3),
     ("lstm", "fused", {}, 3),
-], ids=["rnn-relu", "rnn-tanh", "gru", "gru-reset-before", "lstm"])
+    ("gru", "fused", {"tie_weights": True, "weight_drop": 0.3, "locked_dropout": True,
+                      "dropout": 0.2, "embed_dropout": 0.1}, 2),  # tied through a projection
+], ids=["rnn-relu", "rnn-tanh", "gru", "gru-reset-before", "lstm", "gru-awd"])
 def test_the_onnx_step_gives_charlms_logits_over_300_characters(cell, impl, extra, scale):
     torch.manual_seed(0)
     config = ModelConfig(**{"vocab_size": 30, "cell": cell, "hidden": 24, "layers": 2,

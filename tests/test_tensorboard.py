@@ -140,7 +140,8 @@ def test_tensorboard_alone_takes_its_bare_value(args, expected):
 def test_the_option_is_in_help_and_in_a_config_file(tmp_path):
     code, out, _ = run_main(["train", "--help"])
     assert code == 0 and "--tensorboard [DIR]" in out
-    from charlm.training.config import build_config, load_config_file
+    from charlm.training.config import build_config
+    from charlm.training.configfile import load_config_file
 
     (tmp_path / "c.toml").write_text('[run]\ntensorboard = "RUN_DIR/tb"\n')
     assert build_config(load_config_file(tmp_path / "c.toml"), {}).tensorboard == "RUN_DIR/tb"

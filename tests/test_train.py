@@ -204,7 +204,7 @@ def test_cli_train_writes_a_complete_run_directory(small_text, tmp_path, runs_di
     names = {p.name for p in (tmp_path / "run").iterdir()}
     assert {"config.toml", "metrics.jsonl", "last.pt", "best.pt", "samples.txt"} <= names
     assert (runs_dir / "latest").read_text().strip() == str((tmp_path / "run").resolve())
-    from charlm.training.config import load_config_file
+    from charlm.training.configfile import load_config_file
 
     saved = load_config_file(tmp_path / "run" / "config.toml")
     assert saved["hidden"] == 16 and saved["max_steps"] == 12
@@ -290,7 +290,7 @@ def test_a_runs_config_toml_reruns_the_same_run(tmp_path, runs_dir):
     first = CliRunner().invoke(app, ["train", *args, "--out", str(tmp_path / "first"), "--json"])
     assert first.exit_code == 0, first.output
     assert "python-docs corpus is used instead" in first.stderr
-    from charlm.training.config import load_config_file
+    from charlm.training.configfile import load_config_file
 
     saved = load_config_file(tmp_path / "first" / "config.toml")
     assert "out" not in saved

@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from charlm.cli.options import CheckpointOpt, DeviceOpt, ImplOpt, JsonOpt
+from charlm.cli.options import CheckpointOpt, DeviceOpt, ImplOpt, JsonOpt, WeightsOpt
 from charlm.errors import UsageError, warn
 
 
@@ -29,6 +29,7 @@ def generate(
     checkpoint: Optional[str] = CheckpointOpt,
     impl: Optional[str] = ImplOpt,
     device: str = DeviceOpt,
+    weights: str = WeightsOpt,
     json_out: bool = JsonOpt,
 ) -> None:
     """Generate text from a trained model.
@@ -64,7 +65,7 @@ def generate(
     raw = (read_text(prefix_file, "--prefix-file", allow_empty=True) if prefix_file is not None
            else prefix or "")
 
-    loaded = load_model(checkpoint, impl, device)
+    loaded = load_model(checkpoint, impl, device, weights)
     vocab = loaded.vocab
     if beam is not None and beam > len(vocab):
         raise UsageError(f"--beam {beam} is larger than the model's vocabulary ({len(vocab)} "

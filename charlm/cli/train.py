@@ -44,7 +44,7 @@ def options() -> list[inspect.Parameter]:
             decls = [f"{flag(name)}/--no-{flag(name)[2:]}"]
         shown: Any = meta.default_text if meta.default_text else default not in (None, [])
         help_text = meta.help
-        if meta.rule is not None and not meta.choices and meta.rule.kind is not None:
+        if meta.rule is not None and not meta.choices and meta.rule.kind not in (None, bool):
             help_text = f"{help_text} ({meta.rule.describe()})"
         metavar = f"[{'|'.join(meta.choices)}]" if meta.choices else None
         if meta.bare is not None:
@@ -118,7 +118,7 @@ def train(
         raise typer.Exit(launch(nproc, launch_args(given, config, resume, target, json_out, quiet)))
     from charlm.training import distributed
 
-    group = distributed.from_env()
+    group = distributed.from_env(given.get("device"))
     try:
         _train(group, given, config, resume, target, json_out, quiet)
     except CharlmError as exc:
@@ -176,7 +176,8 @@ def _meant(target: str) -> str:
 
 
 def _train(group, given: dict, config, resume: bool, target, json_out: bool, quiet: bool) -> None:
-    from charlm.training.config import build_config, load_config_file
+    from charlm.training.config import build_config
+    from charlm.training.configfile import load_config_file
     from charlm.training.display import TrainDisplay, summary_table
     from charlm.training.state import resolve_resume
     from charlm.training.trainer import Interrupted, Trainer

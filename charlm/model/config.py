@@ -37,15 +37,30 @@ class ModelConfig:
     nonlinearity: str = field(default="tanh", metadata=_rule(choices=NONLINEARITIES))  # rnn only
     impl: str = field(default="fused", metadata=_rule(choices=IMPLS))
     gru_reset: str = field(default="after", metadata=_rule(choices=GRU_RESETS))  # gru only
+    # AWD-LSTM's regularisers (charlm.model.dropout); the defaults are the model before them, so
+    # a checkpoint without these keys loads as it was trained
+    input_dropout: float = field(default=0.0, metadata=_rule(kind=float, low=0, high=1, high_open=True))
+    embed_dropout: float = field(default=0.0, metadata=_rule(kind=float, low=0, high=1, high_open=True))
+    weight_drop: float = field(default=0.0, metadata=_rule(kind=float, low=0, high=1, high_open=True))
+    locked_dropout: bool = field(default=False, metadata=_rule(kind=bool))
+    # the output layer shares the embedding's weight (through a projection when embed != hidden)
+    tie_weights: bool = field(default=False, metadata=_rule(kind=bool))
 
     @property
     def mode(self) -> str:
         """The cell name the recurrent layer factory takes: rnn_tanh, rnn_relu, gru or lstm."""
         return f"rnn_{self.nonlinearity}" if self.cell == "rnn" else self.cell
 
+    @property
+    def stochastic(self) -> bool:
+        """Whether training draws random masks (any dropout): resume then needs the generators."""
+        return any(p > 0 for p in (self.dropout, self.input_dropout, self.embed_dropout,
+                                   self.weight_drop))
+
     def validate(self) -> "ModelConfig":
         check_fields(self)
         check_combination(self.cell, self.impl, self.gru_reset)
+        check_tying(self.tie_weights, self.embed)
         return self
 
     def to_dict(self) -> dict:
@@ -81,6 +96,14 @@ def check_combination(cell: str, impl: str, gru_reset: str) -> None:
         raise UsageError(
             f"--impl fast exists only for {', '.join(FAST_MODES)}, not {cell}; "
             "use --impl fused or --impl scratch"
+        )
+
+
+def check_tying(tie_weights: bool, embed: int) -> None:
+    if tie_weights and embed == 0:
+        raise UsageError(
+            "--tie-weights shares the embedding with the output layer, but --embed 0 has no "
+            "embedding (one-hot inputs); give --embed N (N = --hidden ties without a projection)"
         )
 
 

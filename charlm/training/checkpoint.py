@@ -10,9 +10,11 @@ A checkpoint is one dict:
     model             state_dict (tensors)
     optimizer         optimizer.state_dict()
     scheduler         LRSchedule.state_dict() (numbers)
-    rng               {"torch": ByteTensor, "cuda": [ByteTensor, ...], "python": [...]}
+    ema               None, or {"decay", "updates", "model": averaged weights} (--ema)
+    rng               {"torch": ByteTensor, "python": [...], and on a GPU "device": "cuda" | "mps",
+                      "device_rng": the training device's generator} (older: "cuda": every GPU's)
     iterator          batch iterator state (ints)
-    hidden            carried hidden state (tensor, or [h, c]) for exact resume, or None
+    hidden            carried hidden state (float32 tensor, or [h, c]) for exact resume, or None
     step, epoch, tokens_seen, elapsed, best_val_loss
     train_config      TrainConfig as a dict
     corpus            {"name", "source", "num_tokens", "splits": {...}}
@@ -252,18 +254,20 @@ class Loaded:
 
 
 def load_model(target: str | Path | None, impl: str | None, device_spec: str,
-               how_to_name: str = "pass --checkpoint PATH") -> Loaded:
+               weights: str = "auto", how_to_name: str = "pass --checkpoint PATH") -> Loaded:
     """The checkpoint at `target` (None: the latest run's best.pt) or the model folder `charlm
     export` wrote, its model rebuilt and checked (`charlm.model.loading.model_from_checkpoint`);
-    `impl` None keeps a checkpoint's own, and picks `auto`'s choice for a folder (which records
-    none: its weights run in any implementation)."""
-    device = select_device(device_spec)
+    `impl` None keeps a checkpoint's own where it suits the device, and picks `auto`'s choice for
+    a folder (which records none: its weights run in any implementation); `weights` auto takes
+    the run's averaged weights where it has them."""
     path = find_checkpoint(target, how_to_name=how_to_name, exported=True)
     if path.is_dir():
         ckpt = read_model_folder(path)
         _check_train_config(ckpt["train_config"], path / CONFIG)
         impl = impl or "auto"
     else:
-        ckpt = load_checkpoint(path, map_location=device)
-    restored = model_from_checkpoint(ckpt, str(path), impl, device)
+        ckpt = load_checkpoint(path)  # on the CPU: the device may depend on the cell (MPS)
+    cell = ckpt["model_config"].get("cell")
+    device = select_device(device_spec, cell if isinstance(cell, str) else None)
+    restored = model_from_checkpoint(ckpt, str(path), impl, device, weights=weights)
     return Loaded(path, ckpt, restored.model, restored.vocab, restored.preprocessing, device)

@@ -5,9 +5,9 @@ help panel, choices or range (a `charlm.checks.Rule`; the model's options take t
 `ModelConfig`) and whether a resumed run may change it. Everything else is made from that:
 
     the `charlm train` options, their --help, defaults and choices   charlm.cli.train
-    config files: keys, types, ranges                              load_config_file, build_config
+    types and ranges, precedence and the checks across options    build_config, validate
+    config files, a run's config.toml, the README's options table  charlm.training.configfile
     what --resume refuses to change                                fixed_on_resume()
-    a run's config.toml, the README's options table           run_config_toml, options_markdown
 
 Precedence: these defaults (equal to `configs/timemachine-gru.toml`, checked by a test) <
 `--config FILE` < the options typed on the command line. Keys are the field names; a file may
@@ -19,17 +19,15 @@ from __future__ import annotations
 
 import math
 import re
-import tomllib
 import types
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
-from pathlib import Path
 from typing import Any
 
 from charlm.checks import Rule, rule_of
 from charlm.data.text import PREPROCESSING
 from charlm.errors import UsageError
-from charlm.model.config import IMPLS, ModelConfig, check_combination
+from charlm.model.config import IMPLS, ModelConfig, check_combination, check_tying
 from charlm.training.optim import OPTIMIZERS, SCHEDULES
 
 SAMPLINGS = ("sequential", "random")
@@ -122,6 +120,21 @@ class TrainConfig:
     gru_reset: str = option(
         "after", "GRU reset gate after (PyTorch) or before (Cho et al., d2l) the recurrent "
         "product; before needs --impl scratch.", MODEL, model=True, fixed=True, cells=("gru",))
+    input_dropout: float = option(
+        0.0, "Dropout on the embedding (or one-hot) output, into the first layer.", MODEL,
+        model=True)
+    embed_dropout: float = option(
+        0.0, "Drop whole characters: rows of the embedding, one mask per batch.", MODEL,
+        model=True)
+    weight_drop: float = option(
+        0.0, "DropConnect on the recurrent weights W_hh, one mask per batch (AWD-LSTM).", MODEL,
+        model=True)
+    locked_dropout: bool = option(
+        False, "Locked (variational) dropout: --dropout and --input-dropout draw one mask per "
+        "sequence, the same at every step.", MODEL, model=True)
+    tie_weights: bool = option(
+        False, "The output layer shares the embedding's weight (through a projection when "
+        "--embed is not --hidden).", MODEL, model=True, fixed=True)
     # -- optimisation --------------------------------------------------------------------------
     batch_size: int = option(64, "Sequences per batch (the global batch with --nproc).", OPTIM,
                              rule=_int(1), fixed=True, short="-b")
@@ -146,14 +159,24 @@ class TrainConfig:
                                    rule=_float(0, high=1, low_open=True, high_open=True))
     clip: float = option(1.0, "Clip gradients to this global L2 norm (0: off).", OPTIM,
                          rule=_float(0, text=">= 0 (0 disables clipping)"))
+    ema: float = option(
+        0.0, "Average the weights: an exponential moving average with this decay (e.g. 0.999), "
+        "used for validation, best.pt, generate and eval (0: off).", OPTIM,
+        rule=_float(0, high=1, high_open=True))
     # -- stopping: whichever comes first; 0 disables a limit -------------------------------------
     epochs: int = option(0, "Stop after this many epochs (0: no limit).", STOP, rule=_int(0))
     max_steps: int = option(0, "Stop after this many steps (0: no limit).", STOP, rule=_int(0))
     time_budget: str = option(
         "2m", "Stop after this much training time, e.g. 90s, 5m, 1h ('0': no limit).", STOP)
     # -- runtime -------------------------------------------------------------------------------
-    device: str = option("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.", RUN)
-    precision: str = option("fp32", "bf16 and fp16 autocast need CUDA.", RUN, choices=PRECISIONS)
+    device: str = option(
+        "auto", "auto (CUDA, then MPS but not for a GRU, then CPU), cpu, cuda, cuda:N or mps.", RUN)
+    precision: str = option(
+        "fp32", "Mixed precision needs CUDA: bf16 (recurrent layers too) or fp16 (loss scaling); "
+        "for small models fp32 is faster.", RUN, choices=PRECISIONS)
+    tf32: bool = option(
+        False, "Let CUDA use TF32 tensor cores for float32 products (faster, 10-bit mantissa); "
+        "eval perplexity never does.", RUN)
     seed: int = option(0, "Random seed: weights, batches, dropout.", RUN, fixed=True,
                        rule=_int(0, high=2**63, high_open=True, text="an integer in [0, 2**63)"))
     log_every: int = option(50, "Steps between progress lines.", RUN, rule=_int(1))
@@ -258,44 +281,6 @@ def type_ok(name: str, value: Any) -> bool:
     return isinstance(value, base)
 
 
-def type_name(name: str) -> str:
-    base = base_type(name)
-    if typing.get_origin(base) is list:
-        return "a list of strings"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[base]
-
-
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a TOML config into a flat {key: value} dict, rejecting unknown keys and wrong types."""
-    path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UsageError(f"config file {path} does not exist") from None
-    except IsADirectoryError:
-        raise UsageError(f"config file {path} is a directory, not a TOML file") from None
-    except UnicodeDecodeError:
-        raise UsageError(f"config file {path} is not UTF-8 text") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise UsageError(f"config file {path} is not valid TOML: {exc}") from None
-    flat: dict[str, Any] = {}
-    for key, value in raw.items():
-        items = value.items() if isinstance(value, dict) else [(key, value)]
-        for name, item in items:
-            where = f"{key}.{name}" if isinstance(value, dict) else name
-            if name not in OPTIONS:
-                raise UsageError(
-                    f"unknown key '{where}' in config file {path}; see 'charlm train --help' "
-                    "for the keys (option names with - written as _)"
-                )
-            if not type_ok(name, item):
-                raise UsageError(
-                    f"key '{where}' in config file {path} must be {type_name(name)}, got {item!r}"
-                )
-            flat[name] = item
-    return flat
-
-
 SOURCES = ("corpus", "text", "url")  # where the text comes from: one of them
 LIMITS = ("epochs", "max_steps", "time_budget")  # when a run stops: the first one reached
 
@@ -341,6 +326,7 @@ def validate(cfg: TrainConfig) -> None:
         raise UsageError("val_fraction + test_fraction must leave some text for training")
     check_cell_options(cfg)
     check_combination(cfg.cell, cfg.impl, cfg.gru_reset)
+    check_tying(cfg.tie_weights, cfg.embed)
     parse_duration(cfg.time_budget)
     from charlm.data.corpus import check_source
 
@@ -368,45 +354,3 @@ def model_config(cfg: TrainConfig, vocab_size: int, impl: str) -> ModelConfig:
     """The ModelConfig a run of `cfg` trains, with `impl` resolved for its device."""
     values = {f.name: getattr(cfg, f.name) for f in fields(ModelConfig) if hasattr(cfg, f.name)}
     return ModelConfig(**{**values, "vocab_size": vocab_size, "impl": impl}).validate()
-
-
-# -- writing -----------------------------------------------------------------------------------
-
-RUN_FILE_HEADER = ("# The resolved configuration of a charlm run; rerun it with: "
-                   "charlm train --config THIS_FILE\n")
-
-
-def run_config_toml(cfg: TrainConfig) -> str:
-    """A run's config.toml: what `charlm train --config` needs to train the same run again.
-    `cfg` is the run's resolved config (`Trainer` fills in the corpus, preprocessing and
-    sample prefix it actually used); `out` is left out, since a rerun makes its own run
-    directory, and so are options that do not apply to the cell."""
-    values = {name: value for name, value in cfg.to_dict().items()
-              if name != "out" and applies(name, cfg.cell)}
-    return to_toml(values, RUN_FILE_HEADER)
-
-
-def to_toml(values: dict[str, Any], header: str = "") -> str:
-    """A flat config dict as TOML, grouped by panel (keys with value None mean 'the default'
-    and are left out)."""
-    import tomli_w
-
-    tables: dict[str, dict[str, Any]] = {}
-    for key, value in values.items():
-        if value is not None:
-            tables.setdefault(OPTIONS[key].panel.lower(), {})[key] = value
-    return header + tomli_w.dumps(tables)
-
-
-def options_markdown() -> str:
-    """The README's table of every `charlm train` option, made from the declarations."""
-    rows = ["| option | default | values | meaning |", "|---|---|---|---|"]
-    for name, meta in OPTIONS.items():
-        flag = f"`--{name.replace('_', '-')}`" + (f", `{meta.short}`" if meta.short else "")
-        default = default_of(name)
-        shown = meta.default_text or ("" if default in (None, []) else f"`{default}`")
-        values = meta.rule.describe() if meta.rule else ""
-        cells = [flag, shown, values, meta.help]
-        cells = [c.replace("|", "/").replace("<", "&lt;").replace(">", "&gt;") for c in cells]
-        rows.append("| " + " | ".join(cells) + " |")
-    return "\n".join(rows) + "\n"

@@ -51,23 +51,18 @@ class RunInfo:
     limits: str = ""  # what stops the run, e.g. "max_steps 5000 or time_budget 2m"
 
     @classmethod
-    def of(cls, trainer, resuming: bool) -> "RunInfo":
-        """What a `charlm.training.trainer.Trainer` is about to do."""
-        from charlm.devices import describe as describe_device
+    def of(cls, trainer, resuming: bool, impl: str, device_text: str) -> "RunInfo":
+        """What a `charlm.training.trainer.Trainer` is about to do; `impl` and `device_text`
+        say how the model runs where it runs (`charlm.training.runtime`)."""
         from charlm.model.lm import count_parameters
         from charlm.training.distributed import describe as describe_group
 
         mc, data, device = trainer.model_config, trainer.data, trainer.device
-        impl = mc.impl
-        if impl == "fast" and device.type == "cpu":
-            from charlm.model import ckernel
-
-            impl = f"fast: {ckernel.status()}"  # says so when the slower fallback loops run
         return cls(
             resumed_at=trainer.loop.step if resuming else None,
             model=f"{mc.cell} {mc.layers}x{mc.hidden} ({impl})", impl=mc.impl,
             parameters=count_parameters(trainer.model), device=str(device),
-            device_text=describe_device(device), corpus=data.name, num_tokens=data.num_tokens,
+            device_text=device_text, corpus=data.name, num_tokens=data.num_tokens,
             preprocessing=data.preprocessing, vocab_size=len(data.vocab),
             train_tokens=data.train.numel(), val_tokens=data.val.numel(),
             batches_per_epoch=len(trainer.batches), batch_size=trainer.cfg.batch_size,

@@ -41,32 +41,71 @@ class LoopState:
         self.elapsed, self.best_val_loss = float(state["elapsed"]), float(state["best_val_loss"])
 
 
-def rng_state() -> dict:
+def rng_state(device: torch.device) -> dict:
+    """The generators a run draws from: torch's CPU one, the training device's own (a CUDA
+    device's, cuda:N's and no other, or MPS's), and Python's."""
     state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["device"], state["device_rng"] = "cuda", torch.cuda.get_rng_state(device)
+    elif device.type == "mps":
+        state["device"], state["device_rng"] = "mps", torch.mps.get_rng_state()
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device, needed: bool = True) -> str | None:
+    """Restore `state` for a run on `device`; the reason, as one line, when the device's own
+    generator cannot be restored (`needed`: whether the run draws from it, i.e. uses dropout).
+
+    Checkpoints before the "device" key kept every GPU's state in a list ("cuda"): the training
+    device's entry is used when there is one.
+    """
     torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available() and state.get("cuda"):
-        cuda = state["cuda"]
-        if len(cuda) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda)
+    saved_on = state.get("device") or ("cuda" if state.get("cuda") else "cpu")
+    if device.type == "cpu":
+        if needed and saved_on != "cpu":
+            return (f"the checkpoint was trained on {saved_on}, so its dropout masks came from "
+                    f"that device's generator: resumed on the CPU, the run draws other masks than "
+                    f"an uninterrupted run would")
+        return None
+    saved = state.get("device_rng") if saved_on == device.type else None
+    legacy = state.get("cuda") if device.type == "cuda" else None
+    if saved is None and isinstance(legacy, list):
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        saved = legacy[index] if index < len(legacy) else None
+    try:
+        if isinstance(saved, torch.Tensor) and saved.dtype == torch.uint8:
+            if device.type == "cuda":
+                torch.cuda.set_rng_state(saved.cpu(), device)
+            else:
+                torch.mps.set_rng_state(saved.cpu())
+            return None
+    except (RuntimeError, ValueError):
+        pass
+    if not needed:
+        return None
+    return (f"the checkpoint holds no usable {device.type} generator state (trained on "
+            f"{saved_on}): from here on the run draws other dropout masks than an uninterrupted "
+            f"run would")
 
 
 def hidden_to_plain(state: State | None):
-    """The carried state as CPU tensors: h, or [h, c] for an LSTM."""
+    """The carried state as float32 CPU tensors: h, or [h, c] for an LSTM. float32 whatever the
+    precision it was computed in, so a run resumes under any --precision and on any device."""
     if state is None:
         return None
-    return [s.detach().cpu() for s in state] if isinstance(state, tuple) else state.detach().cpu()
+    if isinstance(state, tuple):
+        return [s.detach().float().cpu() for s in state]
+    return state.detach().float().cpu()
 
 
 def hidden_from_plain(data, device) -> State | None:
+    """The carried state on `device`, float32 (checkpoints before that stored an fp16 run's in
+    fp16, which a float32 model refuses)."""
     if data is None:
         return None
-    return tuple(s.to(device) for s in data) if isinstance(data, list) else data.to(device)
+    if isinstance(data, list):
+        return tuple(s.to(device=device, dtype=torch.float32) for s in data)
+    return data.to(device=device, dtype=torch.float32)
 
 
 def resolve_resume(given: dict, resume: str) -> tuple[TrainConfig, dict]:

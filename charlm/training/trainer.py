@@ -23,17 +23,18 @@ import torch.nn.functional as F
 
 from charlm.data.batches import RandomBatches, SequentialBatches
 from charlm.data.dataset import Dataset, load_dataset
-from charlm.devices import keep_freed_memory
-from charlm.errors import CharlmError, UsageError
+from charlm.errors import CharlmError, warn
 from charlm.model.config import resolve_impl
 from charlm.model.lm import CharLM, State, detach_state
 from charlm.model.loading import model_from_checkpoint
 from charlm.sample import SampleSettings, generate
-from charlm.training import distributed, rundir, tensorboard
+from charlm.training import distributed, rundir, runtime, tensorboard
 from charlm.training.checkpoint import save_checkpoint
-from charlm.training.config import DATA, TrainConfig, model_config, run_config_toml
+from charlm.training.config import DATA, TrainConfig, model_config
+from charlm.training.configfile import run_config_toml
 from charlm.training.limits import Limits
 from charlm.training.display import RunInfo, TrainDisplay, run_summary
+from charlm.training.ema import WeightAverage
 from charlm.training.optim import LRSchedule, make_optimizer
 from charlm.training.signals import Interrupted, stop_requests
 from charlm.training.state import (LoopState, hidden_from_plain, hidden_to_plain, rng_state,
@@ -76,7 +77,7 @@ class Trainer:
         self.display = display or TrainDisplay(enabled=False)
         ckpt = resume["ckpt"] if resume else None
         self.where = str(resume.get("path") or "checkpoint") if resume else "checkpoint"
-        self.device = g.together(lambda: _setup_device(cfg, g, ckpt))
+        self.device = g.together(lambda: runtime.setup_device(cfg, g, ckpt))
         self.data: Dataset = g.local_first(lambda: load_dataset(
             **cfg.section(DATA), vocab=ckpt["vocab"] if ckpt else None, device=self.device))
         # Record what the run actually uses, so that its config.toml and a resume train on the
@@ -91,6 +92,7 @@ class Trainer:
         self.model, self.optimizer, self.schedule, self.batches, self.scaler = g.together(
             lambda: self._parts(ckpt))
         self.model_config = self.model.config
+        self.ema = WeightAverage(self.model, cfg.ema) if cfg.ema else None
         self.loop = LoopState()
         self.hidden: State | None = None  # carried across batches (sequential sampling)
         self.stop_signal: list[str] = []  # a signal name once SIGINT/SIGTERM arrived
@@ -139,7 +141,7 @@ class Trainer:
         """Everything a checkpoint holds, as plain data. In a process group this is a
         collective: every rank's hidden rows and RNG state are joined on rank 0."""
         sequential = self.cfg.sampling == "sequential"
-        rng = rng_state()
+        rng = rng_state(self.device)
         hidden, ranks = distributed.gather_state(
             self.group, hidden_to_plain(self.hidden) if sequential else None, rng)
         return {
@@ -150,6 +152,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
+            "ema": self.ema.state_dict() if self.ema else None,
             "rng": rng,
             "iterator": (iterator := self.batches.state_dict()),
             "hidden": hidden,
@@ -171,11 +174,15 @@ class Trainer:
         self.schedule.load_state_dict(ckpt["scheduler"])
         if self.scaler and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
+        if self.ema and ckpt.get("ema") is not None:  # else the average starts here
+            self.ema.load_state_dict(ckpt["ema"], self.where)
         self.batches.load_state_dict(ckpt["iterator"])
         hidden, rng = distributed.rank_state(self.group, ckpt, self.cfg.batch_size)
         self.hidden = hidden_from_plain(hidden, self.device)
         self.loop.load_state_dict(ckpt)
-        set_rng_state(rng)
+        note = set_rng_state(rng, self.device, needed=self.model_config.stochastic)
+        if note and self.group.is_main:
+            warn(note)
 
     def save(self, name: str) -> Path:
         state, path = self.state_dict(), self.run_dir / name
@@ -218,6 +225,8 @@ class Trainer:
             self.scaler.update()
         else:
             self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update()
         return loss.detach(), state
 
     def evaluate(self) -> float:
@@ -258,10 +267,14 @@ class Trainer:
 
     def _loop(self, metrics, resuming: bool) -> dict:
         cfg, loop = self.cfg, self.loop
-        info = RunInfo.of(self, resuming)
+        info = RunInfo.of(self, resuming, runtime.impl_text(self.model_config, self.device),
+                          runtime.device_text(cfg, self.device))
+        if self.group.is_main and (note := runtime.precision_note(cfg)):
+            warn(note)
         self.display.start(info)
         self._window = _Window(self.device)
         self._mark = time.perf_counter()
+        self._clock = loop.elapsed  # this process's training time; loop.elapsed: the agreed one
         batches = self._batches()
         self.net.train()
         try:
@@ -307,7 +320,7 @@ class Trainer:
     def _stop_check(self) -> str | None:
         """Why the run stops now, if it does: a signal, which the ranks of a process group agree
         on (with the elapsed time, which the schedule and --time-budget read), or a limit."""
-        self.loop.elapsed, self.agreed_stop = self.group.agree_stop(self.loop.elapsed,
+        self.loop.elapsed, self.agreed_stop = self.group.agree_stop(self._clock,
                                                                     self.stop_signal)
         return self.agreed_stop or self.limits.reached(self.loop.step, self._epochs_done(),
                                                        self.loop.elapsed)
@@ -319,8 +332,10 @@ class Trainer:
         loop.step += 1
         loop.tokens_seen += tokens
         now = time.perf_counter()
-        loop.elapsed += now - self._mark
+        self._clock += now - self._mark
         self._mark = now
+        if not self.group.active:  # a process group agrees on it at the next stop check
+            loop.elapsed = self._clock
         self.display.tick(loop.step, self.batches.epoch, self.fraction_done(), self._eta())
         if loop.step % cfg.log_every == 0:
             self._log(lr, metrics)
@@ -373,8 +388,9 @@ class Trainer:
 
     def _evaluate_and_sample(self, metrics) -> float:
         loop, g = self.loop, self.group
-        val = self.evaluate()
-        sample = self.sample_text() if g.is_main else ""
+        with self.ema.applied() if self.ema else nullcontext():  # validation sees the average
+            val = self.evaluate()
+            sample = self.sample_text() if g.is_main else ""
         self.model.train()
         loop.last_val_loss = val
         improved = math.isfinite(val) and val < loop.best_val_loss
@@ -397,12 +413,3 @@ class Trainer:
             self.save("best.pt")
         return val
 
-
-def _setup_device(cfg: TrainConfig, group: distributed.Group, ckpt: dict | None) -> torch.device:
-    device = distributed.select_rank_device(cfg.device, group)
-    if device.type == "cpu":
-        keep_freed_memory()  # no page-fault churn from freeing each step's activations
-    if cfg.precision != "fp32" and device.type != "cuda":
-        raise UsageError(f"--precision {cfg.precision} needs a CUDA device; use fp32 on {device.type}")
-    distributed.check_world(group, cfg.batch_size, ckpt.get("world_size", 1) if ckpt else None)
-    return device
