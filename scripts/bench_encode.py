@@ -11,7 +11,7 @@ its peak RSS (``ru_maxrss``) is its own:
   (the text itself, 1 byte per ASCII character, is therefore not counted; it is reported
   separately). The encoded ids are 4 bytes per character of that.
 * the same with the chunk loops on all torch threads instead of one (ablation of
-  ``charlm.data.vocab._one_thread``).
+  ``charlm.data.vocab.one_thread``).
 * naive: ``list(text)``, ``collections.Counter``, sorted vocabulary, a dict lookup per character
   into a list, ``torch.tensor(ids, dtype=torch.int32)``; run on the first --naive-chars
   characters only and scaled per character (time and memory). It also checks that both give
@@ -68,7 +68,7 @@ def child_fast(path: str, chars: int, repeat: int, all_threads: bool = False) ->
     from charlm.data.vocab import Vocab
 
     if all_threads:  # ablation: let torch split each chunk's ops across all its threads
-        charlm.data.vocab._one_thread = contextlib.nullcontext
+        charlm.data.vocab.one_thread = contextlib.nullcontext
 
     Vocab.build("warm up").encode("warm up")  # first-call setup is not what we measure
     before_text = _rss_kib()

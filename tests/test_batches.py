@@ -7,7 +7,6 @@ from charlm.data.batches import (
     RandomBatches,
     SequentialBatches,
     eval_windows,
-    limit_tokens,
     split_tokens,
 )
 from charlm.errors import CharlmError, UsageError
@@ -57,15 +56,6 @@ def test_split_tokens_tolerates_rounding():
     assert len(train) + len(val) + len(test) == 10
     parts = split_tokens(corpus(10_000_000), (0.0, 0.5000005, 0.5))  # sums to 1 + 5e-7
     assert [len(p) for p in parts] == [0, 5_000_000, 5_000_000]
-
-
-def test_limit_tokens():
-    t = corpus(10)
-    assert limit_tokens(t, None) is t and limit_tokens(t, 0) is t
-    assert limit_tokens(t, 4).tolist() == [0, 1, 2, 3]
-    assert limit_tokens(t, 100).tolist() == t.tolist()
-    with pytest.raises(UsageError, match=r"^max_tokens must be >= 0 \(0 = all\), got -1$"):
-        limit_tokens(t, -1)
 
 
 # --- both iterators ---------------------------------------------------------------------------

@@ -52,15 +52,6 @@ def split_tokens(tokens: Tensor, fractions=(0.9, 0.1, 0.0)) -> tuple[Tensor, Ten
     return tokens[:n_train], tokens[n_train : n_train + n_val], tokens[n_train + n_val :]
 
 
-def limit_tokens(tokens: Tensor, max_tokens: int | None) -> Tensor:
-    """The first ``max_tokens`` tokens (d2l's ``max_tokens``); None or 0 keeps them all."""
-    if max_tokens is None or max_tokens == 0:
-        return tokens
-    if max_tokens < 0:
-        raise UsageError(f"max_tokens must be >= 0 (0 = all), got {max_tokens}")
-    return tokens[:max_tokens]
-
-
 def _check_shape(batch_size: int, num_steps: int) -> None:
     if batch_size < 1:
         raise UsageError(f"batch size must be >= 1, got {batch_size}")

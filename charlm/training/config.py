@@ -76,7 +76,8 @@ def _float(low: float, **kw) -> Rule:
 class TrainConfig:
     # -- data ----------------------------------------------------------------------------------
     corpus: str | None = option(
-        None, "A named corpus (see charlm data list): timemachine, tinyshakespeare, python-docs.",
+        None, "A named corpus (see charlm data list): timemachine, tinyshakespeare, enwik8, text8, "
+        "python-docs.",
         DATA, fixed=True, default_text="timemachine, else python-docs")
     text: list[str] = option(
         [], "Train on local UTF-8 file(s) instead (repeatable).", DATA, fixed=True)
@@ -86,7 +87,8 @@ class TrainConfig:
         None, "Corpus cache directory.", DATA,
         default_text="$CHARLM_DATA_DIR, else ~/.cache/charlm")
     preprocessing: str | None = option(
-        None, "d2l (letters and single spaces, lowercased), lower, or raw.", DATA, fixed=True,
+        None, "d2l (letters and single spaces, lowercased), lower, raw, or bytes (the UTF-8 "
+        "bytes: at most 256 symbols, any script).", DATA, fixed=True,
         choices=PREPROCESSING, default_text="the corpus's own")
     min_freq: int = option(1, "Symbols rarer than this map to <unk>.", DATA, rule=_int(1),
                            fixed=True)
@@ -94,12 +96,14 @@ class TrainConfig:
                             fixed=True)
     max_tokens: int = option(0, "Use only the first N tokens, as d2l's loader (0: all).", DATA,
                              rule=_int(0), fixed=True)
-    val_fraction: float = option(
-        0.1, "Share of the corpus (from the end) for validation.", DATA,
-        rule=_float(0, high=1, high_open=True), fixed=True)
-    test_fraction: float = option(
-        0.0, "Share of the corpus (the very end) held out for test.", DATA,
-        rule=_float(0, high=1, high_open=True), fixed=True)
+    val_fraction: float | None = option(
+        None, "Share of the corpus (from the end) for validation.", DATA,
+        rule=_float(0, high=1, high_open=True), fixed=True,
+        default_text="the corpus's own: 0.1; enwik8, text8: 0.05")
+    test_fraction: float | None = option(
+        None, "Share of the corpus (the very end) held out for test.", DATA,
+        rule=_float(0, high=1, high_open=True), fixed=True,
+        default_text="the corpus's own: 0; enwik8, text8: 0.05")
     # -- model ---------------------------------------------------------------------------------
     cell: str = option("gru", "The recurrent cell.", MODEL, model=True, fixed=True)
     hidden: int = option(256, "Hidden units per layer.", MODEL, model=True, fixed=True)
@@ -327,7 +331,7 @@ def validate(cfg: TrainConfig) -> None:
         value = getattr(cfg, name)
         if meta.rule is not None and not (value is None and optional(name)):
             meta.rule.check(name, value)
-    if cfg.val_fraction + cfg.test_fraction >= 1.0:
+    if (cfg.val_fraction or 0.0) + (cfg.test_fraction or 0.0) >= 1.0:
         raise UsageError("val_fraction + test_fraction must leave some text for training")
     check_combination(cfg.cell, cfg.impl, cfg.gru_reset)
     parse_duration(cfg.time_budget)
