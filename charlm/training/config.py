@@ -157,6 +157,10 @@ class TrainConfig:
                        rule=_int(0, high=2**63, high_open=True, text="an integer in [0, 2**63)"))
     log_every: int = option(50, "Steps between progress lines.", RUN, rule=_int(1))
     eval_every: int = option(500, "Steps between validation + sample.", RUN, rule=_int(1))
+    eval_tokens: int = option(
+        250_000, "Validation tokens per evaluation while training: the same contiguous part "
+        "from the start of the split each time (0: all); the end of a run evaluates all of it.",
+        RUN, rule=_int(0))
     checkpoint_every: int = option(500, "Steps between saves of last.pt.", RUN, rule=_int(1))
     sample_prefix: str | None = option(
         None, "Prompt for the samples shown at each evaluation.", RUN,

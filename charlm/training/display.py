@@ -36,6 +36,7 @@ class RunInfo:
     run_dir: Path
     extra: dict  # more summary entries (a process group's world_size)
     limits: str = ""  # what stops the run, e.g. "max_steps 5000 or time_budget 2m"
+    eval_tokens: int = 0  # validation tokens per evaluation while training (0: all)
 
 
 def _si(x: float) -> str:
@@ -58,9 +59,11 @@ class TrainDisplay:
         verb = f"resuming at step {run.resumed_at}" if run.resumed_at is not None else "training"
         self.print(f"{verb}: {run.model}, {run.parameters:,} parameters, on {run.device_text}, "
                    f"until {run.limits}")
+        part = (f" (the first {run.eval_tokens:,} at each evaluation, all at the end)"
+                if 0 < run.eval_tokens < run.val_tokens else "")
         self.print(
             f"corpus {run.corpus}: {run.num_tokens:,} tokens ({run.preprocessing}, vocab "
-            f"{run.vocab_size}), train {run.train_tokens:,} / val {run.val_tokens:,}; "
+            f"{run.vocab_size}), train {run.train_tokens:,} / val {run.val_tokens:,}{part}; "
             f"{run.batches_per_epoch} batches of {run.batch_size}x{run.num_steps} per epoch"
         )
         self.print(f"run directory: {run.run_dir}")
@@ -81,13 +84,15 @@ class TrainDisplay:
         else:
             self.print(f"{head} | loss {row['loss']:.4f} | {stats} | {progress:.0%}")
 
-    def evaluation(self, row: dict, sample: str, improved: bool) -> None:
+    def evaluation(self, row: dict, sample: str | None, improved: bool) -> None:
         if row["loss"] is None or not math.isfinite(row["loss"]):
             return
-        mark = " (best)" if improved else ""
+        mark = " (best)" if improved else " (all of the validation split)" if row.get(
+            "whole_split") else ""
         self.print(f"[step {row['step']}] val ppl {row['ppl']:.3f}, {row['bpc']:.3f} bits/char{mark}",
                    markup=False, highlight=False)
-        self.print(f"  sample: {sample!r}", markup=False, highlight=False)
+        if sample is not None:
+            self.print(f"  sample: {sample!r}", markup=False, highlight=False)
 
     def stop(self) -> None:
         if self.progress is not None:

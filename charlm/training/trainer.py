@@ -22,10 +22,11 @@ import torch.nn.functional as F
 
 from charlm.data.batches import RandomBatches, SequentialBatches
 from charlm.data.dataset import Dataset, load_dataset
+from charlm.data.text import readable
 from charlm.devices import describe as describe_device
 from charlm.devices import keep_freed_memory
-from charlm.errors import CharlmError, UsageError
-from charlm.model.config import resolve_impl
+from charlm.errors import CharlmError, UsageError, warn
+from charlm.model.config import large_vocab_note, resolve_impl
 from charlm.model.lm import CharLM, State, count_parameters, detach_state
 from charlm.model.loading import model_from_checkpoint
 from charlm.sample import SampleSettings, generate
@@ -36,8 +37,8 @@ from charlm.training.limits import Limits
 from charlm.training.display import RunInfo, TrainDisplay, run_summary
 from charlm.training.optim import LRSchedule, make_optimizer
 from charlm.training.signals import Interrupted, stop_requests
-from charlm.training.state import (LoopState, hidden_from_plain, hidden_to_plain, rng_state,
-                                   set_rng_state)
+from charlm.training.state import (LogWindow, LoopState, hidden_from_plain, hidden_to_plain,
+                                   rng_state, set_rng_state)
 
 CONFIG_HEADER = "# Resolved charlm training configuration; rerun with: charlm train --config THIS_FILE\n"
 
@@ -47,23 +48,6 @@ class _NoMetrics:
 
     def write(self, row: dict) -> None:
         pass
-
-
-class _Window:
-    """What happened since the last log line; the loss sum stays on the device."""
-
-    def __init__(self, device: torch.device):
-        self.loss_sum = torch.zeros((), device=device)
-        self.steps, self.tokens, self.since = 0, 0, time.perf_counter()
-
-    def add(self, loss: torch.Tensor, tokens: int) -> None:
-        self.loss_sum += loss
-        self.steps += 1
-        self.tokens += tokens
-
-    def reset(self) -> None:
-        self.loss_sum.zero_()
-        self.steps, self.tokens, self.since = 0, 0, time.perf_counter()
 
 
 class Trainer:
@@ -208,13 +192,15 @@ class Trainer:
             self.optimizer.step()
         return loss.detach(), state
 
-    def evaluate(self) -> float:
-        """Mean NLL per character over the whole validation split (state carried)."""
-        if self.data.val.numel() < 2:
+    def evaluate(self, whole: bool = False) -> float:
+        """Mean NLL per character over the validation split's first --eval-tokens (`whole`: all
+        of it), in --batch-size streams, the state carried."""
+        val = self.data.val if whole or not self.cfg.eval_tokens else self.data.val[
+            : self.cfg.eval_tokens]
+        if val.numel() < 2:
             return math.nan
-        nll, count = distributed.validation_nll(self.group, self.model, self.data.val,
-                                                self.cfg.batch_size, self.cfg.num_steps,
-                                                self.autocast)
+        nll, count = distributed.validation_nll(self.group, self.model, val, self.cfg.batch_size,
+                                                self.cfg.num_steps, self.autocast)
         return nll / count
 
     def sample_text(self) -> str:
@@ -222,7 +208,7 @@ class Trainer:
         ids = self.data.vocab.encode(prefix).tolist()
         gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed + self.loop.step)
         drawn = generate(self.model, ids, SampleSettings(length=self.cfg.sample_length), generator=gen)
-        return prefix + self.data.vocab.decode(drawn[0])
+        return readable(prefix + self.data.vocab.decode(drawn[0]), self.data.preprocessing)
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> dict:
@@ -238,8 +224,10 @@ class Trainer:
     def _loop(self, metrics, resuming: bool) -> dict:
         cfg, loop = self.cfg, self.loop
         info = self._run_info(count_parameters(self.model), resuming)
+        if self.group.is_main and (note := large_vocab_note(self.model_config)):
+            warn(note)  # on stderr before anything else, even with -q
         self.display.start(info)
-        self._window = _Window(self.device)
+        self._window = LogWindow(self.device)
         self._mark = time.perf_counter()
         batches = self._batches()
         self.net.train()
@@ -266,6 +254,8 @@ class Trainer:
             self._check_finite(self._mean_loss())
         evaluated_now = loop.step % cfg.eval_every == 0 and math.isfinite(loop.last_val_loss)
         final_val = loop.last_val_loss if evaluated_now else self._evaluate_and_sample(metrics)
+        if 0 < cfg.eval_tokens < self.data.val.numel():  # the figure to report: the whole split
+            final_val = self._evaluate_and_sample(metrics, whole=True)
         self.save("last.pt")
         self.display.stop()
         summary = run_summary(info, stop, loop, final_val)
@@ -346,23 +336,26 @@ class Trainer:
             )
             raise distributed.shared(error) if self.group.active else error
 
-    def _evaluate_and_sample(self, metrics) -> float:
+    def _evaluate_and_sample(self, metrics, whole: bool = False) -> float:
+        """A periodic evaluation; `whole`: the final one over all of the validation split, which
+        is reported but not compared with the others (they cover --eval-tokens)."""
         loop, g = self.loop, self.group
-        val = self.evaluate()
-        sample = self.sample_text() if g.is_main else ""
+        began, val = time.perf_counter(), self.evaluate(whole)
+        sample = self.sample_text() if g.is_main and not whole else None
         self.model.train()
         loop.last_val_loss = val
-        improved = math.isfinite(val) and val < loop.best_val_loss
+        improved = not whole and math.isfinite(val) and val < loop.best_val_loss
         if improved:
             loop.best_val_loss = val
-        if math.isfinite(val):
+        if math.isfinite(val) and not whole:
             self.schedule.observe(val)
         row = {"kind": "val", "step": loop.step, "epoch": self.batches.epoch,
                "tokens": loop.tokens_seen, "time": round(loop.elapsed, 3), "loss": val,
                "ppl": math.exp(min(val, 50)) if math.isfinite(val) else None,
-               "bpc": val / math.log(2) if math.isfinite(val) else None}
+               "bpc": val / math.log(2) if math.isfinite(val) else None, "whole_split": whole,
+               "eval_s": round(time.perf_counter() - began, 3)}
         metrics.write(row)
-        if g.is_main:
+        if sample is not None:
             with open(self.run_dir / "samples.txt", "a", encoding="utf-8") as fh:
                 fh.write(f"--- step {loop.step}\n{sample}\n")
         self.display.evaluation(row, sample, improved)
@@ -385,7 +378,8 @@ class Trainer:
             vocab_size=len(data.vocab), train_tokens=data.train.numel(),
             val_tokens=data.val.numel(), batches_per_epoch=len(self.batches),
             batch_size=self.cfg.batch_size, num_steps=self.cfg.num_steps, run_dir=self.run_dir,
-            extra=distributed.describe(self.group), limits=self.limits.describe())
+            extra=distributed.describe(self.group), limits=self.limits.describe(),
+            eval_tokens=self.cfg.eval_tokens)
 
 
 def _setup_device(cfg: TrainConfig, group: distributed.Group, ckpt: dict | None) -> torch.device:
