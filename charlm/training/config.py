@@ -152,6 +152,9 @@ class TrainConfig:
         "2m", "Stop after this much training time, e.g. 90s, 5m, 1h ('0': no limit).", STOP)
     # -- runtime -------------------------------------------------------------------------------
     device: str = option("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.", RUN)
+    threads: int = option(
+        0, "CPU threads (0: chosen by the work per step: one for a tiny model, else one per "
+        "core).", RUN, rule=_int(0))
     precision: str = option("fp32", "bf16 and fp16 autocast need CUDA.", RUN, choices=PRECISIONS)
     seed: int = option(0, "Random seed: weights, batches, dropout.", RUN, fixed=True,
                        rule=_int(0, high=2**63, high_open=True, text="an integer in [0, 2**63)"))

@@ -24,7 +24,7 @@ from charlm.data.batches import RandomBatches, SequentialBatches
 from charlm.data.dataset import Dataset, load_dataset
 from charlm.data.text import readable
 from charlm.devices import describe as describe_device
-from charlm.devices import keep_freed_memory
+from charlm.devices import keep_freed_memory, threads_for, use_threads
 from charlm.errors import CharlmError, UsageError, warn
 from charlm.model.config import large_vocab_note, resolve_impl
 from charlm.model.lm import CharLM, State, count_parameters, detach_state
@@ -214,6 +214,10 @@ class Trainer:
     def run(self) -> dict:
         resuming = self.loop.step > 0 or self.batches.position > 0 or self.batches.epoch > 0
         with ExitStack() as stack:
+            if self.device.type == "cpu":  # --threads, else by the work per step; put back after
+                stack.callback(use_threads, torch.get_num_threads())
+                use_threads(threads_for("train", self.cfg.hidden, self.cfg.batch_size,
+                                        self.cfg.threads))
             metrics = self.group.on_main(lambda: self._open_run_dir(stack, resuming))
             return self._loop(metrics or _NoMetrics(), resuming)
 
