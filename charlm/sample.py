@@ -14,6 +14,10 @@ arithmetic. The first layer's input projection becomes a row lookup::
     step:  gates = table[x] | h_below @ W_ih^T + b_ih,  plus  h @ W_hh^T + b_hh  -> h (, c)
            logits = h_top @ (W_out / T)^T + b_out / T     (the temperature folded into the head)
 
+`<unk>` (id 0 of every vocabulary) is never drawn: it stands for characters the vocabulary left
+out, not for a character to print, so its logit is -inf (in the head's bias, at no cost per
+step) and the draw is over the real characters.
+
 A character is drawn with the Gumbel-max trick, argmax(logits / T + g) with g = -log E,
 E ~ Exp(1): exactly a draw from softmax(logits / T), for one add and one argmax per step. The
 noise comes from `gumbel_noise` in blocks of steps, so a seed fixes the text.
@@ -31,6 +35,7 @@ from charlm.model.lm import CharLM, State
 
 NOISE_BLOCK_STEPS = 64  # noise drawn per block: (steps, samples, vocab)
 NOISE_BLOCK_NUMBERS = 1 << 22  # ... but at most this many numbers (16 MB) per block
+UNK_ID = 0  # <unk> in every charlm vocabulary (charlm.data.vocab.Vocab)
 
 
 @dataclass
@@ -64,6 +69,11 @@ def _expand(state: State, n: int) -> State:
     if isinstance(state, tuple):
         return tuple(s.expand(-1, n, -1).contiguous() for s in state)
     return state.expand(-1, n, -1).contiguous()
+
+
+def without_unk(logits: torch.Tensor) -> torch.Tensor:
+    """A copy of `logits` (..., V) in which <unk> cannot be drawn."""
+    return logits.index_fill(-1, torch.tensor([UNK_ID], device=logits.device), float("-inf"))
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -113,7 +123,7 @@ class _Stepper:
         self.w_hh = [p("weight_hh", k).t().contiguous() for k in range(cfg.layers)]
         self.b_hh = [p("bias_hh", k) for k in range(cfg.layers)]
         self.head_w = (model.head.weight.detach().t() * scale).contiguous()
-        self.head_b = model.head.bias.detach() * scale
+        self.head_b = without_unk(model.head.bias.detach() * scale)
 
     @staticmethod
     def supports(model: CharLM) -> bool:
@@ -193,6 +203,7 @@ def generate(
         else:
             state = model.begin_state(n, device)
             logits = (model.head.bias * scale).expand(n, -1)
+        logits = without_unk(logits)
         fast = _Stepper.supports(model)
         if fast:
             stepper = _Stepper(model, scale)
@@ -220,7 +231,7 @@ def generate(
                 logits = stepper.step(nxt, states)
             else:
                 logits, state = model(nxt[:, None], state)
-                logits = logits[:, -1] * scale
+                logits = without_unk(logits[:, -1] * scale)
         return torch.stack(drawn, 1).tolist()
     finally:
         torch.set_num_threads(threads)

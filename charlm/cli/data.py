@@ -7,9 +7,9 @@ import os
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from charlm.console import console
 from charlm.data import corpus
 
 DataDir = typer.Option(
@@ -31,7 +31,7 @@ def data_list(data_dir: Path | None = DataDir, as_json: bool = AsJson) -> None:
     """
     rows = []
     for name in corpus.corpus_names():
-        e = corpus.entry(name)
+        e = corpus.entry(name, "")
         if e.builtin:
             size, path, status = len(corpus.python_docs_text().encode()), None, "built in"
         else:
@@ -49,9 +49,9 @@ def data_list(data_dir: Path | None = DataDir, as_json: bool = AsJson) -> None:
     table = Table("name", "bytes", "cached", "description")
     for row in rows:
         table.add_row(row["name"], f"{row['bytes']:,}", row["status"], row["description"])
-    console = Console(markup=False, highlight=False)
-    console.print(table)
-    console.print(f"cache: {corpus.cache_dir(data_dir)}")
+    out = console()
+    out.print(table)
+    out.print(f"cache: {corpus.cache_dir(data_dir)}")
 
 
 def data_download(name: str = Name, data_dir: Path | None = DataDir) -> None:
@@ -59,7 +59,7 @@ def data_download(name: str = Name, data_dir: Path | None = DataDir) -> None:
 
     Example: charlm data download tinyshakespeare
     """
-    e = corpus.entry(name)
+    e = corpus.entry(name, "")
     if not e.builtin and corpus.is_cached(e, data_dir):
         typer.echo(f"{name} is already cached and verified: {corpus.cached_path(e, data_dir)}")
         return
@@ -86,7 +86,7 @@ def _load(spec: str | None, data_dir: Path | None) -> corpus.CorpusSource:
         return corpus.locate_corpus(spec, data_dir=data_dir)
     if os.sep in spec or Path(spec).suffix or Path(spec).exists():
         return corpus.locate_corpus(texts=[Path(spec)])
-    corpus.entry(spec)  # raises the error that lists the known names
+    corpus.entry(spec, "or give the path of a text file")  # the error listing the names
     raise AssertionError("unreachable")
 
 
@@ -153,4 +153,4 @@ def data_info(
     symbols = Table("symbol", "count", "share", title=f"top {len(stats['top_symbols'])} symbols")
     for symbol, count in stats["top_symbols"]:
         symbols.add_row(repr(symbol), f"{count:,}", f"{count / n:.1%}")
-    Console(markup=False, highlight=False).print(symbols)
+    console().print(symbols)

@@ -5,57 +5,14 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import typer
 
 from charlm.cli.options import CheckpointOpt, DeviceOpt, ImplOpt, JsonOpt
 from charlm.errors import CharlmError, UsageError
 
-if TYPE_CHECKING:  # torch is imported by the command itself: `charlm --help` stays quick
-    import torch
-
-    from charlm.training.checkpoint import Loaded
-
 SPLITS = ("train", "val", "test")
-FRACTION_OPTION = {"val": "--val-fraction", "test": "--test-fraction"}
-
-
-def _split_tokens(loaded: "Loaded", split: str) -> "torch.Tensor":
-    """Rebuild the run's splits from its train_config; the corpus must be the one trained on."""
-    from charlm.data.corpus import default_fractions
-    from charlm.data.dataset import load_dataset
-    from charlm.training.config import DATA, OPTIONS, build_config
-
-    ckpt, path = loaded.ckpt, loaded.path
-    saved = ckpt.get("train_config")
-    if not isinstance(saved, dict):
-        raise CharlmError(
-            f"{path} holds no training configuration, so its splits cannot be rebuilt; "
-            "evaluate a file with --text FILE"
-        )
-    cfg = build_config({k: v for k, v in saved.items() if k in OPTIONS}, {})
-    corpus_info = ckpt.get("corpus") if isinstance(ckpt.get("corpus"), dict) else {}
-    if not (cfg.corpus or cfg.text or cfg.url) and corpus_info.get("name"):
-        cfg.corpus = corpus_info["name"]  # the default corpus as it resolved then (or its fallback)
-    own = default_fractions(cfg.corpus, cfg.text, cfg.url)  # for a fraction left to the corpus
-    fraction = {"val": cfg.val_fraction if cfg.val_fraction is not None else own[0],
-                "test": cfg.test_fraction if cfg.test_fraction is not None else own[1]}.get(split)
-    if fraction == 0:
-        raise CharlmError(
-            f"the run of {path} held out no {split} split ({split}_fraction 0): train with "
-            f"{FRACTION_OPTION[split]} 0.1 (for example) to get one, or evaluate a file with "
-            "--text FILE"
-        )
-    data = load_dataset(**cfg.section(DATA), vocab=ckpt["vocab"], device=loaded.device)
-    trained_on = corpus_info.get("num_tokens")
-    if trained_on is not None and trained_on != data.num_tokens:
-        raise CharlmError(
-            f"the corpus now has {data.num_tokens} tokens but {path} was trained on {trained_on}; "
-            "the text changed since training, so its splits cannot be rebuilt: evaluate a file "
-            "with --text FILE"
-        )
-    return getattr(data, split)
 
 
 def eval_perplexity(
@@ -78,6 +35,7 @@ def eval_perplexity(
     from charlm.data.text import preprocess, read_text
     from charlm.evaluate import perplexity_of
     from charlm.training.checkpoint import load_model
+    from charlm.training.splits import run_split
 
     if split is not None and text is not None:
         raise UsageError("give --split or --text, not both")
@@ -95,7 +53,7 @@ def eval_perplexity(
         source, what = str(text), f"--text {text}"
     else:
         split = split or "val"
-        tokens = _split_tokens(loaded, split)
+        tokens = run_split(loaded, split)
         source, what = f"{split} split", f"the {split} split of the run of {loaded.path}"
     if tokens.numel() < 2:
         raise CharlmError(
@@ -111,8 +69,9 @@ def eval_perplexity(
                    "impl": loaded.model.config.impl, "device": str(loaded.device)}
         sys.stdout.write(json.dumps(payload, indent=2) + "\n")
         return
-    from rich.console import Console
     from rich.table import Table
+
+    from charlm.console import console
 
     table = Table(title="charlm eval perplexity", show_header=False)
     table.add_column(style="bold")
@@ -124,4 +83,4 @@ def eval_perplexity(
     table.add_row("bits / char", f"{result.bits_per_char:.4f}")
     table.add_row("characters evaluated", f"{result.characters:,}")
     table.add_row("<unk> share", f"{result.unk_share:.4%} ({result.unk_characters:,})")
-    Console().print(table)
+    console().print(table)

@@ -4,8 +4,8 @@ import typer
 
 CheckpointOpt = typer.Option(
     None, "--checkpoint",
-    help="A checkpoint file or a run directory (its best.pt). Default: the latest run's best.pt "
-         "(runs root: $CHARLM_RUNS_DIR or ./runs).",
+    help="A checkpoint file, a run directory (its best.pt) or a folder written by charlm export. "
+         "Default: the latest run's best.pt (runs root: $CHARLM_RUNS_DIR or ./runs).",
     show_default=False,
 )
 DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.")

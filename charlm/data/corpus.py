@@ -86,14 +86,15 @@ def corpus_names() -> list[str]:
     return sorted(registry())
 
 
-def entry(name: str) -> Entry:
-    """The registry entry `name`, or a UsageError that lists the known names."""
+def entry(name: str, otherwise: str = "or give a text file or URL") -> Entry:
+    """The registry entry `name`, or a UsageError that lists the known names and, `otherwise`,
+    what else the command takes."""
     try:
         return registry()[name]
     except KeyError:
         raise UsageError(
-            f"unknown corpus {name!r}: choose one of {', '.join(corpus_names())}, "
-            "or give a text file or URL"
+            f"unknown corpus {name!r}: choose one of {', '.join(corpus_names())}"
+            + (f", {otherwise}" if otherwise else "")
         ) from None
 
 
@@ -130,9 +131,11 @@ def _fetch(e: Entry, data_dir: Path | None, progress: bool) -> Path:
             sha1=e.sha1, sha256=e.sha256, progress=progress, **DOWNLOAD_OPTIONS,
         )
     except DownloadError as exc:
+        mirror = os.environ.get("CHARLM_MIRROR", "").strip()
+        where = (f"check that CHARLM_MIRROR ({mirror}) holds {e.archive or e.filename}" if mirror
+                 else "set CHARLM_MIRROR to a mirror URL or directory")
         raise DownloadError(
-            f"{exc}; set CHARLM_MIRROR to a mirror URL or directory, "
-            f"or add a copy you have with 'charlm data add {e.name} FILE'"
+            f"{exc}; {where}, or add a copy you have with 'charlm data add {e.name} FILE'"
         ) from None
 
 
@@ -155,7 +158,7 @@ def _fetch_archive(e: Entry, data_dir: Path | None, progress: bool) -> Path:
 
 def fetch(name: str, data_dir: Path | None = None, progress: bool = True) -> Path:
     """The verified cached file of a named corpus, downloaded first (CHARLM_MIRROR first) if needed."""
-    e = entry(name)
+    e = entry(name, "")
     if e.builtin:
         raise UsageError(f"{name} is built into Python; there is nothing to download")
     return _fetch(e, data_dir, progress)
@@ -163,7 +166,7 @@ def fetch(name: str, data_dir: Path | None = None, progress: bool = True) -> Pat
 
 def add(name: str, file: Path, data_dir: Path | None = None) -> Path:
     """Put a copy of a named corpus's file into the cache, if it matches the pinned checksums."""
-    e = entry(name)
+    e = entry(name, "")
     if e.builtin:
         raise UsageError(f"{name} is built into Python; there is nothing to add")
     file = Path(file)
@@ -249,7 +252,8 @@ def _from_url(url: str, sha256: str | None, data_dir: Path | None, progress: boo
     basename = re.sub(r"[^\w.-]", "_", PurePosixPath(unquote(parsed.path)).name) or "download"
     path = cache_dir(data_dir) / "urls" / f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{basename}"
     if not (path.is_file() and checksum_mismatch(path, sha256=sha256) is None):
-        download([url], path, sha256=sha256, progress=progress, **DOWNLOAD_OPTIONS)
+        download([url], path, sha256=sha256, progress=progress, name=basename,
+                 **DOWNLOAD_OPTIONS)
     try:
         for _ in stream.raw_chunks((path,)):  # all of it UTF-8 text? (streamed, nothing kept)
             pass
@@ -266,6 +270,9 @@ def check_source(name: str | None, texts, url: str | None, sha256: str | None) -
         raise UsageError(f"give one corpus source, not {' and '.join(given)}")
     if sha256 and not url:
         raise UsageError("--sha256 checks a --url download; give --url too")
+    if sha256 and not re.fullmatch(r"[0-9A-Fa-f]{64}", sha256):
+        raise UsageError(f"--sha256 must be 64 hexadecimal digits (as sha256sum prints them), "
+                         f"got {sha256!r}")
 
 
 def locate_corpus(

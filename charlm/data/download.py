@@ -202,12 +202,14 @@ def download(
     retries: int = 3,
     backoff: float = 0.5,
     progress: bool = True,
+    name: str | None = None,
 ) -> Path:
     """Fetch `dest` from the first of `urls` that works (http, https or file) and return `dest`.
 
     Each URL gets 1 + `retries` attempts for transient failures (refused or broken connections,
     timeouts, HTTP 5xx, 408, 429), `backoff` * 2**k seconds apart; an unknown host, another HTTP
-    error or a checksum mismatch moves on to the next URL at once. `timeout` is (connect, read) in seconds. Raises DownloadError.
+    error or a checksum mismatch moves on to the next URL at once. `timeout` is (connect, read) in seconds. `name` names the file in messages
+    (default: dest's name). Raises DownloadError.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -241,7 +243,8 @@ def download(
                     time.sleep(backoff * 2 ** (attempts - 1))
     if part.exists() and part.stat().st_size == 0:
         part.unlink()
-    raise DownloadError(f"could not download {dest.name}: " + ("; ".join(failures) or "no URL given"))
+    raise DownloadError(f"could not download {name or dest.name}: "
+                        + ("; ".join(failures) or "no URL given"))
 
 
 def install(src: Path, dest: Path, *, sha1: str | None = None, sha256: str | None = None) -> Path:

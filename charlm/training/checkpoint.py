@@ -33,6 +33,7 @@ import torch
 from charlm.data.vocab import Vocab
 from charlm.devices import select_device
 from charlm.errors import CharlmError
+from charlm.model.folder import CONFIG, is_model_folder, read_model_folder
 from charlm.model.lm import CharLM
 from charlm.model.loading import model_from_checkpoint
 from charlm.training.config import TYPES, type_ok
@@ -208,8 +209,9 @@ def _looks_like_torch_zip(path: Path) -> bool:
 
 
 def find_checkpoint(target: str | Path | None, prefer: str = "best.pt",
-                    how_to_name: str = "pass --checkpoint PATH") -> Path:
-    """A checkpoint file, a run directory (its best.pt, else last.pt) or, with None, the latest run.
+                    how_to_name: str = "pass --checkpoint PATH", exported: bool = False) -> Path:
+    """A checkpoint file, a run directory (its best.pt, else last.pt) or, with None, the latest run;
+    with `exported`, also a folder written by `charlm export` (the folder itself is returned).
 
     `how_to_name` ends the error when there is no run yet: how this command takes a path.
     """
@@ -220,6 +222,13 @@ def find_checkpoint(target: str | Path | None, prefer: str = "best.pt",
                 f"no runs yet in {runs_root()}/: train one first with `charlm train`, or {how_to_name}"
             )
     target = Path(target)
+    if is_model_folder(target):
+        if exported:
+            return target
+        raise CharlmError(
+            f"{target} is an exported model: it holds the weights but no training state, so a run "
+            "cannot continue from it; resume from the run directory it was exported from"
+        )
     if target.is_dir():
         for name in (prefer, "best.pt", "last.pt"):
             if (target / name).is_file():
@@ -242,11 +251,19 @@ class Loaded:
     device: torch.device
 
 
-def load_model(target: str | Path | None, impl: str | None, device_spec: str) -> Loaded:
-    """The checkpoint at `target` (None: the latest run's best.pt), its model rebuilt and checked
-    (`charlm.model.loading.model_from_checkpoint`); `impl` None keeps the checkpoint's own."""
+def load_model(target: str | Path | None, impl: str | None, device_spec: str,
+               how_to_name: str = "pass --checkpoint PATH") -> Loaded:
+    """The checkpoint at `target` (None: the latest run's best.pt) or the model folder `charlm
+    export` wrote, its model rebuilt and checked (`charlm.model.loading.model_from_checkpoint`);
+    `impl` None keeps a checkpoint's own, and picks `auto`'s choice for a folder (which records
+    none: its weights run in any implementation)."""
     device = select_device(device_spec)
-    path = find_checkpoint(target)
-    ckpt = load_checkpoint(path, map_location=device)
+    path = find_checkpoint(target, how_to_name=how_to_name, exported=True)
+    if path.is_dir():
+        ckpt = read_model_folder(path)
+        _check_train_config(ckpt["train_config"], path / CONFIG)
+        impl = impl or "auto"
+    else:
+        ckpt = load_checkpoint(path, map_location=device)
     restored = model_from_checkpoint(ckpt, str(path), impl, device)
     return Loaded(path, ckpt, restored.model, restored.vocab, restored.preprocessing, device)

@@ -7,7 +7,7 @@ help panel, choices or range (a `charlm.checks.Rule`; the model's options take t
     the `charlm train` options, their --help, defaults and choices   charlm.cli.train
     config files: keys, types, ranges                              load_config_file, build_config
     what --resume refuses to change                                fixed_on_resume()
-    a run's config.toml, the README's options table                to_toml, options_markdown
+    a run's config.toml, the README's options table           run_config_toml, options_markdown
 
 Precedence: these defaults (equal to `configs/timemachine-gru.toml`, checked by a test) <
 `--config FILE` < the options typed on the command line. Keys are the field names; a file may
@@ -22,7 +22,7 @@ import re
 import tomllib
 import types
 import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,8 @@ class Option:
     fixed: bool = False  # a resumed run must keep the checkpoint's value
     short: str | None = None  # e.g. "-b"
     default_text: str | None = None  # what --help says for a default of None
+    bare: str | None = None  # the value of the option given alone (`--tensorboard`)
+    cells: tuple[str, ...] = ()  # the cells it applies to (all when empty)
 
     @property
     def choices(self) -> tuple[str, ...]:
@@ -55,11 +57,14 @@ class Option:
 
 def option(default: Any, help: str, panel: str, *, rule: Rule | None = None, fixed: bool = False,
            short: str | None = None, default_text: str | None = None, model: bool = False,
-           choices: tuple[str, ...] = ()) -> Any:
+           choices: tuple[str, ...] = (), bare: str | None = None,
+           cells: tuple[str, ...] = ()) -> Any:
     """A TrainConfig field. `model=True` takes the rule of ModelConfig's field of the same name
-    (filled in below, once the field's name is known); `choices` is shorthand for a Rule."""
+    (filled in below, once the field's name is known); `choices` is shorthand for a Rule; `bare`
+    lets the option be given without a value, meaning that one; `cells`: the cells the option
+    means something for (another cell refuses other values)."""
     meta = Option(help, panel, Rule(choices=choices) if choices else rule, fixed, short,
-                  default_text)
+                  default_text, bare, cells)
     kwargs = {"default_factory": list} if isinstance(default, list) else {"default": default}
     return field(metadata={"option": meta, "model_rule": model}, **kwargs)
 
@@ -82,7 +87,7 @@ class TrainConfig:
     text: list[str] = option(
         [], "Train on local UTF-8 file(s) instead (repeatable).", DATA, fixed=True)
     url: str | None = option(None, "Train on a text downloaded from this URL.", DATA, fixed=True)
-    sha256: str | None = option(None, "Expected sha256 of --url.", DATA)
+    sha256: str | None = option(None, "Expected sha256 of --url (64 hex digits).", DATA)
     data_dir: str | None = option(
         None, "Corpus cache directory.", DATA,
         default_text="$CHARLM_DATA_DIR, else ~/.cache/charlm")
@@ -113,14 +118,14 @@ class TrainConfig:
     dropout: float = option(0.2, "Dropout between layers and before the output.", MODEL,
                             model=True)
     nonlinearity: str = option("tanh", "The RNN's nonlinearity (--cell rnn only).", MODEL,
-                               model=True, fixed=True)
+                               model=True, fixed=True, cells=("rnn",))
     impl: str = option(
         "auto", "auto: fast for the GRU on the CPU, scratch for --gru-reset before, else fused; "
         "fused: torch/cuDNN; scratch: cells from the gate equations; fast: CPU GRU with its own "
         "backward and C time loops (~2x fused).", MODEL, choices=("auto", *IMPLS))
     gru_reset: str = option(
         "after", "GRU reset gate after (PyTorch) or before (Cho et al., d2l) the recurrent "
-        "product; before needs --impl scratch.", MODEL, model=True, fixed=True)
+        "product; before needs --impl scratch.", MODEL, model=True, fixed=True, cells=("gru",))
     # -- optimisation --------------------------------------------------------------------------
     batch_size: int = option(64, "Sequences per batch (the global batch with --nproc).", OPTIM,
                              rule=_int(1), fixed=True, short="-b")
@@ -171,6 +176,12 @@ class TrainConfig:
     sample_length: int = option(200, "Characters per sample.", RUN, rule=_int(1))
     out: str | None = option(None, "Run directory.", RUN, short="-o",
                              default_text="runs/<time>-<cell>-<corpus>")
+    tensorboard: str | None = option(
+        None, "Also log losses, perplexity, bits/char, learning rate, tokens/s, gradient norm and "
+        "the samples for TensorBoard, in DIR (RUN_DIR/... is inside the run directory); alone: "
+        "RUN_DIR/tensorboard; off: none (a resumed run logs where it logged). Needs pip install "
+        "'charlm[tensorboard]'.", RUN, default_text="off",
+        bare="RUN_DIR/tensorboard")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -185,8 +196,7 @@ def _options() -> dict[str, Option]:
     for f in fields(TrainConfig):
         meta: Option = f.metadata["option"]
         if f.metadata["model_rule"]:
-            meta = Option(meta.help, meta.panel, rule_of(ModelConfig, f.name), meta.fixed,
-                          meta.short, meta.default_text)
+            meta = replace(meta, rule=rule_of(ModelConfig, f.name))
         found[f.name] = meta
     return found
 
@@ -340,11 +350,29 @@ def validate(cfg: TrainConfig) -> None:
             meta.rule.check(name, value)
     if (cfg.val_fraction or 0.0) + (cfg.test_fraction or 0.0) >= 1.0:
         raise UsageError("val_fraction + test_fraction must leave some text for training")
+    check_cell_options(cfg)
     check_combination(cfg.cell, cfg.impl, cfg.gru_reset)
     parse_duration(cfg.time_budget)
     from charlm.data.corpus import check_source
 
     check_source(cfg.corpus, cfg.text, cfg.url, cfg.sha256)
+
+
+def applies(name: str, cell: str) -> bool:
+    """Whether option `name` means something for `cell` (--nonlinearity: the RNN only)."""
+    return not OPTIONS[name].cells or cell in OPTIONS[name].cells
+
+
+def check_cell_options(cfg: TrainConfig) -> None:
+    """Options that do not apply to the cell are refused, naming them, when a file or the command
+    line gave them a value (a value other than the default: the default tanh is not an RNN
+    setting a GRU run asked for)."""
+    misplaced = [name for name in OPTIONS
+                 if not applies(name, cfg.cell) and getattr(cfg, name) != default_of(name)]
+    if misplaced:
+        said = " and ".join(f"--{n.replace('_', '-')} {getattr(cfg, n)} applies only to --cell "
+                            f"{' or '.join(OPTIONS[n].cells)}" for n in misplaced)
+        raise UsageError(f"{said}, not --cell {cfg.cell}; drop it or choose that cell")
 
 
 def model_config(cfg: TrainConfig, vocab_size: int, impl: str) -> ModelConfig:
@@ -354,6 +382,19 @@ def model_config(cfg: TrainConfig, vocab_size: int, impl: str) -> ModelConfig:
 
 
 # -- writing -----------------------------------------------------------------------------------
+
+RUN_FILE_HEADER = ("# The resolved configuration of a charlm run; rerun it with: "
+                   "charlm train --config THIS_FILE\n")
+
+
+def run_config_toml(cfg: TrainConfig) -> str:
+    """A run's config.toml: what `charlm train --config` needs to train the same run again.
+    `cfg` is the run's resolved config (`Trainer` fills in the corpus, preprocessing and
+    sample prefix it actually used); `out` is left out, since a rerun makes its own run
+    directory, and so are options that do not apply to the cell."""
+    values = {name: value for name, value in cfg.to_dict().items()
+              if name != "out" and applies(name, cfg.cell)}
+    return to_toml(values, RUN_FILE_HEADER)
 
 
 def to_toml(values: dict[str, Any], header: str = "") -> str:

@@ -19,7 +19,7 @@ import torch
 from charlm.errors import UsageError
 from charlm.model.lm import State
 from charlm.training.checkpoint import find_checkpoint, load_checkpoint
-from charlm.training.config import TrainConfig, build_config, fixed_on_resume
+from charlm.training.config import LIMITS, TrainConfig, build_config, fixed_on_resume
 
 
 @dataclass
@@ -89,7 +89,8 @@ def hidden_from_plain(data, device) -> State | None:
 
 def resolve_resume(given: dict, resume: str) -> tuple[TrainConfig, dict]:
     """The checkpoint's config, with the options given now (a config file's, then the command
-    line's) laid over it; options that define the model or its data must agree with it.
+    line's) laid over it; options that define the model or its data must agree with it. Limits
+    go as a group: naming any (`--resume --max-steps 5000`) replaces the run's limits.
 
     Returns the config and {"path", "ckpt"} for `Trainer(cfg, resume=...)`."""
     target = None if resume == "latest" else resume
@@ -106,6 +107,9 @@ def resolve_resume(given: dict, resume: str) -> tuple[TrainConfig, dict]:
             )
     values = TrainConfig().to_dict()
     values.update({k: v for k, v in saved.items() if k in values})
-    values.update({k: v for k, v in given.items() if v is not None and k not in fixed})
+    given = {k: v for k, v in given.items() if v is not None and k not in fixed}
+    if any(k in given for k in LIMITS):  # as for a new run: the limits named now, only those
+        values.update(epochs=0, max_steps=0, time_budget="0")
+    values.update(given)
     values["out"] = str(path.parent)
     return build_config(values, {}), {"path": path, "ckpt": ckpt}

@@ -16,6 +16,7 @@ import random
 import time
 from contextlib import ExitStack, nullcontext
 from pathlib import Path
+from shlex import quote
 
 import torch
 import torch.nn.functional as F
@@ -23,24 +24,21 @@ import torch.nn.functional as F
 from charlm.data.batches import RandomBatches, SequentialBatches
 from charlm.data.dataset import Dataset, load_dataset
 from charlm.data.text import readable
-from charlm.devices import describe as describe_device
 from charlm.devices import keep_freed_memory, threads_for, use_threads
 from charlm.errors import CharlmError, UsageError, warn
 from charlm.model.config import large_vocab_note, resolve_impl
-from charlm.model.lm import CharLM, State, count_parameters, detach_state
+from charlm.model.lm import CharLM, State, detach_state
 from charlm.model.loading import model_from_checkpoint
 from charlm.sample import SampleSettings, generate
-from charlm.training import distributed, rundir
+from charlm.training import distributed, rundir, tensorboard
 from charlm.training.checkpoint import save_checkpoint
-from charlm.training.config import DATA, TrainConfig, model_config, to_toml
+from charlm.training.config import DATA, TrainConfig, model_config, run_config_toml
 from charlm.training.limits import Limits
 from charlm.training.display import RunInfo, TrainDisplay, run_summary
 from charlm.training.optim import LRSchedule, make_optimizer
 from charlm.training.signals import Interrupted, stop_requests
 from charlm.training.state import (LogWindow, LoopState, hidden_from_plain, hidden_to_plain,
                                    rng_state, set_rng_state)
-
-CONFIG_HEADER = "# Resolved charlm training configuration; rerun with: charlm train --config THIS_FILE\n"
 
 
 class _NoMetrics:
@@ -57,6 +55,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, resume: dict | None = None,
                  display: TrainDisplay | None = None, group: distributed.Group | None = None):
         self.cfg = cfg
+        tensorboard.require(cfg.tensorboard)  # a missing extra is refused before any work
         self.group = g = group or distributed.current()
         self.display = display or TrainDisplay(enabled=False)
         ckpt = resume["ckpt"] if resume else None
@@ -64,8 +63,15 @@ class Trainer:
         self.device = g.together(lambda: _setup_device(cfg, g, ckpt))
         self.data: Dataset = g.local_first(lambda: load_dataset(
             **cfg.section(DATA), vocab=ckpt["vocab"] if ckpt else None, device=self.device))
-        # the files were found relative to here; record them absolute so a resume works anywhere
+        # Record what the run actually uses, so that its config.toml and a resume train on the
+        # same text: files absolute (found relative to here), and the default corpus (or its
+        # python-docs fallback), preprocessing and sample prefix as they resolved.
         cfg.text = [str(Path(t).resolve()) for t in cfg.text]
+        if not (cfg.corpus or cfg.text or cfg.url):
+            cfg.corpus = self.data.name
+        cfg.preprocessing = self.data.preprocessing
+        if cfg.sample_prefix is None:
+            cfg.sample_prefix = self.data.default_prefix
         self.model, self.optimizer, self.schedule, self.batches, self.scaler = g.together(
             lambda: self._parts(ckpt))
         self.model_config = self.model.config
@@ -74,6 +80,8 @@ class Trainer:
         self.stop_signal: list[str] = []  # a signal name once SIGINT/SIGTERM arrived
         self.agreed_stop: str | None = None  # the signal all ranks stop for
         self.step_hook = None  # called after every step with the trainer (tests, tools)
+        self.board = tensorboard.NO_BOARD  # rank 0's TensorBoard log with --tensorboard
+        self.grad_norm: torch.Tensor | None = None  # the last step's, when clipped or logged
         self.limits = Limits.of(cfg)
         if ckpt is not None:
             g.together(lambda: self.load_state_dict(ckpt))
@@ -166,6 +174,9 @@ class Trainer:
     def _epochs_done(self) -> float:
         return self.batches.epoch + self.batches.position / len(self.batches)
 
+    def _eta(self) -> float | None:
+        return self.limits.eta(self.loop.step, self._epochs_done(), self.loop.elapsed)
+
     def autocast(self):
         if self.cfg.precision == "fp32":
             return nullcontext()
@@ -183,8 +194,9 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
         else:
             loss.backward()
-        if self.cfg.clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip)
+        if self.cfg.clip > 0 or self.board.enabled:  # --clip 0: the norm alone (scaled by 1)
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                            self.cfg.clip or math.inf)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -213,6 +225,11 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> dict:
         resuming = self.loop.step > 0 or self.batches.position > 0 or self.batches.epoch > 0
+        if resuming:  # a run that reached its limit has nothing to do: say how to go on
+            nproc = f" --nproc {self.group.world_size}" if self.group.active else ""
+            again = f"charlm train{nproc} --resume {quote(str(self.run_dir))}"
+            self.limits.check_not_reached(self.loop.step, self._epochs_done(), self.loop.elapsed,
+                                          again)
         with ExitStack() as stack:
             if self.device.type == "cpu":  # --threads, else by the work per step; put back after
                 stack.callback(use_threads, torch.get_num_threads())
@@ -222,12 +239,16 @@ class Trainer:
             return self._loop(metrics or _NoMetrics(), resuming)
 
     def _open_run_dir(self, stack: ExitStack, resuming: bool) -> rundir.MetricsLog:
-        config = to_toml(dict(self.cfg.to_dict(), out=str(self.run_dir)), CONFIG_HEADER)
-        return rundir.open_run(stack, self.run_dir, config, self.loop.step if resuming else None)
+        config = run_config_toml(self.cfg)
+        resumed_at = self.loop.step if resuming else None
+        metrics = rundir.open_run(stack, self.run_dir, config, resumed_at)
+        self.board = tensorboard.open_board(stack, self.cfg.tensorboard, self.run_dir, resumed_at,
+                                            config)
+        return metrics
 
     def _loop(self, metrics, resuming: bool) -> dict:
         cfg, loop = self.cfg, self.loop
-        info = self._run_info(count_parameters(self.model), resuming)
+        info = RunInfo.of(self, resuming)
         if self.group.is_main and (note := large_vocab_note(self.model_config)):
             warn(note)  # on stderr before anything else, even with -q
         self.display.start(info)
@@ -254,14 +275,14 @@ class Trainer:
             path = self.save("last.pt")
             self.display.stop()
             raise Interrupted(path, self.agreed_stop, loop.step)
-        if self._window.steps:
-            self._check_finite(self._mean_loss())
+        if self._window.steps:  # the steps since the last log line: logged too, loss checked
+            self._log(lr, metrics)
+        self.display.stop()  # its last line: the final step, 100%
         evaluated_now = loop.step % cfg.eval_every == 0 and math.isfinite(loop.last_val_loss)
         final_val = loop.last_val_loss if evaluated_now else self._evaluate_and_sample(metrics)
         if 0 < cfg.eval_tokens < self.data.val.numel():  # the figure to report: the whole split
             final_val = self._evaluate_and_sample(metrics, whole=True)
         self.save("last.pt")
-        self.display.stop()
         summary = run_summary(info, stop, loop, final_val)
         metrics.write({"kind": "summary", "step": loop.step, **summary})
         return summary
@@ -294,6 +315,7 @@ class Trainer:
         now = time.perf_counter()
         loop.elapsed += now - self._mark
         self._mark = now
+        self.display.tick(loop.step, self.batches.epoch, self.fraction_done(), self._eta())
         if loop.step % cfg.log_every == 0:
             self._log(lr, metrics)
         if loop.step % cfg.eval_every == 0:
@@ -320,8 +342,11 @@ class Trainer:
                "tokens": loop.tokens_seen, "time": round(loop.elapsed, 3), "loss": mean,
                "ppl": math.exp(min(mean, 50)), "lr": lr,
                "tokens_per_s": window.tokens / max(seconds, 1e-9)}
+        if self.grad_norm is not None:
+            row["grad_norm"] = self.grad_norm.item()  # the last step's, before clipping
         metrics.write(row)
-        self.display.log(row, self.fraction_done())
+        self.board.write(row)
+        self.display.log(row, self.fraction_done(), self._eta())
         window.reset()
 
     def _mean_loss(self) -> float:
@@ -359,31 +384,15 @@ class Trainer:
                "bpc": val / math.log(2) if math.isfinite(val) else None, "whole_split": whole,
                "eval_s": round(time.perf_counter() - began, 3)}
         metrics.write(row)
-        if sample is not None:
+        self.board.write(row)
+        if sample is not None:  # rank 0's periodic evaluations
+            self.board.sample(loop.step, sample)
             with open(self.run_dir / "samples.txt", "a", encoding="utf-8") as fh:
                 fh.write(f"--- step {loop.step}\n{sample}\n")
         self.display.evaluation(row, sample, improved)
         if g.broadcast(improved or not (self.run_dir / "best.pt").exists()):  # rank 0 decides
             self.save("best.pt")
         return val
-
-    def _run_info(self, params: int, resuming: bool) -> RunInfo:
-        mc, data = self.model_config, self.data
-        impl = mc.impl
-        if impl == "fast" and self.device.type == "cpu":
-            from charlm.model import ckernel
-
-            impl = f"fast: {ckernel.status()}"  # says so when the slower fallback loops run
-        return RunInfo(
-            resumed_at=self.loop.step if resuming else None,
-            model=f"{mc.cell} {mc.layers}x{mc.hidden} ({impl})", impl=mc.impl, parameters=params,
-            device=str(self.device), device_text=describe_device(self.device), corpus=data.name,
-            num_tokens=data.num_tokens, preprocessing=data.preprocessing,
-            vocab_size=len(data.vocab), train_tokens=data.train.numel(),
-            val_tokens=data.val.numel(), batches_per_epoch=len(self.batches),
-            batch_size=self.cfg.batch_size, num_steps=self.cfg.num_steps, run_dir=self.run_dir,
-            extra=distributed.describe(self.group), limits=self.limits.describe(),
-            eval_tokens=self.cfg.eval_tokens)
 
 
 def _setup_device(cfg: TrainConfig, group: distributed.Group, ckpt: dict | None) -> torch.device:
