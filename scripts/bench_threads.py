@@ -12,8 +12,9 @@ CPU) and measures, each for --seconds after a warm-up:
 * eval:   the trainer's validation (corpus_nll in --batch-size streams), tokens/s;
 * eval-1: `charlm eval perplexity`'s exact pass (one stream, 512-character windows), chars/s.
 
-Variants: a thread count (`torch.set_num_threads(N)`) or `auto` (what charlm picks for each of
-the three: charlm.devices.threads_for), optionally with settings for the OpenMP runtime after a
+Variants: a thread count (`torch.set_num_threads(N)`) or `auto` (what charlm does: its
+ThreadChooser times 1 and one-per-core during the training steps and keeps the faster; the
+trainer's validation then uses that count; eval-1 one thread), optionally with settings for the OpenMP runtime after a
 colon, e.g. `2:GOMP_SPINCOUNT=0;OMP_PROC_BIND=true`. Every variant runs with charlm's own
 OpenMP setting (GOMP_SPINCOUNT=1000, what `charlm` sets when the environment names none) unless
 it gives one: `2:GOMP_SPINCOUNT=300000` is torch's default behaviour.
@@ -75,9 +76,12 @@ class BusyNeighbours:
 
 def child(config: str, variant: str, seconds: float) -> dict:
     """Measure one (config, variant) in this process; the variant's env is already set."""
+    from contextlib import nullcontext
+
     from charlm.devices import threads_for, use_threads
     from charlm.evaluate import corpus_nll
     from charlm.training.config import build_config, load_config_file
+    from charlm.training.threads import ThreadChooser
     from charlm.training.trainer import Trainer
 
     file = {} if config == "default" else load_config_file(REPO / "configs" / f"{config}.toml")
@@ -111,19 +115,24 @@ def child(config: str, variant: str, seconds: float) -> dict:
         return done / (time.perf_counter() - began), done
 
     result = {}
+    # auto: the trainer's own chooser, timing both counts every 200 steps (charlm.training.threads)
+    chooser = ThreadChooser.of(0, cfg.hidden, cfg.batch_size, True) if count == "auto" else None
     use_threads(threads("train"))
     state = {"i": 0, "h": None}
 
     def step():
         X, Y = batches[state["i"] % len(batches)]
         state["i"] += 1
-        loss, h = trainer.train_step(X, Y, state["h"] if cfg.sampling == "sequential" else None)
+        with chooser.step() if chooser else nullcontext():
+            loss, h = trainer.train_step(X, Y, state["h"] if cfg.sampling == "sequential" else None)
         state["h"] = tuple(s.detach() for s in h) if isinstance(h, tuple) else h.detach()
 
-    result["train"] = {"threads": threads("train"), "rate": timed(step, tokens)[0]}
+    rate = timed(step, tokens)[0]
+    result["train"] = {"threads": f"{chooser.best} (chosen)" if chooser else threads("train"),
+                       "rate": rate}
     part = data.val[: 50_000]
-    use_threads(threads("eval"))
-    result["eval"] = {"threads": threads("eval"), "rate": timed(
+    use_threads(chooser.best if chooser else threads("eval"))  # the trainer evaluates likewise
+    result["eval"] = {"threads": chooser.best if chooser else threads("eval"), "rate": timed(
         lambda: corpus_nll(model, part, cfg.batch_size, cfg.num_steps), part.numel() - 1)[0]}
     one = data.val[: 4_000]
     use_threads(threads("eval-1"))

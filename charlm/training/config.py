@@ -101,14 +101,12 @@ class TrainConfig:
                             fixed=True)
     max_tokens: int = option(0, "Use only the first N tokens, as d2l's loader (0: all).", DATA,
                              rule=_int(0), fixed=True)
-    val_fraction: float | None = option(
-        None, "Share of the corpus (from the end) for validation.", DATA,
-        rule=_float(0, high=1, high_open=True), fixed=True,
-        default_text="the corpus's own: 0.1; enwik8, text8: 0.05")
+    val_fraction: float | None = option(  # None: the corpus's own
+        None, "Share of the corpus (from the end) for validation.", DATA, fixed=True,
+        rule=_float(0, high=1, high_open=True), default_text="0.1 (enwik8, text8: 0.05)")
     test_fraction: float | None = option(
-        None, "Share of the corpus (the very end) held out for test.", DATA,
-        rule=_float(0, high=1, high_open=True), fixed=True,
-        default_text="the corpus's own: 0; enwik8, text8: 0.05")
+        None, "Share of the corpus (the very end) held out for test.", DATA, fixed=True,
+        rule=_float(0, high=1, high_open=True), default_text="0 (enwik8, text8: 0.05)")
     # -- model ---------------------------------------------------------------------------------
     cell: str = option("gru", "The recurrent cell.", MODEL, model=True, fixed=True)
     hidden: int = option(256, "Hidden units per layer.", MODEL, model=True, fixed=True)
@@ -157,18 +155,16 @@ class TrainConfig:
         "2m", "Stop after this much training time, e.g. 90s, 5m, 1h ('0': no limit).", STOP)
     # -- runtime -------------------------------------------------------------------------------
     device: str = option("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.", RUN)
-    threads: int = option(
-        0, "CPU threads (0: chosen by the work per step: one for a tiny model, else one per "
-        "core).", RUN, rule=_int(0))
+    threads: int = option(0, "CPU threads (0: the faster of one per core and one, timed every "
+                          "200 steps; one for a tiny model).", RUN, rule=_int(0))
     precision: str = option("fp32", "bf16 and fp16 autocast need CUDA.", RUN, choices=PRECISIONS)
     seed: int = option(0, "Random seed: weights, batches, dropout.", RUN, fixed=True,
                        rule=_int(0, high=2**63, high_open=True, text="an integer in [0, 2**63)"))
     log_every: int = option(50, "Steps between progress lines.", RUN, rule=_int(1))
     eval_every: int = option(500, "Steps between validation + sample.", RUN, rule=_int(1))
-    eval_tokens: int = option(
-        250_000, "Validation tokens per evaluation while training: the same contiguous part "
-        "from the start of the split each time (0: all); the end of a run evaluates all of it.",
-        RUN, rule=_int(0))
+    eval_tokens: int = option(250_000, "Validation tokens per evaluation while training: the "
+                              "same first part of the split each time (0: all); the end of a "
+                              "run evaluates all of it.", RUN, rule=_int(0))
     checkpoint_every: int = option(500, "Steps between saves of last.pt.", RUN, rule=_int(1))
     sample_prefix: str | None = option(
         None, "Prompt for the samples shown at each evaluation.", RUN,

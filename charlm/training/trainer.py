@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from charlm.data.batches import RandomBatches, SequentialBatches
 from charlm.data.dataset import Dataset, load_dataset
 from charlm.data.text import readable
-from charlm.devices import keep_freed_memory, threads_for, use_threads
+from charlm.devices import keep_freed_memory, use_threads
 from charlm.errors import CharlmError, UsageError, warn
 from charlm.model.config import large_vocab_note, resolve_impl
 from charlm.model.lm import CharLM, State, detach_state
@@ -39,6 +39,7 @@ from charlm.training.optim import LRSchedule, make_optimizer
 from charlm.training.signals import Interrupted, stop_requests
 from charlm.training.state import (LogWindow, LoopState, hidden_from_plain, hidden_to_plain,
                                    rng_state, set_rng_state)
+from charlm.training.threads import ThreadChooser
 
 
 class _NoMetrics:
@@ -231,10 +232,11 @@ class Trainer:
             self.limits.check_not_reached(self.loop.step, self._epochs_done(), self.loop.elapsed,
                                           again)
         with ExitStack() as stack:
-            if self.device.type == "cpu":  # --threads, else by the work per step; put back after
+            self.threads = ThreadChooser.of(self.cfg.threads, self.cfg.hidden,
+                                            self.cfg.batch_size, self.device.type == "cpu")
+            if self.threads:  # the count in use is put back after the run
                 stack.callback(use_threads, torch.get_num_threads())
-                use_threads(threads_for("train", self.cfg.hidden, self.cfg.batch_size,
-                                        self.cfg.threads))
+                use_threads(self.threads.best)
             metrics = self.group.on_main(lambda: self._open_run_dir(stack, resuming))
             return self._loop(metrics or _NoMetrics(), resuming)
 
@@ -264,7 +266,8 @@ class Trainer:
                     lr = self.schedule.lr(loop.step, self.fraction_done())
                     for group in self.optimizer.param_groups:
                         group["lr"] = lr
-                    loss, state = self.train_step(X, Y, state)
+                    with self.threads.step() if self.threads else nullcontext():
+                        loss, state = self.train_step(X, Y, state)
                     self.hidden = state if cfg.sampling == "sequential" else None
                     self._on_step_end(loss, lr, metrics)
         except KeyboardInterrupt:  # a second Ctrl-C mid-step: the step is torn, so save nothing
