@@ -1,11 +1,11 @@
 """A stream of preprocessed chunks -> one tensor of token ids, in the narrowest integer type.
 
 One pass over the text, whatever its size. Building a vocabulary needs every count before the
-first id can be final, so symbols first get provisional ids, in the order they first appear,
-and are renumbered once the stream ends::
+first id can be final, so symbols first get provisional ids, numbered as they are first met
+(chunk by chunk), and are renumbered once the stream ends::
 
     chunk "abca" --code points--> [97 98 99 97] --first seen--> [0 1 2 0]   (provisional ids)
-         counts per provisional id += bincount                  (the whole text, for the ranking)
+         counts per code point += bincount                      (the whole text, for the ranking)
     output [ 0 1 2 0 ... | never written ]      uint8 while <= 256 symbols, then int16, int32
     end:   Vocab.from_counts (most frequent first; min_freq, max_vocab) -> remap[provisional]
            output[i] = remap[output[i]], chunk by chunk, in place (or into a narrower tensor)
@@ -102,36 +102,37 @@ def _encode_with(vocab: Vocab, chunks: Iterable[str | bytes], room: int) -> torc
 def _build(chunks: Iterable[str | bytes], room: int, min_freq: int,
            max_size: int | None) -> tuple[Vocab, torch.Tensor]:
     provisional = torch.full((0,), -1, dtype=torch.int32)  # code point -> provisional id
-    seen = torch.zeros(0, dtype=torch.int32)  # provisional id -> code point
-    counts = torch.zeros(0, dtype=torch.int64)  # provisional id -> occurrences
+    counts = torch.zeros(0, dtype=torch.int64)  # code point -> occurrences
+    known = 0  # provisional ids given so far
     out = _Output(room, torch.uint8)
     for chunk in chunks:
         cps = _code_points(chunk)
         if cps.numel() == 0:
             continue
-        top = int(cps.max())
-        if top >= provisional.numel():
-            grown = torch.full((top + 1,), -1, dtype=torch.int32)
+        here = torch.bincount(cps)  # this chunk's counts by code point
+        if here.numel() > counts.numel():
+            grown = torch.full((here.numel(),), -1, dtype=torch.int32)
             grown[: provisional.numel()] = provisional
             provisional = grown
-        ids = provisional.index_select(0, cps)
-        if int(ids.min()) < 0:  # symbols never seen before: number them
-            new = torch.unique(cps[ids < 0]).int()
-            provisional[new.long()] = torch.arange(seen.numel(), seen.numel() + new.numel(),
-                                                   dtype=torch.int32)
-            seen = torch.cat([seen, new])
-            ids = provisional.index_select(0, cps)
-        counts = torch.cat([counts, counts.new_zeros(seen.numel() - counts.numel())])
-        counts += torch.bincount(ids, minlength=seen.numel())
+            here[: counts.numel()] += counts
+            counts = here
+        else:
+            counts[: here.numel()] += here
+        present = torch.nonzero(here).flatten()  # ascending code points: new ones numbered so
+        new = present[provisional[present] < 0]
+        if new.numel():
+            provisional[new] = torch.arange(known, known + new.numel(), dtype=torch.int32)
+            known += new.numel()
         if out.size < room:
-            wanted = token_dtype(seen.numel())
+            wanted = token_dtype(known)
             if wanted.itemsize > out.data.dtype.itemsize:
                 out.to_dtype(wanted)
-            out.write(ids[: room - out.size])
-    order = torch.argsort(seen)  # Vocab.from_counts takes code points in ascending order
-    vocab = Vocab.from_counts(seen[order].long(), counts[order], min_freq, max_size)
+            take = cps[: room - out.size]
+            out.write(provisional.index_select(0, take))
+    present = torch.nonzero(counts).flatten()
+    vocab = Vocab.from_counts(present, counts[present], min_freq, max_size)
     # provisional id -> final id; symbols left out of the vocabulary -> 0 (<unk>)
-    final = torch.zeros(max(seen.numel(), 1), dtype=torch.int32)
+    final = torch.zeros(max(known, 1), dtype=torch.int32)
     kept = torch.tensor([ord(t) for t in vocab.tokens[1:]], dtype=torch.int64)
     if kept.numel():
         final[provisional[kept].long()] = torch.arange(1, len(vocab), dtype=torch.int32)
