@@ -109,3 +109,29 @@ def keep_freed_memory() -> bool:
         return bool(mmap_ok and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
     except (OSError, AttributeError):
         return False
+
+
+# rows x hidden units of a step's matrix products under which a second thread costs more (its
+# fork and join, every op) than it saves: the test models (4 x 16), not the shipped configs
+# (32-64 x 256 and up)
+SMALL_WORK = 16 * 256
+
+
+def use_threads(n: int) -> None:
+    """Run torch's CPU ops on `n` intra-op threads (at least 1)."""
+    torch.set_num_threads(max(1, int(n)))
+
+
+def threads_for(kind: str, hidden: int, rows: int, requested: int = 0) -> int:
+    """CPU threads for one kind of work: "train" (steps of `rows` sequences through layers of
+    `hidden` units; the trainer's validation too) or "stream" (one sequence: eval perplexity's
+    exact pass, generation), whose matrix-vector products are too small to split. `requested`
+    > 0 (--threads) wins."""
+    if requested > 0:
+        return requested
+    if kind == "stream" or rows * hidden < SMALL_WORK:
+        return 1
+    return _TORCH_DEFAULT
+
+
+_TORCH_DEFAULT = torch.get_num_threads()  # one per core, or OMP_NUM_THREADS: torch's own choice

@@ -29,7 +29,7 @@ def test_list_json_shows_every_corpus_and_what_is_cached(shared_data, isolated_c
     listing = json.loads(result.stdout)
     assert listing["cache_dir"] == str(isolated_cache)
     rows = {row["name"]: row for row in listing["corpora"]}
-    assert list(rows) == ["python-docs", "timemachine", "tinyshakespeare"]
+    assert list(rows) == ["enwik8", "python-docs", "text8", "timemachine", "tinyshakespeare"]
     assert (rows["timemachine"]["bytes"], rows["timemachine"]["status"], rows["timemachine"]["cached"]) == (
         178_979, "yes", True
     )
@@ -113,7 +113,8 @@ def test_info_json_of_a_file(shared_data):
         "distinct_symbols": 65,
         "top_symbols": [list(kv) for kv in top],
         # vocabulary = distinct symbols after preprocessing, plus <unk>
-        "vocab_size": {"d2l": 28, "lower": len(set(text.lower())) + 1, "raw": 66},
+        "vocab_size": {"d2l": 28, "lower": len(set(text.lower())) + 1, "raw": 66,
+                       "bytes": len(set(text.encode("utf-8"))) + 1},
         "preprocessing": "raw",
         "sample_prefix": "First",
     }
@@ -124,12 +125,13 @@ def test_info_table_of_the_cached_default(shared_data, isolated_cache):
     result = run("data", "info")
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
+    n_bytes = len(set((shared_data / "timemachine.txt").read_bytes())) + 1
     assert lines[:6] == [
         "corpus            timemachine",
         f"source            {isolated_cache / 'timemachine.txt'}",
         "characters        178,979",
         "distinct symbols  70",
-        "vocab size        d2l 28, lower 46, raw 71  (symbols + <unk>)",
+        f"vocab size        d2l 28, lower 46, raw 71, bytes {n_bytes}  (symbols + <unk>)",
         "defaults          preprocessing d2l, sample prefix 'time traveller'",
     ]
     text = (shared_data / "timemachine.txt").read_text("utf-8")
@@ -160,7 +162,8 @@ def test_info_of_an_explicit_name_does_not_fall_back():
 
 def test_an_unknown_name_lists_the_known_ones_and_only_what_the_command_takes(tmp_path):
     """info also takes a file; add and download take only a name (no URL: that is train's)."""
-    known = "unknown corpus 'shakespeare': choose one of python-docs, timemachine, tinyshakespeare"
+    known = ("unknown corpus 'shakespeare': choose one of enwik8, python-docs, text8, timemachine, "
+             "tinyshakespeare")
     result = run("data", "info", "shakespeare")
     assert (result.exit_code, result.stderr) == (
         2, f"charlm: error: {known}, or give the path of a text file\n")

@@ -26,7 +26,7 @@ def dead_url(name: str) -> str:
 
 def test_registry_pins_the_reference_corpora():
     table = tomllib.loads(resources.files("charlm.data").joinpath("corpora.toml").read_text("utf-8"))
-    assert corpus_names() == ["python-docs", "timemachine", "tinyshakespeare"]
+    assert corpus_names() == ["enwik8", "python-docs", "text8", "timemachine", "tinyshakespeare"]
     tm, ts = table["timemachine"], table["tinyshakespeare"]
     assert tm["urls"] == ["http://d2l-data.s3-accelerate.amazonaws.com/timemachine.txt"]
     assert tm["hashes"] == {"sha1": "090b5e7e70c295757f55df93cb0a180b9691891a", "sha256": TM_SHA256}
@@ -132,7 +132,7 @@ def test_sources_are_mutually_exclusive_and_names_are_checked(tmp_path):
     with pytest.raises(UsageError) as err:
         load_corpus("timemachin")
     assert str(err.value) == (
-        "unknown corpus 'timemachin': choose one of python-docs, timemachine, tinyshakespeare, "
+        "unknown corpus 'timemachin': choose one of enwik8, python-docs, text8, timemachine, tinyshakespeare, "
         "or give a text file or URL"
     )
 

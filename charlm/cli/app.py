@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     and anywhere else both stop with one line and exit 130.
     """
     args = sys.argv[1:] if argv is None else list(argv)
+    _bounded_openmp_waits()
     previous = _sigterm_as_interrupt()
     code = 0
     try:
@@ -151,6 +152,19 @@ def main(argv: list[str] | None = None) -> None:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
         _end_rank(code)
+
+
+OPENMP_SPINS = "1000"  # libgomp's own count when it sees more threads than CPUs is 100
+
+
+def _bounded_openmp_waits() -> None:
+    """A thread of torch's OpenMP team that waits for another spins 300,000 times (~ms) before
+    sleeping. When another process holds the other core, every op of a step waits like that
+    for a descheduled thread: 10-40x slower. A short spin keeps the idle machine's speed and
+    yields the core quickly on a busy one (docs/BENCHMARKS.md, threads). Set before torch
+    loads libgomp; OMP_WAIT_POLICY or GOMP_SPINCOUNT in the environment take precedence."""
+    if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+        os.environ["GOMP_SPINCOUNT"] = OPENMP_SPINS
 
 
 def _end_rank(code) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import secrets
@@ -42,7 +43,7 @@ def generate(
     Examples: charlm generate --prefix "time traveller" --length 300 --temperature 0.8;
     charlm generate --prefix "time traveller" --length 100 --beam 8
     """
-    from charlm.data.text import preprocess, read_text
+    from charlm.data.text import preprocess, read_text, readable
     from charlm.sample import SampleSettings
     from charlm.sample import generate as draw
     from charlm.training.checkpoint import load_model
@@ -82,15 +83,20 @@ def generate(
         settings.seed = secrets.randbits(63)  # reported by --json so the text can be redrawn
 
     stream = num_samples == 1 and not json_out and beam is None  # a beam's best is known at the end
-    tokens, out = vocab.tokens, sys.stdout
+    tokens, out, mode = vocab.tokens, sys.stdout, loaded.preprocessing
+    # a byte-level model's bytes become text as they complete a UTF-8 sequence
+    utf8 = codecs.getincrementaldecoder("utf-8")("replace") if mode == "bytes" else None
+
+    def show(piece: str) -> str:
+        return utf8.decode(piece.encode("latin-1", "replace")) if utf8 else piece
 
     def write_char(step_ids: list[int]) -> None:
-        out.write(tokens[step_ids[0]])
+        out.write(show(tokens[step_ids[0]]))
         out.flush()
 
     on_step = write_char if stream else None
     if stream:
-        out.write(text)
+        out.write(show(text))
         out.flush()
 
     try:
@@ -106,16 +112,17 @@ def generate(
             drawn = draw(loaded.model, ids, settings, on_step=on_step)
         samples = [vocab.decode(row) for row in drawn]
         if json_out:
-            payload = {"prefix": text, "samples": samples, "settings": settings.to_dict(),
-                       "checkpoint": str(loaded.path)}
+            payload = {"prefix": readable(text, mode),
+                       "samples": [readable(s, mode) for s in samples],
+                       "settings": settings.to_dict(), "checkpoint": str(loaded.path)}
             if scores is not None:
                 payload["settings"]["beam"] = beam
                 payload["scores"] = scores
             sys.stdout.write(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
         elif stream:
-            sys.stdout.write("\n")
+            sys.stdout.write((utf8.decode(b"", final=True) if utf8 else "") + "\n")
         else:
-            sys.stdout.write("\n\n".join(text + s for s in samples) + "\n")
+            sys.stdout.write("\n\n".join(readable(text + s, mode) for s in samples) + "\n")
         sys.stdout.flush()
     except BrokenPipeError:  # e.g. `charlm generate | head -c 100`: the reader has had enough
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -51,8 +51,8 @@ class _Failed(Exception):
 
 
 def file_digests(path: Path) -> dict[str, str]:
-    """sha1 and sha256 of a file, hex."""
-    hashes = {"sha1": hashlib.sha1(), "sha256": hashlib.sha256()}
+    """md5, sha1 and sha256 of a file, hex."""
+    hashes = {"md5": hashlib.md5(), "sha1": hashlib.sha1(), "sha256": hashlib.sha256()}
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             for h in hashes.values():
@@ -60,9 +60,10 @@ def file_digests(path: Path) -> dict[str, str]:
     return {name: h.hexdigest() for name, h in hashes.items()}
 
 
-def checksum_mismatch(path: Path, *, sha1: str | None = None, sha256: str | None = None) -> str | None:
+def checksum_mismatch(path: Path, *, sha1: str | None = None, sha256: str | None = None,
+                      md5: str | None = None) -> str | None:
     """None when every given checksum matches `path`, else e.g. 'sha256 mismatch (got .., expected ..)'."""
-    expected = {"sha256": sha256, "sha1": sha1}
+    expected = {"sha256": sha256, "sha1": sha1, "md5": md5}
     if not any(expected.values()):
         return None
     got = file_digests(path)

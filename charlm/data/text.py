@@ -10,13 +10,14 @@ from pathlib import Path
 
 from charlm.errors import CharlmError, UsageError
 
-PREPROCESSING = ("d2l", "lower", "raw")
+PREPROCESSING = ("d2l", "lower", "raw", "bytes")
 
 _NON_LETTERS = re.compile("[^A-Za-z]+")
 
 
 def preprocess(text: str, mode: str) -> str:
-    """Apply a preprocessing mode: "d2l" (letters and single spaces, lowercased), "lower", "raw"."""
+    """Apply a preprocessing mode: "d2l" (letters and single spaces, lowercased), "lower", "raw",
+    or "bytes": the text's UTF-8 bytes, one character U+0000..U+00FF per byte (see `readable`)."""
     if mode == "d2l":
         # Exactly d2l's read_time_machine: runs of non-letters (newlines too) become one space.
         return _NON_LETTERS.sub(" ", text).lower()
@@ -24,6 +25,8 @@ def preprocess(text: str, mode: str) -> str:
         return text.lower()
     if mode == "raw":
         return text
+    if mode == "bytes":
+        return text.encode("utf-8", "surrogatepass").decode("latin-1")
     raise UsageError(f"unknown preprocessing {mode!r}; choose one of: {', '.join(PREPROCESSING)}")
 
 
@@ -58,3 +61,11 @@ def read_text(path: str | Path, what: str = "", allow_empty: bool = False) -> st
             f"{label} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
             f"convert it first, e.g. iconv -f latin1 -t utf-8 {path} > {path.stem}.utf8.txt"
         ) from None
+
+
+def readable(text: str, mode: str) -> str:
+    """What a person reads of preprocessed text: for "bytes", the bytes decoded as UTF-8 (a
+    sequence that is invalid or cut off shows as U+FFFD); other modes are text already."""
+    if mode != "bytes":
+        return text
+    return text.encode("latin-1", "replace").decode("utf-8", "replace")

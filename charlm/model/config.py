@@ -123,3 +123,26 @@ def resolve_impl(impl: str, cell: str, device_type: str, gru_reset: str = "after
     if device_type == "cpu" and cell in FAST_MODES:
         return "fast"
     return "fused"
+
+
+LARGE_VOCAB = 1024  # symbols past which a vocabulary's cost is worth a warning
+
+
+def large_vocab_note(config: ModelConfig) -> str | None:
+    """What a large vocabulary costs, when it dominates: the output layer (and a one-hot input
+    layer) do vocab_size x hidden multiply-adds per character, against the recurrent layers'
+    gates x hidden x (input + hidden). A character-level text has 30-300 symbols; a text with
+    CJK in it has tens of thousands, and training slows by the ratio."""
+    gates = {"rnn": 1, "gru": 3, "lstm": 4}[config.cell]
+    vocab, hidden = config.vocab_size, config.hidden
+    one_hot = config.embed == 0
+    per_vocab = hidden * vocab + (gates * hidden * vocab if one_hot else 0)
+    recurrent = gates * hidden * ((0 if one_hot else config.embed) + hidden)
+    recurrent += (config.layers - 1) * gates * hidden * 2 * hidden
+    if vocab <= LARGE_VOCAB or per_vocab <= recurrent:
+        return None
+    return (f"the vocabulary has {vocab:,} symbols: the layers over it cost "
+            f"{per_vocab / recurrent:.0f}x the recurrent layers per character, so they take most "
+            "of the time of training and evaluation; --preprocessing bytes (at most 256 symbols, "
+            "any script) or --max-vocab N (the N most frequent; the rest become <unk>) make it "
+            "small")

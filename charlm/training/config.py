@@ -79,7 +79,8 @@ def _float(low: float, **kw) -> Rule:
 class TrainConfig:
     # -- data ----------------------------------------------------------------------------------
     corpus: str | None = option(
-        None, "A named corpus (see charlm data list): timemachine, tinyshakespeare, python-docs.",
+        None, "A named corpus (see charlm data list): timemachine, tinyshakespeare, enwik8, text8, "
+        "python-docs.",
         DATA, fixed=True, default_text="timemachine, else python-docs")
     text: list[str] = option(
         [], "Train on local UTF-8 file(s) instead (repeatable).", DATA, fixed=True)
@@ -89,7 +90,8 @@ class TrainConfig:
         None, "Corpus cache directory.", DATA,
         default_text="$CHARLM_DATA_DIR, else ~/.cache/charlm")
     preprocessing: str | None = option(
-        None, "d2l (letters and single spaces, lowercased), lower, or raw.", DATA, fixed=True,
+        None, "d2l (letters and single spaces, lowercased), lower, raw, or bytes (the UTF-8 "
+        "bytes: at most 256 symbols, any script).", DATA, fixed=True,
         choices=PREPROCESSING, default_text="the corpus's own")
     min_freq: int = option(1, "Symbols rarer than this map to <unk>.", DATA, rule=_int(1),
                            fixed=True)
@@ -97,12 +99,12 @@ class TrainConfig:
                             fixed=True)
     max_tokens: int = option(0, "Use only the first N tokens, as d2l's loader (0: all).", DATA,
                              rule=_int(0), fixed=True)
-    val_fraction: float = option(
-        0.1, "Share of the corpus (from the end) for validation.", DATA,
-        rule=_float(0, high=1, high_open=True), fixed=True)
-    test_fraction: float = option(
-        0.0, "Share of the corpus (the very end) held out for test.", DATA,
-        rule=_float(0, high=1, high_open=True), fixed=True)
+    val_fraction: float | None = option(  # None: the corpus's own
+        None, "Share of the corpus (from the end) for validation.", DATA, fixed=True,
+        rule=_float(0, high=1, high_open=True), default_text="0.1 (enwik8, text8: 0.05)")
+    test_fraction: float | None = option(
+        None, "Share of the corpus (the very end) held out for test.", DATA, fixed=True,
+        rule=_float(0, high=1, high_open=True), default_text="0 (enwik8, text8: 0.05)")
     # -- model ---------------------------------------------------------------------------------
     cell: str = option("gru", "The recurrent cell.", MODEL, model=True, fixed=True)
     hidden: int = option(256, "Hidden units per layer.", MODEL, model=True, fixed=True)
@@ -177,10 +179,15 @@ class TrainConfig:
     tf32: bool = option(
         False, "Let CUDA use TF32 tensor cores for float32 products (faster, 10-bit mantissa); "
         "eval perplexity never does.", RUN)
+    threads: int = option(0, "CPU threads (0: the faster of one per core and one, timed every "
+                          "200 steps; one for a tiny model).", RUN, rule=_int(0))
     seed: int = option(0, "Random seed: weights, batches, dropout.", RUN, fixed=True,
                        rule=_int(0, high=2**63, high_open=True, text="an integer in [0, 2**63)"))
     log_every: int = option(50, "Steps between progress lines.", RUN, rule=_int(1))
     eval_every: int = option(500, "Steps between validation + sample.", RUN, rule=_int(1))
+    eval_tokens: int = option(250_000, "Validation tokens per evaluation while training: the "
+                              "same first part of the split each time (0: all); the end of a "
+                              "run evaluates all of it.", RUN, rule=_int(0))
     checkpoint_every: int = option(500, "Steps between saves of last.pt.", RUN, rule=_int(1))
     sample_prefix: str | None = option(
         None, "Prompt for the samples shown at each evaluation.", RUN,
@@ -322,7 +329,7 @@ def validate(cfg: TrainConfig) -> None:
         value = getattr(cfg, name)
         if meta.rule is not None and not (value is None and optional(name)):
             meta.rule.check(name, value)
-    if cfg.val_fraction + cfg.test_fraction >= 1.0:
+    if (cfg.val_fraction or 0.0) + (cfg.test_fraction or 0.0) >= 1.0:
         raise UsageError("val_fraction + test_fraction must leave some text for training")
     check_cell_options(cfg)
     check_combination(cfg.cell, cfg.impl, cfg.gru_reset)

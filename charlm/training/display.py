@@ -49,6 +49,7 @@ class RunInfo:
     run_dir: Path
     extra: dict  # more summary entries (a process group's world_size)
     limits: str = ""  # what stops the run, e.g. "max_steps 5000 or time_budget 2m"
+    eval_tokens: int = 0  # validation tokens per evaluation while training (0: all)
 
     @classmethod
     def of(cls, trainer, resuming: bool, impl: str, device_text: str) -> "RunInfo":
@@ -67,7 +68,8 @@ class RunInfo:
             train_tokens=data.train.numel(), val_tokens=data.val.numel(),
             batches_per_epoch=len(trainer.batches), batch_size=trainer.cfg.batch_size,
             num_steps=trainer.cfg.num_steps, run_dir=trainer.run_dir,
-            extra=describe_group(trainer.group), limits=trainer.limits.describe())
+            extra=describe_group(trainer.group), limits=trainer.limits.describe(),
+            eval_tokens=trainer.cfg.eval_tokens)
 
 
 def _si(x: float) -> str:
@@ -102,9 +104,11 @@ class TrainDisplay:
         verb = f"resuming at step {run.resumed_at}" if run.resumed_at is not None else "training"
         self.print(f"{verb}: {run.model}, {run.parameters:,} parameters, on {run.device_text}, "
                    f"until {run.limits}")
+        part = (f" (the first {run.eval_tokens:,} at each evaluation, all at the end)"
+                if 0 < run.eval_tokens < run.val_tokens else "")
         self.print(
             f"corpus {run.corpus}: {run.num_tokens:,} tokens ({run.preprocessing}, vocab "
-            f"{run.vocab_size}), train {run.train_tokens:,} / val {run.val_tokens:,}; "
+            f"{run.vocab_size}), train {run.train_tokens:,} / val {run.val_tokens:,}{part}; "
             f"{run.batches_per_epoch} batches of {run.batch_size}x{run.num_steps} per epoch"
         )
         self.print(f"run directory: {run.run_dir}")
@@ -135,12 +139,14 @@ class TrainDisplay:
             self.print(f"{head} | loss {row['loss']:.4f} | {stats} | {progress:.0%} | "
                        f"ETA {clock(eta)}")
 
-    def evaluation(self, row: dict, sample: str, improved: bool) -> None:
+    def evaluation(self, row: dict, sample: str | None, improved: bool) -> None:
         if row["loss"] is None or not math.isfinite(row["loss"]):
             return
-        mark = " (best)" if improved else ""
+        mark = " (best)" if improved else " (all of the validation split)" if row.get(
+            "whole_split") else ""
         self.print(f"[step {row['step']}] val ppl {row['ppl']:.3f}, {row['bpc']:.3f} bits/char{mark}")
-        self.print(f"  sample: {sample!r}")
+        if sample is not None:
+            self.print(f"  sample: {sample!r}")
 
     def stop(self) -> None:
         """Stop the live line; it stays on screen as last drawn."""

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from charlm import __version__
-from charlm.data.text import preprocess
+from charlm.data.text import preprocess, readable
 from charlm.devices import select_device
 from charlm.errors import CharlmError, UsageError, warn
 from charlm.evaluate import perplexity_of
@@ -173,11 +173,13 @@ def _write(cpu: Loaded, staging: Path, name: str, fmt: str, device: str, prefix:
                    else _sample_prefix(ckpt, cpu.preprocessing, prefix))
     settings = SampleSettings(length=sample_length, seed=seed)
     ids = cpu.vocab.encode(text_prefix).tolist()
-    sample = text_prefix + cpu.vocab.decode(generate(model, ids, settings)[0])
+    sample = readable(text_prefix + cpu.vocab.decode(generate(model, ids, settings)[0]),
+                      cpu.preprocessing)  # a byte-level model's bytes as text
     config["evaluation"] = evaluation
     files[model_folder.CONFIG] = model_folder.config_bytes(config)
     facts = CardFacts(config=config, parameters=count_parameters(model), evaluation=evaluation,
-                      sample=sample, prefix=text_prefix, sample_length=sample_length, seed=seed,
+                      sample=sample, prefix=readable(text_prefix, cpu.preprocessing),
+                      sample_length=sample_length, seed=seed,
                       notes=notes, onnx=onnx_info is not None, name=name,
                       weights_bytes=len(files[model_folder.WEIGHTS]))
     files[model_folder.CARD] = model_card(facts).encode("utf-8")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from charlm.data.corpus import default_fractions
 from charlm.data.dataset import Dataset, load_dataset
 from charlm.errors import CharlmError
 from charlm.training.checkpoint import Loaded
@@ -35,7 +36,9 @@ def run_data(loaded: Loaded, split: str) -> Dataset:
     corpus_info = ckpt.get("corpus") if isinstance(ckpt.get("corpus"), dict) else {}
     if not (cfg.corpus or cfg.text or cfg.url) and corpus_info.get("name"):
         cfg.corpus = corpus_info["name"]  # the default corpus as it resolved then (or its fallback)
-    fraction = {"val": cfg.val_fraction, "test": cfg.test_fraction}.get(split)
+    own = default_fractions(cfg.corpus, cfg.text, cfg.url)  # for a fraction left to the corpus
+    fraction = {"val": cfg.val_fraction if cfg.val_fraction is not None else own[0],
+                "test": cfg.test_fraction if cfg.test_fraction is not None else own[1]}.get(split)
     if fraction == 0:
         raise CharlmError(
             f"the run of {path} held out no {split} split ({split}_fraction 0): train with "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,23 @@ class LoopState:
     def load_state_dict(self, state: dict) -> None:
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
         self.elapsed, self.best_val_loss = float(state["elapsed"]), float(state["best_val_loss"])
+
+
+class LogWindow:
+    """What happened since the last log line; the loss sum stays on the device."""
+
+    def __init__(self, device: torch.device):
+        self.loss_sum = torch.zeros((), device=device)
+        self.steps, self.tokens, self.since = 0, 0, time.perf_counter()
+
+    def add(self, loss: torch.Tensor, tokens: int) -> None:
+        self.loss_sum += loss
+        self.steps += 1
+        self.tokens += tokens
+
+    def reset(self) -> None:
+        self.loss_sum.zero_()
+        self.steps, self.tokens, self.since = 0, 0, time.perf_counter()
 
 
 def rng_state(device: torch.device) -> dict:

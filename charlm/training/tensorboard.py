@@ -4,7 +4,8 @@ The rows the trainer writes to metrics.jsonl become scalars, at their step:
 
     train row   loss/train  perplexity/train  bits_per_char/train  learning_rate  tokens_per_s
                 grad_norm (the last step's, before clipping)
-    val row     loss/val    perplexity/val    bits_per_char/val
+    val row     loss/val    perplexity/val    bits_per_char/val      (over --eval-tokens)
+                loss/val_whole  perplexity/val_whole  bits_per_char/val_whole  (the end of a run)
     sample      text "sample" (preformatted), at each evaluation; text "config" once, at the start
 
 `tensorboard --logdir runs` then shows every run that logged inside its run directory. A resumed
@@ -27,6 +28,7 @@ OFF = "off"  # no logs: what a resumed run of a logging run passes to stop loggi
 TRAIN = {"loss": "loss/train", "ppl": "perplexity/train", "lr": "learning_rate",
          "tokens_per_s": "tokens_per_s", "grad_norm": "grad_norm"}
 VAL = {"loss": "loss/val", "ppl": "perplexity/val", "bpc": "bits_per_char/val"}
+VAL_WHOLE = {key: f"{tag}_whole" for key, tag in VAL.items()}  # all of the split, at the end
 
 
 def require(value: str | None) -> None:
@@ -63,7 +65,8 @@ class Board:
 
     def write(self, row: dict) -> None:
         """A metrics.jsonl row ("train" or "val") as scalars."""
-        names = TRAIN if row.get("kind") == "train" else VAL if row.get("kind") == "val" else {}
+        names = {"train": TRAIN, "val": VAL_WHOLE if row.get("whole_split") else VAL}.get(
+            row.get("kind"), {})
         values = {tag: row.get(key) for key, tag in names.items()}
         if row.get("kind") == "train" and row.get("loss") is not None:
             values["bits_per_char/train"] = row["loss"] / math.log(2)

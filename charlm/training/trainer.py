@@ -23,8 +23,10 @@ import torch.nn.functional as F
 
 from charlm.data.batches import RandomBatches, SequentialBatches
 from charlm.data.dataset import Dataset, load_dataset
+from charlm.data.text import readable
+from charlm.devices import use_threads
 from charlm.errors import CharlmError, warn
-from charlm.model.config import resolve_impl
+from charlm.model.config import large_vocab_note, resolve_impl
 from charlm.model.lm import CharLM, State, detach_state
 from charlm.model.loading import model_from_checkpoint
 from charlm.sample import SampleSettings, generate
@@ -37,8 +39,9 @@ from charlm.training.display import RunInfo, TrainDisplay, run_summary
 from charlm.training.ema import WeightAverage
 from charlm.training.optim import LRSchedule, make_optimizer
 from charlm.training.signals import Interrupted, stop_requests
-from charlm.training.state import (LoopState, hidden_from_plain, hidden_to_plain, rng_state,
-                                   set_rng_state)
+from charlm.training.state import (LogWindow, LoopState, hidden_from_plain, hidden_to_plain,
+                                   rng_state, set_rng_state)
+from charlm.training.threads import ThreadChooser
 
 
 class _NoMetrics:
@@ -46,23 +49,6 @@ class _NoMetrics:
 
     def write(self, row: dict) -> None:
         pass
-
-
-class _Window:
-    """What happened since the last log line; the loss sum stays on the device."""
-
-    def __init__(self, device: torch.device):
-        self.loss_sum = torch.zeros((), device=device)
-        self.steps, self.tokens, self.since = 0, 0, time.perf_counter()
-
-    def add(self, loss: torch.Tensor, tokens: int) -> None:
-        self.loss_sum += loss
-        self.steps += 1
-        self.tokens += tokens
-
-    def reset(self) -> None:
-        self.loss_sum.zero_()
-        self.steps, self.tokens, self.since = 0, 0, time.perf_counter()
 
 
 class Trainer:
@@ -229,13 +215,15 @@ class Trainer:
             self.ema.update()
         return loss.detach(), state
 
-    def evaluate(self) -> float:
-        """Mean NLL per character over the whole validation split (state carried)."""
-        if self.data.val.numel() < 2:
+    def evaluate(self, whole: bool = False) -> float:
+        """Mean NLL per character over the validation split's first --eval-tokens (`whole`: all
+        of it), in --batch-size streams, the state carried."""
+        val = self.data.val if whole or not self.cfg.eval_tokens else self.data.val[
+            : self.cfg.eval_tokens]
+        if val.numel() < 2:
             return math.nan
-        nll, count = distributed.validation_nll(self.group, self.model, self.data.val,
-                                                self.cfg.batch_size, self.cfg.num_steps,
-                                                self.autocast)
+        nll, count = distributed.validation_nll(self.group, self.model, val, self.cfg.batch_size,
+                                                self.cfg.num_steps, self.autocast)
         return nll / count
 
     def sample_text(self) -> str:
@@ -243,7 +231,7 @@ class Trainer:
         ids = self.data.vocab.encode(prefix).tolist()
         gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed + self.loop.step)
         drawn = generate(self.model, ids, SampleSettings(length=self.cfg.sample_length), generator=gen)
-        return prefix + self.data.vocab.decode(drawn[0])
+        return readable(prefix + self.data.vocab.decode(drawn[0]), self.data.preprocessing)
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> dict:
@@ -254,6 +242,11 @@ class Trainer:
             self.limits.check_not_reached(self.loop.step, self._epochs_done(), self.loop.elapsed,
                                           again)
         with ExitStack() as stack:
+            self.threads = ThreadChooser.of(self.cfg.threads, self.cfg.hidden,
+                                            self.cfg.batch_size, self.device.type == "cpu")
+            if self.threads:  # the count in use is put back after the run
+                stack.callback(use_threads, torch.get_num_threads())
+                use_threads(self.threads.best)
             metrics = self.group.on_main(lambda: self._open_run_dir(stack, resuming))
             return self._loop(metrics or _NoMetrics(), resuming)
 
@@ -271,8 +264,10 @@ class Trainer:
                           runtime.device_text(cfg, self.device))
         if self.group.is_main and (note := runtime.precision_note(cfg)):
             warn(note)
+        if self.group.is_main and (note := large_vocab_note(self.model_config)):
+            warn(note)  # on stderr before anything else, even with -q
         self.display.start(info)
-        self._window = _Window(self.device)
+        self._window = LogWindow(self.device)
         self._mark = time.perf_counter()
         self._clock = loop.elapsed  # this process's training time; loop.elapsed: the agreed one
         batches = self._batches()
@@ -285,7 +280,8 @@ class Trainer:
                     lr = self.schedule.lr(loop.step, self.fraction_done())
                     for group in self.optimizer.param_groups:
                         group["lr"] = lr
-                    loss, state = self.train_step(X, Y, state)
+                    with self.threads.step() if self.threads else nullcontext():
+                        loss, state = self.train_step(X, Y, state)
                     self.hidden = state if cfg.sampling == "sequential" else None
                     self._on_step_end(loss, lr, metrics)
         except KeyboardInterrupt:  # a second Ctrl-C mid-step: the step is torn, so save nothing
@@ -301,6 +297,8 @@ class Trainer:
         self.display.stop()  # its last line: the final step, 100%
         evaluated_now = loop.step % cfg.eval_every == 0 and math.isfinite(loop.last_val_loss)
         final_val = loop.last_val_loss if evaluated_now else self._evaluate_and_sample(metrics)
+        if 0 < cfg.eval_tokens < self.data.val.numel():  # the figure to report: the whole split
+            final_val = self._evaluate_and_sample(metrics, whole=True)
         self.save("last.pt")
         summary = run_summary(info, stop, loop, final_val)
         metrics.write({"kind": "summary", "step": loop.step, **summary})
@@ -386,26 +384,30 @@ class Trainer:
             )
             raise distributed.shared(error) if self.group.active else error
 
-    def _evaluate_and_sample(self, metrics) -> float:
+    def _evaluate_and_sample(self, metrics, whole: bool = False) -> float:
+        """A periodic evaluation; `whole`: the final one over all of the validation split, which
+        is reported but not compared with the others (they cover --eval-tokens)."""
         loop, g = self.loop, self.group
+        began = time.perf_counter()
         with self.ema.applied() if self.ema else nullcontext():  # validation sees the average
-            val = self.evaluate()
-            sample = self.sample_text() if g.is_main else ""
+            val = self.evaluate(whole)
+            sample = self.sample_text() if g.is_main and not whole else None
         self.model.train()
         loop.last_val_loss = val
-        improved = math.isfinite(val) and val < loop.best_val_loss
+        improved = not whole and math.isfinite(val) and val < loop.best_val_loss
         if improved:
             loop.best_val_loss = val
-        if math.isfinite(val):
+        if math.isfinite(val) and not whole:
             self.schedule.observe(val)
         row = {"kind": "val", "step": loop.step, "epoch": self.batches.epoch,
                "tokens": loop.tokens_seen, "time": round(loop.elapsed, 3), "loss": val,
                "ppl": math.exp(min(val, 50)) if math.isfinite(val) else None,
-               "bpc": val / math.log(2) if math.isfinite(val) else None}
+               "bpc": val / math.log(2) if math.isfinite(val) else None, "whole_split": whole,
+               "eval_s": round(time.perf_counter() - began, 3)}
         metrics.write(row)
         self.board.write(row)
-        self.board.sample(loop.step, sample)
-        if g.is_main:
+        if sample is not None:  # rank 0's periodic evaluations
+            self.board.sample(loop.step, sample)
             with open(self.run_dir / "samples.txt", "a", encoding="utf-8") as fh:
                 fh.write(f"--- step {loop.step}\n{sample}\n")
         self.display.evaluation(row, sample, improved)
