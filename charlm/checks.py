@@ -20,7 +20,7 @@ from charlm.errors import UsageError
 
 @dataclass(frozen=True)
 class Rule:
-    kind: type | None = None  # int or float: a number in the range below; None: no number
+    kind: type | None = None  # int or float: a number in the range below; bool; None: anything
     low: float | None = None
     high: float | None = None
     low_open: bool = False
@@ -34,6 +34,8 @@ class Rule:
             return f"one of {', '.join(self.choices)}"
         if self.text:
             return self.text
+        if self.kind is bool:
+            return "true or false"
         prefix = "an integer " if self.kind is int else ""
         if self.low is not None and self.high is not None:
             left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
@@ -49,6 +51,8 @@ class Rule:
             return value in self.choices
         if self.kind is None:
             return True
+        if self.kind is bool:
+            return isinstance(value, bool)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return False
         if self.kind is int and not isinstance(value, int):

@@ -1,20 +1,45 @@
-"""Picking the training device: auto = CUDA, then Apple MPS, then CPU."""
+"""Picking the device (auto = CUDA, then Apple MPS but not for a GRU, then CPU) and its
+numerics (TF32)."""
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 
 from charlm.errors import CharlmError, UsageError
 
+# Why --device auto does not pick MPS for a GRU: published reports measure PyTorch's GRU on MPS
+# slower than on the CPU (pytorch/pytorch#123148) and producing NaN (#94691). Not measured here
+# (no Mac); --device mps still uses it.
+MPS_SKIPPED_FOR = ("gru",)
+MPS_NOTE = ("auto skipped MPS for the GRU: slower than the CPU and NaN in published reports, "
+            "pytorch#123148, #94691; --device mps to use it")
 
-def select_device(spec: str = "auto") -> torch.device:
-    spec = (spec or "auto").strip().lower()
+
+def mps_available() -> bool:
     mps = getattr(torch.backends, "mps", None)
-    mps_ok = bool(mps and mps.is_available())
+    return bool(mps and mps.is_available())
+
+
+def auto_note(spec: str | None, cell: str | None) -> str | None:
+    """What --device auto passed over, for the first line: the MPS note, or None."""
+    skipped = ((spec or "auto").strip().lower() == "auto" and cell in MPS_SKIPPED_FOR
+               and not torch.cuda.is_available() and mps_available())
+    return MPS_NOTE if skipped else None
+
+
+def select_device(spec: str = "auto", cell: str | None = None) -> torch.device:
+    """The device `spec` names; `cell`, when known, lets auto pass over MPS for a GRU. A CUDA
+    device becomes the current one, so kernels and generators of cuda:N are cuda:N's."""
+    spec = (spec or "auto").strip().lower()
+    mps_ok = mps_available()
     if spec == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("mps") if mps_ok else torch.device("cpu")
+            return torch.device("cuda", torch.cuda.current_device())
+        if mps_ok and cell not in MPS_SKIPPED_FOR:
+            return torch.device("mps")
+        return torch.device("cpu")
     if spec == "cpu":
         return torch.device("cpu")
     if spec == "mps":
@@ -34,15 +59,30 @@ def select_device(spec: str = "auto") -> torch.device:
                     f"--device {spec}: no such GPU; this machine has {torch.cuda.device_count()} "
                     "(cuda:0 .. cuda:N-1)"
                 )
-        return torch.device(spec)
+            torch.cuda.set_device(int(index))
+        return torch.device("cuda", torch.cuda.current_device())
     raise UsageError(f"--device must be auto, cpu, cuda, cuda:N or mps; got {spec!r}")
+
+
+def set_tf32(enabled: bool) -> None:
+    """TF32 tensor cores for float32 matrix products and cuDNN (Ampere and newer GPUs): faster,
+    with a 10-bit mantissa in the products. charlm decides, not torch's defaults (which differ
+    between matmul and cuDNN): the trainer's --tf32, and always off for eval perplexity."""
+    # The allow_tf32 flags, not torch >= 2.9's fp32_precision ones: once those are set, torch's
+    # own code that still reads the old flags (torch.export, which `charlm export --format onnx`
+    # runs after eval's figures) fails with "a mix of the legacy and new APIs" (torch 2.13).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the old flags are deprecated; they still work
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled
 
 
 def describe(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
     if device.type == "cpu":
-        return f"cpu ({torch.get_num_threads()} threads)"
+        threads = torch.get_num_threads()
+        return f"cpu ({threads} thread{'s' if threads != 1 else ''})"
     return str(device)
 
 
@@ -69,3 +109,29 @@ def keep_freed_memory() -> bool:
         return bool(mmap_ok and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
     except (OSError, AttributeError):
         return False
+
+
+# rows x hidden units of a step's matrix products under which a second thread costs more (its
+# fork and join, every op) than it saves: the test models (4 x 16), not the shipped configs
+# (32-64 x 256 and up)
+SMALL_WORK = 16 * 256
+
+
+def use_threads(n: int) -> None:
+    """Run torch's CPU ops on `n` intra-op threads (at least 1)."""
+    torch.set_num_threads(max(1, int(n)))
+
+
+def threads_for(kind: str, hidden: int, rows: int, requested: int = 0) -> int:
+    """CPU threads for one kind of work: "train" (steps of `rows` sequences through layers of
+    `hidden` units; the trainer's validation too) or "stream" (one sequence: eval perplexity's
+    exact pass, generation), whose matrix-vector products are too small to split. `requested`
+    > 0 (--threads) wins."""
+    if requested > 0:
+        return requested
+    if kind == "stream" or rows * hidden < SMALL_WORK:
+        return 1
+    return _TORCH_DEFAULT
+
+
+_TORCH_DEFAULT = torch.get_num_threads()  # one per core, or OMP_NUM_THREADS: torch's own choice

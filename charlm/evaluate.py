@@ -9,6 +9,10 @@ from a zero state, so the first characters of streams 2..B lose their left conte
 result depends on B (a fast estimate, what the trainer's validation uses). `perplexity_of` runs
 one stream, the state carried across windows, so its result depends on the window length only
 through float rounding.
+
+No float64 on the device (Apple's MPS has none): each window's loss is summed in float32 on the
+device, into a float32 vector with one entry per window, and the windows' sums are added in
+double precision on the host once, at the end (math.fsum of the vector's values).
 """
 
 from __future__ import annotations
@@ -21,13 +25,14 @@ import torch
 import torch.nn.functional as F
 
 from charlm.data.batches import eval_windows
+from charlm.devices import threads_for, use_threads
 from charlm.model.lm import CharLM, detach_state
 
 
 @torch.no_grad()
 def corpus_nll(model: CharLM, tokens: torch.Tensor, batch_size: int, num_steps: int,
                autocast=None) -> tuple[float, int]:
-    """Summed negative log-likelihood (nats, float64) of tokens[1:] and the number of targets.
+    """Summed negative log-likelihood (nats) of tokens[1:] and the number of targets.
 
     batch_size 1 conditions every target on all of its left context (exact); B > 1 restarts
     the state at the start of each of the B streams (an estimate, see the module docstring).
@@ -36,8 +41,7 @@ def corpus_nll(model: CharLM, tokens: torch.Tensor, batch_size: int, num_steps: 
     model.eval()
     device = model.head.weight.device
     tokens = tokens.to(device)
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    count = 0
+    sums = WindowSums(tokens.numel(), batch_size, num_steps, device)
     state = None
     try:
         for X, Y, reset in eval_windows(tokens, batch_size, num_steps):
@@ -46,12 +50,34 @@ def corpus_nll(model: CharLM, tokens: torch.Tensor, batch_size: int, num_steps: 
             with autocast if autocast is not None else nullcontext():
                 logits, state = model(X, state)
             state = detach_state(state)
-            total += F.cross_entropy(logits.reshape(-1, logits.size(-1)).double(), Y.reshape(-1),
-                                     reduction="sum")
-            count += Y.numel()
+            sums.add(logits, Y)
     finally:
         model.train(was_training)
-    return total.item(), count
+    return sums.total(), sums.count
+
+
+class WindowSums:
+    """Per-window float32 loss sums on the device (no sync per window); `total()` adds them in
+    double precision on the host."""
+
+    def __init__(self, num_tokens: int, batch_size: int, num_steps: int, device):
+        windows = -(-max(num_tokens - 1, 0) // max(batch_size * num_steps, 1)) + 2  # >= needed
+        self.sums = torch.zeros(windows, dtype=torch.float32, device=device)
+        self.index = self.count = 0
+
+    def add(self, logits: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+        """The window's summed loss (float32, on the device, attached to the graph)."""
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), Y.reshape(-1),
+                               reduction="sum")
+        if self.index == self.sums.numel():
+            self.sums = torch.cat([self.sums, torch.zeros_like(self.sums)])
+        self.sums[self.index] = loss.detach()
+        self.index += 1
+        self.count += Y.numel()
+        return loss
+
+    def total(self) -> float:
+        return math.fsum(self.sums[: self.index].tolist())  # the one host sync
 
 
 @dataclass
@@ -68,8 +94,18 @@ class Perplexity:
 
 
 def perplexity_of(model: CharLM, tokens: torch.Tensor, window: int = 512) -> Perplexity:
-    """Exact: one stream, `window` characters per forward pass, the state carried throughout."""
-    nll, count = corpus_nll(model, tokens, 1, window)
+    """Exact: one stream, `window` characters per forward pass, the state carried throughout.
+
+    On the CPU it runs on one thread: a single stream's products are too small to split, and a
+    second thread turns every op into a wait for a core that a busy machine has given away
+    (413 against 17,834 characters/s under load, issue 20)."""
+    threads = torch.get_num_threads()
+    if model.head.weight.device.type == "cpu":
+        use_threads(threads_for("stream", model.config.hidden, 1))
+    try:
+        nll, count = corpus_nll(model, tokens, 1, window)
+    finally:
+        use_threads(threads)
     nats = nll / count
     unk = int((tokens[1:] == 0).sum().item())
     return Perplexity(math.exp(nats), nats, nats / math.log(2), count, unk, unk / count)

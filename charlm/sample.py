@@ -14,6 +14,10 @@ arithmetic. The first layer's input projection becomes a row lookup::
     step:  gates = table[x] | h_below @ W_ih^T + b_ih,  plus  h @ W_hh^T + b_hh  -> h (, c)
            logits = h_top @ (W_out / T)^T + b_out / T     (the temperature folded into the head)
 
+`<unk>` (id 0 of every vocabulary) is never drawn: it stands for characters the vocabulary left
+out, not for a character to print, so its logit is -inf (in the head's bias, at no cost per
+step) and the draw is over the real characters.
+
 A character is drawn with the Gumbel-max trick, argmax(logits / T + g) with g = -log E,
 E ~ Exp(1): exactly a draw from softmax(logits / T), for one add and one argmax per step. The
 noise comes from `gumbel_noise` in blocks of steps, so a seed fixes the text.
@@ -35,6 +39,7 @@ NOISE_BLOCK_NUMBERS = 1 << 22  # ... but at most this many numbers (16 MB) per b
 # than the Gumbel noise can span (-5..88) wherever float32 logits differ at all. Such draws are
 # made greedily, since logits / T overflows float32 (and degenerates to <unk>) for smaller T.
 MIN_TEMPERATURE = 1e-8
+UNK_ID = 0  # <unk> in every charlm vocabulary (charlm.data.vocab.Vocab)
 
 
 @dataclass
@@ -72,6 +77,11 @@ def _expand(state: State, n: int) -> State:
     if isinstance(state, tuple):
         return tuple(s.expand(-1, n, -1).contiguous() for s in state)
     return state.expand(-1, n, -1).contiguous()
+
+
+def without_unk(logits: torch.Tensor) -> torch.Tensor:
+    """A copy of `logits` (..., V) in which <unk> cannot be drawn."""
+    return logits.index_fill(-1, torch.tensor([UNK_ID], device=logits.device), float("-inf"))
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -122,8 +132,8 @@ class _Stepper:
         self.b_ih = [None] + [p("bias_ih", k) for k in range(1, cfg.layers)]
         self.w_hh = [p("weight_hh", k).t().contiguous() for k in range(cfg.layers)]
         self.b_hh = [p("bias_hh", k) for k in range(cfg.layers)]
-        self.head_w = (model.head.weight.detach().t() * scale).contiguous()
-        self.head_b = model.head.bias.detach() * scale
+        self.head_w = (model.output_weight().detach().t() * scale).contiguous()
+        self.head_b = without_unk(model.head.bias.detach() * scale)
 
     @staticmethod
     def supports(model: CharLM) -> bool:
@@ -205,6 +215,7 @@ def generate(
         else:
             state = model.begin_state(n, device)
             logits = (model.head.bias * scale).expand(n, -1)
+        logits = without_unk(logits)
         fast = _Stepper.supports(model)
         if fast:
             stepper = _Stepper(model, scale)
@@ -233,7 +244,7 @@ def generate(
                 logits = stepper.step(nxt, states)
             else:
                 logits, state = model(nxt[:, None], state)
-                logits = logits[:, -1] * scale
+                logits = without_unk(logits[:, -1] * scale)
         return torch.stack(drawn, 1).tolist() if keep else []
     finally:
         torch.set_num_threads(threads)

@@ -12,6 +12,8 @@ kept busy while it measured (Linux only), so a reader can tell a quiet run from 
     python scripts/bench_cells.py                                  # cpu (+ cuda if present), H 256, B 32
     python scripts/bench_cells.py --hidden 128,256,512 --batch 32,64,128 --cells gru --repeats 7
     python scripts/bench_cells.py --device cuda --impls fused,fast --json
+    python scripts/bench_cells.py --cells gru --impls fused,fast --weight-drop 0.3 --layers 2 \
+        --dropout 0.2 --locked                                      # the regularised step
 """
 
 from __future__ import annotations
@@ -85,10 +87,12 @@ def wait_for_quiet(max_cores: float, timeout: float = 600.0) -> None:
 
 
 class TinyLM(nn.Module):
-    def __init__(self, impl, cell, vocab, embed, hidden, layers):
+    def __init__(self, impl, cell, vocab, embed, hidden, layers, dropout=0.0, locked=False,
+                 weight_drop=0.0):
         super().__init__()
         self.embedding = nn.Embedding(vocab, embed)
-        self.rnn = recurrent_layer(impl, cell, embed, hidden, layers, 0.0)
+        self.rnn = recurrent_layer(impl, cell, embed, hidden, layers, dropout, locked=locked,
+                                   weight_drop=weight_drop)
         self.head = nn.Linear(hidden, vocab)
 
     def forward(self, tokens):
@@ -98,7 +102,8 @@ class TinyLM(nn.Module):
 
 def make_step(impl, cell, args, hidden, batch, device):
     torch.manual_seed(0)
-    model = TinyLM(impl, cell, args.vocab, args.embed, hidden, args.layers).to(device)
+    model = TinyLM(impl, cell, args.vocab, args.embed, hidden, args.layers, args.dropout,
+                   args.locked, args.weight_drop).to(device)
     opt = make_optimizer("adamw", model.parameters(), 1e-3, 0.01)  # the trainer's (fused) AdamW
     gen = torch.Generator(device="cpu").manual_seed(1)
     tokens = torch.randint(0, args.vocab, (batch, args.steps + 1), generator=gen).to(device)
@@ -186,6 +191,10 @@ def main(argv=None) -> int:
                    help="drop rounds in which other processes kept more cores than this busy")
     p.add_argument("--max-rounds", type=int, default=200, help="give up after this many rounds")
     p.add_argument("--layers", type=int, default=1)
+    p.add_argument("--dropout", type=float, default=0.0, help="dropout between layers (default 0)")
+    p.add_argument("--locked", action="store_true", help="locked dropout between layers")
+    p.add_argument("--weight-drop", type=float, default=0.0,
+                   help="DropConnect on W_hh, one mask per step (default 0)")
     p.add_argument("--embed", type=int, default=32)
     p.add_argument("--vocab", type=int, default=65)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")

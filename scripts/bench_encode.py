@@ -11,7 +11,9 @@ its peak RSS (``ru_maxrss``) is its own:
   (the text itself, 1 byte per ASCII character, is therefore not counted; it is reported
   separately). The encoded ids are 4 bytes per character of that.
 * the same with the chunk loops on all torch threads instead of one (ablation of
-  ``charlm.data.vocab._one_thread``).
+  ``charlm.data.vocab.one_thread``).
+* streamed: what the trainer runs since the large-corpus data path, ``charlm.data.stream.chunks``
+  + ``charlm.data.encode.encode_chunks`` (4 MiB pieces, one pass, uint8 ids for this text).
 * naive: ``list(text)``, ``collections.Counter``, sorted vocabulary, a dict lookup per character
   into a list, ``torch.tensor(ids, dtype=torch.int32)``; run on the first --naive-chars
   characters only and scaled per character (time and memory). It also checks that both give
@@ -59,7 +61,8 @@ def _load(path: str, chars: int) -> str:
     return "".join([base] * reps + [base[:rest]])
 
 
-def child_fast(path: str, chars: int, repeat: int, all_threads: bool = False) -> dict:
+def child_fast(path: str, chars: int, repeat: int, all_threads: bool = False,
+               streamed: bool = False) -> dict:
     import contextlib
 
     import torch
@@ -68,7 +71,7 @@ def child_fast(path: str, chars: int, repeat: int, all_threads: bool = False) ->
     from charlm.data.vocab import Vocab
 
     if all_threads:  # ablation: let torch split each chunk's ops across all its threads
-        charlm.data.vocab._one_thread = contextlib.nullcontext
+        charlm.data.vocab.one_thread = contextlib.nullcontext
 
     Vocab.build("warm up").encode("warm up")  # first-call setup is not what we measure
     before_text = _rss_kib()
@@ -77,10 +80,17 @@ def child_fast(path: str, chars: int, repeat: int, all_threads: bool = False) ->
     times = []
     for run in range(repeat):
         t0 = time.perf_counter()
-        vocab = Vocab.build(text)
-        ids = vocab.encode(text)
+        if streamed:  # what the trainer runs: charlm.data.stream + charlm.data.encode
+            from charlm.data import stream
+            from charlm.data.encode import encode_chunks
+
+            vocab, ids = encode_chunks(stream.chunks("raw", text=text), len(text))
+        else:
+            vocab = Vocab.build(text)
+            ids = vocab.encode(text)
+            assert ids.dtype == torch.int32
         times.append(time.perf_counter() - t0)
-        assert ids.dtype == torch.int32 and len(ids) == len(text)
+        assert len(ids) == len(text)
         del ids
         if run == 0:
             peak1 = _peak_kib()  # memory: first run only, so allocator reuse cannot flatter it
@@ -139,12 +149,14 @@ def main() -> None:
     ap.add_argument("--chars", type=int, default=100_000_000)
     ap.add_argument("--naive-chars", type=int, default=5_000_000)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--child", choices=["fast", "fast-all-threads", "naive"], help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=["fast", "fast-all-threads", "streamed", "naive"],
+                    help=argparse.SUPPRESS)
     args = ap.parse_args()
 
-    if args.child in ("fast", "fast-all-threads"):
+    if args.child in ("fast", "fast-all-threads", "streamed"):
         all_threads = args.child == "fast-all-threads"
-        print(json.dumps(child_fast(args.path, args.chars, args.repeat, all_threads)))
+        print(json.dumps(child_fast(args.path, args.chars, args.repeat, all_threads,
+                                    streamed=args.child == "streamed")))
         return
     if args.child == "naive":
         print(json.dumps(child_naive(args.path, args.naive_chars)))
@@ -157,6 +169,8 @@ def main() -> None:
     threaded = _run_child(
         args.path, "--chars", str(args.chars), "--repeat", str(args.repeat), "--child", "fast-all-threads"
     )
+    streamed = _run_child(args.path, "--chars", str(args.chars), "--repeat", str(args.repeat),
+                          "--child", "streamed")
     naive = _run_child(args.path, "--naive-chars", str(args.naive_chars), "--child", "naive")
     best, median = min(fast["times"]), statistics.median(fast["times"])
     naive_scaled = naive["seconds"] * fast["chars"] / naive["chars"]
@@ -173,6 +187,10 @@ def main() -> None:
     print(f"| same, chunk ops on all {threaded['threads']} torch threads (ablation) | {threaded['chars']:,} | "
           f"{min(threaded['times']):.2f} / {statistics.median(threaded['times']):.2f} "
           f"({len(threaded['times'])} runs) | {threaded['peak_growth_bytes_per_char']:.2f} |")
+    print(f"| charlm.data.encode.encode_chunks (the trainer's path: chunks, uint8 ids) | "
+          f"{streamed['chars']:,} | {min(streamed['times']):.2f} / "
+          f"{statistics.median(streamed['times']):.2f} ({len(streamed['times'])} runs) | "
+          f"{streamed['peak_growth_bytes_per_char']:.2f} |")
     print(f"| naive (list + Counter + dict per char), run on {naive['chars']:,} chars | "
           f"{fast['chars']:,} (scaled) | {naive_scaled:.2f} (scaled from {naive['seconds']:.2f}) | "
           f"{naive['peak_growth_bytes_per_char']:.2f} |")

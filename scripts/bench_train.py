@@ -214,7 +214,7 @@ class Side:
 
 
 def base_values(args) -> dict:
-    from charlm.training.config import load_config_file
+    from charlm.training.configfile import load_config_file
 
     values = load_config_file(args.config)
     for key in OVERRIDES:

@@ -11,7 +11,7 @@ import re
 import sys
 from pathlib import Path
 
-from charlm.training.config import options_markdown
+from charlm.training.configfile import options_markdown
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 MARKERS = re.compile(r"(<!-- options:start -->\n).*?(<!-- options:end -->)", re.S)

@@ -29,9 +29,75 @@ def pytest_configure(config):
     if not os.environ.get("CHARLM_KERNEL_DIR"):
         config._charlm_kernel_dir = tempfile.mkdtemp(prefix="charlm-kernels-")
         os.environ["CHARLM_KERNEL_DIR"] = config._charlm_kernel_dir
+    _pin_to_cpu()
+
+
+_REAL: dict = {}  # torch's own device queries and CUDA_VISIBLE_DEVICES, for cuda-marked tests
+
+
+def _pin_to_cpu() -> None:
+    """The suite runs on the CPU unless a test is marked `cuda`: on a GPU machine --device auto
+    would pick the GPU (on a Mac, MPS), so torch's device queries answer "no GPU" in this process
+    and CUDA_VISIBLE_DEVICES="" hides the GPUs from every process a test starts. CUDA is set up
+    here first when there is one, so this process keeps its GPUs for the cuda-marked tests,
+    which get the real queries back (`cpu_only_unless_marked_cuda`). Module fixtures, built
+    before any test's own fixtures, are pinned too."""
+    import torch
+
+    mps = getattr(torch.backends, "mps", None)
+    _REAL.update(is_available=torch.cuda.is_available, device_count=torch.cuda.device_count,
+                 mps=mps.is_available if mps is not None else None,
+                 visible=os.environ.get("CUDA_VISIBLE_DEVICES"))
+    if torch.cuda.is_available():
+        torch.cuda.init()
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    torch.cuda.is_available = lambda: False
+    torch.cuda.device_count = lambda: 0
+    if mps is not None:
+        mps.is_available = lambda: False
+
+
+def _unpin() -> None:
+    import torch
+
+    if not _REAL:
+        return
+    torch.cuda.is_available, torch.cuda.device_count = _REAL["is_available"], _REAL["device_count"]
+    if _REAL["mps"] is not None:
+        torch.backends.mps.is_available = _REAL["mps"]
+    if _REAL["visible"] is None:
+        os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+    else:
+        os.environ["CUDA_VISIBLE_DEVICES"] = _REAL["visible"]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` need a GPU: skipped, with the reason, where there is none."""
+    if _REAL.get("is_available", lambda: False)():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def cpu_only_unless_marked_cuda(request, monkeypatch):
+    """A cuda-marked test sees the machine's GPUs (in process and in what it starts)."""
+    if request.node.get_closest_marker("cuda") is None:
+        return
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", _REAL["is_available"])
+    monkeypatch.setattr(torch.cuda, "device_count", _REAL["device_count"])
+    if _REAL["visible"] is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", _REAL["visible"])
 
 
 def pytest_unconfigure(config):
+    _unpin()
     folder = getattr(config, "_charlm_kernel_dir", None)
     if folder:
         shutil.rmtree(folder, ignore_errors=True)

@@ -77,3 +77,21 @@ def train_runs(root: Path, runs: dict[str, list[str]], text_chars: int = 6000,
             result = invoke("train", "--text", str(text), *common, *extra, "--out", str(root / name))
             assert result.exit_code == 0, result.output
     return {"root": root, "text": text, **{name: root / name for name in runs}}
+
+
+def no_float64():
+    """A dispatch mode in which any op with a float64 tensor in or out fails, as on Apple's MPS
+    (which has no float64)."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class NoFloat64(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_leaves((args, kwargs, out)):
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float64:
+                    raise RuntimeError(f"{func} used float64, which MPS does not have")
+            return out
+
+    return NoFloat64()

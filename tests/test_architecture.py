@@ -27,7 +27,8 @@ def test_help_does_not_import_torch():
     """`charlm --help` and the commands' --help answer at once (torch takes seconds to import)."""
     code = ("import sys\nfrom charlm.cli.app import main\n"
             "for args in (['--help'], ['generate', '--help'], ['train', '--help'],\n"
-            "             ['eval', 'perplexity', '--help'], ['data', 'list', '--help']):\n"
+            "             ['eval', 'perplexity', '--help'], ['data', 'list', '--help'],\n"
+            "             ['export', '--help']):\n"
             "    try:\n        main(args)\n    except SystemExit:\n        pass\n"
             "print('torch' in sys.modules, file=sys.stderr)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,

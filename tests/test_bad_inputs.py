@@ -80,7 +80,7 @@ CASES = [
     Case("unknown-schedule", train("--schedule", "exp"), 2,
          "schedule must be one of none, cosine, plateau; got 'exp'"),
     Case("unknown-corpus", ("train", *FAST, "--corpus", "nosuch", "--out", "new"), 2,
-         "unknown corpus 'nosuch': choose one of python-docs, timemachine, tinyshakespeare, "
+         "unknown corpus 'nosuch': choose one of enwik8, python-docs, text8, timemachine, tinyshakespeare, "
          "or give a text file or URL"),
     Case("seed-out-of-range", train("--seed", str(10**23)), 2, r"seed must be .+", regex=True),
     Case("resume-with-out", ("train", "--resume", "run", "--out", "elsewhere"), 2,

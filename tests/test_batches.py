@@ -7,7 +7,6 @@ from charlm.data.batches import (
     RandomBatches,
     SequentialBatches,
     eval_windows,
-    limit_tokens,
     split_tokens,
 )
 from charlm.errors import CharlmError, UsageError
@@ -59,15 +58,6 @@ def test_split_tokens_tolerates_rounding():
     assert [len(p) for p in parts] == [0, 5_000_000, 5_000_000]
 
 
-def test_limit_tokens():
-    t = corpus(10)
-    assert limit_tokens(t, None) is t and limit_tokens(t, 0) is t
-    assert limit_tokens(t, 4).tolist() == [0, 1, 2, 3]
-    assert limit_tokens(t, 100).tolist() == t.tolist()
-    with pytest.raises(UsageError, match=r"^max_tokens must be >= 0 \(0 = all\), got -1$"):
-        limit_tokens(t, -1)
-
-
 # --- both iterators ---------------------------------------------------------------------------
 
 
@@ -92,7 +82,8 @@ def test_each_epoch_covers_its_usable_range_exactly_once(cls, batch_size, num_st
             # every row is a contiguous run of the corpus
             assert torch.equal(x, x[:, :1] + torch.arange(num_steps))
         offset = int(xs.min())
-        assert 0 <= offset < num_steps and offset == it.epoch_offset(epoch)
+        assert 0 <= offset <= it.slack and offset == it.epoch_offset(epoch)
+        assert it.slack == n - 1 - len(it) * batch_size * num_steps >= num_steps - 1
         offsets.add(offset)
         used = len(it) * batch_size * num_steps
         assert sorted(xs.tolist()) == list(range(offset, offset + used))
@@ -100,6 +91,37 @@ def test_each_epoch_covers_its_usable_range_exactly_once(cls, batch_size, num_st
     assert it.epoch == 3
     if num_steps >= 7:
         assert len(offsets) > 1  # the offset changes from epoch to epoch
+
+
+@pytest.mark.parametrize("cls", ITERATORS)
+@pytest.mark.parametrize("n,batch_size,num_steps", [
+    (10_000, 32, 35),  # the d2l book's size: 1,039 tokens of slack per epoch
+    (3000, 4, 35), (1155, 32, 35), (2000, 1, 1), (777, 3, 7), (5000, 64, 32)])
+def test_every_position_is_used_within_each_cycle_of_epochs(cls, n, batch_size, num_steps):
+    """No position of the training split is left out for good: within every cycle of
+    2 * num_steps epochs (70 for num_steps 35), each is an input and each but the first a
+    target, while len() stays the same every epoch."""
+    it = cls(corpus(n), batch_size, num_steps, seed=11)
+    for cycle in range(2):
+        inputs, targets = torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
+        for _ in range(2 * num_steps):
+            batches = one_epoch(it)
+            assert len(batches) == len(it)
+            for x, y in batches:
+                inputs[x.flatten()] = True
+                targets[y.flatten()] = True
+        assert inputs[: n - 1].all() and targets[1:].all(), cycle
+
+
+def test_offsets_take_each_phase_at_both_ends_of_the_slack_once_per_cycle():
+    it = SequentialBatches(corpus(10_000), 32, 35, seed=3)
+    assert it.slack == 10_000 - 1 - 8 * 32 * 35  # 1,039
+    for cycle in range(3):
+        offsets = [it.epoch_offset(70 * cycle + k) for k in range(70)]
+        assert sorted(offsets) == list(range(35)) + [it.slack - p for p in range(34, -1, -1)]
+    first, second = ([it.epoch_offset(70 * c + k) for k in range(70)] for c in (0, 1))
+    assert first != second  # a new order every cycle
+    assert [it.epoch_offset(e) for e in range(70)] == first  # a pure function of the epoch
 
 
 @pytest.mark.parametrize("batch_size,num_steps", SHAPES)
@@ -278,7 +300,6 @@ def test_eval_windows_errors():
 
 @pytest.mark.cuda
 @pytest.mark.filterwarnings("ignore:Synchronization debug mode is a prototype")
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("cls", ITERATORS)
 def test_batches_on_cuda_equal_cpu_batches(cls):
     cpu = cls(corpus(3000), 4, 13, seed=5)

@@ -29,7 +29,7 @@ def test_list_json_shows_every_corpus_and_what_is_cached(shared_data, isolated_c
     listing = json.loads(result.stdout)
     assert listing["cache_dir"] == str(isolated_cache)
     rows = {row["name"]: row for row in listing["corpora"]}
-    assert list(rows) == ["python-docs", "timemachine", "tinyshakespeare"]
+    assert list(rows) == ["enwik8", "python-docs", "text8", "timemachine", "tinyshakespeare"]
     assert (rows["timemachine"]["bytes"], rows["timemachine"]["status"], rows["timemachine"]["cached"]) == (
         178_979, "yes", True
     )
@@ -113,7 +113,8 @@ def test_info_json_of_a_file(shared_data):
         "distinct_symbols": 65,
         "top_symbols": [list(kv) for kv in top],
         # vocabulary = distinct symbols after preprocessing, plus <unk>
-        "vocab_size": {"d2l": 28, "lower": len(set(text.lower())) + 1, "raw": 66},
+        "vocab_size": {"d2l": 28, "lower": len(set(text.lower())) + 1, "raw": 66,
+                       "bytes": len(set(text.encode("utf-8"))) + 1},
         "preprocessing": "raw",
         "sample_prefix": "First",
     }
@@ -124,12 +125,13 @@ def test_info_table_of_the_cached_default(shared_data, isolated_cache):
     result = run("data", "info")
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
+    n_bytes = len(set((shared_data / "timemachine.txt").read_bytes())) + 1
     assert lines[:6] == [
         "corpus            timemachine",
         f"source            {isolated_cache / 'timemachine.txt'}",
         "characters        178,979",
         "distinct symbols  70",
-        "vocab size        d2l 28, lower 46, raw 71  (symbols + <unk>)",
+        f"vocab size        d2l 28, lower 46, raw 71, bytes {n_bytes}  (symbols + <unk>)",
         "defaults          preprocessing d2l, sample prefix 'time traveller'",
     ]
     text = (shared_data / "timemachine.txt").read_text("utf-8")
@@ -158,13 +160,45 @@ def test_info_of_an_explicit_name_does_not_fall_back():
     assert result.stdout == ""
 
 
-def test_info_unknown_name_lists_the_known_ones():
+def test_an_unknown_name_lists_the_known_ones_and_only_what_the_command_takes(tmp_path):
+    """info also takes a file; add and download take only a name (no URL: that is train's)."""
+    known = ("unknown corpus 'shakespeare': choose one of enwik8, python-docs, text8, timemachine, "
+             "tinyshakespeare")
     result = run("data", "info", "shakespeare")
     assert (result.exit_code, result.stderr) == (
-        2,
-        "charlm: error: unknown corpus 'shakespeare': choose one of python-docs, timemachine, "
-        "tinyshakespeare, or give a text file or URL\n",
-    )
+        2, f"charlm: error: {known}, or give the path of a text file\n")
+    mine = tmp_path / "mine.txt"
+    mine.write_text("text", encoding="utf-8")
+    for args in (["add", "shakespeare", str(mine)], ["download", "shakespeare"]):
+        result = run("data", *args)
+        assert (result.exit_code, result.stderr) == (2, f"charlm: error: {known}\n"), args
+
+
+def test_with_a_mirror_set_a_failure_says_to_check_it_not_to_set_it(tmp_path, monkeypatch,
+                                                                     isolated_cache):
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    monkeypatch.setenv("CHARLM_MIRROR", str(mirror))
+    result = run("data", "download", "tinyshakespeare")
+    url = corpus.entry("tinyshakespeare").urls[0]
+    assert result.exit_code == 1
+    assert result.stderr == (
+        f"charlm: error: could not download tinyshakespeare.txt: "
+        f"{(mirror / 'tinyshakespeare.txt').as_uri()}: file not found; {url}: connection refused "
+        f"(after 2 attempts); check that CHARLM_MIRROR ({mirror}) holds tinyshakespeare.txt, or "
+        "add a copy you have with 'charlm data add tinyshakespeare FILE'\n")
+
+
+def test_tables_are_not_wrapped_when_stdout_is_not_a_terminal(tmp_path):
+    """`charlm data list | cat`: each corpus is one line, however long its description."""
+    deep = tmp_path / ("a-cache-folder-with-a-long-name-" * 3) / "charlm"
+    result = run("data", "list", "--data-dir", str(deep))
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    for name in corpus.corpus_names():
+        row = next(line for line in lines if line.startswith(f"│ {name} "))
+        assert corpus.entry(name).description in row
+    assert lines[-1] == f"cache: {deep}"
 
 
 def test_subprocess_errors_are_one_stderr_line_and_exit_codes(tmp_path, shared_data):

@@ -13,7 +13,8 @@ from charlm.checks import Rule
 from charlm.cli.train import launch_args, typed
 from charlm.errors import UsageError
 from charlm.training.config import (OPTIONS, PRECISIONS, TrainConfig, build_config, default_of,
-                                    fixed_on_resume, load_config_file, options_markdown, to_toml)
+                                    fixed_on_resume)
+from charlm.training.configfile import load_config_file, options_markdown, run_config_toml
 from helpers import invoke
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,37 +33,113 @@ def test_the_defaults_are_the_shipped_default_config():
 
     own = entry(DEFAULT_CORPUS)
     resolved = {"corpus": DEFAULT_CORPUS, "preprocessing": own.preprocessing,
-                "sample_prefix": own.sample_prefix}
+                "sample_prefix": own.sample_prefix, "val_fraction": own.val_fraction,
+                "test_fraction": own.test_fraction}
     from_file = build_config(load_config_file(REPO / "configs" / "timemachine-gru.toml"), {})
     defaults = TrainConfig()
     for name in OPTIONS:
         want = getattr(defaults, name)
+        got = getattr(from_file, name)
         if want is None and name in resolved:
             want = resolved[name]
-        assert getattr(from_file, name) == want, name
+        if got is None and name in resolved:
+            got = resolved[name]
+        assert got == want, name
+
+
+def configured(*args: str) -> TrainConfig:
+    """The configuration `charlm train ARGS` would train with (the run itself not started)."""
+    import charlm.cli.train as command
+
+    seen = []
+
+    def spy(group, given, config, *rest):
+        seen.append(build_config(load_config_file(config) if config else {}, given))
+
+    original, command._train = command._train, spy
+    try:
+        result = invoke("train", *args)
+    finally:
+        command._train = original
+    assert result.exit_code == 0, result.output
+    return seen[0]
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
-def test_every_shipped_config_is_valid_and_round_trips(path):
-    cfg = build_config(load_config_file(path), {})
-    again = tmp_round_trip(cfg)
-    assert again == cfg
+def test_every_shipped_config_is_valid_and_round_trips_through_config(path, tmp_path):
+    """--config FILE, then the run's config.toml of it, then --config that: the same config."""
+    cfg = configured("--config", str(path))
+    saved = tmp_path / "config.toml"
+    saved.write_text(run_config_toml(cfg), encoding="utf-8")
+    assert configured("--config", str(saved)) == cfg
 
 
 def tmp_round_trip(cfg: TrainConfig) -> TrainConfig:
-    """A config through to_toml (what a run's config.toml holds) and back."""
+    """A config through run_config_toml (what a run's config.toml holds) and back."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "config.toml"
-        path.write_text(to_toml(cfg.to_dict(), "# header\n"), encoding="utf-8")
+        path.write_text(run_config_toml(cfg), encoding="utf-8")
         return build_config(load_config_file(path), {})
+
+
+def test_a_runs_config_file_leaves_out_the_run_directory_and_what_the_cell_ignores():
+    """A rerun makes its own run directory (the old one is a finished run: refused as busy);
+    a GRU has no nonlinearity to set, an LSTM no reset placement."""
+    for cell, absent in (("gru", {"out", "nonlinearity"}),
+                         ("lstm", {"out", "nonlinearity", "gru_reset"}),
+                         ("rnn", {"out", "gru_reset"})):
+        cfg = build_config({}, {"cell": cell, "out": "runs/old"})
+        keys = {k for table in tomllib.loads(run_config_toml(cfg)).values() for k in table}
+        unset = {k for k in OPTIONS if getattr(cfg, k) is None}  # None: the default, left out
+        assert unset >= {"corpus", "url", "sha256", "data_dir", "preprocessing", "sample_prefix"}
+        assert keys == set(OPTIONS) - absent - unset, cell
+        assert tmp_round_trip(cfg) == build_config({}, {"cell": cell})
+
+
+@pytest.mark.parametrize("given, message", [
+    ({"cell": "gru", "nonlinearity": "relu"},
+     "--nonlinearity relu applies only to --cell rnn, not --cell gru; drop it or choose that cell"),
+    ({"cell": "lstm", "gru_reset": "before"},
+     "--gru-reset before applies only to --cell gru, not --cell lstm; drop it or choose that cell"),
+    ({"cell": "lstm", "nonlinearity": "relu", "gru_reset": "before"},
+     "--nonlinearity relu applies only to --cell rnn and --gru-reset before applies only to "
+     "--cell gru, not --cell lstm; drop it or choose that cell"),
+])
+def test_options_that_do_not_apply_to_the_cell_are_refused_naming_them(given, message, tmp_path):
+    with pytest.raises(UsageError) as err:
+        build_config({}, given)
+    assert str(err.value) == message
+    path = tmp_path / "rnn.toml"  # a file's value, with the cell changed on the command line
+    path.write_text('[model]\ncell = "rnn"\nnonlinearity = "relu"\n', encoding="utf-8")
+    with pytest.raises(UsageError, match=r"^--nonlinearity relu applies only to --cell rnn, "):
+        build_config(load_config_file(path), {"cell": "gru"})
+
+
+def test_the_defaults_of_options_for_other_cells_are_no_reason_to_refuse(tmp_path):
+    """The default nonlinearity (tanh) is not something a GRU run asked for, nor a file that
+    writes every option out, as config.toml files of earlier versions did."""
+    assert build_config({}, {"cell": "gru"}).cell == "gru"
+    path = tmp_path / "all.toml"
+    path.write_text('[model]\ncell = "lstm"\nnonlinearity = "tanh"\ngru_reset = "after"\n',
+                    encoding="utf-8")
+    assert build_config(load_config_file(path), {}).cell == "lstm"
+    assert build_config({}, {"cell": "rnn", "nonlinearity": "relu"}).nonlinearity == "relu"
+
+
+def test_sha256_is_checked_before_anything_runs():
+    with pytest.raises(UsageError) as err:
+        build_config({}, {"url": "http://127.0.0.1/a.txt", "sha256": "abc"})
+    assert str(err.value) == ("--sha256 must be 64 hexadecimal digits (as sha256sum prints "
+                              "them), got 'abc'")
+    assert build_config({}, {"url": "http://127.0.0.1/a.txt", "sha256": "A" * 64}).sha256
 
 
 def test_to_toml_writes_any_string_as_valid_toml():
     hostile = "a\rb\x1b[31mc\x7fd\"e'f\\g\nh\ttab \u2028 \U0001F600"
     cfg = build_config({}, {"sample_prefix": hostile, "text": ["x [1].txt", "ü.txt"]})
-    text = to_toml(cfg.to_dict())
+    text = run_config_toml(cfg)
     assert tomllib.loads(text)["run"]["sample_prefix"] == hostile
     assert tmp_round_trip(cfg).sample_prefix == hostile
 
@@ -72,7 +149,7 @@ def test_every_field_is_one_declared_option():
     assert set(OPTIONS) == set(TrainConfig.__dataclass_fields__)
     for name, meta in OPTIONS.items():
         assert meta.help and meta.panel in panels, name
-        if meta.rule is not None and meta.rule.kind is not None:
+        if meta.rule is not None and meta.rule.kind is not None and default_of(name) is not None:
             meta.rule.check(name, default_of(name))  # the default obeys its own rule
     assert PRECISIONS == OPTIONS["precision"].choices
 
@@ -81,7 +158,7 @@ def test_fixed_on_resume_are_the_options_that_define_the_model_or_its_data():
     assert set(fixed_on_resume()) == {
         "cell", "hidden", "layers", "embed", "nonlinearity", "gru_reset", "corpus", "text", "url",
         "preprocessing", "min_freq", "max_vocab", "max_tokens", "val_fraction", "test_fraction",
-        "batch_size", "num_steps", "sampling", "optimizer", "seed"}
+        "batch_size", "num_steps", "sampling", "optimizer", "seed", "tie_weights"}
 
 
 def test_train_help_shows_every_option_with_its_default_and_choices():
@@ -102,6 +179,9 @@ def test_train_help_shows_every_option_with_its_default_and_choices():
             assert f"[{'|'.join(meta.choices)}]" in part, here
         if meta.default_text:
             assert f"[default: ({meta.default_text})]" in part, here
+        elif isinstance(default, bool):  # a --flag/--no-flag pair (help may wrap at its "-")
+            shown = f"[default:{'' if default else 'no-'}{flag(name)[2:]}]"
+            assert shown in "".join(part.split()), here
         elif default not in (None, []):
             assert f"[default: {default}]" in part, here
 
@@ -151,20 +231,8 @@ def test_an_option_typed_on_the_command_line_overrides_the_file_even_at_its_defa
     """--embed 32 is the default, but typed, it still overrides the file's embed = 8."""
     path = tmp_path / "c.toml"
     path.write_text("[model]\nembed = 8\nhidden = 24\n", encoding="utf-8")
-    seen = {}
-
-    import charlm.cli.train as command
-
-    def spy(group, given, config, *rest):
-        seen.update(build_config(load_config_file(config), given).to_dict())
-
-    original, command._train = command._train, spy
-    try:
-        result = invoke("train", "--config", str(path), "--embed", "32")
-    finally:
-        command._train = original
-    assert result.exit_code == 0, result.output
-    assert (seen["embed"], seen["hidden"]) == (32, 24)
+    cfg = configured("--config", str(path), "--embed", "32")
+    assert (cfg.embed, cfg.hidden) == (32, 24)
 
 
 def test_the_ranks_of_nproc_get_back_exactly_what_was_typed():

@@ -26,7 +26,7 @@ def dead_url(name: str) -> str:
 
 def test_registry_pins_the_reference_corpora():
     table = tomllib.loads(resources.files("charlm.data").joinpath("corpora.toml").read_text("utf-8"))
-    assert corpus_names() == ["python-docs", "timemachine", "tinyshakespeare"]
+    assert corpus_names() == ["enwik8", "python-docs", "text8", "timemachine", "tinyshakespeare"]
     tm, ts = table["timemachine"], table["tinyshakespeare"]
     assert tm["urls"] == ["http://d2l-data.s3-accelerate.amazonaws.com/timemachine.txt"]
     assert tm["hashes"] == {"sha1": "090b5e7e70c295757f55df93cb0a180b9691891a", "sha256": TM_SHA256}
@@ -132,7 +132,7 @@ def test_sources_are_mutually_exclusive_and_names_are_checked(tmp_path):
     with pytest.raises(UsageError) as err:
         load_corpus("timemachin")
     assert str(err.value) == (
-        "unknown corpus 'timemachin': choose one of python-docs, timemachine, tinyshakespeare, "
+        "unknown corpus 'timemachin': choose one of enwik8, python-docs, text8, timemachine, tinyshakespeare, "
         "or give a text file or URL"
     )
 
@@ -171,7 +171,8 @@ def test_corrupted_mirror_copy_is_rejected_and_nothing_cached(shared_data, monke
     assert str(err.value) == (
         f"could not download timemachine.txt: {(mirror / 'timemachine.txt').as_uri()}: sha256 "
         f"mismatch (got {got}, expected {TM_SHA256}); {dead_url('timemachine')}: connection refused "
-        f"(after 2 attempts); {HINT} 'charlm data add timemachine FILE'"
+        f"(after 2 attempts); check that CHARLM_MIRROR ({mirror}) holds timemachine.txt, or add a "
+        "copy you have with 'charlm data add timemachine FILE'"
     )
     assert list(isolated_cache.iterdir()) == []
 
@@ -187,7 +188,8 @@ def test_default_falls_back_to_python_docs_with_one_warning_line(monkeypatch, tm
         "charlm: warning: timemachine is not cached and cannot be downloaded, so the built-in "
         "python-docs corpus is used instead (could not download timemachine.txt: "
         f"{(empty / 'timemachine.txt').as_uri()}: file not found; {dead_url('timemachine')}: "
-        f"connection refused (after 2 attempts); {HINT} 'charlm data add timemachine FILE')\n"
+        f"connection refused (after 2 attempts); check that CHARLM_MIRROR ({empty}) holds "
+        "timemachine.txt, or add a copy you have with 'charlm data add timemachine FILE')\n"
     )
     assert list(isolated_cache.iterdir()) == []
 
@@ -252,9 +254,9 @@ def test_url_corpus_with_a_wrong_sha256_is_not_cached(shared_data, http_server, 
     url = server.url("timemachine.txt")
     with pytest.raises(DownloadError) as err:
         load_corpus(url=url, sha256=TS_SHA256)
-    assert str(err.value) == (
-        f"could not download {hashlib.sha256(url.encode()).hexdigest()[:16]}-timemachine.txt: "
-        f"{url}: sha256 mismatch (got {TM_SHA256}, expected {TS_SHA256})"
+    assert str(err.value) == (  # the file's name, not the cache's internal one
+        f"could not download timemachine.txt: {url}: sha256 mismatch (got {TM_SHA256}, "
+        f"expected {TS_SHA256})"
     )
     assert list((isolated_cache / "urls").iterdir()) == []
     with pytest.raises(UsageError) as err:
@@ -263,6 +265,12 @@ def test_url_corpus_with_a_wrong_sha256_is_not_cached(shared_data, http_server, 
     with pytest.raises(UsageError) as err:
         load_corpus(sha256=TS_SHA256)
     assert str(err.value) == "--sha256 checks a --url download; give --url too"
+    for short in ("abc", TS_SHA256[:-1], TS_SHA256[:-1] + "g"):
+        with pytest.raises(UsageError) as err:
+            load_corpus(url=url, sha256=short)
+        assert str(err.value) == (
+            f"--sha256 must be 64 hexadecimal digits (as sha256sum prints them), got {short!r}")
+    assert len(server.seen) == 1  # refused before any download
 
 
 def test_url_corpus_that_is_not_text_is_not_kept(http_server, tmp_path, isolated_cache):

@@ -148,17 +148,17 @@ def test_signal_saves_exits_130_and_the_resumed_run_ends_bit_identical(
 
 def test_sigterm_before_training_stops_with_one_line_and_130(corpus, tmp_path, monkeypatch,
                                                             capsys):
-    from charlm.data import corpus as corpus_module
+    from charlm.data import dataset as dataset_module
     from charlm.cli.app import main
 
     monkeypatch.setenv("CHARLM_RUNS_DIR", str(tmp_path / "runs"))
-    real_read = corpus_module.read_text
+    real_locate = dataset_module.locate_corpus
 
-    def read_text(path):  # SIGTERM arrives while the corpus is read, before any step
+    def locate_corpus(*args, **kwargs):  # SIGTERM arrives while the corpus is read, before any step
         os.kill(os.getpid(), signal.SIGTERM)
-        return real_read(path)
+        return real_locate(*args, **kwargs)
 
-    monkeypatch.setattr(corpus_module, "read_text", read_text)
+    monkeypatch.setattr(dataset_module, "locate_corpus", locate_corpus)
     handler = signal.getsignal(signal.SIGTERM)
     with pytest.raises(SystemExit) as info:
         main(soak.train_args(corpus, tmp_path / "run", 10, SEED))

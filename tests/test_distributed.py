@@ -197,3 +197,59 @@ def test_nproc_needs_a_positive_count(tmp_path):
     result = CliRunner().invoke(app, ["train", "--nproc", "0", "--out", str(tmp_path / "r")])
     assert result.exit_code == 2
     assert result.stderr == "charlm: error: --nproc must be >= 1, got 0\n"
+
+
+AGREE = """
+import json, sys
+from charlm.training import distributed
+group = distributed.from_env("cpu")
+seen = []
+for k in range(4):
+    signal = ["SIGINT"] if (group.rank, k) == (1, 2) else []
+    seen.append(group.agree_stop(10.0 * group.rank + k, signal))
+distributed.close()
+print(json.dumps(seen))
+"""
+
+
+def test_the_stop_agreement_runs_one_step_behind(work):
+    """Each check starts this step's reduction and reads the previous one's (the first check
+    agrees at once): every rank gets the same answers, one step late, without waiting a step."""
+    port = str(free_port())
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, "-c", AGREE], env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    answers = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        answers.append(json.loads(out))
+    # rank 1 sends 10 + k and a SIGINT at check 2: rank 0 and 1 both read it at check 3
+    assert answers[0] == answers[1] == [[10.0, None], [10.0, None], [11.0, None], [12.0, "SIGINT"]]
+
+
+def test_two_ranks_with_every_regulariser_and_averaging_resume_exactly(work, tmp_path):
+    every = ["--dropout", "0.3", "--input-dropout", "0.2", "--embed-dropout", "0.1",
+             "--weight-drop", "0.3", "--locked-dropout", "--tie-weights", "--embed", "24",
+             "--ema", "0.9"]
+
+    def args(out: Path, steps: int) -> list[str]:
+        base = _args(work, out, steps)
+        base[base.index("--dropout"):base.index("--dropout") + 2] = []
+        base[base.index("--embed"):base.index("--embed") + 2] = []
+        return [*base, *every, "--nproc", "2", "--quiet"]
+
+    full = _run(work, "charlm", *args(tmp_path / "full", 6))
+    assert full.returncode == 0, full.stderr
+    part = _run(work, "charlm", *args(tmp_path / "part", 3))
+    assert part.returncode == 0, part.stderr
+    resumed = _run(work, "charlm", "train", "--nproc", "2", "--resume", str(tmp_path / "part"),
+                   "--max-steps", "6", "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = load_checkpoint(tmp_path / "full" / "last.pt"), load_checkpoint(tmp_path / "part" / "last.pt")
+    assert a["step"] == b["step"] == 6 and a["model_config"]["tie_weights"] is True
+    _assert_close(a["model"], b["model"])
+    _assert_close(a["ema"]["model"], b["ema"]["model"])

@@ -54,19 +54,20 @@ def invoke(*args: str):
 
 @torch.no_grad()
 def predict_ch8(prefix: str, num_preds: int, model, vocab) -> str:
-    """d2l's predict_ch8, written out: warm up on the prefix one character at a time, then argmax."""
+    """d2l's predict_ch8, written out: warm up on the prefix one character at a time, then argmax
+    (over the real characters: <unk>, id 0, is never drawn)."""
     state = None
     outputs = [vocab.index(prefix[0])] if prefix else []
     if not prefix:  # no prefix: the first character comes from the zero state
         logits = model.head(torch.zeros(1, model.config.hidden))
-        outputs.append(int(logits.argmax()))
+        outputs.append(int(logits[0, 1:].argmax()) + 1)
         num_preds -= 1
     for y in prefix[1:]:
         _, state = model(torch.tensor([[outputs[-1]]]), state)
         outputs.append(vocab.index(y))
     for _ in range(num_preds):
         y, state = model(torch.tensor([[outputs[-1]]]), state)
-        outputs.append(int(y.reshape(-1).argmax()))
+        outputs.append(int(y.reshape(-1)[1:].argmax()) + 1)
     return "".join(vocab.tokens[i] for i in outputs)
 
 
@@ -120,7 +121,8 @@ def test_same_seed_same_text_other_seed_other_text(runs):
 
 def test_batch_rows_equal_a_per_row_reference_with_the_same_noise(runs):
     """num_samples rows drawn as one batch equal rows drawn one by one through model(x, state)
-    with the same Gumbel noise, temperature and top-k, with the top-k mask written out."""
+    with the same Gumbel noise, temperature and top-k, with the top-k mask (and <unk>'s)
+    written out."""
     model, vocab = load(runs["raw"])
     prefix = vocab.encode("class ").tolist()
     n, length, temperature, k = 3, 40, 0.7, 5
@@ -134,6 +136,7 @@ def test_batch_rows_equal_a_per_row_reference_with_the_same_noise(runs):
             want = []
             for t in range(length):
                 scaled = logits[0, -1] / temperature
+                scaled[0] = float("-inf")  # <unk> is never drawn
                 kth = sorted(scaled.tolist())[-k]
                 scaled = torch.where(scaled < kth, torch.tensor(float("-inf")), scaled)
                 want.append(int((scaled + noise[t][row]).argmax()))
@@ -142,15 +145,43 @@ def test_batch_rows_equal_a_per_row_reference_with_the_same_noise(runs):
     assert got[0] != got[1]  # the rows draw independently
 
 
+@pytest.mark.parametrize("settings", [
+    SampleSettings(length=40, num_samples=4, seed=1),
+    SampleSettings(length=40, greedy=True),
+    SampleSettings(length=40, temperature=3.0, top_k=2, num_samples=2, seed=2),
+    SampleSettings(length=40, top_p=0.3, num_samples=2, seed=3),
+], ids=["sampled", "greedy", "top-k", "top-p"])
+@pytest.mark.parametrize("prefix", ["", "class "])
+def test_unk_is_never_drawn(runs, settings, prefix):
+    """<unk> stands for characters the vocabulary left out; even where the model finds it the
+    likeliest next token, text never shows it."""
+    model, vocab = load(runs["raw"])
+    with torch.no_grad():
+        model.head.bias[0] = 100.0  # <unk> next, almost surely, whatever came before
+    for row in generate(model, vocab.encode(prefix).tolist(), settings):
+        assert len(row) == 40 and 0 not in row
+
+
+def test_a_young_model_that_likes_unk_still_writes_characters(runs):
+    """The 20-step `raw` run's likeliest token after "the " is <unk>; it is never printed."""
+    result = invoke("--checkpoint", str(runs["raw"]), "--prefix", "the ", "--greedy",
+                    "--length", "60")
+    assert result.exit_code == 0, result.output
+    assert "<unk>" not in result.stdout and len(result.stdout) == len("the ") + 60 + 1
+
+
 @pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.5, 1.0), (1.0, 0.6)])
 def test_draws_follow_softmax_of_scaled_filtered_logits(runs, temperature, top_p):
     """First characters of 40,000 samples from the zero state: their frequencies match
-    softmax(bias / T), restricted to the nucleus with top-p (well within 5 standard errors)."""
+    softmax(bias / T) over the real characters (<unk> is never drawn), restricted to the nucleus
+    with top-p (well within 5 standard errors)."""
     model, vocab = load(runs["raw"])
     n = 40_000
     settings = SampleSettings(length=1, temperature=temperature, top_p=top_p, num_samples=n, seed=3)
     drawn = torch.tensor(generate(model, [], settings))[:, 0]
-    probs = torch.softmax(model.head.bias.detach().double() / temperature, -1)
+    logits = model.head.bias.detach().double() / temperature
+    logits[0] = float("-inf")
+    probs = torch.softmax(logits, -1)
     if top_p < 1.0:
         order = probs.argsort(descending=True)
         before = probs[order].cumsum(0) - probs[order]

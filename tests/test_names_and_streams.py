@@ -24,7 +24,7 @@ import pytest
 from charlm.data import text as text_module
 from charlm.data.text import read_text
 from charlm.errors import CharlmError
-from charlm.training.config import load_config_file
+from charlm.training.configfile import load_config_file
 from helpers import pydoc_text
 
 NAMES = {"text": b"notes-\xe9t\xe9.txt", "out": b"run-\xff", "prefix": b"for \xfe"}
@@ -51,8 +51,9 @@ def test_a_run_named_in_another_encoding_trains_resumes_and_is_read_back(tmp_pat
     run = tmp_path / name["out"]
     assert (tmp_path / "runs" / "latest").read_bytes() == os.fsencode(run) + b"\n"
     config = (run / "config.toml").read_text(encoding="utf-8")  # still UTF-8, still TOML
-    assert config.count("is not UTF-8, which TOML cannot hold; give it on the command line") == 3
-    assert f"# out: {NAMES['out']!r} is not UTF-8" in config
+    # the text and the prompt (out is never in config.toml: a rerun makes its own run folder)
+    assert config.count("is not UTF-8, which TOML cannot hold; give it on the command line") == 2
+    assert f"# sample_prefix: {NAMES['prefix']!r} is not UTF-8" in config
     assert tomllib.loads(config)["model"]["hidden"] == 8
 
     resumed = charlm(["train", "--resume", "--max-steps", "8", *TINY], tmp_path)  # via latest

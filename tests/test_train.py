@@ -171,6 +171,14 @@ def test_checkpoint_rebuilds_its_own_model(small_text, tmp_path):
     assert set(ckpt["rng"]) >= {"torch", "python"}
 
 
+def test_the_trainers_samples_never_show_unk(small_text, tmp_path):
+    trainer = Trainer(tiny(small_text, tmp_path / "run", sample_length=50))
+    with torch.no_grad():
+        trainer.model.head.bias[0] = 100.0  # <unk> the likeliest next token, whatever came before
+    sample = trainer.sample_text()
+    assert "<unk>" not in sample and len(sample) == len(trainer.data.sample_prefix(None)) + 50
+
+
 def test_non_finite_loss_stops_with_the_last_good_checkpoint(small_text, tmp_path):
     cfg = tiny(small_text, tmp_path / "run", max_steps=200, checkpoint_every=10, log_every=10,
                optimizer="sgd", lr=1e6, clip=0.0, dropout=0.0)
@@ -196,7 +204,7 @@ def test_cli_train_writes_a_complete_run_directory(small_text, tmp_path, runs_di
     names = {p.name for p in (tmp_path / "run").iterdir()}
     assert {"config.toml", "metrics.jsonl", "last.pt", "best.pt", "samples.txt"} <= names
     assert (runs_dir / "latest").read_text().strip() == str((tmp_path / "run").resolve())
-    from charlm.training.config import load_config_file
+    from charlm.training.configfile import load_config_file
 
     saved = load_config_file(tmp_path / "run" / "config.toml")
     assert saved["hidden"] == 16 and saved["max_steps"] == 12
@@ -269,3 +277,78 @@ def test_scratch_and_reset_before_train_end_to_end(small_text, tmp_path, runs_di
     evaluated = CliRunner().invoke(app, ["eval", "perplexity", "--checkpoint", str(run), "--json"])
     assert evaluated.exit_code == 0, evaluated.output
     assert json.loads(evaluated.stdout)["impl"] == impl
+
+
+def test_a_runs_config_toml_reruns_the_same_run(tmp_path, runs_dir):
+    """`charlm train --config RUN/config.toml` trains the same run again: no `out` (the old run
+    directory would be refused as busy), the corpus that was actually used (here the python-docs
+    fallback for an unreachable default), and any sample prefix, control characters included."""
+    hostile = "a\rb\x1b[31mc\x7fd\"e'f\\g"
+    args = ["--hidden", "8", "--layers", "1", "--embed", "4", "--batch-size", "4",
+            "--num-steps", "8", "--max-steps", "3", "--eval-every", "3", "--sample-length", "5",
+            "--impl", "fused", "--max-tokens", "5000", "--sample-prefix", hostile, "-q"]
+    first = CliRunner().invoke(app, ["train", *args, "--out", str(tmp_path / "first"), "--json"])
+    assert first.exit_code == 0, first.output
+    assert "python-docs corpus is used instead" in first.stderr
+    from charlm.training.configfile import load_config_file
+
+    saved = load_config_file(tmp_path / "first" / "config.toml")
+    assert "out" not in saved
+    assert (saved["corpus"], saved["preprocessing"], saved["sample_prefix"]) == (
+        "python-docs", "raw", hostile)
+    again = CliRunner().invoke(app, ["train", "--config", str(tmp_path / "first" / "config.toml"),
+                                     "-q", "--json"])
+    assert again.exit_code == 0, again.output
+    second = Path(json.loads(again.stdout)["run_dir"])
+    assert second.parent == runs_dir and second != tmp_path / "first"
+    a, b = load_checkpoint(tmp_path / "first" / "last.pt"), load_checkpoint(second / "last.pt")
+    assert a["corpus"] == b["corpus"] and a["corpus"]["name"] == "python-docs"
+    assert {**a["train_config"], "out": None} == {**b["train_config"], "out": None}
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert (second / "config.toml").read_text() == (tmp_path / "first" / "config.toml").read_text()
+
+
+def test_resuming_a_run_that_reached_its_limit_says_which_and_how_to_raise_it(small_text,
+                                                                             tmp_path):
+    run = tmp_path / "run [1]"
+    assert CliRunner().invoke(app, _cli_args(small_text, run)).exit_code == 0
+    before = {name: (run / name).read_bytes() for name in ("config.toml", "metrics.jsonl")}
+    result = CliRunner().invoke(app, ["train", "--resume", str(run)])
+    assert (result.exit_code, result.stderr) == (2, (
+        "charlm: error: the run already reached max_steps 12 (at step 12); to train on, raise "
+        f"it: charlm train --resume '{run}' --max-steps 24\n"))
+    assert {name: (run / name).read_bytes() for name in before} == before
+
+
+@pytest.mark.parametrize("limits, reached, raised", [
+    (dict(max_steps=10, epochs=0, time_budget=0.0, budget_text="0"), (10, 0.5, 1.0),
+     "max_steps 10 (at step 10); to train on, raise it: RESUME --max-steps 20"),
+    (dict(max_steps=0, epochs=2, time_budget=0.0, budget_text="0"), (50, 2.0, 9.0),
+     "epochs 2 (at step 50); to train on, raise it: RESUME --epochs 4"),
+    (dict(max_steps=0, epochs=0, time_budget=120.0, budget_text="2m"), (70, 0.2, 120.4),
+     "time_budget 2m (at step 70); to train on, raise it: RESUME --time-budget 4m"),
+    (dict(max_steps=0, epochs=0, time_budget=45.0, budget_text="45"), (7, 0.2, 45.0),
+     "time_budget 45 (at step 7); to train on, raise it: RESUME --time-budget 90s"),
+])
+def test_the_limit_a_run_reached_is_raised_by_doubling_it(limits, reached, raised):
+    from charlm.errors import UsageError
+    from charlm.training.limits import Limits
+
+    with pytest.raises(UsageError) as err:
+        Limits(**limits).check_not_reached(*reached, "RESUME")
+    assert str(err.value) == f"the run already reached {raised}"
+    Limits(**limits).check_not_reached(reached[0] - 1 if limits["max_steps"] else 0, 0.0, 0.0,
+                                       "RESUME")  # not reached: nothing to say
+
+
+def test_limits_named_on_resume_replace_the_runs_limits(small_text, tmp_path):
+    """As for a new run, limits go as a group: `--resume --epochs 1` trains to the end of the
+    first epoch, however many steps the run was first given."""
+    run = tmp_path / "run"
+    args = _cli_args(small_text, run, "--max-tokens", "400")  # 11 batches of 4x8 per epoch
+    args[args.index("--max-steps") + 1] = "6"
+    assert CliRunner().invoke(app, args).exit_code == 0
+    result = CliRunner().invoke(app, ["train", "--resume", str(run), "--epochs", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert (summary["stopped_by"], summary["steps"]) == ("epochs 1", 11)

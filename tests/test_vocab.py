@@ -1,17 +1,16 @@
 import collections
 import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
 
 from charlm.errors import CharlmError, UsageError
-from charlm.data.text import PREPROCESSING, preprocess
+from charlm.data.text import PREPROCESSING, preprocess, readable
 from charlm.data.vocab import Vocab
 import charlm.data.vocab as vocab_module
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from helpers import SHARED_DATA
 
 
 def shared_text(name: str) -> str:
@@ -41,13 +40,19 @@ def test_preprocess_modes():
     assert preprocess(text, "d2l") == "the time machine by h g wells bc"
     assert preprocess(text, "lower") == text.lower()
     assert preprocess(text, "raw") is text
-    assert PREPROCESSING == ("d2l", "lower", "raw")
+    # bytes: one U+0000..U+00FF character per UTF-8 byte, so "Ä" is two symbols
+    assert preprocess(text, "bytes") == text.encode("utf-8").decode("latin-1")
+    assert [ord(c) for c in preprocess("Äb", "bytes")] == [0xC3, 0x84, 0x62]
+    assert readable(preprocess(text, "bytes"), "bytes") == text
+    assert readable(preprocess("Ä", "bytes")[:1], "bytes") == "\ufffd"  # a cut-off sequence
+    assert readable("Ä", "raw") == "Ä"
+    assert PREPROCESSING == ("d2l", "lower", "raw", "bytes")
 
 
 def test_preprocess_unknown_mode():
     with pytest.raises(UsageError) as err:
         preprocess("abc", "upper")
-    assert str(err.value) == "unknown preprocessing 'upper'; choose one of: d2l, lower, raw"
+    assert str(err.value) == "unknown preprocessing 'upper'; choose one of: d2l, lower, raw, bytes"
     assert err.value.exit_code == 2
 
 

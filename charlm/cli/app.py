@@ -8,6 +8,7 @@ command raises into one line on stderr and an exit code (`main`, `handle_errors`
 from __future__ import annotations
 
 import codecs
+import errno
 import functools
 import importlib
 import io
@@ -16,6 +17,8 @@ import re
 import signal
 import sys
 import threading
+import warnings
+from contextlib import contextmanager
 from typing import Callable, TypeVar
 
 import typer
@@ -32,7 +35,6 @@ app = typer.Typer(
         "Example: charlm train --cell gru"
     ),
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -107,9 +109,9 @@ eval_app = typer.Typer(
 
 
 def _register_commands() -> None:
-    from charlm.cli import data, eval, generate, plot, train
+    from charlm.cli import data, eval, export, generate, plot, train
 
-    app.command("train", no_args_is_help=False)(handle_errors(train.train))
+    app.command("train", no_args_is_help=False, cls=train.TrainCommand)(handle_errors(train.train))
     app.command("generate")(handle_errors(generate.generate))
     app.add_typer(eval_app, name="eval")
     eval_app.command("perplexity")(handle_errors(eval.eval_perplexity))
@@ -118,17 +120,18 @@ def _register_commands() -> None:
                           ("add", data.data_add), ("info", data.data_info)):
         data_app.command(name)(handle_errors(command))
     app.command("plot")(handle_errors(plot.plot_command))
+    app.command("export")(handle_errors(export.export))
 
 
 _register_commands()
 
 
-def _click_exception_classes(name: str) -> tuple[type, ...]:
+def _click_exception_classes(name: str, module: str = "exceptions") -> tuple[type, ...]:
     """The class `name` from click and from the copy Typer >= 0.20 vendors, whichever exist."""
     found = []
-    for module in ("typer._click.exceptions", "click.exceptions"):
+    for package in ("typer._click", "click"):
         try:
-            found.append(getattr(importlib.import_module(module), name))
+            found.append(getattr(importlib.import_module(f"{package}.{module}"), name))
         except (ImportError, AttributeError):
             pass
     return tuple(found)
@@ -143,10 +146,12 @@ def main(argv: list[str] | None = None) -> None:
     """
     args = sys.argv[1:] if argv is None else list(argv)
     _names_as_bytes()
+    _bounded_openmp_waits()
     previous = _sigterm_as_interrupt()
     code = 0
     try:
-        _main(args)
+        with library_warnings_hidden():
+            _main(args)
     except SystemExit as exc:
         code = exc.code
         raise
@@ -174,6 +179,19 @@ def _names_as_bytes() -> None:
             stream.reconfigure(errors="charlm-names")
 
 
+OPENMP_SPINS = "1000"  # libgomp's own count when it sees more threads than CPUs is 100
+
+
+def _bounded_openmp_waits() -> None:
+    """A thread of torch's OpenMP team that waits for another spins 300,000 times (~ms) before
+    sleeping. When another process holds the other core, every op of a step waits like that
+    for a descheduled thread: 10-40x slower. A short spin keeps the idle machine's speed and
+    yields the core quickly on a busy one (docs/BENCHMARKS.md, threads). Set before torch
+    loads libgomp; OMP_WAIT_POLICY or GOMP_SPINCOUNT in the environment take precedence."""
+    if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+        os.environ["GOMP_SPINCOUNT"] = OPENMP_SPINS
+
+
 def _end_rank(code) -> None:
     """A rank of a process group ends here, its output flushed: gloo's threads may still hold
     tensors, and letting the interpreter and C++ tear them down can abort the process at exit
@@ -187,6 +205,31 @@ def _end_rank(code) -> None:
         except (OSError, ValueError):
             pass
     os._exit(code if isinstance(code, int) else 0 if code is None else 1)
+
+
+@contextmanager
+def library_warnings_hidden():
+    """Warnings from the libraries underneath (torch's "Failed to initialize NumPy", deprecations)
+    speak to developers, not to a user: they stay off stderr, unless CHARLM_DEBUG=1 or Python's
+    own -W / PYTHONWARNINGS asks for them. charlm's own warnings are lines (errors.warn)."""
+    if debug_enabled() or sys.warnoptions:
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _closed_pipe() -> None:
+    """The reader of stdout went away (`charlm data info x | head -2`): a normal end. Whatever
+    is still buffered goes nowhere, so the flush at exit cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+    sys.exit(0)
 
 
 def _raise_interrupt(signum, frame) -> None:
@@ -223,6 +266,18 @@ def _main(args: list[str]) -> None:
     try:
         command = typer.main.get_command(app)
         rv = command.main(args=args, prog_name="charlm", standalone_mode=False)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's flush at exit
+    except SystemExit:
+        # click's own answer to a closed stdout (EPIPE while it printed, e.g. --help) is a
+        # silent exit 1, with sys.stdout swapped for this wrapper
+        if isinstance(sys.stdout, _click_exception_classes("PacifyFlushWrapper", "utils")):
+            _closed_pipe()
+        raise
+    except _click_exception_classes("NoArgsIsHelpError") as exc:
+        # bare `charlm`, `charlm data`: the help, as `--help` prints it (click >= 8.2 raises it
+        # as a usage error; older click prints it and exits 0 by itself)
+        sys.stdout.write(exc.ctx.get_help() + "\n")
+        sys.exit(0)
     except _click_exception_classes("UsageError") as exc:
         hint = ""
         if exc.ctx is not None:
@@ -246,6 +301,8 @@ def _main(args: list[str]) -> None:
         error_line(str(exc))
         sys.exit(exc.exit_code)
     except OSError as exc:
+        if exc.errno == errno.EPIPE:
+            _closed_pipe()
         if debug_enabled():
             raise
         where = f": {exc.filename}" if exc.filename else ""

@@ -7,9 +7,9 @@ import os
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from charlm.console import console
 from charlm.data import corpus
 
 DataDir = typer.Option(
@@ -31,7 +31,7 @@ def data_list(data_dir: Path | None = DataDir, as_json: bool = AsJson) -> None:
     """
     rows = []
     for name in corpus.corpus_names():
-        e = corpus.entry(name)
+        e = corpus.entry(name, "")
         if e.builtin:
             size, path, status = len(corpus.python_docs_text().encode()), None, "built in"
         else:
@@ -49,9 +49,9 @@ def data_list(data_dir: Path | None = DataDir, as_json: bool = AsJson) -> None:
     table = Table("name", "bytes", "cached", "description")
     for row in rows:
         table.add_row(row["name"], f"{row['bytes']:,}", row["status"], row["description"])
-    console = Console(markup=False, highlight=False)
-    console.print(table)
-    console.print(f"cache: {corpus.cache_dir(data_dir)}")
+    out = console()
+    out.print(table)
+    out.print(f"cache: {corpus.cache_dir(data_dir)}")
 
 
 def data_download(name: str = Name, data_dir: Path | None = DataDir) -> None:
@@ -59,7 +59,7 @@ def data_download(name: str = Name, data_dir: Path | None = DataDir) -> None:
 
     Example: charlm data download tinyshakespeare
     """
-    e = corpus.entry(name)
+    e = corpus.entry(name, "")
     if not e.builtin and corpus.is_cached(e, data_dir):
         typer.echo(f"{name} is already cached and verified: {corpus.cached_path(e, data_dir)}")
         return
@@ -80,27 +80,40 @@ def data_add(
     typer.echo(f"added {name}: {path} (checksum verified)")
 
 
-def _load(spec: str | None, data_dir: Path | None) -> corpus.CorpusText:
+def _load(spec: str | None, data_dir: Path | None) -> corpus.CorpusSource:
     """A name when it is one; a path when it exists or looks like one; else the unknown-name error."""
     if spec is None or spec in corpus.corpus_names():
-        return corpus.load_corpus(spec, data_dir=data_dir)
+        return corpus.locate_corpus(spec, data_dir=data_dir)
     if os.sep in spec or Path(spec).suffix or Path(spec).exists():
-        return corpus.load_corpus(texts=[Path(spec)])
-    corpus.entry(spec)  # raises the error that lists the known names
+        return corpus.locate_corpus(texts=[Path(spec)])
+    corpus.entry(spec, "or give the path of a text file")  # the error listing the names
     raise AssertionError("unreachable")
 
 
-def corpus_stats(c: corpus.CorpusText, top: int = 10) -> dict:
-    """Size, most frequent symbols, and vocabulary size (symbols + <unk>) per preprocessing mode."""
-    from charlm.data.text import PREPROCESSING, preprocess
-    from charlm.data.vocab import Vocab  # torch: only when needed
+def corpus_stats(c: corpus.CorpusSource, top: int = 10) -> dict:
+    """Size, most frequent symbols, and vocabulary size (symbols + <unk>) per preprocessing mode,
+    counted in one streamed pass (a 1 GB file is never held whole)."""
+    from charlm.data.encode import SymbolCounter  # torch: only when needed
+    from charlm.data.stream import Preprocessor, raw_chunks
+    from charlm.data.text import PREPROCESSING
 
-    vocabs = {mode: Vocab.build(preprocess(c.text, mode)) for mode in PREPROCESSING}
+    counters = {mode: SymbolCounter() for mode in PREPROCESSING}
+    steps = {mode: Preprocessor(mode) for mode in ("d2l", "lower")}
+    characters = 0
+    for piece in raw_chunks(c.files, c.text):
+        characters += len(piece)
+        counters["raw"].add(piece)
+        counters["bytes"].add(piece.encode("utf-8", "surrogatepass"))
+        for mode, step in steps.items():
+            counters[mode].add(step.feed(piece))
+    for mode, step in steps.items():
+        counters[mode].add(step.flush())
+    vocabs = {mode: counter.vocab() for mode, counter in counters.items()}
     raw = vocabs["raw"]  # most frequent first
     return {
         "name": c.name,
         "source": c.source,
-        "characters": len(c.text),
+        "characters": characters,
         "distinct_symbols": len(raw) - 1,
         "top_symbols": [[s, n] for s, n in zip(raw.tokens[1 : top + 1], raw.counts[1 : top + 1])],
         "vocab_size": {mode: len(v) for mode, v in vocabs.items()},
@@ -140,4 +153,4 @@ def data_info(
     symbols = Table("symbol", "count", "share", title=f"top {len(stats['top_symbols'])} symbols")
     for symbol, count in stats["top_symbols"]:
         symbols.add_row(repr(symbol), f"{count:,}", f"{count / n:.1%}")
-    Console(markup=False, highlight=False).print(symbols)
+    console().print(symbols)

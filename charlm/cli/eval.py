@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Optional
 
 import typer
 
-from charlm.cli.options import CheckpointOpt, DeviceOpt, ImplOpt, JsonOpt
+from charlm.cli.options import CheckpointOpt, DeviceOpt, ImplOpt, JsonOpt, WeightsOpt
 from charlm.errors import CharlmError, UsageError
 
 if TYPE_CHECKING:  # torch is imported by the command itself: `charlm --help` stays quick
@@ -18,47 +18,6 @@ if TYPE_CHECKING:  # torch is imported by the command itself: `charlm --help` st
     from charlm.training.checkpoint import Loaded
 
 SPLITS = ("train", "val", "test")
-FRACTION_OPTION = {"val": "--val-fraction", "test": "--test-fraction"}
-
-
-def _split_tokens(loaded: "Loaded", split: str) -> "torch.Tensor":
-    """Rebuild the run's splits from its train_config; the corpus must be the one trained on."""
-    from charlm.data.dataset import load_dataset
-    from charlm.training.config import DATA, OPTIONS, build_config
-
-    ckpt, path = loaded.ckpt, loaded.path
-    saved = ckpt.get("train_config")
-    if not isinstance(saved, dict):
-        raise CharlmError(
-            f"{path} holds no training configuration, so its splits cannot be rebuilt; "
-            "evaluate a file with --text FILE"
-        )
-    cfg = build_config({k: v for k, v in saved.items() if k in OPTIONS}, {})
-    corpus_info = ckpt.get("corpus") if isinstance(ckpt.get("corpus"), dict) else {}
-    if not (cfg.corpus or cfg.text or cfg.url) and corpus_info.get("name"):
-        cfg.corpus = corpus_info["name"]  # the default corpus as it resolved then (or its fallback)
-    fraction = {"val": cfg.val_fraction, "test": cfg.test_fraction}.get(split)
-    if fraction == 0:
-        raise CharlmError(
-            f"the run of {path} held out no {split} split ({split}_fraction 0): train with "
-            f"{FRACTION_OPTION[split]} 0.1 (for example) to get one, or evaluate a file with "
-            "--text FILE"
-        )
-    data = load_dataset(**cfg.section(DATA), vocab=ckpt["vocab"], device=loaded.device)
-    trained_on = corpus_info.get("num_tokens")
-    if trained_on is not None and trained_on != data.num_tokens:
-        raise CharlmError(
-            f"the corpus now has {data.num_tokens} tokens but {path} was trained on {trained_on}; "
-            "the text changed since training, so its splits cannot be rebuilt: evaluate a file "
-            "with --text FILE"
-        )
-    if corpus_info.get("sha256") not in (None, data.digest):  # same length, other characters
-        raise CharlmError(
-            f"the corpus now hashes to sha256 {data.digest} but {path} was trained on a text "
-            f"that hashes to {corpus_info['sha256']}; the text changed since training, so its "
-            "splits cannot be rebuilt: to evaluate this text anyway, pass it with --text FILE"
-        )
-    return getattr(data, split)
 
 
 def eval_perplexity(
@@ -68,19 +27,28 @@ def eval_perplexity(
     batch_size: int = typer.Option(512, "--batch-size", "-b", help="Characters per forward pass. Evaluation is one stream with the state carried across passes, so this trades memory for speed and never changes the result."),
     impl: Optional[str] = ImplOpt,
     device: str = DeviceOpt,
+    weights: str = WeightsOpt,
+    dynamic: bool = typer.Option(False, "--dynamic", help="Also score with dynamic evaluation (Krause et al. 2018): a copy of the model keeps learning from the text already scored, window by window; reported beside the static figure. Needs the run's training text (for its gradient statistics); the checkpoint is never changed."),
+    # defaults: the best of a 14-point probe on a Time Machine checkpoint (lr 1e-3 diverged)
+    dynamic_lr: float = typer.Option(1e-4, "--dynamic-lr", help="Dynamic evaluation's learning rate (RMS-normalised steps; 0: the static figure)."),
+    dynamic_decay: float = typer.Option(0.02, "--dynamic-decay", help="How fast the adapted weights decay back to the trained ones, per window."),
+    dynamic_window: int = typer.Option(50, "--dynamic-window", help="Characters per dynamic-evaluation update."),
     json_out: bool = JsonOpt,
 ) -> None:
     """Exact perplexity of a trained model on its validation split, another split or a file.
 
     One sequential pass over every character after the first, each predicted from all of the
     text before it (the state is carried). Reports perplexity, nats and bits per character,
-    the characters evaluated and the share of them that were <unk>.
+    the characters evaluated and the share of them that were <unk>; with --dynamic also the
+    dynamically evaluated figure. Always in full float32 (no TF32).
 
-    Example: charlm eval perplexity --split test --json
+    Examples: charlm eval perplexity --split test --json;
+    charlm eval perplexity --dynamic --dynamic-lr 0.001
     """
     from charlm.data.text import preprocess, read_text
     from charlm.evaluate import perplexity_of
     from charlm.training.checkpoint import load_model
+    from charlm.training.splits import run_split
 
     if split is not None and text is not None:
         raise UsageError("give --split or --text, not both")
@@ -88,17 +56,21 @@ def eval_perplexity(
         raise UsageError(f"--split must be one of {', '.join(SPLITS)}; got {split!r}")
     if batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+    settings = _dynamic_settings(dynamic_lr, dynamic_decay, dynamic_window) if dynamic else None
     raw = read_text(text, "--text", allow_empty=True) if text is not None else None
     if raw == "":
         raise CharlmError(f"--text {text} is empty: nothing to evaluate; give a file of at least 2 characters")
 
-    loaded = load_model(checkpoint, impl, device)
+    loaded = load_model(checkpoint, impl, device, weights)
+    from charlm.devices import set_tf32
+
+    set_tf32(False)  # exact float32 figures on every GPU
     if text is not None:
         tokens = loaded.vocab.encode(preprocess(raw, loaded.preprocessing)).to(loaded.device)
         source, what = str(text), f"--text {text}"
     else:
         split = split or "val"
-        tokens = _split_tokens(loaded, split)
+        tokens = run_split(loaded, split)
         source, what = f"{split} split", f"the {split} split of the run of {loaded.path}"
     if tokens.numel() < 2:
         raise CharlmError(
@@ -107,15 +79,21 @@ def eval_perplexity(
             "it, so at least 2 are needed)"
         )
     result = perplexity_of(loaded.model, tokens, window=batch_size)
+    adapted = _dynamic(loaded, tokens, settings) if settings else None
 
     if json_out:
         payload = {"checkpoint": str(loaded.path), "split": None if text is not None else split,
                    "text": str(text) if text is not None else None, **result.to_dict(),
-                   "impl": loaded.model.config.impl, "device": str(loaded.device)}
+                   "impl": loaded.model.config.impl, "device": str(loaded.device),
+                   "weights": _weights_used(loaded, weights)}
+        if adapted is not None:
+            payload["dynamic"] = {**adapted.to_dict(), **settings.to_dict(),
+                                  "gain_nats_per_char": result.nats_per_char - adapted.nats_per_char}
         sys.stdout.write(json.dumps(payload, indent=2) + "\n")
         return
-    from rich.console import Console
     from rich.table import Table
+
+    from charlm.console import console
 
     table = Table(title="charlm eval perplexity", show_header=False)
     table.add_column(style="bold")
@@ -127,4 +105,44 @@ def eval_perplexity(
     table.add_row("bits / char", f"{result.bits_per_char:.4f}")
     table.add_row("characters evaluated", f"{result.characters:,}")
     table.add_row("<unk> share", f"{result.unk_share:.4%} ({result.unk_characters:,})")
-    Console().print(table)
+    if adapted is not None:
+        table.add_row("dynamic perplexity", f"{adapted.perplexity:.4f}")
+        table.add_row("dynamic nats / char",
+                      f"{adapted.nats_per_char:.4f} ({adapted.nats_per_char - result.nats_per_char:+.4f})")
+        table.add_row("dynamic bits / char", f"{adapted.bits_per_char:.4f}")
+        table.add_row("dynamic settings", f"lr {settings.lr:g}, decay {settings.decay:g}, "
+                                          f"window {settings.window}")
+    console().print(table)
+
+
+def _dynamic_settings(lr: float, decay: float, window: int):
+    from charlm.checks import Rule
+    from charlm.dynamic import DynamicSettings
+
+    Rule(kind=float, low=0).check("--dynamic-lr", lr)
+    Rule(kind=float, low=0, high=1).check("--dynamic-decay", decay)
+    Rule(kind=int, low=1).check("--dynamic-window", window)
+    return DynamicSettings(lr=lr, decay=decay, window=window)
+
+
+def _dynamic(loaded: "Loaded", tokens: "torch.Tensor", settings):
+    """Dynamic evaluation of `tokens` on a copy of the model, its gradient statistics from the
+    run's own training split."""
+    from charlm.dynamic import adaptable, dynamic_perplexity, gradient_rms
+    from charlm.training.splits import run_split
+
+    if not isinstance(loaded.ckpt.get("train_config"), dict):
+        raise CharlmError(f"--dynamic needs the run's training text (for its gradient statistics) "
+                          f"but {loaded.path} holds no training configuration to rebuild it "
+                          "from; evaluate without --dynamic")
+    try:
+        train = run_split(loaded, "train")
+    except CharlmError as exc:
+        raise CharlmError(f"--dynamic needs the run's training text: {exc}") from None
+    model = adaptable(loaded.model)
+    rms = gradient_rms(model, train, settings.window, settings.stats_tokens)
+    return dynamic_perplexity(model, tokens, settings, rms)
+
+
+def _weights_used(loaded: "Loaded", asked: str) -> str:
+    return "ema" if asked == "ema" or (asked == "auto" and loaded.ckpt.get("ema")) else "raw"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import secrets
@@ -11,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from charlm.cli.options import CheckpointOpt, DeviceOpt, ImplOpt, JsonOpt
+from charlm.cli.options import CheckpointOpt, DeviceOpt, ImplOpt, JsonOpt, WeightsOpt
 from charlm.errors import UsageError, warn
 
 
@@ -25,9 +26,11 @@ def generate(
     greedy: bool = typer.Option(False, "--greedy", help="Always take the likeliest character (d2l's predict_ch8); ignores temperature, top-k, top-p and seed."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed: the same seed gives the same text. Default: a fresh one (shown by --json)."),
     num_samples: int = typer.Option(1, "--num-samples", help="Draw this many samples as one batch; printed after drawing, separated by a blank line."),
+    beam: Optional[int] = typer.Option(None, "--beam", help="Beam search with N beams instead of drawing: the likeliest continuation by log-probability per character (--beam 1 is --greedy); with --num-samples K, the K best beams. Ignores temperature, top-k, top-p and seed.", show_default=False),
     checkpoint: Optional[str] = CheckpointOpt,
     impl: Optional[str] = ImplOpt,
     device: str = DeviceOpt,
+    weights: str = WeightsOpt,
     json_out: bool = JsonOpt,
 ) -> None:
     """Generate text from a trained model.
@@ -37,9 +40,10 @@ def generate(
     are printed once drawn. --json prints {prefix, samples, settings, checkpoint}; each
     sample there is the continuation only (the text is prefix + sample).
 
-    Example: charlm generate --prefix "time traveller" --length 300 --temperature 0.8
+    Examples: charlm generate --prefix "time traveller" --length 300 --temperature 0.8;
+    charlm generate --prefix "time traveller" --length 100 --beam 8
     """
-    from charlm.data.text import preprocess, read_text
+    from charlm.data.text import preprocess, read_text, readable
     from charlm.sample import SampleSettings
     from charlm.sample import generate as draw
     from charlm.training.checkpoint import load_model
@@ -51,11 +55,22 @@ def generate(
     settings.validate()
     if prefix is not None and prefix_file is not None:
         raise UsageError("give --prefix or --prefix-file, not both")
+    if beam is not None:
+        if beam < 1:
+            raise UsageError(f"--beam must be >= 1, got {beam}")
+        if greedy:
+            raise UsageError("give --greedy or --beam, not both (--beam 1 is greedy)")
+        if num_samples > beam:
+            raise UsageError(f"--num-samples {num_samples} asks for more of the best beams than "
+                             f"--beam {beam} keeps; use --num-samples <= --beam")
     raw = (read_text(prefix_file, "--prefix-file", allow_empty=True) if prefix_file is not None
            else prefix or "")
 
-    loaded = load_model(checkpoint, impl, device)
+    loaded = load_model(checkpoint, impl, device, weights)
     vocab = loaded.vocab
+    if beam is not None and beam > len(vocab):
+        raise UsageError(f"--beam {beam} is larger than the model's vocabulary ({len(vocab)} "
+                         f"symbols); use --beam {len(vocab)} or less")
     text = preprocess(raw, loaded.preprocessing)
     unknown = [c for c in dict.fromkeys(text) if c not in vocab]
     if unknown:
@@ -64,32 +79,50 @@ def generate(
             f"model's vocabulary, read as <unk>: {', '.join(repr(c) for c in unknown)}"
         )
     ids = vocab.encode(text).tolist()
-    if not greedy and settings.seed is None:
+    if not greedy and beam is None and settings.seed is None:
         settings.seed = secrets.randbits(63)  # reported by --json so the text can be redrawn
 
-    stream = num_samples == 1 and not json_out
-    tokens, out = vocab.tokens, sys.stdout
+    stream = num_samples == 1 and not json_out and beam is None  # a beam's best is known at the end
+    tokens, out, mode = vocab.tokens, sys.stdout, loaded.preprocessing
+    # a byte-level model's bytes become text as they complete a UTF-8 sequence
+    utf8 = codecs.getincrementaldecoder("utf-8")("replace") if mode == "bytes" else None
+
+    def show(piece: str) -> str:
+        return utf8.decode(piece.encode("latin-1", "replace")) if utf8 else piece
 
     def write_char(step_ids: list[int]) -> None:
-        out.write(tokens[step_ids[0]])
+        out.write(show(tokens[step_ids[0]]))
         out.flush()
 
     on_step = write_char if stream else None
     if stream:
-        out.write(text)
+        out.write(show(text))
         out.flush()
 
     try:
-        drawn = draw(loaded.model, ids, settings, on_step=on_step, keep=not stream)
+        scores = None
+        if beam is not None:
+            from charlm.beam import beam_search
+
+            best = beam_search(loaded.model, ids, beam, length)[:num_samples]
+            drawn = [h.ids for h in best]
+            scores = [{"log_prob": h.log_prob, "nats_per_char": -h.score} for h in best]
+            settings.seed = None
+        else:
+            drawn = draw(loaded.model, ids, settings, on_step=on_step, keep=not stream)
         samples = [vocab.decode(row) for row in drawn]
         if json_out:
-            payload = {"prefix": text, "samples": samples, "settings": settings.to_dict(),
-                       "checkpoint": str(loaded.path)}
+            payload = {"prefix": readable(text, mode),
+                       "samples": [readable(s, mode) for s in samples],
+                       "settings": settings.to_dict(), "checkpoint": str(loaded.path)}
+            if scores is not None:
+                payload["settings"]["beam"] = beam
+                payload["scores"] = scores
             sys.stdout.write(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
         elif stream:
-            sys.stdout.write("\n")
+            sys.stdout.write((utf8.decode(b"", final=True) if utf8 else "") + "\n")
         else:
-            sys.stdout.write("\n\n".join(text + s for s in samples) + "\n")
+            sys.stdout.write("\n\n".join(readable(text + s, mode) for s in samples) + "\n")
         sys.stdout.flush()
     except BrokenPipeError:  # e.g. `charlm generate | head -c 100`: the reader has had enough
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -4,11 +4,11 @@ import typer
 
 CheckpointOpt = typer.Option(
     None, "--checkpoint",
-    help="A checkpoint file or a run directory (its best.pt). Default: the latest run's best.pt "
-         "(runs root: $CHARLM_RUNS_DIR or ./runs).",
+    help="A checkpoint file, a run directory (its best.pt) or a folder written by charlm export. "
+         "Default: the latest run's best.pt (runs root: $CHARLM_RUNS_DIR or ./runs).",
     show_default=False,
 )
-DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.")
+DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA, then MPS but not for a GRU, then CPU), cpu, cuda, cuda:N or mps.")
 ImplOpt = typer.Option(
     None, "--impl",
     help="Load with another implementation: auto, fused, scratch or fast (GRU on CPU). "
@@ -16,3 +16,7 @@ ImplOpt = typer.Option(
     show_default=False,
 )
 JsonOpt = typer.Option(False, "--json", help="Print JSON on stdout instead of text.")
+WeightsOpt = typer.Option(
+    "auto", "--weights",
+    help="auto: a run trained with --ema uses its averaged weights, else the raw ones; ema; raw.",
+)

@@ -12,12 +12,15 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import re
+import shlex
 import sys
 import typing
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from typer.core import TyperCommand
 
 from charlm.errors import CharlmError, UsageError
 from charlm.training.config import MODEL, OPTIONS, RUN, base_type, default_of
@@ -41,15 +44,36 @@ def options() -> list[inspect.Parameter]:
             decls = [f"{flag(name)}/--no-{flag(name)[2:]}"]
         shown: Any = meta.default_text if meta.default_text else default not in (None, [])
         help_text = meta.help
-        if meta.rule is not None and not meta.choices and meta.rule.kind is not None:
+        if meta.rule is not None and not meta.choices and meta.rule.kind not in (None, bool):
             help_text = f"{help_text} ({meta.rule.describe()})"
+        metavar = f"[{'|'.join(meta.choices)}]" if meta.choices else None
+        if meta.bare is not None:
+            metavar = "[DIR]"
         info = typer.Option(
             default, *decls, help=help_text, rich_help_panel=meta.panel, show_default=shown,
-            metavar=f"[{'|'.join(meta.choices)}]" if meta.choices else None,
+            metavar=metavar,
         )
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=info,
                                         annotation=annotation))
     return params
+
+
+def bare_values(args: list[str]) -> list[str]:
+    """`--tensorboard` given without a value (last, or before another option) becomes
+    `--tensorboard=<its bare value>`: Click has no options whose value may be left out."""
+    bare = {flag(name): meta.bare for name, meta in OPTIONS.items() if meta.bare is not None}
+    out = list(args)
+    for i, arg in enumerate(args):
+        if arg == "--":
+            break
+        if arg in bare and (i + 1 == len(args) or args[i + 1].startswith("-")):
+            out[i] = f"{arg}={bare[arg]}"
+    return out
+
+
+class TrainCommand(TyperCommand):
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, bare_values(args))
 
 
 def typed(ctx: typer.Context, values: dict[str, Any]) -> dict[str, Any]:
@@ -94,7 +118,7 @@ def train(
         raise typer.Exit(launch(nproc, launch_args(given, config, resume, target, json_out, quiet)))
     from charlm.training import distributed
 
-    group = distributed.from_env()
+    group = distributed.from_env(given.get("device"))
     try:
         _train(group, given, config, resume, target, json_out, quiet)
     except CharlmError as exc:
@@ -139,8 +163,21 @@ def launch_args(given: dict, config, resume: bool, target, json_out: bool, quiet
     return args + ([str(target)] if target is not None else [])
 
 
+def _meant(target: str) -> str:
+    """What a stray argument probably meant: a config file, an option written as key=value
+    (nanoGPT's habit), or the run to continue."""
+    option = re.fullmatch(r"-*([A-Za-z][\w-]*)=(.*)", target, re.S)
+    if option and option[1].replace("-", "_").lower() in OPTIONS:
+        name = option[1].replace("-", "_").lower()
+        return f"options are written {flag(name)} {shlex.quote(option[2])}"
+    if target.lower().endswith(".toml"):
+        return f"to train with a config file use --config {shlex.quote(target)}"
+    return f"to continue a run use --resume {shlex.quote(target)}"
+
+
 def _train(group, given: dict, config, resume: bool, target, json_out: bool, quiet: bool) -> None:
-    from charlm.training.config import build_config, load_config_file
+    from charlm.training.config import build_config
+    from charlm.training.configfile import load_config_file
     from charlm.training.display import TrainDisplay, summary_table
     from charlm.training.state import resolve_resume
     from charlm.training.trainer import Interrupted, Trainer
@@ -148,7 +185,7 @@ def _train(group, given: dict, config, resume: bool, target, json_out: bool, qui
     def configure():
         file_values = load_config_file(config) if config else {}
         if target is not None and not resume:
-            raise UsageError(f"unexpected argument {target!r}; to continue a run use --resume {target}")
+            raise UsageError(f"unexpected argument {target!r}; {_meant(target)}")
         if resume:
             if "out" in given:
                 raise UsageError("--out cannot be combined with --resume (a run resumes in its own directory)")
@@ -164,7 +201,7 @@ def _train(group, given: dict, config, resume: bool, target, json_out: bool, qui
         if not group.is_main:
             raise typer.Exit(130) from None
         again = "charlm train" + (f" --nproc {group.world_size}" if group.active else "")
-        again += f" --resume {trainer.run_dir}"
+        again += f" --resume {shlex.quote(str(trainer.run_dir))}"
         if exc.checkpoint is None:
             sys.stderr.write(f"charlm: {exc.signame}: stopped before any checkpoint was saved\n")
         elif exc.signame.endswith("(twice)"):
@@ -183,6 +220,6 @@ def _train(group, given: dict, config, resume: bool, target, json_out: bool, qui
     if json_out:
         sys.stdout.write(json.dumps(summary, indent=2) + "\n")
     else:
-        from rich.console import Console
+        from charlm.console import console
 
-        Console().print(summary_table(summary))
+        console().print(summary_table(summary))

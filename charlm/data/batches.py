@@ -6,11 +6,22 @@ is drawing an offset and, for random sampling, a permutation on a CPU generator 
 (seed, epoch); batches are therefore a pure function of (seed, epoch, position), which makes
 resuming exact and cheap.
 
-Batches per epoch: the epoch's offset is drawn from [0, num_steps), and ``len()`` is computed for
-the worst offset (num_steps - 1), so every epoch yields the same number of batches. Each epoch uses
-the ``len() * batch_size * num_steps`` tokens starting at its offset (the "usable range") exactly
-once as inputs; what lies before the offset or after the usable range (fewer than
-``(batch_size + 1) * num_steps`` tokens) is not used in that epoch.
+Batches per epoch: ``len()`` is the same every epoch, as many batches of batch_size x num_steps
+as fit after leaving num_steps - 1 tokens spare. Each epoch uses the U = ``len() * batch_size *
+num_steps`` tokens from its offset (the "usable range") exactly once as inputs; the S tokens it
+leaves out (the "slack": n - 1 - U, between num_steps - 1 and (batch_size + 1) * num_steps - 2)
+lie before the offset and after the range::
+
+    epoch offset o in [0, S]:   [ o tokens | usable range: U tokens ........ | S - o | last ]
+                                  unused     inputs (targets: one later)      unused  target only
+
+The offsets go round in cycles of 2 * num_steps epochs: in each cycle every phase p < num_steps
+starts one epoch at o = p (the slack at the end) and one at o = S - p (the slack at the start),
+in an order drawn per cycle. So the cut points between BPTT windows move from epoch to epoch,
+and every position of the training split is used in every cycle: no token is left out for good,
+as a slack kept at one end would leave it (d2l's random iterator draws its start the same way,
+from one end). Offsets and orders come from generators seeded by (seed, cycle) and (seed,
+epoch): batches are a pure function of (seed, epoch, position).
 """
 
 from __future__ import annotations
@@ -52,15 +63,6 @@ def split_tokens(tokens: Tensor, fractions=(0.9, 0.1, 0.0)) -> tuple[Tensor, Ten
     return tokens[:n_train], tokens[n_train : n_train + n_val], tokens[n_train + n_val :]
 
 
-def limit_tokens(tokens: Tensor, max_tokens: int | None) -> Tensor:
-    """The first ``max_tokens`` tokens (d2l's ``max_tokens``); None or 0 keeps them all."""
-    if max_tokens is None or max_tokens == 0:
-        return tokens
-    if max_tokens < 0:
-        raise UsageError(f"max_tokens must be >= 0 (0 = all), got {max_tokens}")
-    return tokens[:max_tokens]
-
-
 def _check_shape(batch_size: int, num_steps: int) -> None:
     if batch_size < 1:
         raise UsageError(f"batch size must be >= 1, got {batch_size}")
@@ -83,11 +85,11 @@ def _too_short(n: int, batch_size: int, num_steps: int, need: int) -> CharlmErro
     )
 
 
-def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """A CPU generator for one epoch: splitmix64 of (seed, epoch), so nearby seeds and epochs
-    give unrelated streams."""
+def _epoch_generator(seed: int, epoch: int, salt: int = 0x632BE59BD9B4E019) -> torch.Generator:
+    """A CPU generator for one epoch (or, with another salt, one cycle of epochs): splitmix64 of
+    (seed, epoch), so nearby seeds and epochs give unrelated streams."""
     mask = (1 << 64) - 1
-    z = (seed * 0x9E3779B97F4A7C15 + epoch * 0xD1B54A32D192ED03 + 0x632BE59BD9B4E019) & mask
+    z = (seed * 0x9E3779B97F4A7C15 + epoch * 0xD1B54A32D192ED03 + salt) & mask
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
     z ^= z >> 31
@@ -109,8 +111,8 @@ class _EpochBatches:
         self.epoch = 0
         self.position = 0
         n = len(self.tokens)
-        # Worst offset num_steps - 1 leaves n - num_steps tokens with a following target; the
-        # epoch needs num_batches * batch_size * num_steps of them.
+        # n - 1 tokens have a following target; keeping num_steps - 1 of them spare, the same
+        # number of batches fits every epoch and the offset can move (see the module docstring).
         self._num_batches = max(n - self.num_steps, 0) // (self.batch_size * self.num_steps)
         if self._num_batches == 0:
             raise _too_short(n, batch_size, num_steps, (batch_size + 1) * num_steps)
@@ -125,13 +127,22 @@ class _EpochBatches:
         """Input positions used per epoch: len() * batch_size * num_steps."""
         return self._num_batches * self.batch_size * self.num_steps
 
+    @property
+    def slack(self) -> int:
+        """Input positions each epoch leaves out (before its offset and after its range)."""
+        return self.num_tokens - 1 - self.usable_tokens
+
     def __len__(self) -> int:
         return self._num_batches
 
     def epoch_offset(self, epoch: int) -> int:
-        """Where the epoch's usable range starts, in [0, num_steps)."""
-        gen = _epoch_generator(self.seed, epoch)
-        return int(torch.randint(self.num_steps, (1,), generator=gen))
+        """Where the epoch's usable range starts, in [0, slack]: phase p at the start of the
+        slack or S - p at its end, each once per cycle of 2 * num_steps epochs."""
+        cycle, k = divmod(epoch, 2 * self.num_steps)
+        order = torch.randperm(2 * self.num_steps, generator=_epoch_generator(
+            self.seed, cycle, salt=0x3C6EF372FE94F82B))
+        pick = int(order[k])
+        return pick if pick < self.num_steps else self.slack - (pick - self.num_steps)
 
     def _prepare(self, epoch: int) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -202,14 +213,15 @@ class SequentialBatches(_EpochBatches):
     parallel streams, and batch i is columns ``[i*T, (i+1)*T)``; Y is the same window one token
     later in the corpus. With B = 3, T = 2, len() = 2 (letters are token positions)::
 
-        tokens: o | a b c d  e f g h  i j k l | tail
+        tokens: o | a b c d  e f g h  i j k l | rest of the slack
                       batch 0   batch 1
         row 0:    [a b]     [c d]
         row 1:    [e f]     [g h]
         row 2:    [i j]     [k l]
 
-    Unlike d2l, the streams are adjacent (L is the same every epoch) so all dropped tokens are at
-    the two ends of the corpus instead of at the end of every row.
+    Unlike d2l, the streams are adjacent (L is the same every epoch) so the tokens an epoch
+    leaves out are at the two ends of the split, and the next epochs use them (the offset moves
+    across the whole slack: see the module docstring).
     """
 
     def _prepare(self, epoch: int) -> None:
@@ -230,17 +242,18 @@ class RandomBatches(_EpochBatches):
     permutation of the K windows, drawn per epoch, fills the batches B windows at a time. With
     B = 2, T = 2, K = 4::
 
-        tokens: o | a b  c d  e f  g h | tail      windows w0=[a b] w1=[c d] w2=[e f] w3=[g h]
+        tokens: o | a b  c d  e f  g h | rest   windows w0=[a b] w1=[c d] w2=[e f] w3=[g h]
         permutation 2 0 3 1  ->  batch 0 = [[e f], [a b]],  batch 1 = [[g h], [c d]]
 
     Consecutive batches are unrelated, so the model's state is reset for every batch. Unlike d2l
-    (which drops a random handful of windows per epoch), the windows left over are the ones at
-    the end, so each epoch covers its usable range exactly once.
+    (which drops a random handful of windows per epoch), each epoch covers its usable range
+    exactly once; what it leaves out is at the two ends, and the offsets of the next epochs
+    cover it (the module docstring).
     """
 
     def _prepare(self, epoch: int) -> None:
         gen = _epoch_generator(self.seed, epoch)
-        offset = int(torch.randint(self.num_steps, (1,), generator=gen))
+        offset = self.epoch_offset(epoch)
         num_windows = self._num_batches * self.batch_size
         order = torch.randperm(num_windows, generator=gen).view(self._num_batches, -1)
         order = order[:, self.rows].contiguous()

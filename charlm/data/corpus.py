@@ -4,9 +4,13 @@ The cache is one flat folder (see `cache_dir`):
 
     <cache>/timemachine.txt            named corpora, under the registry's `filename`
     <cache>/tinyshakespeare.txt
+    <cache>/enwik8                     taken out of enwik8.zip (charlm.data.archive)
     <cache>/urls/<sha256(url)[:16]>-<basename>   --url downloads (the URL less any user:password@,
                                                  the basename cut to 100 characters)
     <cache>/<filename>.part            an unfinished download, resumed by the next one
+
+`locate_corpus` says where a corpus's text is without reading it (a `CorpusSource`, streamed by
+charlm.data.stream: nothing holds a 100 MB corpus whole); `load_corpus` reads it into a string.
 """
 
 from __future__ import annotations
@@ -15,12 +19,14 @@ import functools
 import hashlib
 import os
 import re
+import stat
 import tomllib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlparse
 
+from charlm.data import archive, stream
 from charlm.data.download import DownloadError, checksum_mismatch, download, install, mirror_urls
 from charlm.data.transfer import public_url
 from charlm.data.text import read_text
@@ -53,9 +59,17 @@ class Entry:
     urls: tuple[str, ...] = ()
     sha1: str | None = None
     sha256: str | None = None
+    md5: str | None = None
     size: int | None = None  # bytes
     filename: str | None = None
+    archive: str | None = None  # the urls give this zip, which holds `filename`
     builtin: bool = False  # made from the standard library, never downloaded
+    val_fraction: float = 0.1  # the corpus's own split: --val-fraction / --test-fraction
+    test_fraction: float = 0.0
+
+    @property
+    def hashes(self) -> dict[str, str | None]:
+        return {"md5": self.md5, "sha1": self.sha1, "sha256": self.sha256}
 
 
 @functools.cache
@@ -66,7 +80,8 @@ def registry() -> dict[str, Entry]:
     for name, fields in table.items():
         hashes = fields.pop("hashes", {})
         fields["urls"] = tuple(fields.get("urls", ()))
-        entries[name] = Entry(name=name, sha1=hashes.get("sha1"), sha256=hashes.get("sha256"), **fields)
+        entries[name] = Entry(name=name, sha1=hashes.get("sha1"), sha256=hashes.get("sha256"),
+                              md5=hashes.get("md5"), **fields)
     return entries
 
 
@@ -74,14 +89,15 @@ def corpus_names() -> list[str]:
     return sorted(registry())
 
 
-def entry(name: str) -> Entry:
-    """The registry entry `name`, or a UsageError that lists the known names."""
+def entry(name: str, otherwise: str = "or give a text file or URL") -> Entry:
+    """The registry entry `name`, or a UsageError that lists the known names and, `otherwise`,
+    what else the command takes."""
     try:
         return registry()[name]
     except KeyError:
         raise UsageError(
-            f"unknown corpus {name!r}: choose one of {', '.join(corpus_names())}, "
-            "or give a text file or URL"
+            f"unknown corpus {name!r}: choose one of {', '.join(corpus_names())}"
+            + (f", {otherwise}" if otherwise else "")
         ) from None
 
 
@@ -101,30 +117,54 @@ def cached_path(e: Entry, data_dir: Path | None = None) -> Path:
 
 
 def is_cached(e: Entry, data_dir: Path | None = None) -> bool:
-    """True when the corpus's file is in the cache and matches its pinned checksums."""
+    """True when the corpus's file is in the cache and matches its pinned size and checksums."""
     path = cached_path(e, data_dir)
-    return path.is_file() and checksum_mismatch(path, sha1=e.sha1, sha256=e.sha256) is None
+    return (path.is_file() and (e.size is None or path.stat().st_size == e.size)
+            and checksum_mismatch(path, **e.hashes) is None)
 
 
 def _fetch(e: Entry, data_dir: Path | None, progress: bool, network: dict | None = None) -> Path:
     if is_cached(e, data_dir):
         return cached_path(e, data_dir)
     try:
+        if e.archive:
+            return _fetch_archive(e, data_dir, progress, network)
         return download(
             [*mirror_urls(e.filename), *e.urls], cached_path(e, data_dir),
             sha1=e.sha1, sha256=e.sha256, size=e.size, progress=progress,
             **{**DOWNLOAD_OPTIONS, **(network or {})},
         )
     except DownloadError as exc:
+        mirror = os.environ.get("CHARLM_MIRROR", "").strip()
+        where = (f"check that CHARLM_MIRROR ({mirror}) holds {e.archive or e.filename}" if mirror
+                 else "set CHARLM_MIRROR to a mirror URL or directory")
         raise DownloadError(
-            f"{exc}; set CHARLM_MIRROR to a mirror URL or directory, "
-            f"or add a copy you have with 'charlm data add {e.name} FILE'"
+            f"{exc}; {where}, or add a copy you have with 'charlm data add {e.name} FILE'"
         ) from None
+
+
+def _fetch_archive(e: Entry, data_dir: Path | None, progress: bool,
+                   network: dict | None = None) -> Path:
+    """Download the corpus's zip (unless an earlier run left it whole), then take the file out;
+    the zip goes once the file is in place, or when it turns out damaged."""
+    zipped = cache_dir(data_dir) / e.archive
+    if not zipped.is_file():
+        download([*mirror_urls(e.archive), *e.urls], zipped, progress=progress,
+                 **{**DOWNLOAD_OPTIONS, **(network or {})})
+    try:
+        path = archive.extract(zipped, e.filename, cached_path(e, data_dir), size=e.size,
+                               **e.hashes)
+    except CharlmError as exc:
+        if not str(exc).startswith("cannot write"):  # a full disk is not the archive's fault
+            zipped.unlink(missing_ok=True)
+        raise
+    zipped.unlink()
+    return path
 
 
 def fetch(name: str, data_dir: Path | None = None, progress: bool = True) -> Path:
     """The verified cached file of a named corpus, downloaded first (CHARLM_MIRROR first) if needed."""
-    e = entry(name)
+    e = entry(name, "")
     if e.builtin:
         raise UsageError(f"{name} is built into Python; there is nothing to download")
     return _fetch(e, data_dir, progress)
@@ -132,12 +172,15 @@ def fetch(name: str, data_dir: Path | None = None, progress: bool = True) -> Pat
 
 def add(name: str, file: Path, data_dir: Path | None = None) -> Path:
     """Put a copy of a named corpus's file into the cache, if it matches the pinned checksums."""
-    e = entry(name)
+    e = entry(name, "")
     if e.builtin:
         raise UsageError(f"{name} is built into Python; there is nothing to add")
     file = Path(file)
     if not file.is_file():
-        raise CharlmError(f"{file} is not a file; give the path of your copy of {e.filename}")
+        what = f"{e.archive} or {e.filename}" if e.archive else e.filename
+        raise CharlmError(f"{file} is not a file; give the path of your copy of {what}")
+    if e.archive:
+        return archive.install(file, e.filename, cached_path(e, data_dir), size=e.size, **e.hashes)
     return install(file, cached_path(e, data_dir), sha1=e.sha1, sha256=e.sha256)
 
 
@@ -154,24 +197,75 @@ def _first_word(text: str) -> str:
     return words[0][:20] if words else text[:1]
 
 
+def _first_word_of(files: tuple[Path, ...]) -> str:
+    """`_first_word` of the files' text, reading no more of it than needed (at most 1 MiB)."""
+    head = ""
+    for piece in stream.raw_chunks(files, block=1 << 16):
+        head += piece
+        if len(head.split(maxsplit=1)) > 1 or len(head) >= 1 << 20:  # the first word is whole
+            break
+    return _first_word(head)
+
+
+@dataclass(frozen=True)
+class CorpusSource:
+    """Where a corpus's text is, unread (files to stream, or a built-in text), and its defaults."""
+
+    name: str
+    preprocessing: str
+    sample_prefix: str
+    source: str  # path(s) or URL, for messages and the saved run config
+    files: tuple[Path, ...] = ()
+    text: str | None = None  # a built-in corpus's text
+    val_fraction: float = 0.1
+    test_fraction: float = 0.0
+
+    def chunks(self, mode: str, block: int = stream.BLOCK):
+        """The preprocessed text in pieces (charlm.data.stream.chunks)."""
+        return stream.chunks(mode, self.files, self.text, block=block)
+
+    def capacity(self) -> int:
+        """An upper bound on its tokens in any preprocessing mode."""
+        return stream.capacity(self.files, self.text)
+
+    def read(self) -> CorpusText:
+        """The whole text in memory (small corpora, tests)."""
+        text = self.text if self.text is not None else "\n".join(read_text(p) for p in self.files)
+        return CorpusText(self.name, text, self.preprocessing, self.sample_prefix, self.source)
+
+
 def _from_entry(e: Entry, data_dir: Path | None, progress: bool,
-                network: dict | None = None) -> CorpusText:
+                network: dict | None = None) -> CorpusSource:
+    splits = {"val_fraction": e.val_fraction, "test_fraction": e.test_fraction}
     if e.builtin:
-        text, source = python_docs_text(), "pydoc_data.topics"
-    else:
-        path = _fetch(e, data_dir, progress, network)
-        text, source = read_text(path), str(path)
-    return CorpusText(e.name, text, e.preprocessing, e.sample_prefix, source)
+        return CorpusSource(e.name, e.preprocessing, e.sample_prefix, "pydoc_data.topics",
+                            text=python_docs_text(), **splits)
+    path = _fetch(e, data_dir, progress, network)
+    return CorpusSource(e.name, e.preprocessing, e.sample_prefix, str(path), (path,), **splits)
 
 
-def _from_files(paths: list[Path]) -> CorpusText:
-    text = "\n".join(read_text(p) for p in paths)
-    name = "+".join(Path(p).stem for p in paths)
-    return CorpusText(name, text, "raw", _first_word(text), ", ".join(str(p) for p in paths))
+def _from_files(paths: list[Path]) -> CorpusSource:
+    files = tuple(Path(p) for p in paths)
+    name, source = "+".join(p.stem for p in files), ", ".join(str(p) for p in paths)
+    if not all(_is_regular(p) for p in files):  # a pipe or a device: read now, whole but capped
+        text = "\n".join(read_text(p) for p in files)  # (read_text's STREAM_LIMIT), NUL refused
+        return CorpusSource(name, "raw", _first_word(text), source, text=text)
+    for path in files:
+        stream.check_file(path)
+    return CorpusSource(name, "raw", _first_word_of(files), source, files)
+
+
+def _is_regular(path: Path) -> bool:
+    """A regular file, or a path `stream.check_file` will explain (missing, a folder...)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return True
+    return stat.S_ISREG(mode) or stat.S_ISDIR(mode)
 
 
 def _from_url(url: str, sha256: str | None, data_dir: Path | None, progress: bool,
-              network: dict | None = None) -> CorpusText:
+              network: dict | None = None) -> CorpusSource:
     shown = public_url(url)  # what messages, configs and checkpoints hold: no user:password@
     try:
         parsed = urlparse(url)
@@ -183,14 +277,15 @@ def _from_url(url: str, sha256: str | None, data_dir: Path | None, progress: boo
     key = hashlib.sha256(shown.encode("utf-8", "surrogateescape")).hexdigest()[:16]
     path = cache_dir(data_dir) / "urls" / f"{key}-{basename}"
     if not (path.is_file() and checksum_mismatch(path, sha256=sha256) is None):
-        download([url], path, sha256=sha256, progress=progress,
+        download([url], path, sha256=sha256, progress=progress, name=basename,
                  **{**DOWNLOAD_OPTIONS, **(network or {})})
     try:
-        text = read_text(path)
+        for _ in stream.raw_chunks((path,)):  # all of it UTF-8 text? (streamed, nothing kept)
+            pass
     except CharlmError as exc:
         path.unlink()  # not text: do not keep it in the cache
         raise CharlmError(f"the file at {shown} is unusable: {exc}") from None
-    return CorpusText(basename, text, "raw", _first_word(text), shown)
+    return CorpusSource(basename, "raw", _first_word_of((path,)), shown, (path,))
 
 
 def check_source(name: str | None, texts, url: str | None, sha256: str | None) -> None:
@@ -200,9 +295,12 @@ def check_source(name: str | None, texts, url: str | None, sha256: str | None) -
         raise UsageError(f"give one corpus source, not {' and '.join(given)}")
     if sha256 and not url:
         raise UsageError("--sha256 checks a --url download; give --url too")
+    if sha256 and not re.fullmatch(r"[0-9A-Fa-f]{64}", sha256):
+        raise UsageError(f"--sha256 must be 64 hexadecimal digits (as sha256sum prints them), "
+                         f"got {sha256!r}")
 
 
-def load_corpus(
+def locate_corpus(
     name: str | None = None,
     *,
     texts: list[Path] | None = None,
@@ -211,8 +309,9 @@ def load_corpus(
     data_dir: Path | None = None,
     progress: bool = True,
     network: dict | None = None,
-) -> CorpusText:
-    """The text to train on: a named corpus, local UTF-8 files (joined by newlines), or a URL.
+) -> CorpusSource:
+    """Where the text to train on is: a named corpus, local UTF-8 files (joined by newlines), or a
+    URL; downloaded first if need be, but not read.
 
     With none of them, `timemachine`; if that is neither cached nor downloadable, the built-in
     `python-docs`, with one warning line on stderr. A corpus named explicitly never falls back.
@@ -233,3 +332,17 @@ def load_corpus(
             f"{FALLBACK_CORPUS} corpus is used instead ({exc})"
         )
         return _from_entry(entry(FALLBACK_CORPUS), data_dir, progress)
+
+
+def load_corpus(name: str | None = None, **where) -> CorpusText:
+    """`locate_corpus(...)`, read into memory whole."""
+    return locate_corpus(name, **where).read()
+
+
+def default_fractions(name: str | None, texts=None, url: str | None = None) -> tuple[float, float]:
+    """(val_fraction, test_fraction) a corpus gets when the run does not set them: a named
+    corpus's own (enwik8, text8: the standard 90/5/5 split), else 0.1 and 0."""
+    if name and not texts and not url and name in registry():
+        e = registry()[name]
+        return e.val_fraction, e.test_fraction
+    return 0.1, 0.0

@@ -1,7 +1,10 @@
 """From a corpus name or files to device-resident token splits.
 
-    corpus text --preprocess--> text --Vocab.encode--> int tensor (one, on the device)
-                --max_tokens--> --split: [ train 90% | val 10% | test 0% ]
+    corpus file(s) --stream: read, decode, preprocess, in chunks--> --encode_chunks (vocabulary
+      counted on the way; the first max_tokens kept)--> one uint8 / int16 / int32 tensor
+      --.to(device)--> --split: [ train 90% | val 10% | test 0% ]  (enwik8, text8: 90/5/5)
+
+No copy of the whole text is ever held: a 1 GB corpus of up to 256 symbols costs 1 GB here.
 """
 
 from __future__ import annotations
@@ -14,10 +17,12 @@ from pathlib import Path
 
 import torch
 
-from charlm.data.batches import limit_tokens, split_tokens
-from charlm.data.corpus import load_corpus
+from charlm.data.batches import split_tokens
+from charlm.data.corpus import locate_corpus
+from charlm.data.encode import encode_chunks
 from charlm.data.text import preprocess
 from charlm.data.vocab import Vocab
+from charlm.errors import UsageError
 
 
 @dataclass
@@ -68,21 +73,25 @@ def load_dataset(*, corpus: str | None = None, text: list[str] = (), url: str | 
                  sha256: str | None = None, data_dir: str | None = None,
                  download_timeout: float = 1800.0, download_min_rate: int = 1024,
                  preprocessing: str | None = None, min_freq: int = 1, max_vocab: int = 0,
-                 max_tokens: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.0,
-                 vocab: dict | None = None, device: torch.device | str = "cpu",
-                 progress: bool = True) -> Dataset:
+                 max_tokens: int = 0, val_fraction: float | None = None,
+                 test_fraction: float | None = None, vocab: dict | None = None,
+                 device: torch.device | str = "cpu", progress: bool = True) -> Dataset:
     """Load, preprocess, encode and split; `vocab` (a checkpoint's) is reused when resuming.
 
-    The keywords are the data options of `charlm train` (`TrainConfig.section(DATA)`)."""
-    source = load_corpus(corpus or None, texts=[Path(t) for t in text] or None, url=url,
-                         sha256=sha256, data_dir=Path(data_dir) if data_dir else None,
-                         progress=progress,
-                         network={"deadline": download_timeout, "min_rate": download_min_rate})
+    The keywords are the data options of `charlm train` (`TrainConfig.section(DATA)`); None
+    means the corpus's own (preprocessing, split fractions)."""
+    source = locate_corpus(corpus or None, texts=[Path(t) for t in text] or None, url=url,
+                           sha256=sha256, data_dir=Path(data_dir) if data_dir else None,
+                           progress=progress,
+                           network={"deadline": download_timeout, "min_rate": download_min_rate})
     mode = preprocessing or source.preprocessing
-    chars = preprocess(source.text, mode)
-    voc = Vocab.from_dict(vocab) if vocab is not None else Vocab.build(
-        chars, min_freq=min_freq, max_size=max_vocab or None)
-    tokens = limit_tokens(voc.encode(chars), max_tokens or None)
+    voc, tokens = encode_chunks(
+        source.chunks(mode), source.capacity(), Vocab.from_dict(vocab) if vocab is not None else None,
+        min_freq=min_freq, max_vocab=max_vocab, max_tokens=max_tokens)
+    val_fraction = source.val_fraction if val_fraction is None else val_fraction
+    test_fraction = source.test_fraction if test_fraction is None else test_fraction
+    if val_fraction + test_fraction >= 1.0:
+        raise UsageError("val_fraction + test_fraction must leave some text for training")
     fractions = (1.0 - val_fraction - test_fraction, val_fraction, test_fraction)
     tokens = tokens.to(device)
     train, val, test = split_tokens(tokens, fractions)

@@ -45,8 +45,8 @@ class DownloadError(CharlmError):
 
 
 def file_digests(path: Path) -> dict[str, str]:
-    """sha1 and sha256 of a file, hex."""
-    hashes = {"sha1": hashlib.sha1(), "sha256": hashlib.sha256()}
+    """md5, sha1 and sha256 of a file, hex."""
+    hashes = {"md5": hashlib.md5(), "sha1": hashlib.sha1(), "sha256": hashlib.sha256()}
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             for h in hashes.values():
@@ -54,9 +54,10 @@ def file_digests(path: Path) -> dict[str, str]:
     return {name: h.hexdigest() for name, h in hashes.items()}
 
 
-def checksum_mismatch(path: Path, *, sha1: str | None = None, sha256: str | None = None) -> str | None:
+def checksum_mismatch(path: Path, *, sha1: str | None = None, sha256: str | None = None,
+                      md5: str | None = None) -> str | None:
     """None when every given checksum matches `path`, else e.g. 'sha256 mismatch (got .., expected ..)'."""
-    expected = {"sha256": sha256, "sha1": sha1}
+    expected = {"sha256": sha256, "sha1": sha1, "md5": md5}
     if not any(expected.values()):
         return None
     got = file_digests(path)
@@ -148,6 +149,7 @@ def download(
     retries: int = 3,
     backoff: float = 0.5,
     progress: bool = True,
+    name: str | None = None,
 ) -> Path:
     """Fetch `dest` from the first of `urls` that works (http, https or file) and return `dest`.
 
@@ -156,7 +158,8 @@ def download(
     (0: none); an unknown host, a TLS failure, another HTTP error, a bad redirect, a body over
     `size` bytes (the file's known size; else MAX_BYTES), a pace under `min_rate` bytes/s over
     `rate_window` seconds (0: any pace) or a checksum mismatch moves on to the next URL at once.
-    `timeout` is (connect, read) in seconds. Raises DownloadError, or CharlmError for a cache
+    `timeout` is (connect, read) in seconds. `name` names the file in messages
+    (default: dest's name). Raises DownloadError, or CharlmError for a cache
     folder that cannot be written (no other URL would help, nor the python-docs fallback).
     """
     dest = Path(dest)
@@ -169,11 +172,11 @@ def download(
         if dest.is_file() and checksum_mismatch(dest, sha1=sha1, sha256=sha256) is None:
             return dest  # another process fetched it while this one waited
         return _download(urls, dest, sha1, sha256, size, timeout, deadline, min_rate,
-                         rate_window, retries, backoff, show)
+                         rate_window, retries, backoff, show, name)
 
 
 def _download(urls, dest, sha1, sha256, size, timeout, deadline, min_rate, rate_window, retries,
-              backoff, show) -> Path:
+              backoff, show, name=None) -> Path:
     part = dest.with_name(dest.name + ".part")
     failures: list[str] = []
     with Session() as session:
@@ -210,11 +213,12 @@ def _download(urls, dest, sha1, sha256, size, timeout, deadline, min_rate, rate_
                     time.sleep(pause)
                 except OSError as exc:  # our own disk, not the network: no other URL helps
                     part.unlink(missing_ok=True)
-                    raise CharlmError(f"could not download {dest.name}: cannot write "
+                    raise CharlmError(f"could not download {name or dest.name}: cannot write "
                                       f"{exc.filename or part}: {exc.strerror or exc}") from None
     if part.exists() and part.stat().st_size == 0:
         part.unlink()
-    raise DownloadError(f"could not download {dest.name}: " + ("; ".join(failures) or "no URL given"))
+    raise DownloadError(f"could not download {name or dest.name}: "
+                        + ("; ".join(failures) or "no URL given"))
 
 
 def install(src: Path, dest: Path, *, sha1: str | None = None, sha256: str | None = None) -> Path:

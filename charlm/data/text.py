@@ -11,7 +11,7 @@ from pathlib import Path
 
 from charlm.errors import CharlmError, UsageError
 
-PREPROCESSING = ("d2l", "lower", "raw")
+PREPROCESSING = ("d2l", "lower", "raw", "bytes")
 
 _NON_LETTERS = re.compile("[^A-Za-z]+")
 STREAM_LIMIT = 1 << 30  # bytes read from a pipe or device before it is refused
@@ -19,7 +19,8 @@ _CHUNK = 1 << 24
 
 
 def preprocess(text: str, mode: str) -> str:
-    """Apply a preprocessing mode: "d2l" (letters and single spaces, lowercased), "lower", "raw"."""
+    """Apply a preprocessing mode: "d2l" (letters and single spaces, lowercased), "lower", "raw",
+    or "bytes": the text's UTF-8 bytes, one character U+0000..U+00FF per byte (see `readable`)."""
     if mode == "d2l":
         # Exactly d2l's read_time_machine: runs of non-letters (newlines too) become one space.
         return _NON_LETTERS.sub(" ", text).lower()
@@ -27,6 +28,8 @@ def preprocess(text: str, mode: str) -> str:
         return text.lower()
     if mode == "raw":
         return text
+    if mode == "bytes":
+        return text.encode("utf-8", "surrogatepass").decode("latin-1")
     raise UsageError(f"unknown preprocessing {mode!r}; choose one of: {', '.join(PREPROCESSING)}")
 
 
@@ -94,3 +97,9 @@ def _read_bytes(path: Path, label: str, size: int, limit: int | None) -> bytearr
                     f"{label} is not a regular file and sent more than {limit:,} bytes; save "
                     "the text you want to a file and give that")
     return data
+def readable(text: str, mode: str) -> str:
+    """What a person reads of preprocessed text: for "bytes", the bytes decoded as UTF-8 (a
+    sequence that is invalid or cut off shows as U+FFFD); other modes are text already."""
+    if mode != "bytes":
+        return text
+    return text.encode("latin-1", "replace").decode("utf-8", "replace")

@@ -25,7 +25,7 @@ from charlm.errors import CharlmError, UsageError
 CHUNK_CHARS = 1 << 20  # 1M characters: 4 MB of code points per chunk
 
 
-def _code_points(chunk: str) -> torch.Tensor:
+def code_points(chunk: str) -> torch.Tensor:
     """One int32 code point per character, viewing the encoded bytes without a copy."""
     data = chunk.encode("utf-32-le", "surrogatepass")  # lone surrogates are kept, not an error
     with warnings.catch_warnings():
@@ -35,7 +35,7 @@ def _code_points(chunk: str) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _one_thread():
+def one_thread():
     """Run the chunk loop on one intra-op thread.
 
     Each chunk is a few memory-bound passes over 4 MB; splitting those across threads saves
@@ -58,9 +58,9 @@ def _chunks(text: str) -> Iterable[tuple[int, str]]:
 def _count_code_points(text: str) -> torch.Tensor:
     """Counts indexed by code point (int64), as long as the largest code point in the text + 1."""
     total = torch.zeros(0, dtype=torch.int64)
-    with _one_thread():
+    with one_thread():
         for _, chunk in _chunks(text):
-            counts = torch.bincount(_code_points(chunk))
+            counts = torch.bincount(code_points(chunk))
             if len(counts) > len(total):
                 counts[: len(total)] += total
                 total = counts
@@ -83,12 +83,12 @@ class Vocab:
         self.tokens = list(tokens)
         self.counts = list(counts) if counts is not None else []
         self._index = {tok: i for i, tok in enumerate(self.tokens)}
-        code_points = [ord(t) for t in self.tokens[1:]]
+        known = [ord(t) for t in self.tokens[1:]]
         # Dense lookup table indexed by code point; the extra last slot (id 0) catches every code
         # point above the largest known one after clamping.
-        table = torch.zeros((max(code_points) + 2) if code_points else 1, dtype=torch.int32)
-        if code_points:
-            table[torch.tensor(code_points, dtype=torch.int64)] = torch.arange(
+        table = torch.zeros((max(known) + 2) if known else 1, dtype=torch.int32)
+        if known:
+            table[torch.tensor(known, dtype=torch.int64)] = torch.arange(
                 1, len(self.tokens), dtype=torch.int32
             )
         self._table = table
@@ -100,13 +100,22 @@ class Vocab:
         Characters seen fewer than ``min_freq`` times, or ranked beyond ``max_size`` (which
         counts characters, not ``<unk>``), are left out and will encode as ``<unk>``.
         """
+        by_code_point = _count_code_points(text)
+        present = torch.nonzero(by_code_point).flatten()
+        return cls.from_counts(present, by_code_point[present], min_freq, max_size)
+
+    @classmethod
+    def from_counts(cls, code_points: torch.Tensor, counts: torch.Tensor, min_freq: int = 1,
+                    max_size: int | None = None) -> Vocab:
+        """`build`'s vocabulary from counts: `counts[i]` occurrences of code point
+        `code_points[i]` (ascending, all distinct), as a streamed count gives them."""
         if min_freq < 1:
             raise UsageError(f"min_freq must be >= 1, got {min_freq}")
         if max_size is not None and max_size < 1:
             raise UsageError(f"max_size must be >= 1 (or None for no limit), got {max_size}")
-        by_code_point = _count_code_points(text)
-        present = torch.nonzero(by_code_point >= min_freq).flatten()
-        counts = by_code_point[present]
+        total = int(counts.sum())
+        keep = counts >= min_freq
+        present, counts = code_points[keep], counts[keep]
         # Stable sort on descending count over code points that are already ascending: ties stay
         # ordered by character.
         order = torch.sort(counts, descending=True, stable=True).indices
@@ -114,7 +123,7 @@ class Vocab:
             order = order[:max_size]
         kept_cps = present[order].tolist()
         kept_counts = counts[order].tolist()
-        unknown = len(text) - sum(kept_counts)
+        unknown = total - sum(kept_counts)
         return cls([cls.UNK] + [chr(c) for c in kept_cps], [unknown] + kept_counts)
 
     def __len__(self) -> int:
@@ -136,13 +145,18 @@ class Vocab:
     def encode(self, text: str) -> torch.Tensor:
         """Ids of the characters of ``text`` as a 1-D int32 tensor; unknown characters give 0."""
         out = torch.empty(len(text), dtype=torch.int32)
-        top = len(self._table) - 1
         scratch = torch.empty(min(len(text), CHUNK_CHARS), dtype=torch.int32)
-        with _one_thread():
+        with one_thread():
             for start, chunk in _chunks(text):
-                cps = torch.clamp(_code_points(chunk), max=top, out=scratch[: len(chunk)])
-                torch.index_select(self._table, 0, cps, out=out[start : start + len(chunk)])
+                self.lookup(code_points(chunk), out[start : start + len(chunk)],
+                            scratch[: len(chunk)])
         return out
+
+    def lookup(self, code_points: torch.Tensor, out: torch.Tensor | None = None,
+               scratch: torch.Tensor | None = None) -> torch.Tensor:
+        """Ids (int32) of int32 code points >= 0: the table lookup behind `encode`."""
+        cps = torch.clamp(code_points, max=len(self._table) - 1, out=scratch)
+        return torch.index_select(self._table, 0, cps, out=out)
 
     def decode(self, ids: torch.Tensor | Iterable[int]) -> str:
         """The text of a sequence of ids (a tensor of any shape is flattened); 0 gives "<unk>"."""

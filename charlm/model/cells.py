@@ -7,7 +7,7 @@ stacks layers with dropout between them. Parameter names, shapes and gate order 
 load across implementations and give the same outputs.
 
 Implementations (``--impl``):
-  fused    torch's own layers (cuDNN on CUDA, ATen kernels on CPU)
+  fused    ``charlm.model.fused``: torch's own layers (cuDNN on CUDA, ATen kernels on CPU)
   scratch  this module: plain autograd over the step functions below (slow; for reading/checking)
   fast     ``charlm.model.fastgru.FastGRU``: hand-written backward, GRU only (fastest on CPU)
 """
@@ -23,7 +23,9 @@ from torch import Tensor, nn
 
 from charlm.errors import UsageError
 from charlm.model.config import GRU_RESETS, IMPLS, MODES, check_combination
+from charlm.model.dropout import dropout as drop, drop_weight
 from charlm.model.fastgru import FastGRU
+from charlm.model.fused import fused_layer
 
 _GATES = {"rnn_tanh": 1, "rnn_relu": 1, "gru": 3, "lstm": 4}
 
@@ -120,7 +122,8 @@ class ScratchRecurrent(nn.Module):
     """``nn.RNN``/``nn.GRU``/``nn.LSTM(batch_first=True)`` rebuilt from the step functions above."""
 
     def __init__(self, mode: str, input_size: int, hidden_size: int, num_layers: int = 1,
-                 dropout: float = 0.0, gru_reset: str = "after"):
+                 dropout: float = 0.0, gru_reset: str = "after", locked: bool = False,
+                 weight_drop: float = 0.0):
         super().__init__()
         _check_layer(mode, gru_reset)
         self.mode = mode
@@ -129,10 +132,14 @@ class ScratchRecurrent(nn.Module):
         self.num_layers = num_layers
         self.dropout = float(dropout)
         self.gru_reset = gru_reset
+        self.locked = bool(locked)  # dropout between layers: one mask per sequence
+        self.weight_drop = float(weight_drop)  # DropConnect on W_hh, one mask per batch
         add_torch_layout_parameters(self, _GATES[mode], input_size, hidden_size, num_layers)
 
     def _weights(self, layer: int):
-        return tuple(getattr(self, f"{name}_l{layer}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+        w_ih, w_hh, b_ih, b_hh = (getattr(self, f"{name}_l{layer}")
+                                  for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+        return w_ih, drop_weight(w_hh, self.weight_drop, self.training), b_ih, b_hh
 
     def forward(self, x: Tensor, state=None):
         B = x.shape[0]
@@ -143,8 +150,8 @@ class ScratchRecurrent(nn.Module):
             h0 = state if state is not None else zeros
         finals_h, finals_c = [], []
         for layer in range(self.num_layers):
-            if layer > 0 and self.dropout > 0 and self.training:
-                x = F.dropout(x, self.dropout, training=True)
+            if layer > 0:
+                x = drop(x, self.dropout, self.training, self.locked)
             layer_state = (h0[layer], c0[layer]) if self.mode == "lstm" else h0[layer]
             x, last = _run_layer(self.mode, x, layer_state, self._weights(layer), self.gru_reset)
             if self.mode == "lstm":
@@ -158,27 +165,24 @@ class ScratchRecurrent(nn.Module):
 
     def extra_repr(self) -> str:
         reset = f", gru_reset={self.gru_reset}" if self.mode == "gru" else ""
+        weight_drop = f", weight_drop={self.weight_drop}" if self.weight_drop else ""
         return (f"{self.mode}, {self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, "
-                f"dropout={self.dropout}{reset}")
+                f"dropout={self.dropout}{' (locked)' if self.locked else ''}{reset}{weight_drop}")
 
 
 # --- building the recurrent stack ------------------------------------------------------------
 
 
 def recurrent_layer(impl: str, mode: str, input_size: int, hidden_size: int, num_layers: int = 1,
-                    dropout: float = 0.0, gru_reset: str = "after") -> nn.Module:
+                    dropout: float = 0.0, gru_reset: str = "after", locked: bool = False,
+                    weight_drop: float = 0.0) -> nn.Module:
     """Build the recurrent stack (batch_first) for a concrete ``impl``
-    (`charlm.model.config.resolve_impl` turns "auto" into one)."""
+    (`charlm.model.config.resolve_impl` turns "auto" into one): `dropout` between layers
+    (`locked`: one mask per sequence), `weight_drop` on every layer's W_hh."""
     _check_layer(mode, gru_reset, impl)
     if impl == "scratch":
-        return ScratchRecurrent(mode, input_size, hidden_size, num_layers, dropout, gru_reset)
+        return ScratchRecurrent(mode, input_size, hidden_size, num_layers, dropout, gru_reset,
+                                locked, weight_drop)
     if impl == "fast":
-        return FastGRU(input_size, hidden_size, num_layers, dropout)
-    dropout = dropout if num_layers > 1 else 0.0  # torch warns about dropout on a single layer
-    if mode == "gru":
-        return nn.GRU(input_size, hidden_size, num_layers, dropout=dropout, batch_first=True)
-    if mode == "lstm":
-        return nn.LSTM(input_size, hidden_size, num_layers, dropout=dropout, batch_first=True)
-    nonlinearity = "tanh" if mode == "rnn_tanh" else "relu"
-    return nn.RNN(input_size, hidden_size, num_layers, nonlinearity=nonlinearity, dropout=dropout,
-                  batch_first=True)
+        return FastGRU(input_size, hidden_size, num_layers, dropout, locked, weight_drop)
+    return fused_layer(mode, input_size, hidden_size, num_layers, dropout, locked, weight_drop)

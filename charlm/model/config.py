@@ -44,15 +44,30 @@ class ModelConfig:
     nonlinearity: str = field(default="tanh", metadata=_rule(choices=NONLINEARITIES))  # rnn only
     impl: str = field(default="fused", metadata=_rule(choices=IMPLS))
     gru_reset: str = field(default="after", metadata=_rule(choices=GRU_RESETS))  # gru only
+    # AWD-LSTM's regularisers (charlm.model.dropout); the defaults are the model before them, so
+    # a checkpoint without these keys loads as it was trained
+    input_dropout: float = field(default=0.0, metadata=_rule(kind=float, low=0, high=1, high_open=True))
+    embed_dropout: float = field(default=0.0, metadata=_rule(kind=float, low=0, high=1, high_open=True))
+    weight_drop: float = field(default=0.0, metadata=_rule(kind=float, low=0, high=1, high_open=True))
+    locked_dropout: bool = field(default=False, metadata=_rule(kind=bool))
+    # the output layer shares the embedding's weight (through a projection when embed != hidden)
+    tie_weights: bool = field(default=False, metadata=_rule(kind=bool))
 
     @property
     def mode(self) -> str:
         """The cell name the recurrent layer factory takes: rnn_tanh, rnn_relu, gru or lstm."""
         return f"rnn_{self.nonlinearity}" if self.cell == "rnn" else self.cell
 
+    @property
+    def stochastic(self) -> bool:
+        """Whether training draws random masks (any dropout): resume then needs the generators."""
+        return any(p > 0 for p in (self.dropout, self.input_dropout, self.embed_dropout,
+                                   self.weight_drop))
+
     def validate(self) -> "ModelConfig":
         check_fields(self)
         check_combination(self.cell, self.impl, self.gru_reset)
+        check_tying(self.tie_weights, self.embed)
         return self
 
     def to_dict(self) -> dict:
@@ -91,6 +106,14 @@ def check_combination(cell: str, impl: str, gru_reset: str) -> None:
         )
 
 
+def check_tying(tie_weights: bool, embed: int) -> None:
+    if tie_weights and embed == 0:
+        raise UsageError(
+            "--tie-weights shares the embedding with the output layer, but --embed 0 has no "
+            "embedding (one-hot inputs); give --embed N (N = --hidden ties without a projection)"
+        )
+
+
 def resolve_impl(impl: str, cell: str, device_type: str, gru_reset: str = "after") -> str:
     """Turn ``auto`` into a concrete implementation; other values are returned unchanged.
 
@@ -107,3 +130,26 @@ def resolve_impl(impl: str, cell: str, device_type: str, gru_reset: str = "after
     if device_type == "cpu" and cell in FAST_MODES:
         return "fast"
     return "fused"
+
+
+LARGE_VOCAB = 1024  # symbols past which a vocabulary's cost is worth a warning
+
+
+def large_vocab_note(config: ModelConfig) -> str | None:
+    """What a large vocabulary costs, when it dominates: the output layer (and a one-hot input
+    layer) do vocab_size x hidden multiply-adds per character, against the recurrent layers'
+    gates x hidden x (input + hidden). A character-level text has 30-300 symbols; a text with
+    CJK in it has tens of thousands, and training slows by the ratio."""
+    gates = {"rnn": 1, "gru": 3, "lstm": 4}[config.cell]
+    vocab, hidden = config.vocab_size, config.hidden
+    one_hot = config.embed == 0
+    per_vocab = hidden * vocab + (gates * hidden * vocab if one_hot else 0)
+    recurrent = gates * hidden * ((0 if one_hot else config.embed) + hidden)
+    recurrent += (config.layers - 1) * gates * hidden * 2 * hidden
+    if vocab <= LARGE_VOCAB or per_vocab <= recurrent:
+        return None
+    return (f"the vocabulary has {vocab:,} symbols: the layers over it cost "
+            f"{per_vocab / recurrent:.0f}x the recurrent layers per character, so they take most "
+            "of the time of training and evaluation; --preprocessing bytes (at most 256 symbols, "
+            "any script) or --max-vocab N (the N most frequent; the rest become <unk>) make it "
+            "small")

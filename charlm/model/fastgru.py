@@ -38,11 +38,11 @@ import warnings
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from charlm.model import ckernel
+from charlm.model.dropout import dropout, drop_weight
 
 # Per time step and batch row, the backward works on 5 blocks of H numbers ("slots"):
 #   0: dL/d(W_in x + b_in)          1: dL/d(r pre-activation)       2: dL/d(z pre-activation)
@@ -220,15 +220,22 @@ def _grads(ctx, D: Tensor, x: Tensor, dh0: Tensor, w_ih: Tensor, h_prev) -> tupl
 
 
 class FastGRU(nn.Module):
-    """Drop-in for ``nn.GRU(batch_first=True)`` (same parameters, same outputs), faster on CPU."""
+    """Drop-in for ``nn.GRU(batch_first=True)`` (same parameters, same outputs), faster on CPU.
 
-    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, dropout: float = 0.0):
+    `dropout` between layers (`locked`: one mask per sequence) and `weight_drop` (DropConnect on
+    W_hh: the masked matrix is what the loops pack and multiply) as in `charlm.model.dropout`.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, dropout: float = 0.0,
+                 locked: bool = False, weight_drop: float = 0.0):
         super().__init__()
         self.mode = "gru"
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.num_layers = num_layers
         self.dropout = float(dropout)
+        self.locked = bool(locked)
+        self.weight_drop = float(weight_drop)
         for layer in range(num_layers):
             in_size = input_size if layer == 0 else hidden_size
             self.register_parameter(f"weight_ih_l{layer}", nn.Parameter(torch.empty(3 * hidden_size, in_size)))
@@ -252,12 +259,16 @@ class FastGRU(nn.Module):
         seq = x if compiled else x.transpose(0, 1)
         finals = []
         for layer in range(self.num_layers):
-            if layer > 0 and self.dropout > 0 and self.training:
-                seq = F.dropout(seq, self.dropout, training=True)
+            if layer > 0:
+                seq = dropout(seq, self.dropout, self.training, self.locked,
+                              time_dim=1 if compiled else 0)
             layer_fn = _GRULayerC if compiled else _GRULayer
             seq, h_n = layer_fn.apply(seq.contiguous(), state[layer], *weights[layer])
             finals.append(h_n)
         return (seq if compiled else seq.transpose(0, 1)), torch.stack(finals)
 
     def _layer_weights(self, layer: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        return tuple(getattr(self, f"{name}_l{layer}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+        w_ih, w_hh, b_ih, b_hh = (getattr(self, f"{name}_l{layer}")
+                                  for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+        # masked before the loops see it: the C loops pack this matrix once per call
+        return w_ih, drop_weight(w_hh, self.weight_drop, self.training), b_ih, b_hh

@@ -7,6 +7,8 @@ tests (`charlm.training.checkpoint.load_model` finds and reads the file first)::
     ckpt["vocab"]          -> Vocab, checked; its size must be model_config.vocab_size
     ckpt["preprocessing"]  -> one of d2l, lower, raw
     ckpt["model"]          -> names and shapes those of the model, values finite -> load_state_dict
+    ckpt["ema"]["model"]   -> the same for the averaged weights of a run trained with --ema, which
+                              generate and eval use unless asked for the raw ones
 
 All implementations lay out their parameters like torch.nn.RNN/GRU/LSTM, so the same weights load
 into any of them. Errors are one line, starting with `where` (the checkpoint's path).
@@ -34,8 +36,9 @@ class Restored:
     preprocessing: str
 
 
-# What a resumed run may change about its model: neither changes a weight's shape.
-ADJUSTABLE = ("impl", "dropout")
+# What a resumed run may change about its model: none changes a weight's shape.
+ADJUSTABLE = ("impl", "dropout", "input_dropout", "embed_dropout", "weight_drop", "locked_dropout")
+WEIGHTS = ("auto", "ema", "raw")
 # Trained weights and states stay within about 100; past this bound float32 products overflow
 # (a checkpoint near float32's limit would only ever compute infinities and NaN).
 MAX_MAGNITUDE = 1e6
@@ -67,12 +70,15 @@ def tensor_problem(t: torch.Tensor) -> str | None:
 
 def model_from_checkpoint(ckpt: dict, where: str = "checkpoint", impl: str | None = None,
                           device: torch.device | str = "cpu",
-                          config: ModelConfig | None = None) -> Restored:
+                          config: ModelConfig | None = None, weights: str = "raw") -> Restored:
     """The checkpoint's model, vocabulary and preprocessing, checked, weights loaded.
 
     `impl` (fused / scratch / fast / auto) runs the weights in another implementation; None keeps
-    the checkpoint's own. `config` (a resumed run's) builds the model instead of the checkpoint's
-    own model_config, which it must equal but for ADJUSTABLE.
+    the checkpoint's own where it suits the device (a `fast` checkpoint runs `fused`, i.e.
+    cuDNN, on a GPU: the C loops are CPU-only). `config` (a resumed run's) builds the model
+    instead of the checkpoint's own model_config, which it must equal but for ADJUSTABLE.
+    `weights`: raw (what training steps), ema (the run's averaged weights, --ema), or auto (ema
+    where the checkpoint has them).
     """
     saved = ModelConfig.from_dict(ckpt.get("model_config"))
     try:
@@ -91,13 +97,38 @@ def model_from_checkpoint(ckpt: dict, where: str = "checkpoint", impl: str | Non
                     f"gives {getattr(config, key)!r}; the file is damaged or was edited"
                 )
     config = config or saved
-    if impl is not None:
-        config.impl = resolve_impl(impl, config.cell, torch.device(device).type, config.gru_reset)
-        config.validate()
+    config.impl = impl_for(config.impl, impl, config.cell, torch.device(device).type,
+                           config.gru_reset)
+    config.validate()
     model = CharLM(config)
-    check_parameters(where, model, ckpt.get("model"))
-    model.load_state_dict(ckpt["model"])
+    state = averaged_weights(ckpt, where, weights) or ckpt.get("model")
+    check_parameters(where, model, state)
+    model.load_state_dict(state)
     return Restored(model.to(device).eval(), vocab, preprocessing)
+
+
+def impl_for(saved: str, asked: str | None, cell: str, device_type: str, gru_reset: str) -> str:
+    """The implementation a checkpoint's weights run in: `asked` (auto resolved for the device),
+    or with None the checkpoint's own, `saved`, except that `fast` runs as auto off the CPU."""
+    if asked is None:
+        asked = "auto" if saved == "fast" and device_type != "cpu" else saved
+    return resolve_impl(asked, cell, device_type, gru_reset)
+
+
+def averaged_weights(ckpt: dict, where: str, weights: str) -> dict | None:
+    """The state dict of the run's averaged weights when `weights` asks for them (None: use the
+    raw ones)."""
+    if weights not in WEIGHTS:
+        raise CharlmError(f"weights must be one of {', '.join(WEIGHTS)}; got {weights!r}")
+    ema = ckpt.get("ema")
+    if weights == "raw" or (weights == "auto" and ema is None):
+        return None
+    if ema is None:
+        raise CharlmError(f"{where} holds no averaged weights (it was trained without --ema); "
+                          "drop --weights ema")
+    if not isinstance(ema, dict) or not isinstance(ema.get("model"), dict):
+        raise CharlmError(f"{where}: its 'ema' entry is not a table of weights; the file is damaged")
+    return ema["model"]
 
 
 def check_vocab_size(where: str, tokens: int, said: object) -> None:

@@ -6,16 +6,20 @@ A checkpoint is one dict:
     version           FORMAT_VERSION (a newer version is refused with a clear message)
     model_config      ModelConfig as a dict  -> rebuilds the model
     vocab             Vocab.to_dict()        -> {"tokens": [...], ...}
-    preprocessing     "d2l" | "lower" | "raw"
+    preprocessing     "d2l" | "lower" | "raw" | "bytes"
     model             state_dict (tensors)
     optimizer         optimizer.state_dict()
     scheduler         LRSchedule.state_dict() (numbers)
-    rng               {"torch": ByteTensor, "cuda": [ByteTensor, ...], "python": [...]}
+    ema               None, or {"decay", "updates", "model": averaged weights} (--ema)
+    rng               {"torch": ByteTensor, "python": [...], and on a GPU "device": "cuda" | "mps",
+                      "device_rng": the training device's generator} (older: "cuda": every GPU's)
     iterator          batch iterator state (ints)
-    hidden            carried hidden state (tensor, or [h, c]) for exact resume, or None
-    step, epoch, tokens_seen, elapsed, best_val_loss
+    hidden            carried hidden state (float32 tensor, or [h, c]) for exact resume, or None
+    step, epoch, tokens_seen, elapsed, best_val_loss, eval_pending (a stop request cut the
+                      evaluation of this step short: the resumed run does it first)
     train_config      TrainConfig as a dict
-    corpus            {"name", "source", "num_tokens", "splits": {...}}
+    corpus            {"name", "source", "num_tokens", "sha256" (of the token ids, as int32),
+                      "splits": {...}}
 """
 
 from __future__ import annotations
@@ -32,9 +36,10 @@ import torch
 from charlm.data.vocab import Vocab
 from charlm.devices import select_device
 from charlm.errors import CharlmError
+from charlm.model.folder import CONFIG, is_model_folder, read_model_folder
 from charlm.model.lm import CharLM
 from charlm.model.loading import model_from_checkpoint
-from charlm.training.fields import check_fields
+from charlm.training.fields import check_fields, check_train_config
 from charlm.training.rundir import atomic_write, latest_run, runs_root
 
 FORMAT = "charlm-checkpoint"
@@ -115,8 +120,9 @@ def _looks_like_torch_zip(path: Path) -> bool:
 
 
 def find_checkpoint(target: str | Path | None, prefer: str = "best.pt",
-                    how_to_name: str = "pass --checkpoint PATH") -> Path:
-    """A checkpoint file, a run directory (its best.pt, else last.pt) or, with None, the latest run.
+                    how_to_name: str = "pass --checkpoint PATH", exported: bool = False) -> Path:
+    """A checkpoint file, a run directory (its best.pt, else last.pt) or, with None, the latest run;
+    with `exported`, also a folder written by `charlm export` (the folder itself is returned).
 
     `how_to_name` ends the error when there is no run yet: how this command takes a path.
     """
@@ -127,6 +133,13 @@ def find_checkpoint(target: str | Path | None, prefer: str = "best.pt",
                 f"no runs yet in {runs_root()}/: train one first with `charlm train`, or {how_to_name}"
             )
     target = Path(target)
+    if is_model_folder(target):
+        if exported:
+            return target
+        raise CharlmError(
+            f"{target} is an exported model: it holds the weights but no training state, so a run "
+            "cannot continue from it; resume from the run directory it was exported from"
+        )
     if target.is_dir():
         for name in (prefer, "best.pt", "last.pt"):
             if (target / name).is_file():
@@ -149,11 +162,21 @@ class Loaded:
     device: torch.device
 
 
-def load_model(target: str | Path | None, impl: str | None, device_spec: str) -> Loaded:
-    """The checkpoint at `target` (None: the latest run's best.pt), its model rebuilt and checked
-    (`charlm.model.loading.model_from_checkpoint`); `impl` None keeps the checkpoint's own."""
-    device = select_device(device_spec)
-    path = find_checkpoint(target)
-    ckpt = load_checkpoint(path, map_location=device)
-    restored = model_from_checkpoint(ckpt, str(path), impl, device)
+def load_model(target: str | Path | None, impl: str | None, device_spec: str,
+               weights: str = "auto", how_to_name: str = "pass --checkpoint PATH") -> Loaded:
+    """The checkpoint at `target` (None: the latest run's best.pt) or the model folder `charlm
+    export` wrote, its model rebuilt and checked (`charlm.model.loading.model_from_checkpoint`);
+    `impl` None keeps a checkpoint's own where it suits the device, and picks `auto`'s choice for
+    a folder (which records none: its weights run in any implementation); `weights` auto takes
+    the run's averaged weights where it has them."""
+    path = find_checkpoint(target, how_to_name=how_to_name, exported=True)
+    if path.is_dir():
+        ckpt = read_model_folder(path)
+        check_train_config(ckpt["train_config"], path / CONFIG)
+        impl = impl or "auto"
+    else:
+        ckpt = load_checkpoint(path)  # on the CPU: the device may depend on the cell (MPS)
+    cell = ckpt["model_config"].get("cell")
+    device = select_device(device_spec, cell if isinstance(cell, str) else None)
+    restored = model_from_checkpoint(ckpt, str(path), impl, device, weights=weights)
     return Loaded(path, ckpt, restored.model, restored.vocab, restored.preprocessing, device)

@@ -5,9 +5,9 @@ help panel, choices or range (a `charlm.checks.Rule`; the model's options take t
 `ModelConfig`) and whether a resumed run may change it. Everything else is made from that:
 
     the `charlm train` options, their --help, defaults and choices   charlm.cli.train
-    config files: keys, types, ranges                              load_config_file, build_config
+    types and ranges, precedence and the checks across options    build_config, validate
+    config files, a run's config.toml, the README's options table  charlm.training.configfile
     what --resume refuses to change                                fixed_on_resume()
-    a run's config.toml, the README's options table                to_toml, options_markdown
 
 Precedence: these defaults (equal to `configs/timemachine-gru.toml`, checked by a test) <
 `--config FILE` < the options typed on the command line. Keys are the field names; a file may
@@ -18,19 +18,17 @@ for reading. No torch here: `charlm train --help` imports this module.
 from __future__ import annotations
 
 import math
-import os
 import re
-import tomllib
 import types
 import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from charlm.checks import Rule, rule_of
 from charlm.data.text import PREPROCESSING
 from charlm.errors import UsageError
-from charlm.model.config import IMPLS, ModelConfig, check_combination
+from charlm.model.config import IMPLS, ModelConfig, check_combination, check_tying
 from charlm.training.optim import OPTIMIZERS, SCHEDULES
 
 SAMPLINGS = ("sequential", "random")
@@ -48,6 +46,8 @@ class Option:
     fixed: bool = False  # a resumed run must keep the checkpoint's value
     short: str | None = None  # e.g. "-b"
     default_text: str | None = None  # what --help says for a default of None
+    bare: str | None = None  # the value of the option given alone (`--tensorboard`)
+    cells: tuple[str, ...] = ()  # the cells it applies to (all when empty)
 
     @property
     def choices(self) -> tuple[str, ...]:
@@ -56,11 +56,14 @@ class Option:
 
 def option(default: Any, help: str, panel: str, *, rule: Rule | None = None, fixed: bool = False,
            short: str | None = None, default_text: str | None = None, model: bool = False,
-           choices: tuple[str, ...] = ()) -> Any:
+           choices: tuple[str, ...] = (), bare: str | None = None,
+           cells: tuple[str, ...] = ()) -> Any:
     """A TrainConfig field. `model=True` takes the rule of ModelConfig's field of the same name
-    (filled in below, once the field's name is known); `choices` is shorthand for a Rule."""
+    (filled in below, once the field's name is known); `choices` is shorthand for a Rule; `bare`
+    lets the option be given without a value, meaning that one; `cells`: the cells the option
+    means something for (another cell refuses other values)."""
     meta = Option(help, panel, Rule(choices=choices) if choices else rule, fixed, short,
-                  default_text)
+                  default_text, bare, cells)
     kwargs = {"default_factory": list} if isinstance(default, list) else {"default": default}
     return field(metadata={"option": meta, "model_rule": model}, **kwargs)
 
@@ -77,12 +80,13 @@ def _float(low: float, **kw) -> Rule:
 class TrainConfig:
     # -- data ----------------------------------------------------------------------------------
     corpus: str | None = option(
-        None, "A named corpus (see charlm data list): timemachine, tinyshakespeare, python-docs.",
+        None, "A named corpus (see charlm data list): timemachine, tinyshakespeare, enwik8, text8, "
+        "python-docs.",
         DATA, fixed=True, default_text="timemachine, else python-docs")
     text: list[str] = option(
         [], "Train on local UTF-8 file(s) instead (repeatable).", DATA, fixed=True)
     url: str | None = option(None, "Train on a text downloaded from this URL.", DATA, fixed=True)
-    sha256: str | None = option(None, "Expected sha256 of --url.", DATA)
+    sha256: str | None = option(None, "Expected sha256 of --url (64 hex digits).", DATA)
     data_dir: str | None = option(
         None, "Corpus cache directory.", DATA,
         default_text="$CHARLM_DATA_DIR, else ~/.cache/charlm")
@@ -93,7 +97,8 @@ class TrainConfig:
         1024, "Give up on a download URL that sends fewer bytes/s than this over 30 s (0: any "
         "pace).", DATA, rule=_int(0))
     preprocessing: str | None = option(
-        None, "d2l (letters and single spaces, lowercased), lower, or raw.", DATA, fixed=True,
+        None, "d2l (letters and single spaces, lowercased), lower, raw, or bytes (the UTF-8 "
+        "bytes: at most 256 symbols, any script).", DATA, fixed=True,
         choices=PREPROCESSING, default_text="the corpus's own")
     min_freq: int = option(1, "Symbols rarer than this map to <unk>.", DATA, rule=_int(1),
                            fixed=True)
@@ -101,12 +106,12 @@ class TrainConfig:
                             fixed=True)
     max_tokens: int = option(0, "Use only the first N tokens, as d2l's loader (0: all).", DATA,
                              rule=_int(0), fixed=True)
-    val_fraction: float = option(
-        0.1, "Share of the corpus (from the end) for validation.", DATA,
-        rule=_float(0, high=1, high_open=True), fixed=True)
-    test_fraction: float = option(
-        0.0, "Share of the corpus (the very end) held out for test.", DATA,
-        rule=_float(0, high=1, high_open=True), fixed=True)
+    val_fraction: float | None = option(  # None: the corpus's own
+        None, "Share of the corpus (from the end) for validation.", DATA, fixed=True,
+        rule=_float(0, high=1, high_open=True), default_text="0.1 (enwik8, text8: 0.05)")
+    test_fraction: float | None = option(
+        None, "Share of the corpus (the very end) held out for test.", DATA, fixed=True,
+        rule=_float(0, high=1, high_open=True), default_text="0 (enwik8, text8: 0.05)")
     # -- model ---------------------------------------------------------------------------------
     cell: str = option("gru", "The recurrent cell.", MODEL, model=True, fixed=True)
     hidden: int = option(256, "Hidden units per layer.", MODEL, model=True, fixed=True)
@@ -116,14 +121,29 @@ class TrainConfig:
     dropout: float = option(0.2, "Dropout between layers and before the output.", MODEL,
                             model=True)
     nonlinearity: str = option("tanh", "The RNN's nonlinearity (--cell rnn only).", MODEL,
-                               model=True, fixed=True)
+                               model=True, fixed=True, cells=("rnn",))
     impl: str = option(
         "auto", "auto: fast for the GRU on the CPU, scratch for --gru-reset before, else fused; "
         "fused: torch/cuDNN; scratch: cells from the gate equations; fast: CPU GRU with its own "
         "backward and C time loops (~2x fused).", MODEL, choices=("auto", *IMPLS))
     gru_reset: str = option(
         "after", "GRU reset gate after (PyTorch) or before (Cho et al., d2l) the recurrent "
-        "product; before needs --impl scratch.", MODEL, model=True, fixed=True)
+        "product; before needs --impl scratch.", MODEL, model=True, fixed=True, cells=("gru",))
+    input_dropout: float = option(
+        0.0, "Dropout on the embedding (or one-hot) output, into the first layer.", MODEL,
+        model=True)
+    embed_dropout: float = option(
+        0.0, "Drop whole characters: rows of the embedding, one mask per batch.", MODEL,
+        model=True)
+    weight_drop: float = option(
+        0.0, "DropConnect on the recurrent weights W_hh, one mask per batch (AWD-LSTM).", MODEL,
+        model=True)
+    locked_dropout: bool = option(
+        False, "Locked (variational) dropout: --dropout and --input-dropout draw one mask per "
+        "sequence, the same at every step.", MODEL, model=True)
+    tie_weights: bool = option(
+        False, "The output layer shares the embedding's weight (through a projection when "
+        "--embed is not --hidden).", MODEL, model=True, fixed=True)
     # -- optimisation --------------------------------------------------------------------------
     batch_size: int = option(64, "Sequences per batch (the global batch with --nproc).", OPTIM,
                              rule=_int(1), fixed=True, short="-b")
@@ -148,18 +168,33 @@ class TrainConfig:
                                    rule=_float(0, high=1, low_open=True, high_open=True))
     clip: float = option(1.0, "Clip gradients to this global L2 norm (0: off).", OPTIM,
                          rule=_float(0, text=">= 0 (0 disables clipping)"))
+    ema: float = option(
+        0.0, "Average the weights: an exponential moving average with this decay (e.g. 0.999), "
+        "used for validation, best.pt, generate and eval (0: off).", OPTIM,
+        rule=_float(0, high=1, high_open=True))
     # -- stopping: whichever comes first; 0 disables a limit -------------------------------------
     epochs: int = option(0, "Stop after this many epochs (0: no limit).", STOP, rule=_int(0))
     max_steps: int = option(0, "Stop after this many steps (0: no limit).", STOP, rule=_int(0))
     time_budget: str = option(
         "2m", "Stop after this much training time, e.g. 90s, 5m, 1h ('0': no limit).", STOP)
     # -- runtime -------------------------------------------------------------------------------
-    device: str = option("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.", RUN)
-    precision: str = option("fp32", "bf16 and fp16 autocast need CUDA.", RUN, choices=PRECISIONS)
+    device: str = option(
+        "auto", "auto (CUDA, then MPS but not for a GRU, then CPU), cpu, cuda, cuda:N or mps.", RUN)
+    precision: str = option(
+        "fp32", "Mixed precision needs CUDA: bf16 (recurrent layers too) or fp16 (loss scaling); "
+        "for small models fp32 is faster.", RUN, choices=PRECISIONS)
+    tf32: bool = option(
+        False, "Let CUDA use TF32 tensor cores for float32 products (faster, 10-bit mantissa); "
+        "eval perplexity never does.", RUN)
+    threads: int = option(0, "CPU threads (0: the faster of one per core and one, timed every "
+                          "200 steps; one for a tiny model).", RUN, rule=_int(0))
     seed: int = option(0, "Random seed: weights, batches, dropout.", RUN, fixed=True,
                        rule=_int(0, high=2**63, high_open=True, text="an integer in [0, 2**63)"))
     log_every: int = option(50, "Steps between progress lines.", RUN, rule=_int(1))
     eval_every: int = option(500, "Steps between validation + sample.", RUN, rule=_int(1))
+    eval_tokens: int = option(250_000, "Validation tokens per evaluation while training: the "
+                              "same first part of the split each time (0: all); the end of a "
+                              "run evaluates all of it.", RUN, rule=_int(0))
     checkpoint_every: int = option(500, "Steps between saves of last.pt.", RUN, rule=_int(1))
     sample_prefix: str | None = option(
         None, "Prompt for the samples shown at each evaluation.", RUN,
@@ -167,9 +202,28 @@ class TrainConfig:
     sample_length: int = option(200, "Characters per sample.", RUN, rule=_int(1))
     out: str | None = option(None, "Run directory.", RUN, short="-o",
                              default_text="runs/<time>-<cell>-<corpus>")
+    tensorboard: str | None = option(
+        None, "Also log losses, perplexity, bits/char, learning rate, tokens/s, gradient norm and "
+        "the samples for TensorBoard, in DIR (RUN_DIR/... is inside the run directory); alone: "
+        "RUN_DIR/tensorboard; off: none (a resumed run logs where it logged). Needs pip install "
+        "'charlm[tensorboard]'.", RUN, default_text="off",
+        bare="RUN_DIR/tensorboard")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def record_source(self, name: str, preprocessing: str, prefix: str, url: str | None) -> None:
+        """Record what a run actually trains on, so its config.toml and a resume train on the
+        same text: files absolute (found relative to here), the default corpus (or its
+        python-docs fallback), preprocessing and sample prefix as they resolved, and `url` (the
+        --url without a password, which config.toml and checkpoints never hold)."""
+        self.text = [str(Path(t).resolve()) for t in self.text]
+        self.url = url
+        if not (self.corpus or self.text or self.url):
+            self.corpus = name
+        self.preprocessing = preprocessing
+        if self.sample_prefix is None:
+            self.sample_prefix = prefix
 
     def section(self, panel: str) -> dict[str, Any]:
         """The fields of one help panel, e.g. section(DATA) for `load_dataset`."""
@@ -181,8 +235,7 @@ def _options() -> dict[str, Option]:
     for f in fields(TrainConfig):
         meta: Option = f.metadata["option"]
         if f.metadata["model_rule"]:
-            meta = Option(meta.help, meta.panel, rule_of(ModelConfig, f.name), meta.fixed,
-                          meta.short, meta.default_text)
+            meta = replace(meta, rule=rule_of(ModelConfig, f.name))
         found[f.name] = meta
     return found
 
@@ -255,51 +308,6 @@ def type_ok(name: str, value: Any) -> bool:
     return isinstance(value, base)
 
 
-def type_name(name: str) -> str:
-    base = base_type(name)
-    if typing.get_origin(base) is list:
-        return "a list of strings"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[base]
-
-
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a TOML config into a flat {key: value} dict, rejecting unknown keys and wrong types."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as fh:  # at most a MiB: <(...) works, /dev/zero cannot hang us
-            data = fh.read((1 << 20) + 1)
-        if len(data) > 1 << 20:
-            raise UsageError(f"config file {path} is larger than 1 MiB; a config file is a few "
-                             "lines of TOML")
-        raw = tomllib.loads(data.decode("utf-8"))
-    except FileNotFoundError:
-        raise UsageError(f"config file {path} does not exist") from None
-    except IsADirectoryError:
-        raise UsageError(f"config file {path} is a directory, not a TOML file") from None
-    except OSError as exc:
-        raise UsageError(f"cannot read config file {path}: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise UsageError(f"config file {path} is not UTF-8 text") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise UsageError(f"config file {path} is not valid TOML: {exc}") from None
-    flat: dict[str, Any] = {}
-    for key, value in raw.items():
-        items = value.items() if isinstance(value, dict) else [(key, value)]
-        for name, item in items:
-            where = f"{key}.{name}" if isinstance(value, dict) else name
-            if name not in OPTIONS:
-                raise UsageError(
-                    f"unknown key '{where}' in config file {path}; see 'charlm train --help' "
-                    "for the keys (option names with - written as _)"
-                )
-            if not type_ok(name, item):
-                raise UsageError(
-                    f"key '{where}' in config file {path} must be {type_name(name)}, got {item!r}"
-                )
-            flat[name] = item
-    return flat
-
-
 SOURCES = ("corpus", "text", "url")  # where the text comes from: one of them
 LIMITS = ("epochs", "max_steps", "time_budget")  # when a run stops: the first one reached
 
@@ -341,55 +349,35 @@ def validate(cfg: TrainConfig) -> None:
         value = getattr(cfg, name)
         if meta.rule is not None and not (value is None and optional(name)):
             meta.rule.check(name, value)
-    if cfg.val_fraction + cfg.test_fraction >= 1.0:
+    if (cfg.val_fraction or 0.0) + (cfg.test_fraction or 0.0) >= 1.0:
         raise UsageError("val_fraction + test_fraction must leave some text for training")
+    check_cell_options(cfg)
     check_combination(cfg.cell, cfg.impl, cfg.gru_reset)
+    check_tying(cfg.tie_weights, cfg.embed)
     parse_duration(cfg.time_budget)
     from charlm.data.corpus import check_source
 
     check_source(cfg.corpus, cfg.text, cfg.url, cfg.sha256)
 
 
+def applies(name: str, cell: str) -> bool:
+    """Whether option `name` means something for `cell` (--nonlinearity: the RNN only)."""
+    return not OPTIONS[name].cells or cell in OPTIONS[name].cells
+
+
+def check_cell_options(cfg: TrainConfig) -> None:
+    """Options that do not apply to the cell are refused, naming them, when a file or the command
+    line gave them a value (a value other than the default: the default tanh is not an RNN
+    setting a GRU run asked for)."""
+    misplaced = [name for name in OPTIONS
+                 if not applies(name, cfg.cell) and getattr(cfg, name) != default_of(name)]
+    if misplaced:
+        said = " and ".join(f"--{n.replace('_', '-')} {getattr(cfg, n)} applies only to --cell "
+                            f"{' or '.join(OPTIONS[n].cells)}" for n in misplaced)
+        raise UsageError(f"{said}, not --cell {cfg.cell}; drop it or choose that cell")
+
+
 def model_config(cfg: TrainConfig, vocab_size: int, impl: str) -> ModelConfig:
     """The ModelConfig a run of `cfg` trains, with `impl` resolved for its device."""
     values = {f.name: getattr(cfg, f.name) for f in fields(ModelConfig) if hasattr(cfg, f.name)}
     return ModelConfig(**{**values, "vocab_size": vocab_size, "impl": impl}).validate()
-
-
-# -- writing -----------------------------------------------------------------------------------
-
-
-def to_toml(values: dict[str, Any], header: str = "") -> str:
-    """A flat config dict as TOML, grouped by panel (keys with value None mean 'the default'
-    and are left out)."""
-    import tomli_w
-
-    tables: dict[str, dict[str, Any]] = {}
-    notes = ""
-    for key, value in values.items():
-        if value is None:
-            continue
-        try:  # a file name in another encoding: TOML holds only UTF-8, the command line more
-            for item in value if isinstance(value, list) else [value]:
-                str(item).encode("utf-8")
-        except UnicodeEncodeError:
-            shown = [os.fsencode(v) for v in value] if isinstance(value, list) else os.fsencode(value)
-            notes += (f"# {key}: {shown!r} is not UTF-8, which TOML cannot hold; give it on "
-                      "the command line\n")
-            continue
-        tables.setdefault(OPTIONS[key].panel.lower(), {})[key] = value
-    return header + notes + tomli_w.dumps(tables)
-
-
-def options_markdown() -> str:
-    """The README's table of every `charlm train` option, made from the declarations."""
-    rows = ["| option | default | values | meaning |", "|---|---|---|---|"]
-    for name, meta in OPTIONS.items():
-        flag = f"`--{name.replace('_', '-')}`" + (f", `{meta.short}`" if meta.short else "")
-        default = default_of(name)
-        shown = meta.default_text or ("" if default in (None, []) else f"`{default}`")
-        values = meta.rule.describe() if meta.rule else ""
-        cells = [flag, shown, values, meta.help]
-        cells = [c.replace("|", "/").replace("<", "&lt;").replace(">", "&gt;") for c in cells]
-        rows.append("| " + " | ".join(cells) + " |")
-    return "\n".join(rows) + "\n"

@@ -1,6 +1,17 @@
 """What the trainer shows a person: live progress on a terminal, plain lines otherwise.
 
 Human output goes to stderr so that `charlm train --json` leaves stdout to the JSON summary.
+
+    training: gru 2x256 (fast: ...), 625,564 parameters, on cpu (2 threads), until time_budget 2m
+    corpus timemachine: ...; run directory: ...
+    epoch 3 step 143 ━━━━━━━━━━━━ 100% ppl 5.512  61.2K tok/s  lr 3.00e-04 0:02:00 ETA 0:00:00
+
+On a terminal the live line moves every step (`tick`: step, epoch, share done and ETA are host
+numbers, so no device sync); its loss and speed are those of the latest log point. The ETA comes
+from the limit that will stop the run (`Limits.eta`). When the run ends, the line is drawn once
+more at its final step, 100%. Off a terminal there is one plain line per log point instead, and
+one for the last steps. A reader that goes away (a closed pipe) silences the display; training
+goes on.
 """
 
 from __future__ import annotations
@@ -10,8 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from charlm.console import console as make_console
 
 
 @dataclass
@@ -36,62 +49,112 @@ class RunInfo:
     run_dir: Path
     extra: dict  # more summary entries (a process group's world_size)
     limits: str = ""  # what stops the run, e.g. "max_steps 5000 or time_budget 2m"
+    eval_tokens: int = 0  # validation tokens per evaluation while training (0: all)
+
+    @classmethod
+    def of(cls, trainer, resuming: bool, impl: str, device_text: str) -> "RunInfo":
+        """What a `charlm.training.trainer.Trainer` is about to do; `impl` and `device_text`
+        say how the model runs where it runs (`charlm.training.runtime`)."""
+        from charlm.model.lm import count_parameters
+        from charlm.training.distributed import describe as describe_group
+
+        mc, data, device = trainer.model_config, trainer.data, trainer.device
+        return cls(
+            resumed_at=trainer.loop.step if resuming else None,
+            model=f"{mc.cell} {mc.layers}x{mc.hidden} ({impl})", impl=mc.impl,
+            parameters=count_parameters(trainer.model), device=str(device),
+            device_text=device_text, corpus=data.name, num_tokens=data.num_tokens,
+            preprocessing=data.preprocessing, vocab_size=len(data.vocab),
+            train_tokens=data.train.numel(), val_tokens=data.val.numel(),
+            batches_per_epoch=len(trainer.batches), batch_size=trainer.cfg.batch_size,
+            num_steps=trainer.cfg.num_steps, run_dir=trainer.run_dir,
+            extra=describe_group(trainer.group), limits=trainer.limits.describe(),
+            eval_tokens=trainer.cfg.eval_tokens)
 
 
 def _si(x: float) -> str:
     return f"{x / 1e3:.1f}K" if x < 1e6 else f"{x / 1e6:.2f}M"
 
 
+def clock(seconds: float | None) -> str:
+    """0:02:05, or -:--:-- while unknown."""
+    if seconds is None or not math.isfinite(seconds):
+        return "-:--:--"
+    whole = int(round(seconds))
+    return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
+
+
 class TrainDisplay:
     def __init__(self, enabled: bool = True, console: Console | None = None):
         self.enabled = enabled
-        self.console = console or Console(stderr=True, soft_wrap=True)  # long lines are not cut
+        self.console = console or make_console(stderr=True)  # literal, unwrapped off a terminal
         self.live = enabled and self.console.is_terminal
         self.progress: Progress | None = None
         self.task = None
 
     def print(self, *args, **kwargs) -> None:
-        if self.enabled:
+        if not self.enabled:
+            return
+        try:
             self.console.print(*args, **kwargs)
+        except BrokenPipeError:  # the reader went away (`train 2>&1 | head`): train on, quietly
+            self.enabled = False
 
     def start(self, run: "RunInfo") -> None:
         verb = f"resuming at step {run.resumed_at}" if run.resumed_at is not None else "training"
         self.print(f"{verb}: {run.model}, {run.parameters:,} parameters, on {run.device_text}, "
                    f"until {run.limits}")
+        part = (f" (the first {run.eval_tokens:,} at each evaluation, all at the end)"
+                if 0 < run.eval_tokens < run.val_tokens else "")
         self.print(
             f"corpus {run.corpus}: {run.num_tokens:,} tokens ({run.preprocessing}, vocab "
-            f"{run.vocab_size}), train {run.train_tokens:,} / val {run.val_tokens:,}; "
+            f"{run.vocab_size}), train {run.train_tokens:,} / val {run.val_tokens:,}{part}; "
             f"{run.batches_per_epoch} batches of {run.batch_size}x{run.num_steps} per epoch"
         )
         self.print(f"run directory: {run.run_dir}")
         if self.live:
             self.progress = Progress(
-                TextColumn("[bold]{task.fields[head]}"), BarColumn(),
-                TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                TimeRemainingColumn(), console=self.console, transient=False,
+                TextColumn("{task.fields[head]}", style="bold", markup=False), BarColumn(),
+                TaskProgressColumn(), TextColumn("{task.fields[stats]}", markup=False),
+                TimeElapsedColumn(), TextColumn("ETA {task.fields[eta]}", markup=False),
+                console=self.console, transient=False,
             )
             self.progress.start()
-            self.task = self.progress.add_task("train", total=1000, head="starting", stats="")
+            self.task = self.progress.add_task("train", total=1000, head="starting", stats="",
+                                               eta=clock(None))
 
-    def log(self, row: dict, progress: float) -> None:
+    def tick(self, step: int, epoch: int, progress: float, eta: float | None) -> None:
+        """After every step: the live line's step, share done and ETA (host numbers only)."""
+        if self.progress is not None:
+            self.progress.update(self.task, completed=progress * 1000, eta=clock(eta),
+                                 head=f"epoch {epoch + 1} step {step}")
+
+    def log(self, row: dict, progress: float, eta: float | None = None) -> None:
         stats = (f"ppl {row['ppl']:.3f}  {_si(row['tokens_per_s'])} tok/s  lr {row['lr']:.2e}")
         head = f"epoch {row['epoch'] + 1} step {row['step']}"
         if self.progress is not None:
-            self.progress.update(self.task, completed=progress * 1000, head=head, stats=stats)
+            self.progress.update(self.task, completed=progress * 1000, head=head, stats=stats,
+                                 eta=clock(eta))
         else:
-            self.print(f"{head} | loss {row['loss']:.4f} | {stats} | {progress:.0%}")
+            self.print(f"{head} | loss {row['loss']:.4f} | {stats} | {progress:.0%} | "
+                       f"ETA {clock(eta)}")
 
-    def evaluation(self, row: dict, sample: str, improved: bool) -> None:
+    def evaluation(self, row: dict, sample: str | None, improved: bool) -> None:
         if row["loss"] is None or not math.isfinite(row["loss"]):
             return
-        mark = " (best)" if improved else ""
-        self.print(f"[step {row['step']}] val ppl {row['ppl']:.3f}, {row['bpc']:.3f} bits/char{mark}",
-                   markup=False, highlight=False)
-        self.print(f"  sample: {sample!r}", markup=False, highlight=False)
+        mark = " (best)" if improved else " (all of the validation split)" if row.get(
+            "whole_split") else ""
+        self.print(f"[step {row['step']}] val ppl {row['ppl']:.3f}, {row['bpc']:.3f} bits/char{mark}")
+        if sample is not None:
+            self.print(f"  sample: {sample!r}")
 
     def stop(self) -> None:
+        """Stop the live line; it stays on screen as last drawn."""
         if self.progress is not None:
-            self.progress.stop()
+            try:
+                self.progress.stop()
+            except BrokenPipeError:
+                self.enabled = False
             self.progress = None
 
 

@@ -10,7 +10,8 @@ DistributedDataParallel averages the gradients, which then equal those of the gl
 one process. Two process groups: the default one (gloo for CPU tensors, NCCL for CUDA ones)
 carries DDP's gradients; a gloo group on the host carries the small control messages (errors,
 the per-step stop/elapsed agreement, metrics, checkpoint gathers), so none of them touches
-the GPU stream.
+the GPU stream. The per-step agreement runs one step behind (`agree_stop`), so no step waits
+for it.
 
 A rank that hits a user error shares it: every rank raises it and only rank 0 prints it.
 """
@@ -18,13 +19,14 @@ A rank that hits a user error shares it: every rank raises it and only rank 0 pr
 from __future__ import annotations
 
 import datetime
+import inspect
 import os
 import signal
 from typing import Any, Callable, TypeVar
 
 import torch
 
-from charlm.errors import CharlmError, UsageError
+from charlm.errors import CharlmError
 from charlm.training.lifeline import stop_with_parent
 
 T = TypeVar("T")
@@ -109,6 +111,7 @@ class ProcessGroup(Group):
         # reference, it would need the GIL, and a process exiting right then aborts ("terminate
         # called without an active exception"). Holding them here until close() avoids that.
         self._keep: list[torch.Tensor] = []
+        self._pending = None  # the stop agreement in flight: (work, its tensor)
 
     def _hold(self, *tensors: torch.Tensor) -> None:
         self._keep = [*self._keep[-16:], *tensors]
@@ -195,10 +198,25 @@ class ProcessGroup(Group):
         return self._reduce(values, dist.ReduceOp.SUM)
 
     def agree_stop(self, elapsed, stop_signal):
+        """One step behind: each call starts the reduction of this step's values and returns the
+        previous call's result, which has long arrived, so a step waits for no rank here (DDP's
+        gradient reduction keeps the ranks in step anyway). Every rank gets the same answer at
+        the same step, so all stop after the same step and use the same elapsed time (which the
+        LR schedule reads); a signal stops the run one step later than a blocking check would."""
         import torch.distributed as dist
 
         mine = signal.Signals[stop_signal[0]].value if stop_signal else 0
-        elapsed, signum = self._reduce([elapsed, mine], dist.ReduceOp.MAX)
+        values = torch.tensor([elapsed, mine], dtype=torch.float64)
+        if self._pending is None:  # the first check has nothing earlier to read: agree now
+            agreed = values.clone()
+            dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=self.ctrl)
+        else:
+            work, agreed = self._pending
+            work.wait()
+        work = dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.ctrl, async_op=True)
+        self._pending = (work, values)
+        self._hold(agreed)
+        elapsed, signum = agreed.tolist()
         return elapsed, signal.Signals(int(signum)).name if signum else None
 
     def wrap(self, model, device):
@@ -210,6 +228,12 @@ class ProcessGroup(Group):
     def close(self) -> None:
         import torch.distributed as dist
 
+        if self._pending is not None:
+            try:
+                self._pending[0].wait()
+            except RuntimeError:  # another rank is gone: nothing left to agree on
+                pass
+            self._pending = None
         self.ctrl = None  # unreferenced groups are torn down (their threads joined) at once
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -256,10 +280,13 @@ def timeout() -> datetime.timedelta:
         raise CharlmError(f"{TIMEOUT_ENV}={seconds!r} is not a number of seconds") from None
 
 
-def from_env() -> Group:
+def from_env(device: str | None = None) -> Group:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*).
 
     No torchrun variables, or a world of one: the plain single-process run, no group at all.
+    With CUDA (unless `device`, the --device asked for, is the CPU) the rank's GPU,
+    cuda:LOCAL_RANK, becomes the current device before the group exists and is named to it
+    (device_id): NCCL's communicator then lives on that GPU, not every rank's on cuda:0.
     """
     global _current
     if _current.active:
@@ -278,9 +305,16 @@ def from_env() -> Group:
     if not dist.is_available():
         raise CharlmError("this torch build has no torch.distributed; run on one process")
     backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    extra = {}
+    on_gpu = (torch.cuda.is_available() and (device or "auto").strip().lower() != "cpu"
+              and local_rank < torch.cuda.device_count())
+    if on_gpu:
+        torch.cuda.set_device(local_rank)
+        if "device_id" in inspect.signature(dist.init_process_group).parameters:  # torch >= 2.3
+            extra["device_id"] = torch.device("cuda", local_rank)
     try:
         dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world,
-                                timeout=timeout())
+                                timeout=timeout(), **extra)
         ctrl = dist.new_group(backend="gloo") if "nccl" in backend else dist.group.WORLD
     except (RuntimeError, ValueError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -299,50 +333,6 @@ def close() -> None:
     global _current
     _current.close()
     _current = SINGLE
-
-
-def select_rank_device(spec: str, group: Group) -> torch.device:
-    """auto / cuda: one GPU per rank, cuda:LOCAL_RANK; cpu: every rank on the CPU."""
-    from charlm.devices import select_device
-
-    if not group.active:
-        return select_device(spec)
-    spec = (spec or "auto").strip().lower()
-    if spec.startswith("cuda:"):
-        raise UsageError(
-            f"--device {spec} names one GPU, but each of the {group.world_size} processes uses "
-            "its own (cuda:LOCAL_RANK); use --device cuda, or CUDA_VISIBLE_DEVICES to choose GPUs"
-        )
-    if spec == "mps":
-        raise UsageError("--device mps cannot train on several processes; use --device cpu")
-    if spec == "cpu" or (spec == "auto" and not torch.cuda.is_available()):
-        return select_device("cpu")
-    select_device("cuda")  # a clear error when CUDA is missing
-    count = torch.cuda.device_count()
-    if group.local_rank >= count:
-        raise CharlmError(
-            f"rank {group.rank} would use cuda:{group.local_rank} but this machine has {count} "
-            f"GPU(s); start at most {count} processes per machine, or use --device cpu"
-        )
-    device = torch.device("cuda", group.local_rank)
-    torch.cuda.set_device(device)
-    return device
-
-
-def check_world(group: Group, batch_size: int, saved_world_size: int | None) -> None:
-    world = group.world_size
-    if batch_size % world:
-        up = -(-batch_size // world) * world
-        raise UsageError(
-            f"--batch-size {batch_size} is the global batch and must be divisible by the number "
-            f"of processes ({world}); use e.g. --batch-size {up}"
-        )
-    if saved_world_size is not None and saved_world_size != world:
-        how = f"--nproc {saved_world_size}" if saved_world_size > 1 else "one process"
-        raise CharlmError(
-            f"the checkpoint comes from a run on {saved_world_size} process(es) but this one has "
-            f"{world}; resume it on as many ({how}, or torchrun with that many in all)"
-        )
 
 
 def gather_state(group: Group, hidden, rng: dict) -> tuple[Any, dict]:

@@ -125,7 +125,7 @@ def check_fields(data: dict, path: Path | str) -> None:
         raise damaged(path, "world_size", f"is {world!r}, not a number of processes")
     if "rng" in data:
         _check_rng(data["rng"], path, "rng")
-    _check_train_config(data.get("train_config"), path)
+    check_train_config(data.get("train_config"), path)
     _check_hidden(data, path)
     _check_corpus(data.get("corpus"), path)
 
@@ -175,7 +175,7 @@ def _check_hidden(data: dict, path) -> None:
         _check_magnitude(path, "hidden", "", part)
 
 
-def _check_train_config(values: dict | None, path) -> None:
+def check_train_config(values: dict | None, path) -> None:
     if values is None:
         return
     for key, value in values.items():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +20,7 @@ from charlm.data.transfer import public_url
 from charlm.errors import CharlmError, UsageError
 from charlm.model.lm import State
 from charlm.training.checkpoint import find_checkpoint, load_checkpoint
-from charlm.training.config import OPTIONS, TrainConfig, build_config, fixed_on_resume
+from charlm.training.config import LIMITS, OPTIONS, TrainConfig, build_config, fixed_on_resume
 
 
 @dataclass
@@ -45,40 +46,94 @@ class LoopState:
         self.eval_pending = state.get("eval_pending") is True
 
 
-def rng_state() -> dict:
+class LogWindow:
+    """What happened since the last log line; the loss sum stays on the device."""
+
+    def __init__(self, device: torch.device):
+        self.loss_sum = torch.zeros((), device=device)
+        self.steps, self.tokens, self.since = 0, 0, time.perf_counter()
+
+    def add(self, loss: torch.Tensor, tokens: int) -> None:
+        self.loss_sum += loss
+        self.steps += 1
+        self.tokens += tokens
+
+    def reset(self) -> None:
+        self.loss_sum.zero_()
+        self.steps, self.tokens, self.since = 0, 0, time.perf_counter()
+
+
+def rng_state(device: torch.device) -> dict:
+    """The generators a run draws from: torch's CPU one, the training device's own (a CUDA
+    device's, cuda:N's and no other, or MPS's), and Python's."""
     state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["device"], state["device_rng"] = "cuda", torch.cuda.get_rng_state(device)
+    elif device.type == "mps":
+        state["device"], state["device_rng"] = "mps", torch.mps.get_rng_state()
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device, needed: bool = True) -> str | None:
+    """Restore `state` for a run on `device`; the reason, as one line, when the device's own
+    generator cannot be restored (`needed`: whether the run draws from it, i.e. uses dropout).
+
+    Checkpoints before the "device" key kept every GPU's state in a list ("cuda"): the training
+    device's entry is used when there is one.
+    """
     torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available() and state.get("cuda"):
-        cuda = state["cuda"]
-        if len(cuda) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda)
+    saved_on = state.get("device") or ("cuda" if state.get("cuda") else "cpu")
+    if device.type == "cpu":
+        if needed and saved_on != "cpu":
+            return (f"the checkpoint was trained on {saved_on}, so its dropout masks came from "
+                    f"that device's generator: resumed on the CPU, the run draws other masks than "
+                    f"an uninterrupted run would")
+        return None
+    saved = state.get("device_rng") if saved_on == device.type else None
+    legacy = state.get("cuda") if device.type == "cuda" else None
+    if saved is None and isinstance(legacy, list):
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        saved = legacy[index] if index < len(legacy) else None
+    try:
+        if isinstance(saved, torch.Tensor) and saved.dtype == torch.uint8:
+            if device.type == "cuda":
+                torch.cuda.set_rng_state(saved.cpu(), device)
+            else:
+                torch.mps.set_rng_state(saved.cpu())
+            return None
+    except (RuntimeError, ValueError):
+        pass
+    if not needed:
+        return None
+    return (f"the checkpoint holds no usable {device.type} generator state (trained on "
+            f"{saved_on}): from here on the run draws other dropout masks than an uninterrupted "
+            f"run would")
 
 
 def hidden_to_plain(state: State | None):
-    """The carried state as CPU tensors: h, or [h, c] for an LSTM."""
+    """The carried state as float32 CPU tensors: h, or [h, c] for an LSTM. float32 whatever the
+    precision it was computed in, so a run resumes under any --precision and on any device."""
     if state is None:
         return None
-    return [s.detach().cpu() for s in state] if isinstance(state, tuple) else state.detach().cpu()
+    if isinstance(state, tuple):
+        return [s.detach().float().cpu() for s in state]
+    return state.detach().float().cpu()
 
 
-def hidden_from_plain(data, device, dtype: torch.dtype = torch.float32) -> State | None:
-    """A checkpoint's carried state on `device`, in the dtype the model computes it in."""
+def hidden_from_plain(data, device) -> State | None:
+    """The carried state on `device`, float32 (checkpoints before that stored an fp16 run's in
+    fp16, which a float32 model refuses)."""
     if data is None:
         return None
     if isinstance(data, list):
-        return tuple(s.to(device=device, dtype=dtype) for s in data)
-    return data.to(device=device, dtype=dtype)
+        return tuple(s.to(device=device, dtype=torch.float32) for s in data)
+    return data.to(device=device, dtype=torch.float32)
 
 
 def resolve_resume(given: dict, resume: str) -> tuple[TrainConfig, dict]:
     """The checkpoint's config, with the options given now (a config file's, then the command
-    line's) laid over it; options that define the model or its data must agree with it.
+    line's) laid over it; options that define the model or its data must agree with it. Limits
+    go as a group: naming any (`--resume --max-steps 5000`) replaces the run's limits.
 
     Returns the config and {"path", "ckpt"} for `Trainer(cfg, resume=...)`."""
     target = None if resume == "latest" else resume
@@ -102,6 +157,9 @@ def resolve_resume(given: dict, resume: str) -> tuple[TrainConfig, dict]:
             )
     values = TrainConfig().to_dict()
     values.update({k: v for k, v in saved.items() if k in values})
-    values.update({k: v for k, v in given.items() if v is not None and k not in fixed})
+    given = {k: v for k, v in given.items() if v is not None and k not in fixed}
+    if any(k in given for k in LIMITS):  # as for a new run: the limits named now, only those
+        values.update(epochs=0, max_steps=0, time_budget="0")
+    values.update(given)
     values["out"] = str(path.parent)
     return build_config(values, {}), {"path": path, "ckpt": ckpt}

@@ -1,8 +1,7 @@
 """The training loop: get batch, forward, loss, backward, clip, step; then log, evaluate, save.
 
-Everything the loop touches per step stays on the device: the corpus is one integer tensor
-there, batches are slices of it, the running loss is a device tensor. The host only syncs at
-log, evaluation and checkpoint points.
+Per step everything stays on the device (the corpus one integer tensor, batches slices of it,
+the running loss a device tensor); the host syncs at log, evaluation and checkpoint points.
 
 The Trainer owns its state: `state_dict()` is what a checkpoint holds (each part of the run
 gives its own: model, optimizer, LR schedule, batch iterator, counters), `load_state_dict()`
@@ -16,32 +15,34 @@ import random
 import time
 from contextlib import ExitStack, nullcontext
 from pathlib import Path
+from shlex import quote
 
 import torch
 import torch.nn.functional as F
 
 from charlm.data.batches import RandomBatches, SequentialBatches
 from charlm.data.dataset import Dataset, load_dataset
+from charlm.data.text import readable
 from charlm.data.transfer import public_url
-from charlm.devices import describe as describe_device
-from charlm.devices import keep_freed_memory
-from charlm.errors import CharlmError, UsageError
-from charlm.model.config import resolve_impl
-from charlm.model.lm import CharLM, State, count_parameters, detach_state
+from charlm.devices import use_threads
+from charlm.errors import CharlmError, warn
+from charlm.model.config import large_vocab_note, resolve_impl
+from charlm.model.lm import CharLM, State, detach_state
 from charlm.model.loading import model_from_checkpoint
 from charlm.sample import SampleSettings, generate
-from charlm.training import distributed, rundir
+from charlm.training import distributed, rundir, runtime, tensorboard
 from charlm.training.checkpoint import save_checkpoint
-from charlm.training.config import DATA, TrainConfig, model_config, to_toml
+from charlm.training.config import DATA, TrainConfig, model_config
+from charlm.training.configfile import run_config_toml
 from charlm.training.limits import Limits
 from charlm.training.display import RunInfo, TrainDisplay, run_summary
+from charlm.training.ema import WeightAverage
 from charlm.training.fields import check_resumable, corpus_changed
 from charlm.training.optim import LRSchedule, load_optimizer_state, make_optimizer
 from charlm.training.signals import Abandoned, Interrupted, StopRequests, stop_requests
-from charlm.training.state import (LoopState, hidden_from_plain, hidden_to_plain, rng_state,
-                                   set_rng_state)
-
-CONFIG_HEADER = "# Resolved charlm training configuration; rerun with: charlm train --config THIS_FILE\n"
+from charlm.training.state import (LogWindow, LoopState, hidden_from_plain, hidden_to_plain,
+                                   rng_state, set_rng_state)
+from charlm.training.threads import ThreadChooser
 
 
 class _NoMetrics:
@@ -51,23 +52,6 @@ class _NoMetrics:
         pass
 
 
-class _Window:
-    """What happened since the last log line; the loss sum stays on the device."""
-
-    def __init__(self, device: torch.device):
-        self.loss_sum = torch.zeros((), device=device)
-        self.steps, self.tokens, self.since = 0, 0, time.perf_counter()
-
-    def add(self, loss: torch.Tensor, tokens: int) -> None:
-        self.loss_sum += loss
-        self.steps += 1
-        self.tokens += tokens
-
-    def reset(self) -> None:
-        self.loss_sum.zero_()
-        self.steps, self.tokens, self.since = 0, 0, time.perf_counter()
-
-
 class Trainer:
     """One process's trainer; with a process group (`charlm.training.distributed`), one rank of
     many: all ranks step together and rank 0 alone writes the run directory."""
@@ -75,26 +59,28 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, resume: dict | None = None,
                  display: TrainDisplay | None = None, group: distributed.Group | None = None):
         self.cfg = cfg
+        tensorboard.require(cfg.tensorboard)  # a missing extra is refused before any work
         self.group = g = group or distributed.current()
         self.display = display or TrainDisplay(enabled=False)
         ckpt = resume["ckpt"] if resume else None
         self.where = str(resume.get("path") or "checkpoint") if resume else "checkpoint"
-        self.device = g.together(lambda: _setup_device(cfg, g, ckpt))
+        self.device = g.together(lambda: runtime.setup_device(cfg, g, ckpt))
         self.data: Dataset = g.local_first(lambda: load_dataset(
             **cfg.section(DATA), vocab=ckpt["vocab"] if ckpt else None, device=self.device))
-        # the files were found relative to here; record them absolute so a resume works anywhere
-        cfg.text = [str(Path(t).resolve()) for t in cfg.text]
-        # config.toml and checkpoints never hold a password; the cache is keyed by this form
-        cfg.url = public_url(cfg.url) if cfg.url else cfg.url
+        cfg.record_source(self.data.name, self.data.preprocessing, self.data.default_prefix,
+                          public_url(cfg.url) if cfg.url else None)
         self.model, self.optimizer, self.schedule, self.batches, self.scaler = g.together(
             lambda: self._parts(ckpt))
         self.model_config = self.model.config
+        self.ema = WeightAverage(self.model, cfg.ema) if cfg.ema else None
         self.loop = LoopState()
         self.hidden: State | None = None  # carried across batches (sequential sampling)
         self.stop_signal: list[str] = []  # a signal name once SIGINT/SIGTERM/SIGHUP arrived
         self.requests = StopRequests(self.stop_signal)  # what those signals do (signals.py)
         self.agreed_stop: str | None = None  # the signal all ranks stop for
         self.step_hook = None  # called after every step with the trainer (tests, tools)
+        self.board = tensorboard.NO_BOARD  # rank 0's TensorBoard log with --tensorboard
+        self.grad_norm: torch.Tensor | None = None  # the last step's, when clipped or logged
         self.limits = Limits.of(cfg)
         if ckpt is not None:
             g.together(lambda: self.load_state_dict(ckpt))
@@ -134,7 +120,7 @@ class Trainer:
         """Everything a checkpoint holds, as plain data. In a process group this is a
         collective: every rank's hidden rows and RNG state are joined on rank 0."""
         sequential = self.cfg.sampling == "sequential"
-        rng = rng_state()
+        rng = rng_state(self.device)
         hidden, ranks = distributed.gather_state(
             self.group, hidden_to_plain(self.hidden) if sequential else None, rng)
         return {
@@ -145,6 +131,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
+            "ema": self.ema.state_dict() if self.ema else None,
             "rng": rng,
             "iterator": (iterator := self.batches.state_dict()),
             "hidden": hidden,
@@ -163,11 +150,15 @@ class Trainer:
         self.schedule.load_state_dict(ckpt["scheduler"])
         if self.scaler and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
+        if self.ema and ckpt.get("ema") is not None:  # else the average starts here
+            self.ema.load_state_dict(ckpt["ema"], self.where)
         self.batches.load_state_dict(ckpt["iterator"])
         hidden, rng = distributed.rank_state(self.group, ckpt, self.cfg.batch_size)
-        self.hidden = hidden_from_plain(hidden, self.device, self.model.head.weight.dtype)
+        self.hidden = hidden_from_plain(hidden, self.device)
         self.loop.load_state_dict(ckpt)
-        set_rng_state(rng)
+        note = set_rng_state(rng, self.device, needed=self.model_config.stochastic)
+        if note and self.group.is_main:
+            warn(note)
 
     def save(self, name: str) -> Path:
         state, path = self.state_dict(), self.run_dir / name
@@ -181,6 +172,9 @@ class Trainer:
 
     def _epochs_done(self) -> float:
         return self.batches.epoch + self.batches.position / len(self.batches)
+
+    def _eta(self) -> float | None:
+        return self.limits.eta(self.loop.step, self._epochs_done(), self.loop.elapsed)
 
     def autocast(self):
         if self.cfg.precision == "fp32":
@@ -199,22 +193,27 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
         else:
             loss.backward()
-        if self.cfg.clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip)
+        if self.cfg.clip > 0 or self.board.enabled:  # --clip 0: the norm alone (scaled by 1)
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                            self.cfg.clip or math.inf)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update()
         return loss.detach(), state
 
-    def evaluate(self) -> float:
-        """Mean NLL per character over the whole validation split (state carried)."""
-        if self.data.val.numel() < 2:
+    def evaluate(self, whole: bool = False) -> float:
+        """Mean NLL per character over the validation split's first --eval-tokens (`whole`: all
+        of it), in --batch-size streams, the state carried."""
+        val = self.data.val if whole or not self.cfg.eval_tokens else self.data.val[
+            : self.cfg.eval_tokens]
+        if val.numel() < 2:
             return math.nan
-        nll, count = distributed.validation_nll(self.group, self.model, self.data.val,
-                                                self.cfg.batch_size, self.cfg.num_steps,
-                                                self.autocast)
+        nll, count = distributed.validation_nll(self.group, self.model, val, self.cfg.batch_size,
+                                                self.cfg.num_steps, self.autocast)
         return nll / count
 
     def sample_text(self) -> str:
@@ -222,25 +221,46 @@ class Trainer:
         ids = self.data.vocab.encode(prefix).tolist()
         gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed + self.loop.step)
         drawn = generate(self.model, ids, SampleSettings(length=self.cfg.sample_length), generator=gen)
-        return prefix + self.data.vocab.decode(drawn[0])
+        return readable(prefix + self.data.vocab.decode(drawn[0]), self.data.preprocessing)
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> dict:
         resuming = self.loop.step > 0 or self.batches.position > 0 or self.batches.epoch > 0
+        if resuming and not self.loop.eval_pending:  # a run that reached its limit has nothing
+            # to do but an evaluation a stop request cut short: say how to go on
+            nproc = f" --nproc {self.group.world_size}" if self.group.active else ""
+            again = f"charlm train{nproc} --resume {quote(str(self.run_dir))}"
+            self.limits.check_not_reached(self.loop.step, self._epochs_done(), self.loop.elapsed,
+                                          again)
         with ExitStack() as stack:
+            self.threads = ThreadChooser.of(self.cfg.threads, self.cfg.hidden,
+                                            self.cfg.batch_size, self.device.type == "cpu")
+            if self.threads:  # the count in use is put back after the run
+                stack.callback(use_threads, torch.get_num_threads())
+                use_threads(self.threads.best)
             metrics = self.group.on_main(lambda: self._open_run_dir(stack, resuming))
             return self._loop(metrics or _NoMetrics(), resuming)
 
     def _open_run_dir(self, stack: ExitStack, resuming: bool) -> rundir.MetricsLog:
-        config = to_toml(dict(self.cfg.to_dict(), out=str(self.run_dir)), CONFIG_HEADER)
-        return rundir.open_run(stack, self.run_dir, config, self.loop.step if resuming else None)
+        config = run_config_toml(self.cfg)
+        resumed_at = self.loop.step if resuming else None
+        metrics = rundir.open_run(stack, self.run_dir, config, resumed_at)
+        self.board = tensorboard.open_board(stack, self.cfg.tensorboard, self.run_dir, resumed_at,
+                                            config)
+        return metrics
 
     def _loop(self, metrics, resuming: bool) -> dict:
         cfg, loop = self.cfg, self.loop
-        info = self._run_info(count_parameters(self.model), resuming)
+        info = RunInfo.of(self, resuming, runtime.impl_text(self.model_config, self.device),
+                          runtime.device_text(cfg, self.device))
+        if self.group.is_main and (note := runtime.precision_note(cfg)):
+            warn(note)
+        if self.group.is_main and (note := large_vocab_note(self.model_config)):
+            warn(note)  # on stderr before anything else, even with -q
         self.display.start(info)
-        self._window = _Window(self.device)
+        self._window = LogWindow(self.device)
         self._mark = time.perf_counter()
+        self._clock = loop.elapsed  # this process's training time; loop.elapsed: the agreed one
         batches = self._batches()
         self.net.train()
         try:
@@ -254,14 +274,18 @@ class Trainer:
                     lr = self.schedule.lr(loop.step, self.fraction_done())
                     for group in self.optimizer.param_groups:
                         group["lr"] = lr
-                    loss, state = self.train_step(X, Y, state)
+                    with self.threads.step() if self.threads else nullcontext():
+                        loss, state = self.train_step(X, Y, state)
                     self.hidden = state if cfg.sampling == "sequential" else None
                     self._on_step_end(loss, lr, metrics)
-                if not self.agreed_stop:
-                    if self._window.steps:
-                        self._check_finite(self._mean_loss())
+                if not self.agreed_stop:  # the last evaluations; a stop request may cut them
+                    if self._window.steps:  # the steps since the last log line: logged, checked
+                        self._log(lr, metrics)
+                    self.display.stop()  # its last line: the final step, 100%
                     final_val = (loop.last_val_loss if loop.evaluated_at == loop.step
                                  else self._evaluate_and_sample(metrics))
+                    if 0 < cfg.eval_tokens < self.data.val.numel():  # the figure to report
+                        final_val = self._evaluate_and_sample(metrics, whole=True)
         except Abandoned:  # a stop request during an evaluation: the steps so far are saved
             self.agreed_stop = self.stop_signal[0]
         except KeyboardInterrupt:  # a second Ctrl-C mid-step: the step is torn, so save nothing
@@ -273,7 +297,6 @@ class Trainer:
             self.display.stop()
             raise Interrupted(path, self.agreed_stop, loop.step)
         self.save("last.pt")
-        self.display.stop()
         summary = run_summary(info, stop, loop, final_val)
         metrics.write({"kind": "summary", "step": loop.step, **summary})
         return summary
@@ -292,7 +315,7 @@ class Trainer:
     def _stop_check(self) -> str | None:
         """Why the run stops now, if it does: a signal, which the ranks of a process group agree
         on (with the elapsed time, which the schedule and --time-budget read), or a limit."""
-        self.loop.elapsed, self.agreed_stop = self.group.agree_stop(self.loop.elapsed,
+        self.loop.elapsed, self.agreed_stop = self.group.agree_stop(self._clock,
                                                                     self.stop_signal)
         return self.agreed_stop or self.limits.reached(self.loop.step, self._epochs_done(),
                                                        self.loop.elapsed)
@@ -304,8 +327,11 @@ class Trainer:
         loop.step += 1
         loop.tokens_seen += tokens
         now = time.perf_counter()
-        loop.elapsed += now - self._mark
+        self._clock += now - self._mark
         self._mark = now
+        if not self.group.active:  # a process group agrees on it at the next stop check
+            loop.elapsed = self._clock
+        self.display.tick(loop.step, self.batches.epoch, self.fraction_done(), self._eta())
         if loop.step % cfg.log_every == 0:
             self._log(lr, metrics)
         if loop.step % cfg.eval_every == 0:
@@ -332,8 +358,11 @@ class Trainer:
                "tokens": loop.tokens_seen, "time": round(loop.elapsed, 3), "loss": mean,
                "ppl": math.exp(min(mean, 50)), "lr": lr,
                "tokens_per_s": window.tokens / max(seconds, 1e-9)}
+        if self.grad_norm is not None:
+            row["grad_norm"] = self.grad_norm.item()  # the last step's, before clipping
         metrics.write(row)
-        self.display.log(row, self.fraction_done())
+        self.board.write(row)
+        self.display.log(row, self.fraction_done(), self._eta())
         window.reset()
 
     def _mean_loss(self) -> float:
@@ -352,28 +381,35 @@ class Trainer:
             )
             raise distributed.shared(error) if self.group.active else error
 
-    def _evaluate_and_sample(self, metrics) -> float:
-        """Validation and a sample; a stop request may abandon them (not in a process group,
-        where they are collectives), and then the run resumes by doing them first."""
+    def _evaluate_and_sample(self, metrics, whole: bool = False) -> float:
+        """A periodic evaluation and a sample; `whole`: the final one over all of the validation split, which
+        is reported but not compared with the others (they cover --eval-tokens).
+        A stop request may abandon them (not in a process group, where they are collectives),
+        and then the run resumes by doing them first."""
         loop, g = self.loop, self.group
+        began = time.perf_counter()
         loop.eval_pending = True
-        with self.requests.abandonable(allowed=not g.active):
-            val = self.evaluate()
-            sample = self.sample_text() if g.is_main else ""
+        with self.requests.abandonable(allowed=not g.active), \
+                self.ema.applied() if self.ema else nullcontext():  # validation sees the average
+            val = self.evaluate(whole)
+            sample = self.sample_text() if g.is_main and not whole else None
         loop.eval_pending, loop.evaluated_at = False, loop.step
         self.model.train()
         loop.last_val_loss = val
-        improved = math.isfinite(val) and val < loop.best_val_loss
+        improved = not whole and math.isfinite(val) and val < loop.best_val_loss
         if improved:
             loop.best_val_loss = val
-        if math.isfinite(val):
+        if math.isfinite(val) and not whole:
             self.schedule.observe(val)
         row = {"kind": "val", "step": loop.step, "epoch": self.batches.epoch,
                "tokens": loop.tokens_seen, "time": round(loop.elapsed, 3), "loss": val,
                "ppl": math.exp(min(val, 50)) if math.isfinite(val) else None,
-               "bpc": val / math.log(2) if math.isfinite(val) else None}
+               "bpc": val / math.log(2) if math.isfinite(val) else None, "whole_split": whole,
+               "eval_s": round(time.perf_counter() - began, 3)}
         metrics.write(row)
-        if g.is_main:
+        self.board.write(row)
+        if sample is not None:  # rank 0's periodic evaluations
+            self.board.sample(loop.step, sample)
             with open(self.run_dir / "samples.txt", "a", encoding="utf-8",
                       errors="backslashreplace") as fh:  # a prompt's bytes need not be UTF-8
                 fh.write(f"--- step {loop.step}\n{sample}\n")
@@ -382,29 +418,3 @@ class Trainer:
             self.save("best.pt")
         return val
 
-    def _run_info(self, params: int, resuming: bool) -> RunInfo:
-        mc, data = self.model_config, self.data
-        impl = mc.impl
-        if impl == "fast" and self.device.type == "cpu":
-            from charlm.model import ckernel
-
-            impl = f"fast: {ckernel.status()}"  # says so when the slower fallback loops run
-        return RunInfo(
-            resumed_at=self.loop.step if resuming else None,
-            model=f"{mc.cell} {mc.layers}x{mc.hidden} ({impl})", impl=mc.impl, parameters=params,
-            device=str(self.device), device_text=describe_device(self.device), corpus=data.name,
-            num_tokens=data.num_tokens, preprocessing=data.preprocessing,
-            vocab_size=len(data.vocab), train_tokens=data.train.numel(),
-            val_tokens=data.val.numel(), batches_per_epoch=len(self.batches),
-            batch_size=self.cfg.batch_size, num_steps=self.cfg.num_steps, run_dir=self.run_dir,
-            extra=distributed.describe(self.group), limits=self.limits.describe())
-
-
-def _setup_device(cfg: TrainConfig, group: distributed.Group, ckpt: dict | None) -> torch.device:
-    device = distributed.select_rank_device(cfg.device, group)
-    if device.type == "cpu":
-        keep_freed_memory()  # no page-fault churn from freeing each step's activations
-    if cfg.precision != "fp32" and device.type != "cuda":
-        raise UsageError(f"--precision {cfg.precision} needs a CUDA device; use fp32 on {device.type}")
-    distributed.check_world(group, cfg.batch_size, ckpt.get("world_size", 1) if ckpt else None)
-    return device

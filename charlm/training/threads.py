@@ -1,0 +1,72 @@
+"""CPU threads for the training steps, chosen by timing them.
+
+On an idle 2-core machine two threads run a step of the shipped models about 1.8x faster than
+one; beside other busy processes the second thread's core is often taken, every op of a step
+then waits for it, and one thread is twice as fast as two (docs/BENCHMARKS.md). No fixed count
+is right for both, and a machine's load changes during a run, so the trainer tries both counts
+at the start of every period of steps and keeps the faster until the next period::
+
+    period of 200 steps:  A . . . .  B . . . .  the faster of A and B, 190 steps  | A . . . .
+                          one untimed step per count (the switch), then 4 timed; the faster
+                          is the lower median step time. A: one thread per core, B: one.
+
+The slower count's 5 steps cost a few percent of a period at most. The thread count changes no
+number of a step (matrix products split their outputs, not their sums, and torch's reductions
+chunk independently of the thread count: checked bitwise in tests/test_threads.py), so a run's
+results do not depend on which count ran when. `--threads N` fixes the count; a model under
+`devices.SMALL_WORK` always gets one thread; on CUDA nothing is chosen.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from contextlib import contextmanager
+
+from charlm.devices import threads_for, use_threads
+
+PERIOD = 200  # steps between trials
+TRIAL = 4  # timed steps per count and trial
+
+
+class ThreadChooser:
+    def __init__(self, counts: tuple[int, ...], period: int = PERIOD, trial: int = TRIAL,
+                 clock=time.perf_counter):
+        self.counts = tuple(dict.fromkeys(counts))  # distinct, first one first
+        self.period, self.trial, self.clock = period, trial, clock
+        self.best = self.counts[0]
+        self.seen = 0  # steps run through this chooser
+        self._times: dict[int, list[float]] = {c: [] for c in self.counts}
+
+    @classmethod
+    def of(cls, requested: int, hidden: int, rows: int, on_cpu: bool) -> "ThreadChooser | None":
+        """The chooser for a run (None on CUDA): --threads N or a tiny model fix the count."""
+        if not on_cpu:
+            return None
+        most = threads_for("train", hidden, rows, requested)
+        fixed = requested > 0 or most == 1
+        return cls((most,) if fixed else (most, 1))
+
+    def current(self) -> tuple[int, bool]:
+        """The thread count for the coming step, and whether that step is timed."""
+        if len(self.counts) == 1:
+            return self.counts[0], False
+        at = self.seen % self.period
+        per = self.trial + 1
+        if at < per * len(self.counts):
+            return self.counts[at // per], at % per != 0
+        return self.best, False
+
+    @contextmanager
+    def step(self):
+        """Run one training step with the chosen count (timing it during a trial)."""
+        count, timed = self.current()
+        use_threads(count)
+        began = self.clock() if timed else 0.0
+        yield
+        if timed:
+            self._times[count].append(self.clock() - began)
+            if all(len(t) == self.trial for t in self._times.values()):
+                self.best = min(self.counts, key=lambda c: statistics.median(self._times[c]))
+                self._times = {c: [] for c in self.counts}
+        self.seen += 1
