@@ -231,6 +231,18 @@ def _set(path: str, value):
     return edit
 
 
+def _ema(fill=None, decay=0.9, dtype=None):
+    """An edit that gives the run averaged weights (--ema), optionally made absurd."""
+    def edit(ckpt):
+        weights = {k: v.clone() for k, v in ckpt["model"].items()}
+        if fill is not None:
+            weights["head.weight"].fill_(fill)
+        if dtype is not None:
+            weights["head.weight"] = weights["head.weight"].to(dtype)
+        ckpt["ema"] = {"decay": decay, "updates": 3, "model": weights}
+    return edit
+
+
 STATE_EDITS = {
     "rng-missing": (_set("rng", KeyError), "'rng' entry is missing, so the run cannot be resumed"),
     "iterator-missing": (_set("iterator", KeyError),
@@ -278,6 +290,15 @@ STATE_EDITS = {
                                "'corpus' entry has num_tokens = 'many', of the wrong type"),
     "scaler-not-numbers": (_set("scaler", {"scale": "x"}),
                            "'scaler' entry is not a loss scaler's state (numbers)"),
+    "ema-weights-near-float32-max": (_ema(fill=3.4e38), "'ema' entry holds a weight head.weight "
+                                     "of magnitude 3.4e+38, beyond any trained model's (at most "
+                                     "1e+06)"),
+    "ema-weights-integer": (_ema(dtype=torch.int32),
+                            "'ema' entry is not a table of averaged float weights"),
+    "ema-decay-one": (_ema(decay=1.0),
+                      "'ema' entry lacks its decay in [0, 1) and whole update count"),
+    "rng-device-state-a-string": (lambda ckpt: ckpt["rng"].update(device="cuda", device_rng="x"),
+                                  "'rng' entry does not hold its device's generator state"),
 }
 
 

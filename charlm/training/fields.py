@@ -80,7 +80,7 @@ def _check_magnitude(path, key: str, name: str, tensor: torch.Tensor) -> None:
         raise damaged(path, key, "holds NaN or infinity")
     largest = float(tensor.detach().abs().max())
     if largest > MAX_MAGNITUDE:
-        what = f"weight {name}" if key == "model" else "tensor"
+        what = f"weight {name}" if key in ("model", "ema") else "tensor"
         raise damaged(path, key, f"holds a {what} of magnitude {largest:.3g}, beyond any trained "
                       f"model's (at most {MAX_MAGNITUDE:g})")
 
@@ -99,6 +99,7 @@ def check_fields(data: dict, path: Path | str) -> None:
                           f"{str(tensor.dtype).removeprefix('torch.')}, not a float")
     for name, tensor in model.items():
         _check_magnitude(path, "model", name, tensor)
+    _check_ema(data.get("ema"), path)
     if not isinstance(data["model_config"], dict):
         raise damaged(path, "model_config", "is not a table")
     for key in ("step", "epoch", "tokens_seen"):
@@ -130,8 +131,26 @@ def check_fields(data: dict, path: Path | str) -> None:
     _check_corpus(data.get("corpus"), path)
 
 
+def _check_ema(ema: Any, path) -> None:
+    """None, or {"decay", "updates", "model": the averaged weights, floats like the model's}
+    (their names and shapes are checked against the model where they are loaded)."""
+    if ema is None:
+        return
+    weights = ema.get("model") if isinstance(ema, dict) else None
+    if not isinstance(weights, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) and v.is_floating_point()
+            for k, v in weights.items()):
+        raise damaged(path, "ema", "is not a table of averaged float weights")
+    if not (_is_int(ema.get("updates")) and _is_number(ema.get("decay"))
+            and 0 <= ema["decay"] < 1):
+        raise damaged(path, "ema", "lacks its decay in [0, 1) and whole update count")
+    for name, tensor in weights.items():
+        _check_magnitude(path, "ema", name, tensor)
+
+
 def _check_rng(rng: Any, path, key: str) -> None:
-    """{"torch": the CPU generator's state, "cuda": [one per GPU], "python": [...]}."""
+    """{"torch": the CPU generator's state, "python": [...], and the training device's:
+    "device" ("cuda" or "mps") with "device_rng" (older files: "cuda", [one per GPU])}."""
     state = rng.get("torch") if isinstance(rng, dict) else None
     if not (isinstance(state, torch.Tensor) and state.dtype == torch.uint8
             and state.numel() == torch.get_rng_state().numel()):
@@ -140,6 +159,10 @@ def _check_rng(rng: Any, path, key: str) -> None:
     if not isinstance(cuda, list) or not all(
             isinstance(s, torch.Tensor) and s.dtype == torch.uint8 and s.dim() == 1 for s in cuda):
         raise damaged(path, key, "does not hold CUDA generator states")
+    device, device_rng = rng.get("device"), rng.get("device_rng")
+    if device is not None and not (device in ("cuda", "mps") and isinstance(device_rng, torch.Tensor)
+                                   and device_rng.dtype == torch.uint8 and device_rng.dim() == 1):
+        raise damaged(path, key, "does not hold its device's generator state")
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         if any(s.numel() != torch.cuda.get_rng_state().numel() for s in cuda):
             raise damaged(path, key, "does not hold CUDA generator states")
