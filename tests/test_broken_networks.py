@@ -255,8 +255,8 @@ def test_an_html_page_is_not_cached_as_a_corpus(shared_data, http_server, isolat
     url = server.url("timemachine.txt")
     with pytest.raises(DownloadError) as err:
         load_corpus(url=url)
-    assert str(err.value).endswith(f"-timemachine.txt: {url}: the server sent an HTML page, not "
-                                   "a text file (give the URL of the raw file)")
+    assert str(err.value) == (f"could not download timemachine.txt: {url}: the server sent an "
+                              "HTML page, not a text file (give the URL of the raw file)")
     assert files_in(isolated_cache / "urls") == [] and len(server.seen) == 1
     # a checksum says what the file is, whatever the server calls it
     assert load_corpus(url=url, sha256=TM_SHA256).name == "timemachine.txt"
