@@ -80,7 +80,8 @@ def child(config: str, variant: str, seconds: float) -> dict:
 
     from charlm.devices import threads_for, use_threads
     from charlm.evaluate import corpus_nll
-    from charlm.training.config import build_config, load_config_file
+    from charlm.training.config import build_config
+    from charlm.training.configfile import load_config_file
     from charlm.training.threads import ThreadChooser
     from charlm.training.trainer import Trainer
 

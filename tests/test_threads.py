@@ -112,13 +112,49 @@ def test_the_chooser_tries_both_counts_each_period_and_keeps_the_faster():
 
     before = torch.get_num_threads()
     clock = FakeClock({2: 1.0, 1: 1.9})  # an idle 2-core machine: two threads win
-    chooser = ThreadChooser((2, 1), period=20, trial=3, clock=clock)
+    chooser = ThreadChooser((2, 1), period=20, trial=3, clock=clock, warmup=0)
     try:
         first = run_steps(chooser, 20)
         assert first == [2] * 4 + [1] * 4 + [2] * 12  # A (1 + 3 timed), B (1 + 3), the faster
         clock.cost = {2: 2.2, 1: 1.0}  # busy neighbours arrive: the next period switches
         assert run_steps(chooser, 20) == [2] * 4 + [1] * 4 + [1] * 12
         assert chooser.best == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+class WarmingClock(FakeClock):
+    """The first `slow` steps of a run cost 3x (memory allocated and faulted in), whatever the
+    thread count; `chooser.seen` says which step is ending."""
+
+    def __init__(self, cost: dict[int, float], slow: int):
+        super().__init__(cost)
+        self.slow, self.chooser = slow, None
+
+    def __call__(self) -> float:
+        if self.started and self.chooser.seen < self.slow:
+            self.now += 2 * self.cost[torch.get_num_threads()]
+        return super().__call__()
+
+
+def chooser_on(clock: WarmingClock, warmup: int):
+    from charlm.training.threads import ThreadChooser
+
+    clock.chooser = ThreadChooser((2, 1), period=50, trial=3, clock=clock, warmup=warmup)
+    return clock.chooser
+
+
+def test_the_first_trial_waits_for_the_warm_up():
+    """Timing a run's first steps blamed their warm-up on the count tried first: one thread was
+    chosen on an idle machine where two are faster, for the whole first period."""
+    before = torch.get_num_threads()
+    try:
+        cold = chooser_on(WarmingClock({2: 1.0, 1: 1.9}, slow=4), warmup=0)
+        run_steps(cold, 8)
+        assert cold.best == 1  # the defect, had the first trial started at once
+        warm = chooser_on(WarmingClock({2: 1.0, 1: 1.9}, slow=4), warmup=5)
+        used = run_steps(warm, 20)
+        assert used == [2] * 5 + [2] * 4 + [1] * 4 + [2] * 7 and warm.best == 2
     finally:
         torch.set_num_threads(before)
 

@@ -6,6 +6,9 @@ then waits for it, and one thread is twice as fast as two (docs/BENCHMARKS.md). 
 is right for both, and a machine's load changes during a run, so the trainer tries both counts
 at the start of every period of steps and keeps the faster until the next period::
 
+    warm-up, 10 steps:  A ...      (the first steps allocate and fault in memory: timing
+                                    them made the first trial pick one thread on an idle
+                                    machine, and keep it for the whole first period)
     period of 200 steps:  A . . . .  B . . . .  the faster of A and B, 190 steps  | A . . . .
                           one untimed step per count (the switch), then 4 timed; the faster
                           is the lower median step time. A: one thread per core, B: one.
@@ -27,13 +30,14 @@ from charlm.devices import threads_for, use_threads
 
 PERIOD = 200  # steps between trials
 TRIAL = 4  # timed steps per count and trial
+WARMUP = 10  # steps before the first trial, run with the first count
 
 
 class ThreadChooser:
     def __init__(self, counts: tuple[int, ...], period: int = PERIOD, trial: int = TRIAL,
-                 clock=time.perf_counter):
+                 clock=time.perf_counter, warmup: int = WARMUP):
         self.counts = tuple(dict.fromkeys(counts))  # distinct, first one first
-        self.period, self.trial, self.clock = period, trial, clock
+        self.period, self.trial, self.clock, self.warmup = period, trial, clock, warmup
         self.best = self.counts[0]
         self.seen = 0  # steps run through this chooser
         self._times: dict[int, list[float]] = {c: [] for c in self.counts}
@@ -49,9 +53,9 @@ class ThreadChooser:
 
     def current(self) -> tuple[int, bool]:
         """The thread count for the coming step, and whether that step is timed."""
-        if len(self.counts) == 1:
+        if len(self.counts) == 1 or self.seen < self.warmup:
             return self.counts[0], False
-        at = self.seen % self.period
+        at = (self.seen - self.warmup) % self.period
         per = self.trial + 1
         if at < per * len(self.counts):
             return self.counts[at // per], at % per != 0
