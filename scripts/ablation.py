@@ -3,6 +3,7 @@
     python scripts/ablation.py [--rows timemachine,shakespeare] [--arms base,locked,...]
         [--arm NAME="--option value ..."] [--seeds 0,1,2] [--budget-scale 1]
         [--out-dir runs/ablation] [--dynamic-args "..."] [--quiet] [--json]
+        [--record FILE] [--table FILE[,FILE]] [--evaluate-dirs DIR[,DIR]]
 
 Each arm is the row's shipped config (scripts/quality.py's rows: The Time Machine 120 s, Tiny
 Shakespeare 240 s) plus a few `charlm train` options; every arm trains for the row's time
@@ -11,6 +12,12 @@ budget with each seed, then its best checkpoint is evaluated exactly, static and
 deviation) over the seeds, the difference of each arm's static mean from the base arm's, the
 steps it managed and its tokens/s. The arms below are the candidates to tune from; `--arm`
 adds one (or replaces one of the same name).
+
+Seeds can be added in several sittings: `--record FILE` appends each finished run (its figures
+and options) to a JSON-lines file as soon as it is evaluated, `--table FILE` prints the table
+of every run recorded there (grouped by row and arm, in order of appearance) without training,
+and `--evaluate-dirs DIR` records the runs already in DIR (directories named ROW-ARM-sSEED-STAMP
+by this script) by evaluating their best checkpoints again, for runs made before `--record`.
 
 Quality figures do not depend on machine load, but a time budget does: run it on a quiet
 machine (2 cores: about 2.5 min per Time Machine run and 4.5 per Tiny Shakespeare run,
@@ -22,11 +29,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import sys
 import time
+from pathlib import Path
 
-from quality import ROWS, SHARED, machine, summarise, train_and_evaluate  # scripts/
+from quality import (  # scripts/
+    ROWS,
+    SHARED,
+    eval_perplexity,
+    machine,
+    result_figures,
+    summarise,
+    train_and_evaluate,
+)
 
 # Arms: options on top of the row's config. AWD-LSTM's settings (Merity et al. 2018) scaled to
 # these small models and short budgets are the starting points; the ema decays suit runs of
@@ -74,7 +91,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="extra options for eval perplexity --dynamic, e.g. '--dynamic-lr 0.002'")
     p.add_argument("--quiet", action="store_true", help="no training progress on stderr")
     p.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
+    p.add_argument("--record", metavar="FILE",
+                   help="append each finished run to this JSON-lines file")
+    p.add_argument("--table", metavar="FILE[,FILE]",
+                   help="print the table of the runs recorded in these files; no training")
+    p.add_argument("--evaluate-dirs", metavar="DIR[,DIR]",
+                   help="evaluate the runs in these directories (made by this script) and "
+                        "record them (needs --record); no training")
     args = p.parse_args(argv)
+    if args.evaluate_dirs and not args.record:
+        p.error("--evaluate-dirs needs --record FILE (where the figures go)")
     arms = dict(ARMS)
     extra = []
     for item in args.arm:
@@ -109,21 +135,84 @@ def main(argv=None) -> int:
     env = dict(os.environ)
     if "CHARLM_MIRROR" not in env and SHARED.is_dir():
         env["CHARLM_MIRROR"] = str(SHARED)
-    results = []
-    for row_name in args.row_names:
-        row = ROWS[row_name]
-        for arm, options in args.arm_options.items():
-            if not args.quiet and not args.json:
-                print(f"== {row_name} / {arm}: {' '.join(options) or '(shipped config)'}",
-                      file=sys.stderr, flush=True)
-            runs = [train_and_evaluate(f"{row_name}-{arm}", row, row.config, seed, options,
-                                       args, env) for seed in args.seed_list]
-            results.append({"row": row_name, "corpus": row.corpus, "arm": arm,
-                            "options": " ".join(options), "runs": runs, **summarise(runs)})
+    if args.table:
+        results = grouped(read_records(args.table.split(",")))
+    elif args.evaluate_dirs:
+        results = grouped(evaluate_dirs(args.evaluate_dirs.split(","), args, env))
+    else:
+        results = []
+        for row_name in args.row_names:
+            row = ROWS[row_name]
+            for arm, options in args.arm_options.items():
+                if not args.quiet and not args.json:
+                    print(f"== {row_name} / {arm}: {' '.join(options) or '(shipped config)'}",
+                          file=sys.stderr, flush=True)
+                runs = []
+                for seed in args.seed_list:
+                    run = train_and_evaluate(f"{row_name}-{arm}", row, row.config, seed, options,
+                                             args, env)
+                    runs.append(run)
+                    record(args.record, row_name, arm, options, run)
+                results.append({"row": row_name, "corpus": row.corpus, "arm": arm,
+                                "options": " ".join(options), "runs": runs, **summarise(runs)})
     report = {"budget_scale": args.budget_scale, "machine": machine(None),
               "date": time.strftime("%Y-%m-%d %H:%M %Z"), "results": results}
     print(json.dumps(report, indent=2) if args.json else markdown(report))
     return 1 if any("error" in r for res in results for r in res["runs"]) else 0
+
+
+def record(path: str | None, row: str, arm: str, options: list[str], run: dict) -> dict:
+    """Append one run (finished or not) to the JSON-lines file `path`, if one is named."""
+    entry = {"row": row, "arm": arm, "options": " ".join(options), **run}
+    if path:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+    return entry
+
+
+def read_records(paths: list[str]) -> list[dict]:
+    entries = []
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            entries += [json.loads(line) for line in f if line.strip()]
+    return entries
+
+
+def grouped(entries: list[dict]) -> list[dict]:
+    """One result per (row, arm), in order of first appearance, summarised over its runs."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for e in entries:
+        groups.setdefault((e["row"], e["arm"]), []).append(e)
+    return [{"row": row, "corpus": ROWS[row].corpus, "arm": arm, "options": runs[0]["options"],
+             "runs": runs, **summarise(runs)} for (row, arm), runs in groups.items()]
+
+
+def evaluate_dirs(parents: list[str], args, env: dict) -> list[dict]:
+    """Record the runs under `parents` (named ROW-ARM-sSEED-STAMP): their training summary from
+    metrics.jsonl, their figures from evaluating best.pt again (static and dynamic)."""
+    entries = []
+    for parent in parents:
+        for run_dir in sorted(Path(parent).iterdir(), key=lambda d: d.name[-15:]):
+            m = re.fullmatch(r"(?P<row>[a-z]+)-(?P<arm>.+)-s(?P<seed>\d+)-\d{8}-\d{6}",
+                             run_dir.name)
+            if not m or m["row"] not in ROWS or not run_dir.is_dir():
+                continue
+            summary = next((json.loads(line) for line in
+                            (run_dir / "metrics.jsonl").read_text().splitlines()[::-1]
+                            if '"kind": "summary"' in line), None)
+            if summary is None:
+                continue  # unfinished
+            arm = m["arm"]
+            run = {"seed": int(m["seed"]), "run_dir": str(run_dir.resolve())}
+            try:
+                ev = eval_perplexity(run_dir, ROWS[m["row"]].device, env,
+                                     args.dynamic_args.split())
+                run.update(result_figures(summary, ev))
+            except (RuntimeError, json.JSONDecodeError) as exc:
+                run["error"] = str(exc)
+            options = shlex.split(ARMS.get(arm, "")) if arm in ARMS else ["?"]
+            entries.append(record(args.record, m["row"], arm, options, run))
+    return entries
 
 
 def _pm(r: dict, key: str, digits: int = 4) -> str:

@@ -192,16 +192,20 @@ def train_and_evaluate(name: str, row: Row, config: str, seed: int, options: lis
                              args.dynamic_args.split() if args.dynamic else None)
     except (RuntimeError, json.JSONDecodeError) as exc:
         return {**result, "error": str(exc)}
-    result.update(nats_per_char=float(ev["nats_per_char"]), perplexity=float(ev["perplexity"]),
-                  characters=ev["characters"], steps=summary.get("steps"),
-                  train_time_s=summary.get("wall_time_s"),
-                  tokens_per_s=summary.get("tokens_per_s"), device=summary.get("device"),
-                  impl=summary.get("impl"))
+    return {**result, **result_figures(summary, ev)}
+
+
+def result_figures(summary: dict, ev: dict) -> dict:
+    """A run's figures from its training summary and its `eval perplexity --json`."""
+    out = {"nats_per_char": float(ev["nats_per_char"]), "perplexity": float(ev["perplexity"]),
+           "characters": ev["characters"], "steps": summary.get("steps"),
+           "train_time_s": summary.get("wall_time_s"), "tokens_per_s": summary.get("tokens_per_s"),
+           "device": summary.get("device"), "impl": summary.get("impl")}
     if "dynamic" in ev:
-        result.update(dynamic_nats_per_char=float(ev["dynamic"]["nats_per_char"]),
-                      dynamic_perplexity=float(ev["dynamic"]["perplexity"]),
-                      dynamic_settings={k: ev["dynamic"][k] for k in ("lr", "decay", "window")})
-    return result
+        out.update(dynamic_nats_per_char=float(ev["dynamic"]["nats_per_char"]),
+                   dynamic_perplexity=float(ev["dynamic"]["perplexity"]),
+                   dynamic_settings={k: ev["dynamic"][k] for k in ("lr", "decay", "window")})
+    return out
 
 
 def mean_sd(values: list[float]) -> tuple[float, float]:
