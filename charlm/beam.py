@@ -55,11 +55,13 @@ def beam_search(model: CharLM, prefix_ids: list[int], beam: int, length: int) ->
             state = model.begin_state(1, device)
             logits = model.head.bias[None]
         vocab = logits.size(-1)
-        scores = torch.zeros(1, dtype=torch.float64, device=device)
-        paths = torch.empty(1, 0, dtype=torch.long, device=device)
+        # the ranking runs on the host in float64 (exact sums of many log-probabilities; MPS
+        # has no float64): one (N, V) copy per step, as small as the model's own output
+        scores = torch.zeros(1, dtype=torch.float64)
+        paths = torch.empty(1, 0, dtype=torch.long)
         for step in range(length):
             # <unk> is never a continuation, as in sampling (so --beam 1 is --greedy)
-            log_probs = F.log_softmax(without_unk(logits).double(), -1)
+            log_probs = F.log_softmax(without_unk(logits).cpu().double(), -1)
             candidates = (scores[:, None] + log_probs).reshape(-1)
             best = torch.sort(candidates, descending=True, stable=True).indices[:beam]
             parents, chars = best // vocab, best % vocab
@@ -67,7 +69,7 @@ def beam_search(model: CharLM, prefix_ids: list[int], beam: int, length: int) ->
             paths = torch.cat([paths[parents], chars[:, None]], 1)
             if step == length - 1:
                 break
-            logits, state = model(chars[:, None], _select(state, parents))
+            logits, state = model(chars[:, None].to(device), _select(state, parents.to(device)))
             logits = logits[:, -1]
         return [Hypothesis(ids, lp, lp / length)
                 for ids, lp in zip(paths.tolist(), scores.tolist())]

@@ -120,12 +120,20 @@ def test_beam_one_is_greedy_and_a_beam_finds_likelier_text(tiny_run):
     (["--beam", "2", "--greedy"], "give --greedy or --beam, not both (--beam 1 is greedy)"),
     (["--beam", "2", "--num-samples", "3"],
      "--num-samples 3 asks for more of the best beams than --beam 2 keeps; use --num-samples <= --beam"),
-    (["--beam", "1000"], "--beam 1000 is larger than the model's vocabulary ({V} symbols); use "
-                         "--beam {V} or less"),
+    (["--beam", "1000"], "--beam 1000 is more than the {V} symbols a continuation can use (the "
+                         "model's vocabulary less <unk>); use --beam {V} or less"),
+    (["--beam", "{V+1}"], "--beam {V+1} is more than the {V} symbols a continuation can use (the "
+                          "model's vocabulary less <unk>); use --beam {V} or less"),
 ])
 def test_bad_beams_are_one_line_usage_errors(tiny_run, args, message):
     from charlm.training.checkpoint import load_checkpoint
 
     vocab = load_checkpoint(tiny_run / "run" / "best.pt")["model_config"]["vocab_size"]
-    code, out, err = run_main(["generate", "--checkpoint", str(tiny_run / "run"), *args])
-    assert (code, out, err) == (2, "", f"charlm: error: {message.replace('{V}', str(vocab))}\n")
+    usable = vocab - 1  # all but <unk>
+
+    def filled(text):
+        return text.replace("{V+1}", str(usable + 1)).replace("{V}", str(usable))
+
+    code, out, err = run_main(["generate", "--checkpoint", str(tiny_run / "run"),
+                               *map(filled, args)])
+    assert (code, out, err) == (2, "", f"charlm: error: {filled(message)}\n")

@@ -68,9 +68,10 @@ def generate(
 
     loaded = load_model(checkpoint, impl, device, weights)
     vocab = loaded.vocab
-    if beam is not None and beam > len(vocab):
-        raise UsageError(f"--beam {beam} is larger than the model's vocabulary ({len(vocab)} "
-                         f"symbols); use --beam {len(vocab)} or less")
+    if beam is not None and beam > len(vocab) - 1:  # <unk> is never a continuation
+        raise UsageError(f"--beam {beam} is more than the {len(vocab) - 1} symbols a continuation "
+                         f"can use (the model's vocabulary less <unk>); use --beam "
+                         f"{len(vocab) - 1} or less")
     text = preprocess(raw, loaded.preprocessing)
     unknown = [c for c in dict.fromkeys(text) if c not in vocab]
     if unknown:
