@@ -16,13 +16,13 @@ exactly. The checkpoint is never touched: the adapted weights live in a copy (`a
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 
 import torch
 
 from charlm.data.batches import eval_windows
+from charlm.devices import stream_threads
 from charlm.evaluate import Perplexity, WindowSums
 from charlm.model.lm import CharLM, detach_state
 
@@ -85,7 +85,7 @@ def dynamic_perplexity(model: CharLM, tokens: torch.Tensor, settings: DynamicSet
     adapt = settings.lr > 0
     sums = WindowSums(tokens.numel(), 1, settings.window, device)
     state = None
-    with torch.set_grad_enabled(adapt), _one_thread(device):
+    with torch.set_grad_enabled(adapt), stream_threads(device):
         for X, Y, _ in eval_windows(tokens, 1, settings.window):
             logits, state = model(X, state)
             loss = sums.add(logits, Y)  # scored before it is learnt from
@@ -103,15 +103,3 @@ def dynamic_perplexity(model: CharLM, tokens: torch.Tensor, settings: DynamicSet
     unk = int((tokens[1:] == 0).sum().item())
     return Perplexity(math.exp(nats), nats, nats / math.log(2), sums.count, unk, unk / sums.count)
 
-
-@contextlib.contextmanager
-def _one_thread(device: torch.device):
-    """One stream on the CPU: a step's ops last microseconds, so a second thread gains nothing,
-    and on a busy machine every op waits at a barrier for it (as in charlm/sample.py)."""
-    threads = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from charlm.data.batches import eval_windows
-from charlm.devices import threads_for, use_threads
+from charlm.devices import stream_threads
 from charlm.model.lm import CharLM, detach_state
 
 
@@ -99,13 +99,8 @@ def perplexity_of(model: CharLM, tokens: torch.Tensor, window: int = 512) -> Per
     On the CPU it runs on one thread: a single stream's products are too small to split, and a
     second thread turns every op into a wait for a core that a busy machine has given away
     (413 against 17,834 characters/s under load, issue 20)."""
-    threads = torch.get_num_threads()
-    if model.head.weight.device.type == "cpu":
-        use_threads(threads_for("stream", model.config.hidden, 1))
-    try:
+    with stream_threads(model.head.weight.device):
         nll, count = corpus_nll(model, tokens, 1, window)
-    finally:
-        use_threads(threads)
     nats = nll / count
     unk = int((tokens[1:] == 0).sum().item())
     return Perplexity(math.exp(nats), nats, nats / math.log(2), count, unk, unk / count)

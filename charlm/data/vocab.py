@@ -20,6 +20,7 @@ from collections.abc import Iterable
 
 import torch
 
+from charlm.devices import threads_within
 from charlm.errors import CharlmError, UsageError
 
 CHUNK_CHARS = 1 << 20  # 1M characters: 4 MB of code points per chunk
@@ -42,12 +43,8 @@ def one_thread():
     little, and on a busy machine every op then waits for a descheduled thread at the barrier
     (measured in docs/BENCHMARKS.md: 2 threads under load were 2-4x slower than 1).
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with threads_within(1):
         yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _chunks(text: str) -> Iterable[tuple[int, str]]:
