@@ -389,8 +389,8 @@ class Trainer:
         loop, g = self.loop, self.group
         began = time.perf_counter()
         loop.eval_pending = True
-        with self.requests.abandonable(allowed=not g.active), \
-                self.ema.applied() if self.ema else nullcontext():  # validation sees the average
+        with (self.ema.applied() if self.ema else nullcontext(),  # validation sees the average
+              self.requests.abandonable(allowed=not g.active)):  # (its copies never cut short)
             val = self.evaluate(whole)
             sample = self.sample_text() if g.is_main and not whole else None
         loop.eval_pending, loop.evaluated_at = False, loop.step
