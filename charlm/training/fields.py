@@ -36,6 +36,7 @@ RESUME_KEYS = ("optimizer", "scheduler", "iterator", "rng", "train_config", "ste
                "tokens_seen", "elapsed", "best_val_loss")
 SCHEDULER_KEYS = ("scale", "best", "bad_evals")
 ITERATOR_KEYS = ("epoch", "position", "seed", "batch_size", "num_steps", "num_tokens")
+EVALUATIONS = ("periodic", "whole")  # which evaluation `eval_pending` says a stop cut short
 
 
 def damaged(path: Path | str, key: str, problem: str) -> CharlmError:
@@ -240,8 +241,10 @@ def check_resumable(data: dict, path) -> None:
                           f"{world} processes")
         for state in ranks:
             _check_rng(state, path, "rank_rng")
-    if not isinstance(data.get("eval_pending", False), bool):
-        raise damaged(path, "eval_pending", f"is {data['eval_pending']!r}, not true or false")
+    pending = data.get("eval_pending", False)
+    if not (isinstance(pending, bool) or isinstance(pending, str) and pending in EVALUATIONS):
+        raise damaged(path, "eval_pending", f"is {data['eval_pending']!r}, not false, "
+                      "'periodic' or 'whole' (older files: true)")
     scaler = data.get("scaler")
     if scaler is not None and not (isinstance(scaler, dict) and all(
             _is_number(v) and math.isfinite(v) for v in scaler.values())):

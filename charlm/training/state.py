@@ -32,18 +32,20 @@ class LoopState:
     tokens_seen: int = 0
     elapsed: float = 0.0
     best_val_loss: float = math.inf
-    eval_pending: bool = False  # a stop request cut this step's evaluation short
+    eval_pending: str | None = None  # the evaluation of this step a stop request cut short:
+    # "periodic" (over --eval-tokens, with its sample) or "whole" (the end's, all of the split)
     last_val_loss: float = math.nan  # of this process's latest evaluation; not saved
     evaluated_at: int = -1  # the step of that evaluation; not saved
 
     def state_dict(self) -> dict:
         return {"step": self.step, "tokens_seen": self.tokens_seen, "elapsed": self.elapsed,
-                "best_val_loss": self.best_val_loss, "eval_pending": self.eval_pending}
+                "best_val_loss": self.best_val_loss, "eval_pending": self.eval_pending or False}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
         self.elapsed, self.best_val_loss = float(state["elapsed"]), float(state["best_val_loss"])
-        self.eval_pending = state.get("eval_pending") is True
+        pending = state.get("eval_pending")  # older checkpoints: true, for the periodic one
+        self.eval_pending = "periodic" if pending is True else pending or None
 
 
 class LogWindow:
