@@ -242,8 +242,8 @@ class Trainer:
             return self._loop(metrics or _NoMetrics(), resuming)
 
     def _open_run_dir(self, stack: ExitStack, resuming: bool) -> rundir.MetricsLog:
-        config = run_config_toml(self.cfg)
-        resumed_at = self.loop.step if resuming else None
+        config, resumed_at = run_config_toml(self.cfg), self.loop.step if resuming else None
+        tensorboard.make_log_dir(self.cfg.tensorboard, self.run_dir)  # refused before any write
         metrics = rundir.open_run(stack, self.run_dir, config, resumed_at)
         self.board = tensorboard.open_board(stack, self.cfg.tensorboard, self.run_dir, resumed_at,
                                             config)
