@@ -253,6 +253,25 @@ def test_resume_with_a_different_model_option_is_refused(small_text, tmp_path):
                              "resumed; drop the option or start a new run\n")
 
 
+def test_resume_takes_the_same_options_as_the_run_recorded_them(small_text, tmp_path, monkeypatch):
+    """The run recorded --text absolute and choices in lower case: the same text by a relative
+    path, and a choice in another case, are the same options; another text is still refused."""
+    run = tmp_path / "run"
+    assert CliRunner().invoke(app, _cli_args(small_text, run)).exit_code == 0
+    monkeypatch.chdir(small_text.parent)
+    result = CliRunner().invoke(app, ["train", "--resume", str(run), "--text", small_text.name,
+                                      "--cell", "GRU", "--sampling", "Sequential", "--max-steps",
+                                      "14", "-q"])
+    assert (result.exit_code, result.stderr) == (0, "")
+    assert load_checkpoint(run / "last.pt")["step"] == 14
+    (small_text.parent / "other.txt").write_text(small_text.read_text())
+    result = CliRunner().invoke(app, ["train", "--resume", str(run), "--text", "other.txt"])
+    assert (result.exit_code, result.stderr) == (2, (
+        f"charlm: error: --text ['{small_text.parent.resolve() / 'other.txt'}'] disagrees with "
+        f"the checkpoint (['{small_text.resolve()}']) being resumed; drop the option or start a "
+        "new run\n"))
+
+
 def test_resume_with_no_runs_says_how_to_name_one(tmp_path, monkeypatch):
     monkeypatch.setenv("CHARLM_RUNS_DIR", str(tmp_path / "none"))
     result = CliRunner().invoke(app, ["train", "--resume"])

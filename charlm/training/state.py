@@ -20,7 +20,8 @@ from charlm.data.transfer import public_url
 from charlm.errors import CharlmError, UsageError
 from charlm.model.lm import State
 from charlm.training.checkpoint import find_checkpoint, load_checkpoint
-from charlm.training.config import LIMITS, OPTIONS, TrainConfig, build_config, fixed_on_resume
+from charlm.training.config import (LIMITS, OPTIONS, TrainConfig, absolute_files, build_config,
+                                   canonical, fixed_on_resume)
 
 
 @dataclass
@@ -149,12 +150,11 @@ def resolve_resume(given: dict, resume: str) -> tuple[TrainConfig, dict]:
         raise CharlmError(f"{path}: its 'train_config' entry is invalid ({exc}); the file is "
                           "damaged or was edited") from None
     fixed = fixed_on_resume()
-    if given.get("url"):  # a checkpoint holds the URL without its user:password@
-        given = {**given, "url": public_url(given["url"])}
-    for key in fixed:
-        if key in given and given[key] is not None and given[key] != saved.get(key):
+    for key in fixed:  # compared as the checkpoint recorded them
+        value = _as_recorded(key, given.get(key))
+        if value is not None and value != saved.get(key):
             raise UsageError(
-                f"--{key.replace('_', '-')} {given[key]} disagrees with the checkpoint "
+                f"--{key.replace('_', '-')} {value} disagrees with the checkpoint "
                 f"({saved.get(key)}) being resumed; drop the option or start a new run"
             )
     values = TrainConfig().to_dict()
@@ -165,3 +165,14 @@ def resolve_resume(given: dict, resume: str) -> tuple[TrainConfig, dict]:
     values.update(given)
     values["out"] = str(path.parent)
     return build_config(values, {}), {"path": path, "ckpt": ckpt}
+
+
+def _as_recorded(key: str, value):
+    """A value given for option `key` as a run records it (`TrainConfig.record_source`,
+    `build_config`): --text files absolute, a URL without its user:password@, a choice in
+    lower case."""
+    if key == "text" and isinstance(value, list):
+        return absolute_files(value)
+    if key == "url" and isinstance(value, str):
+        return public_url(value)
+    return canonical(key, value)
