@@ -97,6 +97,37 @@ def test_state_is_detached_between_sequential_batches(small_text, tmp_path):
         stack.extend(f for f, _ in n.next_functions)
 
 
+def test_tokens_per_s_leaves_out_the_pauses_between_log_points(small_text, tmp_path, monkeypatch):
+    """On a fake clock a step takes 1 s, an evaluation 100 s and a save 50 s: every log row says
+    one step's tokens per second and counts only the steps' time, whatever paused in between."""
+    import types
+
+    from charlm.training import state, trainer as trainer_module
+
+    clock = [1000.0]
+    fake = types.SimpleNamespace(perf_counter=lambda: clock[0])
+    monkeypatch.setattr(trainer_module, "time", fake)
+    monkeypatch.setattr(state, "time", fake)
+    trainer = Trainer(tiny(small_text, tmp_path / "run", max_steps=16, log_every=4, eval_every=5,
+                           checkpoint_every=3))
+
+    def taking(seconds: float, method):
+        def timed(*args, **kwargs):
+            done = method(*args, **kwargs)
+            clock[0] += seconds
+            return done
+        return timed
+
+    trainer.train_step = taking(1.0, trainer.train_step)
+    trainer.evaluate = taking(100.0, trainer.evaluate)
+    trainer.save = taking(50.0, trainer.save)
+    trainer.run()
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["kind"] == "train"]
+    assert [(r["step"], r["time"]) for r in train] == [(4, 4.0), (8, 8.0), (12, 12.0), (16, 16.0)]
+    assert [r["tokens_per_s"] for r in train] == [4 * 16 / 1.0] * 4  # batch 4 x 16 per second
+
+
 def test_clipping_caps_the_global_norm(small_text, tmp_path):
     trainer = Trainer(tiny(small_text, tmp_path / "run", clip=0.05, dropout=0.0, optimizer="sgd",
                            lr=1e-9))

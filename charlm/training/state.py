@@ -61,6 +61,11 @@ class LogWindow:
         self.steps += 1
         self.tokens += tokens
 
+    def pause(self, start: float, end: float) -> None:
+        """Time from `start` to `end` (perf_counter) was no training: the window's start moves
+        on by the part of it that fell in the window, so its steps keep their own time."""
+        self.since += end - max(self.since, start)
+
     def reset(self) -> None:
         self.loss_sum.zero_()
         self.steps, self.tokens, self.since = 0, 0, time.perf_counter()

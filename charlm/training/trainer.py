@@ -345,14 +345,14 @@ class Trainer:
             self.step_hook(self)
 
     def _restart_clock(self) -> None:
-        """After a pause (evaluation, checkpoint): it counts neither as training time nor
-        against tokens/s."""
-        self._mark = self._window.since = time.perf_counter()
+        """After a pause (evaluation, checkpoint): no training time, and not in tokens/s."""
+        now = time.perf_counter()
+        self._window.pause(self._mark, now)
+        self._mark = now
 
     def _log(self, lr: float, metrics) -> None:
         loop, window = self.loop, self._window
-        mean = self._mean_loss()
-        self._check_finite(mean)
+        self._check_finite(mean := self._mean_loss())
         seconds = time.perf_counter() - window.since
         row = {"kind": "train", "step": loop.step, "epoch": self.batches.epoch,
                "tokens": loop.tokens_seen, "time": round(loop.elapsed, 3), "loss": mean,
