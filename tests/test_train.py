@@ -176,6 +176,44 @@ def test_interrupted_and_resumed_run_ends_bit_identical(small_text, tmp_path, sa
         assert torch.equal(a[key], b[key]), key
 
 
+def test_a_run_resumed_after_a_crash_draws_each_sample_once(small_text, tmp_path):
+    """Evaluations at steps 2, 4, 6 and 8 wrote samples, the last checkpoint is step 5's, then
+    the process died: the resumed run cuts samples.txt back to step 5, as it does metrics.jsonl,
+    and ends with the samples of an uninterrupted run."""
+    from charlm.training.state import resolve_resume
+
+    over = dict(max_steps=10, eval_every=2, checkpoint_every=5)
+    Trainer(tiny(small_text, tmp_path / "full", **over)).run()
+    crashing = Trainer(tiny(small_text, tmp_path / "part", **over))
+
+    def crash(trainer):
+        if trainer.loop.step == 9:
+            raise RuntimeError("the process died")
+
+    crashing.step_hook = crash
+    with pytest.raises(RuntimeError, match="the process died"):
+        crashing.run()
+    again, resumed = resolve_resume({}, str(tmp_path / "part"))
+    Trainer(again, resume=resumed).run()
+    part = (tmp_path / "part" / "samples.txt").read_text()
+    assert part == (tmp_path / "full" / "samples.txt").read_text()
+    assert [line for line in part.splitlines() if line.startswith("--- step ")] == [
+        f"--- step {step}" for step in (2, 4, 6, 8, 10)]
+
+
+def test_samples_past_a_step_are_cut_and_the_rest_kept_byte_for_byte(tmp_path):
+    from charlm.training.rundir import cut_samples
+
+    path = tmp_path / "samples.txt"
+    cut_samples(path, 10)
+    assert not path.exists()
+    path.write_bytes(b"--- step 5\nab\n\n--- step 10\nx--- step 99\n\xff\n--- step 15\nz\n")
+    cut_samples(path, 10)
+    assert path.read_bytes() == b"--- step 5\nab\n\n--- step 10\nx--- step 99\n\xff\n"
+    cut_samples(path, -1)
+    assert path.read_bytes() == b""
+
+
 def test_resume_right_after_an_epoch_is_exact(small_text, tmp_path):
     over = dict(max_tokens=1500, warmup_steps=2, max_steps=30)
     per_epoch = len(Trainer(tiny(small_text, tmp_path / "probe", **over)).batches)
