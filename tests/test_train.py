@@ -214,6 +214,37 @@ def test_samples_past_a_step_are_cut_and_the_rest_kept_byte_for_byte(tmp_path):
     assert path.read_bytes() == b""
 
 
+def test_pythons_generator_continues_after_a_resume_as_in_an_uninterrupted_run(small_text,
+                                                                               tmp_path):
+    import random
+
+    from charlm.training.state import resolve_resume
+    from charlm.training.trainer import Interrupted
+
+    def drawing(stop_at: int = -1):  # a part of the run that draws from Python's generator
+        def hook(trainer):
+            random.random()
+            if trainer.loop.step == stop_at:
+                trainer.stop_signal.append("SIGINT")
+        return hook
+
+    full = Trainer(tiny(small_text, tmp_path / "full", max_steps=10))
+    full.step_hook = drawing()
+    full.run()
+    want = random.random()
+    part = Trainer(tiny(small_text, tmp_path / "part", max_steps=10))
+    part.step_hook = drawing(5)
+    with pytest.raises(Interrupted):
+        part.run()
+    assert load_checkpoint(tmp_path / "part" / "last.pt")["rng"]["python"] != list(
+        random.Random(0).getstate()[1])
+    again, resumed = resolve_resume({}, str(tmp_path / "part"))
+    rest = Trainer(again, resume=resumed)
+    rest.step_hook = drawing()
+    rest.run()
+    assert random.random() == want
+
+
 def test_resume_right_after_an_epoch_is_exact(small_text, tmp_path):
     over = dict(max_tokens=1500, warmup_steps=2, max_steps=30)
     per_epoch = len(Trainer(tiny(small_text, tmp_path / "probe", **over)).batches)

@@ -156,6 +156,10 @@ def _check_rng(rng: Any, path, key: str) -> None:
     if not (isinstance(state, torch.Tensor) and state.dtype == torch.uint8
             and state.numel() == torch.get_rng_state().numel()):
         raise damaged(path, key, "does not hold a torch generator state")
+    python = rng.get("python")  # the Mersenne Twister's 624 words and its position (<= 624)
+    if python is not None and not (isinstance(python, list) and len(python) == 625 and all(
+            _is_int(v, high=2**32 - 1) for v in python) and python[-1] <= 624):
+        raise damaged(path, key, "does not hold Python's generator state")
     cuda = rng.get("cuda", [])
     if not isinstance(cuda, list) or not all(
             isinstance(s, torch.Tensor) and s.dtype == torch.uint8 and s.dim() == 1 for s in cuda):

@@ -83,13 +83,16 @@ def rng_state(device: torch.device) -> dict:
 
 
 def set_rng_state(state: dict, device: torch.device, needed: bool = True) -> str | None:
-    """Restore `state` for a run on `device`; the reason, as one line, when the device's own
-    generator cannot be restored (`needed`: whether the run draws from it, i.e. uses dropout).
+    """Restore `state` (torch's, Python's and the device's generators) for a run on `device`;
+    the reason, as one line, when the device's own generator cannot be restored (`needed`:
+    whether the run draws from it, i.e. uses dropout).
 
     Checkpoints before the "device" key kept every GPU's state in a list ("cuda"): the training
     device's entry is used when there is one.
     """
     torch.set_rng_state(state["torch"])
+    if state.get("python") is not None:  # plain ints in the file (torch.load weights_only)
+        random.setstate((random.Random.VERSION, tuple(state["python"]), None))
     saved_on = state.get("device") or ("cuda" if state.get("cuda") else "cpu")
     if device.type == "cpu":
         if needed and saved_on != "cpu":
