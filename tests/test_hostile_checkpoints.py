@@ -299,6 +299,11 @@ STATE_EDITS = {
                       "'ema' entry lacks its decay in [0, 1) and whole update count"),
     "rng-device-state-a-string": (lambda ckpt: ckpt["rng"].update(device="cuda", device_rng="x"),
                                   "'rng' entry does not hold its device's generator state"),
+    "eval-pending-a-number": (_set("eval_pending", 1),
+                              "'eval_pending' entry is 1, not false, 'periodic' or 'whole' "
+                              "(older files: true)"),
+    "rng-python-position-past-the-end": (lambda ckpt: ckpt["rng"]["python"].__setitem__(-1, 625),
+                                         "'rng' entry does not hold Python's generator state"),
 }
 
 

@@ -248,6 +248,48 @@ def test_averaged_weights_are_validated_saved_and_used_by_generate_and_eval(smal
     assert best["ema"] is not None
 
 
+def test_a_stop_while_the_average_is_copied_in_saves_the_raw_weights(small_text, tmp_path):
+    """A first Ctrl-C that lands while evaluation swaps the average in (or back out) is only a
+    stop request: last.pt's "model" is the raw weights, exactly, and "ema" the average."""
+    import signal
+
+    from charlm.training.trainer import Interrupted
+
+    trainer = Trainer(tiny(small_text, tmp_path / "run", ema=0.9, eval_every=3, max_steps=10))
+    raw, avg = {}, {}
+
+    class Tripwire(list):
+        """The average's tensors; the first time they are read (to be copied in), the signal
+        arrives after the first one."""
+
+        def __iter__(self):
+            if raw:
+                yield from list.__iter__(self)
+                return
+            raw.update({k: v.clone() for k, v in trainer.model.state_dict().items()})
+            avg.update({k: v.clone() for k, v in trainer.ema.state_dict()["model"].items()})
+            for i, tensor in enumerate(list.__iter__(self)):
+                yield tensor
+                if i == 0:
+                    trainer.requests.on_signal(signal.SIGINT, None)
+
+    real_update = trainer.ema.update
+
+    def update():  # after step 3's update, the evaluation at step 3 copies the average in
+        real_update()
+        if trainer.ema.updates == 3:
+            trainer.ema.avg = Tripwire(trainer.ema.avg)
+
+    trainer.ema.update = update
+    with pytest.raises(Interrupted):
+        trainer.run()
+    last = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert last["step"] == 3 and raw.keys() == last["model"].keys() == avg.keys()
+    assert all(torch.equal(last["model"][k], raw[k]) for k in raw)
+    assert all(torch.equal(last["ema"]["model"][k], avg[k]) for k in avg)
+    assert not torch.equal(raw["head.weight"], avg["head.weight"])
+
+
 def test_asking_for_averaged_weights_a_run_does_not_have(tiny_run):
     result = invoke("eval", "perplexity", "--checkpoint", str(tiny_run / "run"), "--weights", "ema")
     assert result.exit_code == 1

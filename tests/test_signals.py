@@ -23,7 +23,10 @@ import torch
 
 from charlm.training import rundir
 from charlm.training.checkpoint import load_checkpoint
-from helpers import run_main
+from charlm.training.config import build_config
+from charlm.training.state import resolve_resume
+from charlm.training.trainer import Interrupted, Trainer
+from helpers import pydoc_text, run_main
 from test_crash_safety import SEED, python_m_charlm, soak, wait_for_rows
 
 LONG_SAMPLE = ("--sample-length", "100000000")  # hours of drawing: only a stop request ends it
@@ -99,7 +102,7 @@ def test_a_stop_during_the_final_sample_saves_the_run_and_the_resume_finishes_it
     out, err = stopped(proc)
     assert (proc.returncode, out, err) == (130, "", resume_hint(run, "SIGTERM", 4))
     ckpt = load_checkpoint(run / "last.pt")
-    assert ckpt["step"] == 4 and ckpt["eval_pending"] is True
+    assert ckpt["step"] == 4 and ckpt["eval_pending"] == "periodic"
 
     os.environ["CHARLM_RUNS_DIR"] = str(tmp_path / "runs")
     try:
@@ -124,7 +127,7 @@ def test_a_stop_during_a_mid_run_sample_cuts_it_short_and_resumes_exactly(corpus
     proc.send_signal(signal.SIGINT)
     out, err = stopped(proc)  # at once, not after the sample
     assert (proc.returncode, out, err) == (130, "", resume_hint(run, "SIGINT", 3))
-    assert load_checkpoint(run / "last.pt")["eval_pending"] is True
+    assert load_checkpoint(run / "last.pt")["eval_pending"] == "periodic"
 
     short = ("--sample-length", "20")
     code, err = soak.run_to_end(fork_server, ["train", "--resume", str(run), "--max-steps", "7",
@@ -138,6 +141,60 @@ def test_a_stop_during_a_mid_run_sample_cuts_it_short_and_resumes_exactly(corpus
     a, b = load_checkpoint(run / "last.pt"), load_checkpoint(reference / "last.pt")
     assert a["best_val_loss"] == b["best_val_loss"]
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_a_stop_during_the_final_whole_split_evaluation_resumes_to_that_one_alone(tmp_path,
+                                                                                 monkeypatch):
+    """--eval-tokens covers part of the split, so the end of the run evaluates it whole after the
+    periodic evaluation of the last step. A stop there leaves only the whole one to do: the
+    resumed run adds no second periodic row, sample or plateau observation."""
+    text = pydoc_text(tmp_path / "small.txt", 20_000)
+    monkeypatch.setenv("CHARLM_RUNS_DIR", str(tmp_path / "runs"))
+
+    def config(out: Path):
+        return build_config({}, dict(
+            text=[str(text)], hidden=16, layers=1, embed=8, batch_size=4, num_steps=8, max_steps=6,
+            time_budget="0", log_every=3, eval_every=3, checkpoint_every=3, eval_tokens=200,
+            sample_length=10, schedule="plateau", plateau_patience=1, out=str(out)))
+
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    Trainer(config(reference)).run()
+    trainer = Trainer(config(run))
+    evaluate = trainer.evaluate
+
+    def stopped_when_whole(whole: bool = False) -> float:
+        if whole:  # as a Ctrl-C does there: inside abandonable(), so Abandoned at once
+            trainer.requests.on_signal(signal.SIGINT, None)
+        return evaluate(whole)
+
+    trainer.evaluate = stopped_when_whole
+    with pytest.raises(Interrupted):
+        trainer.run()
+    assert load_checkpoint(run / "last.pt")["eval_pending"] == "whole"
+    again, resumed = resolve_resume({}, str(run))
+    Trainer(again, resume=resumed).run()
+
+    def rows(folder: Path) -> list[tuple]:
+        return [(r["kind"], r["step"], r.get("whole_split"), r["loss"])
+                for r in rundir.read_metrics(folder / "metrics.jsonl") if r["kind"] != "summary"]
+
+    assert rows(run) == rows(reference)
+    assert [r[:3] for r in rows(run) if r[0] == "val"] == [("val", 3, False), ("val", 6, False),
+                                                            ("val", 6, True)]
+    assert (run / "samples.txt").read_text() == (reference / "samples.txt").read_text()
+    a, b = load_checkpoint(run / "last.pt"), load_checkpoint(reference / "last.pt")
+    assert a["scheduler"] == b["scheduler"] and a["eval_pending"] is False
+
+
+def test_an_older_checkpoints_pending_evaluation_is_the_periodic_one():
+    from charlm.training.state import LoopState
+
+    counters = {"step": 6, "tokens_seen": 192, "elapsed": 1.0, "best_val_loss": 4.0}
+    for saved, pending in [(True, "periodic"), (False, None), ("whole", "whole")]:
+        loop = LoopState()
+        loop.load_state_dict({**counters, "eval_pending": saved})
+        assert loop.eval_pending == pending
+        assert loop.state_dict()["eval_pending"] == (pending or False)
 
 
 @pytest.fixture(scope="module")

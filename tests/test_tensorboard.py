@@ -15,7 +15,7 @@ pytest.importorskip("tensorboard", reason="the tensorboard extra: pip install 'c
 
 from charlm.cli.train import bare_values  # noqa: E402
 from charlm.training.rundir import read_metrics  # noqa: E402
-from helpers import run_main, train_runs  # noqa: E402
+from helpers import TINY, pydoc_text, run_main, train_runs  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -124,6 +124,27 @@ def test_a_missing_extra_is_one_line_before_any_work(tmp_path, monkeypatch):
                              "--out", str(tmp_path / "r")])
     assert (code, err) == (0, "")
     assert not (tmp_path / "r" / "tensorboard").exists() and not (tmp_path / "r" / "off").exists()
+
+
+def test_a_tensorboard_dir_that_cannot_be_made_leaves_no_run(tmp_path, monkeypatch):
+    """A --tensorboard DIR under a regular file is one line, before the run directory, its
+    config.toml, metrics.jsonl and lock, or runs/latest are written."""
+    from charlm.training import rundir
+
+    runs = tmp_path / "runs"
+    monkeypatch.setenv("CHARLM_RUNS_DIR", str(runs))
+    (runs / "earlier").mkdir(parents=True)
+    rundir.point_latest(runs / "earlier")
+    latest = (runs / "latest").read_bytes()
+    (tmp_path / "file").write_text("not a folder")
+    text = pydoc_text(tmp_path / "small.txt", 6000)
+    board = tmp_path / "file" / "tb"
+    for out in ([], ["--out", str(tmp_path / "run")]):  # the default run directory, and --out
+        assert run_main(["train", "--text", str(text), *TINY, "--tensorboard", str(board), *out]) \
+            == (1, "", f"charlm: error: cannot write TensorBoard logs in {board}: Not a "
+                       "directory; choose another --tensorboard DIR\n")
+        assert sorted(p.name for p in runs.iterdir()) == ["earlier", "latest"]
+        assert (runs / "latest").read_bytes() == latest and not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("args, expected", [

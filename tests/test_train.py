@@ -97,6 +97,37 @@ def test_state_is_detached_between_sequential_batches(small_text, tmp_path):
         stack.extend(f for f, _ in n.next_functions)
 
 
+def test_tokens_per_s_leaves_out_the_pauses_between_log_points(small_text, tmp_path, monkeypatch):
+    """On a fake clock a step takes 1 s, an evaluation 100 s and a save 50 s: every log row says
+    one step's tokens per second and counts only the steps' time, whatever paused in between."""
+    import types
+
+    from charlm.training import state, trainer as trainer_module
+
+    clock = [1000.0]
+    fake = types.SimpleNamespace(perf_counter=lambda: clock[0])
+    monkeypatch.setattr(trainer_module, "time", fake)
+    monkeypatch.setattr(state, "time", fake)
+    trainer = Trainer(tiny(small_text, tmp_path / "run", max_steps=16, log_every=4, eval_every=5,
+                           checkpoint_every=3))
+
+    def taking(seconds: float, method):
+        def timed(*args, **kwargs):
+            done = method(*args, **kwargs)
+            clock[0] += seconds
+            return done
+        return timed
+
+    trainer.train_step = taking(1.0, trainer.train_step)
+    trainer.evaluate = taking(100.0, trainer.evaluate)
+    trainer.save = taking(50.0, trainer.save)
+    trainer.run()
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["kind"] == "train"]
+    assert [(r["step"], r["time"]) for r in train] == [(4, 4.0), (8, 8.0), (12, 12.0), (16, 16.0)]
+    assert [r["tokens_per_s"] for r in train] == [4 * 16 / 1.0] * 4  # batch 4 x 16 per second
+
+
 def test_clipping_caps_the_global_norm(small_text, tmp_path):
     trainer = Trainer(tiny(small_text, tmp_path / "run", clip=0.05, dropout=0.0, optimizer="sgd",
                            lr=1e-9))
@@ -143,6 +174,75 @@ def test_interrupted_and_resumed_run_ends_bit_identical(small_text, tmp_path, sa
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_a_run_resumed_after_a_crash_draws_each_sample_once(small_text, tmp_path):
+    """Evaluations at steps 2, 4, 6 and 8 wrote samples, the last checkpoint is step 5's, then
+    the process died: the resumed run cuts samples.txt back to step 5, as it does metrics.jsonl,
+    and ends with the samples of an uninterrupted run."""
+    from charlm.training.state import resolve_resume
+
+    over = dict(max_steps=10, eval_every=2, checkpoint_every=5)
+    Trainer(tiny(small_text, tmp_path / "full", **over)).run()
+    crashing = Trainer(tiny(small_text, tmp_path / "part", **over))
+
+    def crash(trainer):
+        if trainer.loop.step == 9:
+            raise RuntimeError("the process died")
+
+    crashing.step_hook = crash
+    with pytest.raises(RuntimeError, match="the process died"):
+        crashing.run()
+    again, resumed = resolve_resume({}, str(tmp_path / "part"))
+    Trainer(again, resume=resumed).run()
+    part = (tmp_path / "part" / "samples.txt").read_text()
+    assert part == (tmp_path / "full" / "samples.txt").read_text()
+    assert [line for line in part.splitlines() if line.startswith("--- step ")] == [
+        f"--- step {step}" for step in (2, 4, 6, 8, 10)]
+
+
+def test_samples_past_a_step_are_cut_and_the_rest_kept_byte_for_byte(tmp_path):
+    from charlm.training.rundir import cut_samples
+
+    path = tmp_path / "samples.txt"
+    cut_samples(path, 10)
+    assert not path.exists()
+    path.write_bytes(b"--- step 5\nab\n\n--- step 10\nx--- step 99\n\xff\n--- step 15\nz\n")
+    cut_samples(path, 10)
+    assert path.read_bytes() == b"--- step 5\nab\n\n--- step 10\nx--- step 99\n\xff\n"
+    cut_samples(path, -1)
+    assert path.read_bytes() == b""
+
+
+def test_pythons_generator_continues_after_a_resume_as_in_an_uninterrupted_run(small_text,
+                                                                               tmp_path):
+    import random
+
+    from charlm.training.state import resolve_resume
+    from charlm.training.trainer import Interrupted
+
+    def drawing(stop_at: int = -1):  # a part of the run that draws from Python's generator
+        def hook(trainer):
+            random.random()
+            if trainer.loop.step == stop_at:
+                trainer.stop_signal.append("SIGINT")
+        return hook
+
+    full = Trainer(tiny(small_text, tmp_path / "full", max_steps=10))
+    full.step_hook = drawing()
+    full.run()
+    want = random.random()
+    part = Trainer(tiny(small_text, tmp_path / "part", max_steps=10))
+    part.step_hook = drawing(5)
+    with pytest.raises(Interrupted):
+        part.run()
+    assert load_checkpoint(tmp_path / "part" / "last.pt")["rng"]["python"] != list(
+        random.Random(0).getstate()[1])
+    again, resumed = resolve_resume({}, str(tmp_path / "part"))
+    rest = Trainer(again, resume=resumed)
+    rest.step_hook = drawing()
+    rest.run()
+    assert random.random() == want
 
 
 def test_resume_right_after_an_epoch_is_exact(small_text, tmp_path):
@@ -251,6 +351,25 @@ def test_resume_with_a_different_model_option_is_refused(small_text, tmp_path):
     assert result.exit_code == 2
     assert result.stderr == ("charlm: error: --hidden 32 disagrees with the checkpoint (16) being "
                              "resumed; drop the option or start a new run\n")
+
+
+def test_resume_takes_the_same_options_as_the_run_recorded_them(small_text, tmp_path, monkeypatch):
+    """The run recorded --text absolute and choices in lower case: the same text by a relative
+    path, and a choice in another case, are the same options; another text is still refused."""
+    run = tmp_path / "run"
+    assert CliRunner().invoke(app, _cli_args(small_text, run)).exit_code == 0
+    monkeypatch.chdir(small_text.parent)
+    result = CliRunner().invoke(app, ["train", "--resume", str(run), "--text", small_text.name,
+                                      "--cell", "GRU", "--sampling", "Sequential", "--max-steps",
+                                      "14", "-q"])
+    assert (result.exit_code, result.stderr) == (0, "")
+    assert load_checkpoint(run / "last.pt")["step"] == 14
+    (small_text.parent / "other.txt").write_text(small_text.read_text())
+    result = CliRunner().invoke(app, ["train", "--resume", str(run), "--text", "other.txt"])
+    assert (result.exit_code, result.stderr) == (2, (
+        f"charlm: error: --text ['{small_text.parent.resolve() / 'other.txt'}'] disagrees with "
+        f"the checkpoint (['{small_text.resolve()}']) being resumed; drop the option or start a "
+        "new run\n"))
 
 
 def test_resume_with_no_runs_says_how_to_name_one(tmp_path, monkeypatch):

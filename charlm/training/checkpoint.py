@@ -15,8 +15,9 @@ A checkpoint is one dict:
                       "device_rng": the training device's generator} (older: "cuda": every GPU's)
     iterator          batch iterator state (ints)
     hidden            carried hidden state (float32 tensor, or [h, c]) for exact resume, or None
-    step, epoch, tokens_seen, elapsed, best_val_loss, eval_pending (a stop request cut the
-                      evaluation of this step short: the resumed run does it first)
+    step, epoch, tokens_seen, elapsed, best_val_loss, eval_pending (the evaluation of this
+                      step a stop request cut short, "periodic" or "whole", else false; older
+                      files: true for the periodic one): the resumed run does that one first
     train_config      TrainConfig as a dict
     corpus            {"name", "source", "num_tokens", "sha256" (of the token ids, as int32),
                       "splits": {...}}

@@ -217,7 +217,7 @@ class TrainConfig:
         same text: files absolute (found relative to here), the default corpus (or its
         python-docs fallback), preprocessing and sample prefix as they resolved, and `url` (the
         --url without a password, which config.toml and checkpoints never hold)."""
-        self.text = [str(Path(t).resolve()) for t in self.text]
+        self.text = absolute_files(self.text)
         self.url = url
         if not (self.corpus or self.text or self.url):
             self.corpus = name
@@ -260,6 +260,17 @@ def optional(name: str) -> bool:
 def default_of(name: str) -> Any:
     f = TrainConfig.__dataclass_fields__[name]
     return f.default_factory() if f.default is MISSING else f.default
+
+
+def canonical(name: str, value: Any) -> Any:
+    """A value of option `name` as the config keeps it: a choice lower-case (--cell GRU is --cell
+    gru)."""
+    return value.lower() if OPTIONS[name].choices and isinstance(value, str) else value
+
+
+def absolute_files(files: list[str]) -> list[str]:
+    """--text files as a run records them: absolute, found relative to the working directory."""
+    return [str(Path(f).resolve()) for f in files]
 
 
 def fixed_on_resume() -> tuple[str, ...]:
@@ -333,8 +344,8 @@ def build_config(file_values: dict[str, Any], overrides: dict[str, Any]) -> Trai
     for name, value in values.items():
         if base_type(name) is float and isinstance(value, int) and not isinstance(value, bool):
             values[name] = float(value)
-        elif OPTIONS[name].choices and isinstance(value, str):
-            values[name] = value.lower()  # --cell GRU is --cell gru
+        else:
+            values[name] = canonical(name, value)
     if isinstance(values.get("time_budget"), (int, float)):
         values["time_budget"] = f"{values['time_budget']}s"
     cfg = TrainConfig(**values)

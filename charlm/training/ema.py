@@ -43,12 +43,15 @@ class WeightAverage:
 
     @contextmanager
     def applied(self):
-        """The averaged weights in the model while the block runs, the raw ones after."""
+        """The averaged weights in the model while the block runs, the raw ones after, whatever
+        ends it (even part-way through copying the average in). A stop request must not cut the
+        copies short: the trainer enters this outside `StopRequests.abandonable()`."""
         with torch.no_grad():
             raw = [p.detach().clone() for p in self.params]
-            for p, a in zip(self.params, self.avg):
-                p.copy_(a)
         try:
+            with torch.no_grad():
+                for p, a in zip(self.params, self.avg):
+                    p.copy_(a)
             yield
         finally:
             with torch.no_grad():

@@ -36,6 +36,7 @@ RESUME_KEYS = ("optimizer", "scheduler", "iterator", "rng", "train_config", "ste
                "tokens_seen", "elapsed", "best_val_loss")
 SCHEDULER_KEYS = ("scale", "best", "bad_evals")
 ITERATOR_KEYS = ("epoch", "position", "seed", "batch_size", "num_steps", "num_tokens")
+EVALUATIONS = ("periodic", "whole")  # which evaluation `eval_pending` says a stop cut short
 
 
 def damaged(path: Path | str, key: str, problem: str) -> CharlmError:
@@ -155,6 +156,10 @@ def _check_rng(rng: Any, path, key: str) -> None:
     if not (isinstance(state, torch.Tensor) and state.dtype == torch.uint8
             and state.numel() == torch.get_rng_state().numel()):
         raise damaged(path, key, "does not hold a torch generator state")
+    python = rng.get("python")  # the Mersenne Twister's 624 words and its position (<= 624)
+    if python is not None and not (isinstance(python, list) and len(python) == 625 and all(
+            _is_int(v, high=2**32 - 1) for v in python) and python[-1] <= 624):
+        raise damaged(path, key, "does not hold Python's generator state")
     cuda = rng.get("cuda", [])
     if not isinstance(cuda, list) or not all(
             isinstance(s, torch.Tensor) and s.dtype == torch.uint8 and s.dim() == 1 for s in cuda):
@@ -240,8 +245,10 @@ def check_resumable(data: dict, path) -> None:
                           f"{world} processes")
         for state in ranks:
             _check_rng(state, path, "rank_rng")
-    if not isinstance(data.get("eval_pending", False), bool):
-        raise damaged(path, "eval_pending", f"is {data['eval_pending']!r}, not true or false")
+    pending = data.get("eval_pending", False)
+    if not (isinstance(pending, bool) or isinstance(pending, str) and pending in EVALUATIONS):
+        raise damaged(path, "eval_pending", f"is {data['eval_pending']!r}, not false, "
+                      "'periodic' or 'whole' (older files: true)")
     scaler = data.get("scaler")
     if scaler is not None and not (isinstance(scaler, dict) and all(
             _is_number(v) and math.isfinite(v) for v in scaler.values())):

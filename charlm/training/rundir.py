@@ -256,14 +256,37 @@ def _step_of(row: dict) -> float:
     return step if isinstance(step, (int, float)) and not isinstance(step, bool) else math.inf
 
 
+_SAMPLE = re.compile(rb"^--- step (\d+)\n", re.MULTILINE)  # starts an entry of samples.txt
+
+
+def cut_samples(path: Path, keep_until_step: int) -> None:
+    """Drop the entries of samples.txt ("--- step N", then the sample) past `keep_until_step`,
+    as MetricsLog drops rows: a resumed run draws them again. Rewritten atomically."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise CharlmError(f"cannot read {path}: {exc.strerror or exc}") from None
+    heads = list(_SAMPLE.finditer(data))
+    ends = [head.start() for head in heads[1:]] + [len(data)]
+    kept = data[: heads[0].start()] if heads else data
+    kept += b"".join(data[head.start():end] for head, end in zip(heads, ends)
+                     if int(head[1]) <= keep_until_step)
+    if kept != data:
+        atomic_write(path, lambda fh: fh.write(kept))
+
+
 def open_run(stack: ExitStack, run_dir: Path, config_toml: str, resumed_at: int | None) -> MetricsLog:
     """Make (or, resuming, reuse) a run directory and hold it for the life of `stack`: the lock,
-    config.toml, the `latest` pointer, and metrics.jsonl (cut back to `resumed_at` on resume)."""
+    config.toml, the `latest` pointer, and metrics.jsonl and samples.txt (cut back to
+    `resumed_at` on resume, emptied for a new run)."""
     prepare_run_dir(run_dir, resuming=resumed_at is not None)
     stack.enter_context(RunLock(run_dir))
     write_text_atomic(run_dir / "config.toml", config_toml)
     point_latest(run_dir)
     keep = -1 if resumed_at is None else resumed_at
+    cut_samples(run_dir / "samples.txt", keep)
     return stack.enter_context(closing(MetricsLog(run_dir / "metrics.jsonl", keep_until_step=keep)))
 
 

@@ -20,7 +20,8 @@ from charlm.data.transfer import public_url
 from charlm.errors import CharlmError, UsageError
 from charlm.model.lm import State
 from charlm.training.checkpoint import find_checkpoint, load_checkpoint
-from charlm.training.config import LIMITS, OPTIONS, TrainConfig, build_config, fixed_on_resume
+from charlm.training.config import (LIMITS, OPTIONS, TrainConfig, absolute_files, build_config,
+                                   canonical, fixed_on_resume)
 
 
 @dataclass
@@ -32,18 +33,20 @@ class LoopState:
     tokens_seen: int = 0
     elapsed: float = 0.0
     best_val_loss: float = math.inf
-    eval_pending: bool = False  # a stop request cut this step's evaluation short
+    eval_pending: str | None = None  # the evaluation of this step a stop request cut short:
+    # "periodic" (over --eval-tokens, with its sample) or "whole" (the end's, all of the split)
     last_val_loss: float = math.nan  # of this process's latest evaluation; not saved
     evaluated_at: int = -1  # the step of that evaluation; not saved
 
     def state_dict(self) -> dict:
         return {"step": self.step, "tokens_seen": self.tokens_seen, "elapsed": self.elapsed,
-                "best_val_loss": self.best_val_loss, "eval_pending": self.eval_pending}
+                "best_val_loss": self.best_val_loss, "eval_pending": self.eval_pending or False}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
         self.elapsed, self.best_val_loss = float(state["elapsed"]), float(state["best_val_loss"])
-        self.eval_pending = state.get("eval_pending") is True
+        pending = state.get("eval_pending")  # older checkpoints: true, for the periodic one
+        self.eval_pending = "periodic" if pending is True else pending or None
 
 
 class LogWindow:
@@ -57,6 +60,11 @@ class LogWindow:
         self.loss_sum += loss
         self.steps += 1
         self.tokens += tokens
+
+    def pause(self, start: float, end: float) -> None:
+        """Time from `start` to `end` (perf_counter) was no training: the window's start moves
+        on by the part of it that fell in the window, so its steps keep their own time."""
+        self.since += end - max(self.since, start)
 
     def reset(self) -> None:
         self.loss_sum.zero_()
@@ -75,13 +83,16 @@ def rng_state(device: torch.device) -> dict:
 
 
 def set_rng_state(state: dict, device: torch.device, needed: bool = True) -> str | None:
-    """Restore `state` for a run on `device`; the reason, as one line, when the device's own
-    generator cannot be restored (`needed`: whether the run draws from it, i.e. uses dropout).
+    """Restore `state` (torch's, Python's and the device's generators) for a run on `device`;
+    the reason, as one line, when the device's own generator cannot be restored (`needed`:
+    whether the run draws from it, i.e. uses dropout).
 
     Checkpoints before the "device" key kept every GPU's state in a list ("cuda"): the training
     device's entry is used when there is one.
     """
     torch.set_rng_state(state["torch"])
+    if state.get("python") is not None:  # plain ints in the file (torch.load weights_only)
+        random.setstate((random.Random.VERSION, tuple(state["python"]), None))
     saved_on = state.get("device") or ("cuda" if state.get("cuda") else "cpu")
     if device.type == "cpu":
         if needed and saved_on != "cpu":
@@ -147,12 +158,11 @@ def resolve_resume(given: dict, resume: str) -> tuple[TrainConfig, dict]:
         raise CharlmError(f"{path}: its 'train_config' entry is invalid ({exc}); the file is "
                           "damaged or was edited") from None
     fixed = fixed_on_resume()
-    if given.get("url"):  # a checkpoint holds the URL without its user:password@
-        given = {**given, "url": public_url(given["url"])}
-    for key in fixed:
-        if key in given and given[key] is not None and given[key] != saved.get(key):
+    for key in fixed:  # compared as the checkpoint recorded them
+        value = _as_recorded(key, given.get(key))
+        if value is not None and value != saved.get(key):
             raise UsageError(
-                f"--{key.replace('_', '-')} {given[key]} disagrees with the checkpoint "
+                f"--{key.replace('_', '-')} {value} disagrees with the checkpoint "
                 f"({saved.get(key)}) being resumed; drop the option or start a new run"
             )
     values = TrainConfig().to_dict()
@@ -163,3 +173,14 @@ def resolve_resume(given: dict, resume: str) -> tuple[TrainConfig, dict]:
     values.update(given)
     values["out"] = str(path.parent)
     return build_config(values, {}), {"path": path, "ckpt": ckpt}
+
+
+def _as_recorded(key: str, value):
+    """A value given for option `key` as a run records it (`TrainConfig.record_source`,
+    `build_config`): --text files absolute, a URL without its user:password@, a choice in
+    lower case."""
+    if key == "text" and isinstance(value, list):
+        return absolute_files(value)
+    if key == "url" and isinstance(value, str):
+        return public_url(value)
+    return canonical(key, value)

@@ -15,8 +15,10 @@ will log again.
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import math
+import os
 from contextlib import ExitStack, closing
 from pathlib import Path
 
@@ -47,6 +49,28 @@ def log_dir(value: str, run_dir: Path) -> Path:
     return Path(value)
 
 
+def make_log_dir(value: str | None, run_dir: Path) -> None:
+    """Create --tensorboard's folder before anything of the run is written, so that a DIR which
+    cannot be one (a file on its path, no permission) is refused with nothing half-written. One
+    inside a run directory not made yet is made with it (an empty directory has room for it)."""
+    if value in (None, OFF):
+        return
+    directory = log_dir(value, run_dir)
+    if not run_dir.is_dir() and directory.resolve().is_relative_to(run_dir.resolve()):
+        return
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+    except OSError as exc:
+        raise _refused(directory, exc) from None
+
+
+def _refused(directory: Path, exc: OSError) -> CharlmError:
+    return CharlmError(f"cannot write TensorBoard logs in {directory}: {exc.strerror or exc}; "
+                       "choose another --tensorboard DIR")
+
+
 class Board:
     enabled = True
 
@@ -57,8 +81,7 @@ class Board:
         try:
             self.writer = SummaryWriter(str(directory), purge_step=purge, flush_secs=10)
         except OSError as exc:
-            raise CharlmError(f"cannot write TensorBoard logs in {directory}: "
-                              f"{exc.strerror or exc}; choose another --tensorboard DIR") from None
+            raise _refused(directory, exc) from None
         self.directory = directory
         if resumed_at is None:
             self.writer.add_text("config", _preformatted(config_toml), 0)

@@ -242,8 +242,8 @@ class Trainer:
             return self._loop(metrics or _NoMetrics(), resuming)
 
     def _open_run_dir(self, stack: ExitStack, resuming: bool) -> rundir.MetricsLog:
-        config = run_config_toml(self.cfg)
-        resumed_at = self.loop.step if resuming else None
+        config, resumed_at = run_config_toml(self.cfg), self.loop.step if resuming else None
+        tensorboard.make_log_dir(self.cfg.tensorboard, self.run_dir)  # refused before any write
         metrics = rundir.open_run(stack, self.run_dir, config, resumed_at)
         self.board = tensorboard.open_board(stack, self.cfg.tensorboard, self.run_dir, resumed_at,
                                             config)
@@ -253,19 +253,19 @@ class Trainer:
         cfg, loop = self.cfg, self.loop
         info = RunInfo.of(self, resuming, runtime.impl_text(self.model_config, self.device),
                           runtime.device_text(cfg, self.device))
-        if self.group.is_main and (note := runtime.precision_note(cfg)):
-            warn(note)
-        if self.group.is_main and (note := large_vocab_note(self.model_config)):
-            warn(note)  # on stderr before anything else, even with -q
+        for note in (runtime.precision_note(cfg), large_vocab_note(self.model_config)):
+            if note and self.group.is_main:
+                warn(note)  # on stderr before anything else, even with -q
         self.display.start(info)
         self._window = LogWindow(self.device)
-        self._mark = time.perf_counter()
-        self._clock = loop.elapsed  # this process's training time; loop.elapsed: the agreed one
-        batches = self._batches()
+        self._mark, self._clock = time.perf_counter(), loop.elapsed  # this process's; elapsed: agreed
+        batches, partial = self._batches(), 0 < cfg.eval_tokens < self.data.val.numel()
         self.net.train()
         try:
             with stop_requests(self.requests):
-                if loop.eval_pending:  # the evaluation a stop request cut short, done now
+                if loop.eval_pending == "whole" and partial:  # cut short at the end: its periodic
+                    loop.evaluated_at = loop.step  # one was done, the whole one follows below
+                elif loop.eval_pending:  # the evaluation a stop request cut short, done now
                     self._evaluate_and_sample(metrics)
                     self._restart_clock()
                 while (stop := self._stop_check()) is None:
@@ -284,7 +284,7 @@ class Trainer:
                     self.display.stop()  # its last line: the final step, 100%
                     final_val = (loop.last_val_loss if loop.evaluated_at == loop.step
                                  else self._evaluate_and_sample(metrics))
-                    if 0 < cfg.eval_tokens < self.data.val.numel():  # the figure to report
+                    if partial:  # the figure to report: all of the validation split
                         final_val = self._evaluate_and_sample(metrics, whole=True)
         except Abandoned:  # a stop request during an evaluation: the steps so far are saved
             self.agreed_stop = self.stop_signal[0]
@@ -345,14 +345,14 @@ class Trainer:
             self.step_hook(self)
 
     def _restart_clock(self) -> None:
-        """After a pause (evaluation, checkpoint): it counts neither as training time nor
-        against tokens/s."""
-        self._mark = self._window.since = time.perf_counter()
+        """After a pause (evaluation, checkpoint): no training time, and not in tokens/s."""
+        now = time.perf_counter()
+        self._window.pause(self._mark, now)
+        self._mark = now
 
     def _log(self, lr: float, metrics) -> None:
         loop, window = self.loop, self._window
-        mean = self._mean_loss()
-        self._check_finite(mean)
+        self._check_finite(mean := self._mean_loss())
         seconds = time.perf_counter() - window.since
         row = {"kind": "train", "step": loop.step, "epoch": self.batches.epoch,
                "tokens": loop.tokens_seen, "time": round(loop.elapsed, 3), "loss": mean,
@@ -388,12 +388,12 @@ class Trainer:
         and then the run resumes by doing them first."""
         loop, g = self.loop, self.group
         began = time.perf_counter()
-        loop.eval_pending = True
-        with self.requests.abandonable(allowed=not g.active), \
-                self.ema.applied() if self.ema else nullcontext():  # validation sees the average
+        loop.eval_pending = "whole" if whole else "periodic"
+        with (self.ema.applied() if self.ema else nullcontext(),  # validation sees the average
+              self.requests.abandonable(allowed=not g.active)):  # (its copies never cut short)
             val = self.evaluate(whole)
             sample = self.sample_text() if g.is_main and not whole else None
-        loop.eval_pending, loop.evaluated_at = False, loop.step
+        loop.eval_pending, loop.evaluated_at = None, loop.step
         self.model.train()
         loop.last_val_loss = val
         improved = not whole and math.isfinite(val) and val < loop.best_val_loss
