@@ -27,7 +27,8 @@ from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlparse
 
 from charlm.data import archive, stream
-from charlm.data.download import DownloadError, checksum_mismatch, download, install, mirror_urls
+from charlm.data.download import (DownloadError, checksum_mismatch, download, exclusive, install,
+                                  mirror_urls)
 from charlm.data.transfer import public_url
 from charlm.data.text import read_text
 from charlm.errors import CharlmError, UsageError, warn
@@ -146,20 +147,25 @@ def _fetch(e: Entry, data_dir: Path | None, progress: bool, network: dict | None
 def _fetch_archive(e: Entry, data_dir: Path | None, progress: bool,
                    network: dict | None = None) -> Path:
     """Download the corpus's zip (unless an earlier run left it whole), then take the file out;
-    the zip goes once the file is in place, or when it turns out damaged."""
-    zipped = cache_dir(data_dir) / e.archive
-    if not zipped.is_file():
-        download([*mirror_urls(e.archive), *e.urls], zipped, progress=progress,
-                 **{**DOWNLOAD_OPTIONS, **(network or {})})
-    try:
-        path = archive.extract(zipped, e.filename, cached_path(e, data_dir), size=e.size,
-                               **e.hashes)
-    except CharlmError as exc:
-        if not str(exc).startswith("cannot write"):  # a full disk is not the archive's fault
-            zipped.unlink(missing_ok=True)
-        raise
-    zipped.unlink()
-    return path
+    the zip goes once the file is in place, or when it turns out damaged.
+
+    The whole of it holds the lock on the corpus's file: a second process waits, then finds the
+    file in place, instead of unpacking the zip while the first one unpacks (and deletes) it."""
+    dest, zipped = cached_path(e, data_dir), cache_dir(data_dir) / e.archive
+    with exclusive(dest):
+        if is_cached(e, data_dir):
+            return dest  # another process fetched it while this one waited
+        if not zipped.is_file():
+            download([*mirror_urls(e.archive), *e.urls], zipped, progress=progress,
+                     **{**DOWNLOAD_OPTIONS, **(network or {})})
+        try:
+            path = archive.extract(zipped, e.filename, dest, size=e.size, **e.hashes)
+        except CharlmError as exc:
+            if not str(exc).startswith("cannot write"):  # a full disk is not the archive's fault
+                zipped.unlink(missing_ok=True)
+            raise
+        zipped.unlink(missing_ok=True)
+        return path
 
 
 def fetch(name: str, data_dir: Path | None = None, progress: bool = True) -> Path:
