@@ -66,6 +66,16 @@ def test_a_stray_argument_gets_the_suggestion_it_needs(argument, hint):
     assert (code, out, err) == (2, "", f"charlm: error: unexpected argument {argument!r}; {hint}\n")
 
 
+@pytest.mark.parametrize("command", [["generate"], ["eval", "perplexity"]])
+def test_a_wrong_weights_choice_is_a_usage_error_before_any_checkpoint_is_read(command, tmp_path):
+    """--weights is checked like every choice option: exit 2, naming --weights, before the
+    checkpoint (here missing) is looked for."""
+    missing = tmp_path / "nosuch.pt"
+    code, out, err = run_main([*command, "--checkpoint", str(missing), "--weights", "best"])
+    assert (code, out, err) == (
+        2, "", "charlm: error: --weights must be one of auto, ema, raw; got 'best'\n")
+
+
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tiny_run) -> Path:
     return tiny_run / "run"
