@@ -89,11 +89,12 @@ def charlm(*args: str, stdout=subprocess.PIPE, env: dict | None = None):
 
 @pytest.mark.parametrize("args", [
     ["--help"], ["data", "list"], ["data", "info", "python-docs"], ["eval", "perplexity", "--json"],
-], ids=["click's help", "a rich table", "plain lines", "json"])
+    ["generate", "--length", "5", "--num-samples", "2"],
+], ids=["click's help", "a rich table", "plain lines", "json", "samples printed once drawn"])
 def test_a_closed_pipe_is_a_normal_end(args, tiny_checkpoint, tmp_path):
     """`charlm data info x | head -2`: the reader leaves; charlm ends quietly with 0, whoever
-    was writing (`generate | head`: tests/test_generate.py)."""
-    if args[0] == "eval":
+    was writing (`generate | head` while it streams: tests/test_generate.py)."""
+    if args[0] in ("eval", "generate"):
         args = [*args, "--checkpoint", str(tiny_checkpoint)]
     read, write = os.pipe()
     os.close(read)  # a reader that is already gone: the first write fails (EPIPE)
