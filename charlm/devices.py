@@ -68,7 +68,8 @@ def select_device(spec: str = "auto", cell: str | None = None) -> torch.device:
 def set_tf32(enabled: bool) -> None:
     """TF32 tensor cores for float32 matrix products and cuDNN (Ampere and newer GPUs): faster,
     with a 10-bit mantissa in the products. charlm decides, not torch's defaults (which differ
-    between matmul and cuDNN): the trainer's --tf32, and always off for eval perplexity."""
+    between matmul and cuDNN): the trainer's --tf32, and always off for eval perplexity (and
+    the figures export writes on the card)."""
     # The allow_tf32 flags, not torch >= 2.9's fp32_precision ones: once those are set, torch's
     # own code that still reads the old flags (torch.export, which `charlm export --format onnx`
     # runs after eval's figures) fails with "a mix of the legacy and new APIs" (torch 2.13).

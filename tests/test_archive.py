@@ -12,6 +12,7 @@ import hashlib
 import json
 import subprocess
 import sys
+import threading
 import tomllib
 import zipfile
 from pathlib import Path
@@ -80,6 +81,53 @@ def test_download_unpacks_the_member_and_drops_the_archive(small_enwik8, http_se
     assert cache_files(isolated_cache) == ["enwik8"]
     assert corpus.is_cached(e)
     assert corpus.fetch("enwik8") == path and len(server.seen) == 1  # cached: no second request
+
+
+def test_two_fetches_at_once_unpack_the_archive_once(small_enwik8, http_server,
+                                                    isolated_cache, monkeypatch):
+    """Two `charlm train --corpus enwik8` started together: the second waits for the first to
+    download *and* unpack, then takes the file; it never opens the zip the first one deletes.
+    The first one's unpacking waits until the second is seen waiting for it."""
+    from charlm.data import download as download_module
+
+    server = http_server(small_enwik8["served"])
+    e = dataclasses.replace(small_enwik8["entry"], urls=(server.url("enwik8.zip"),))
+    monkeypatch.setitem(corpus.registry(), "enwik8", e)
+    unpacking, waiting, told = threading.Event(), threading.Event(), []
+    real_extract = archive.extract
+
+    def slow_extract(*args, **kwargs):
+        if not unpacking.is_set():  # the first fetch: let the second one arrive meanwhile
+            unpacking.set()
+            waiting.wait(5)
+        return real_extract(*args, **kwargs)
+
+    def record(message):
+        told.append(message)
+        waiting.set()
+
+    monkeypatch.setattr(archive, "extract", slow_extract)
+    monkeypatch.setattr(download_module, "warn", record)
+    results, errors = [], []
+
+    def fetch():
+        try:
+            results.append(corpus.fetch("enwik8", progress=False))
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    first, second = threading.Thread(target=fetch), threading.Thread(target=fetch)
+    first.start()
+    assert unpacking.wait(30)
+    second.start()
+    for t in (first, second):
+        t.join(60)
+    assert errors == []
+    assert results == [isolated_cache / "enwik8"] * 2
+    assert (isolated_cache / "enwik8").read_bytes() == small_enwik8["body"]
+    assert cache_files(isolated_cache) == ["enwik8"]
+    assert told == ["another process is downloading enwik8; waiting for it"]
+    assert len(server.seen) == 1
 
 
 def test_the_mirror_serves_the_archive(small_enwik8, monkeypatch, isolated_cache):

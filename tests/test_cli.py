@@ -66,6 +66,16 @@ def test_a_stray_argument_gets_the_suggestion_it_needs(argument, hint):
     assert (code, out, err) == (2, "", f"charlm: error: unexpected argument {argument!r}; {hint}\n")
 
 
+@pytest.mark.parametrize("command", [["generate"], ["eval", "perplexity"]])
+def test_a_wrong_weights_choice_is_a_usage_error_before_any_checkpoint_is_read(command, tmp_path):
+    """--weights is checked like every choice option: exit 2, naming --weights, before the
+    checkpoint (here missing) is looked for."""
+    missing = tmp_path / "nosuch.pt"
+    code, out, err = run_main([*command, "--checkpoint", str(missing), "--weights", "best"])
+    assert (code, out, err) == (
+        2, "", "charlm: error: --weights must be one of auto, ema, raw; got 'best'\n")
+
+
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tiny_run) -> Path:
     return tiny_run / "run"
@@ -79,11 +89,12 @@ def charlm(*args: str, stdout=subprocess.PIPE, env: dict | None = None):
 
 @pytest.mark.parametrize("args", [
     ["--help"], ["data", "list"], ["data", "info", "python-docs"], ["eval", "perplexity", "--json"],
-], ids=["click's help", "a rich table", "plain lines", "json"])
+    ["generate", "--length", "5", "--num-samples", "2"],
+], ids=["click's help", "a rich table", "plain lines", "json", "samples printed once drawn"])
 def test_a_closed_pipe_is_a_normal_end(args, tiny_checkpoint, tmp_path):
     """`charlm data info x | head -2`: the reader leaves; charlm ends quietly with 0, whoever
-    was writing (`generate | head`: tests/test_generate.py)."""
-    if args[0] == "eval":
+    was writing (`generate | head` while it streams: tests/test_generate.py)."""
+    if args[0] in ("eval", "generate"):
         args = [*args, "--checkpoint", str(tiny_checkpoint)]
     read, write = os.pipe()
     os.close(read)  # a reader that is already gone: the first write fails (EPIPE)

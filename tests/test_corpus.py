@@ -284,3 +284,48 @@ def test_url_corpus_that_is_not_text_is_not_kept(http_server, tmp_path, isolated
     assert str(err.value).startswith(f"the file at {url} is unusable: ")
     assert str(err.value).endswith("(it holds NUL bytes, like a binary or UTF-16 file); give a UTF-8 text file")
     assert list((isolated_cache / "urls").iterdir()) == []
+
+
+# --- --preprocessing bytes: any byte but NUL, wherever it is ----------------------------------
+
+
+@pytest.mark.parametrize("offset", [3, 100, 70_000])
+def test_bytes_mode_takes_a_file_that_is_not_utf8_wherever_its_first_bad_byte_is(tmp_path,
+                                                                                 offset):
+    """The sample prompt (the first word) used to be read as strict UTF-8 from the first 64 KiB
+    only: a bad byte at offset 100 was refused, one at 70,000 trained. Now bytes mode takes
+    both; raw mode refuses both, with the same line."""
+    from charlm.data.dataset import load_dataset
+
+    data = bytearray((b"cafe au lait, " * 6_000)[:80_000])
+    data[offset] = 0xFF
+    p = tmp_path / "latin1.txt"
+    p.write_bytes(bytes(data))
+    ds = load_dataset(text=[str(p)], preprocessing="bytes")
+    ids = [*ds.train.tolist(), *ds.val.tolist(), *ds.test.tolist()]
+    assert ds.vocab.decode(ids).encode("latin-1") == bytes(data)
+    first = "caf" if offset == 3 else "cafe"  # the first word, up to a byte that does not decode
+    assert ds.default_prefix == corpus.locate_corpus(texts=[p]).sample_prefix == first
+    for mode in ("raw", "d2l"):
+        with pytest.raises(CharlmError) as err:
+            load_dataset(text=[str(p)], preprocessing=mode)
+        assert str(err.value) == (
+            f"{p} is not UTF-8 text (byte 0xff at offset {offset}); convert it first, e.g. "
+            f"iconv -f latin1 -t utf-8 {p} > latin1.utf8.txt")
+
+
+def test_bytes_mode_keeps_a_url_file_that_is_not_utf8(http_server, tmp_path, isolated_cache):
+    served = tmp_path / "served"
+    served.mkdir()
+    body = "na\xefve caf\xe9\n".encode("latin-1") * 10
+    (served / "latin1.txt").write_bytes(body)
+    url = http_server(served).url("latin1.txt")
+    source = corpus.locate_corpus(url=url, preprocessing="bytes")
+    assert (source.sample_prefix, source.files[0].read_bytes()) == ("na", body)
+    with pytest.raises(CharlmError) as err:  # text modes refuse it, and drop it from the cache
+        corpus.locate_corpus(url=url, preprocessing="raw")
+    assert str(err.value) == (
+        f"the file at {url} is unusable: {source.files[0]} is not UTF-8 text (byte 0xef at "
+        f"offset 2); convert it first, e.g. iconv -f latin1 -t utf-8 {source.files[0]} > "
+        f"{source.files[0].stem}.utf8.txt")
+    assert list((isolated_cache / "urls").iterdir()) == []

@@ -129,8 +129,36 @@ def test_bad_dynamic_settings_are_one_line(tiny_run, args, message):
     assert (result.exit_code, result.stderr) == (2, f"charlm: error: {message}\n")
 
 
-def test_dynamic_needs_the_runs_training_text(tiny_run, tmp_path):
+def test_eval_dynamic_reads_the_corpus_once(tiny_run, monkeypatch):
+    """The evaluated split and the training split come from one read of the corpus (a stream,
+    an encoding and a sha256 of all of it: minutes on enwik8)."""
+    from charlm.training import splits
+
+    reads = []
+    real = splits.load_dataset
+
+    def counted(**kwargs):
+        reads.append(kwargs)
+        return real(**kwargs)
+
+    monkeypatch.setattr(splits, "load_dataset", counted)
+    result = invoke("eval", "perplexity", "--checkpoint", str(tiny_run / "run"), "--dynamic",
+                    "--json", "--dynamic-window", "20", "--split", "val")
+    assert result.exit_code == 0, result.output
+    assert len(reads) == 1
+    assert json.loads(result.stdout)["dynamic"]["characters"] == json.loads(
+        result.stdout)["characters"]
+
+
+def test_dynamic_needs_the_runs_training_text(tiny_run, tmp_path, monkeypatch):
+    """...and says so before any scoring (the static pass takes minutes on a large text)."""
+    from charlm import evaluate
     from charlm.training.checkpoint import load_checkpoint, save_checkpoint
+
+    def scored(*args, **kwargs):
+        raise AssertionError("scored before the checks were done")
+
+    monkeypatch.setattr(evaluate, "perplexity_of", scored)
 
     ckpt = load_checkpoint(tiny_run / "run" / "best.pt")
     del ckpt["train_config"]

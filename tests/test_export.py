@@ -227,6 +227,43 @@ def test_a_run_without_a_validation_split_is_exported_with_a_warning(runs, tmp_p
     assert f"Not measured when this folder was made: {reason}." in body
 
 
+def test_a_folder_whose_training_is_null_is_exported_again(runs, exported, tmp_path):
+    """read_config takes "training": null (the facts are optional); export of such a folder
+    used to stop on a TypeError."""
+    from charlm import __version__
+
+    folder = copy_folder(exported["gru"][0], tmp_path)
+    edit_config(folder, lambda c: c.update(training=None))
+    out = tmp_path / "again"
+    code, stdout, err = run_main(["export", str(folder), "--out", str(out), "--sample-length", "5"])
+    assert code == 0, err
+    assert (f"charlm: warning: no validation figures: {folder} holds no training "
+            "configuration, so its splits cannot be rebuilt; evaluate a file with --text FILE\n"
+            ) in err
+    config = json.loads((out / "config.json").read_text())
+    assert config["training"] == {"charlm_version": __version__, "train_config": None,
+                                  "corpus": None}
+    assert config["evaluation"] is None
+
+
+def test_exports_figures_are_computed_without_tf32_as_evals_are(runs, tmp_path, monkeypatch):
+    """On an Ampere GPU, TF32 would change the card's figures from eval perplexity's."""
+    from charlm.training import export
+
+    calls, real = [], export.perplexity_of
+    monkeypatch.setattr(export, "set_tf32", lambda enabled: calls.append(("tf32", enabled)))
+
+    def scored(*args, **kwargs):
+        calls.append("perplexity")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(export, "perplexity_of", scored)
+    code, _, err = run_main(["export", str(runs["gru"]), "--out", str(tmp_path / "share"),
+                             "--sample-length", "5"])
+    assert code == 0, err
+    assert calls == [("tf32", False), "perplexity"]
+
+
 # --- refusals -------------------------------------------------------------------------------------
 
 

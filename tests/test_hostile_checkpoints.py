@@ -317,6 +317,24 @@ def test_a_damaged_training_state_is_one_line_before_any_file_is_written(
                                        f"{DAMAGED}\n")
 
 
+def test_a_checkpoint_of_an_older_batch_order_is_not_resumed_mid_epoch(tiny_run, tmp_path,
+                                                                      monkeypatch):
+    """An older charlm's iterator state (no "layout") lays out its epochs otherwise: resumed in
+    the middle of one, it would repeat or skip windows. One line, nothing written."""
+    run = edited_run(tiny_run, tmp_path, _set("iterator/layout", KeyError))
+    ckpt = plain(tiny_run)
+    it = ckpt["iterator"]
+    per_epoch = (ckpt["corpus"]["splits"]["train"] - it["num_steps"]) // (
+        it["batch_size"] * it["num_steps"])
+    assert 0 < it["position"] < per_epoch  # the tiny run stopped mid-epoch
+    code, out, err = refused("resume", run, tiny_run, tmp_path, monkeypatch)
+    assert (code, out, err) == (1, "", (
+        f"charlm: error: cannot resume: the checkpoint stopped in the middle of epoch "
+        f"{it['epoch']} (after batch {it['position']} of {per_epoch}) and was written by an "
+        "older charlm, whose batch order differs, so the rest of the epoch would repeat or skip "
+        "text; start a new run, or resume it with the charlm that wrote it\n"))
+
+
 @pytest.mark.parametrize("edit", ["weights-near-float32-max", "weights-complex", "weights-integer"])
 @pytest.mark.parametrize("command", ["generate", "eval"])
 def test_generate_and_eval_refuse_weights_no_model_was_trained_to(

@@ -48,7 +48,7 @@ def eval_perplexity(
     from charlm.data.text import preprocess, read_text
     from charlm.evaluate import perplexity_of
     from charlm.training.checkpoint import load_model
-    from charlm.training.splits import run_split
+    from charlm.training.splits import run_data
 
     if split is not None and text is not None:
         raise UsageError("give --split or --text, not both")
@@ -65,12 +65,14 @@ def eval_perplexity(
     from charlm.devices import set_tf32
 
     set_tf32(False)  # exact float32 figures on every GPU
+    data = None  # the run's dataset, read once: the split evaluated and --dynamic's train split
     if text is not None:
         tokens = loaded.vocab.encode(preprocess(raw, loaded.preprocessing)).to(loaded.device)
         source, what = str(text), f"--text {text}"
     else:
         split = split or "val"
-        tokens = run_split(loaded, split)
+        data = run_data(loaded, split)
+        tokens = getattr(data, split)
         source, what = f"{split} split", f"the {split} split of the run of {loaded.path}"
     if tokens.numel() < 2:
         raise CharlmError(
@@ -78,8 +80,9 @@ def eval_perplexity(
             "preprocessing: nothing to evaluate (a character is predicted from the ones before "
             "it, so at least 2 are needed)"
         )
+    train = _training_split(loaded, data) if settings else None  # checked before any scoring
     result = perplexity_of(loaded.model, tokens, window=batch_size)
-    adapted = _dynamic(loaded, tokens, settings) if settings else None
+    adapted = _dynamic(loaded, tokens, settings, train) if settings else None
 
     if json_out:
         payload = {"checkpoint": str(loaded.path), "split": None if text is not None else split,
@@ -125,20 +128,28 @@ def _dynamic_settings(lr: float, decay: float, window: int):
     return DynamicSettings(lr=lr, decay=decay, window=window)
 
 
-def _dynamic(loaded: "Loaded", tokens: "torch.Tensor", settings):
-    """Dynamic evaluation of `tokens` on a copy of the model, its gradient statistics from the
-    run's own training split."""
-    from charlm.dynamic import adaptable, dynamic_perplexity, gradient_rms
-    from charlm.training.splits import run_split
+def _training_split(loaded: "Loaded", data) -> "torch.Tensor":
+    """The run's training split, for --dynamic's gradient statistics: from `data` (the run's
+    dataset, when the evaluated split came from it), else rebuilt."""
+    from charlm.training.splits import run_data
 
+    if data is not None:
+        return data.train
     if not isinstance(loaded.ckpt.get("train_config"), dict):
         raise CharlmError(f"--dynamic needs the run's training text (for its gradient statistics) "
                           f"but {loaded.path} holds no training configuration to rebuild it "
                           "from; evaluate without --dynamic")
     try:
-        train = run_split(loaded, "train")
+        return run_data(loaded, "train").train
     except CharlmError as exc:
         raise CharlmError(f"--dynamic needs the run's training text: {exc}") from None
+
+
+def _dynamic(loaded: "Loaded", tokens: "torch.Tensor", settings, train: "torch.Tensor"):
+    """Dynamic evaluation of `tokens` on a copy of the model, its gradient statistics from the
+    run's own training split `train`."""
+    from charlm.dynamic import adaptable, dynamic_perplexity, gradient_rms
+
     model = adaptable(loaded.model)
     rms = gradient_rms(model, train, settings.window, settings.stats_tokens)
     return dynamic_perplexity(model, tokens, settings, rms)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import codecs
 import json
-import os
 import secrets
 import sys
 from pathlib import Path
@@ -100,31 +99,27 @@ def generate(
         out.write(show(text))
         out.flush()
 
-    try:
-        scores = None
-        if beam is not None:
-            from charlm.beam import beam_search
+    scores = None
+    if beam is not None:
+        from charlm.beam import beam_search
 
-            best = beam_search(loaded.model, ids, beam, length)[:num_samples]
-            drawn = [h.ids for h in best]
-            scores = [{"log_prob": h.log_prob, "nats_per_char": -h.score} for h in best]
-            settings.seed = None
-        else:
-            drawn = draw(loaded.model, ids, settings, on_step=on_step, keep=not stream)
-        samples = [vocab.decode(row) for row in drawn]
-        if json_out:
-            payload = {"prefix": readable(text, mode),
-                       "samples": [readable(s, mode) for s in samples],
-                       "settings": settings.to_dict(), "checkpoint": str(loaded.path)}
-            if scores is not None:
-                payload["settings"]["beam"] = beam
-                payload["scores"] = scores
-            sys.stdout.write(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
-        elif stream:
-            sys.stdout.write((utf8.decode(b"", final=True) if utf8 else "") + "\n")
-        else:
-            sys.stdout.write("\n\n".join(readable(text + s, mode) for s in samples) + "\n")
-        sys.stdout.flush()
-    except BrokenPipeError:  # e.g. `charlm generate | head -c 100`: the reader has had enough
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        raise typer.Exit(0) from None
+        best = beam_search(loaded.model, ids, beam, length)[:num_samples]
+        drawn = [h.ids for h in best]
+        scores = [{"log_prob": h.log_prob, "nats_per_char": -h.score} for h in best]
+        settings.seed = None
+    else:
+        drawn = draw(loaded.model, ids, settings, on_step=on_step, keep=not stream)
+    samples = [vocab.decode(row) for row in drawn]
+    if json_out:
+        payload = {"prefix": readable(text, mode),
+                   "samples": [readable(s, mode) for s in samples],
+                   "settings": settings.to_dict(), "checkpoint": str(loaded.path)}
+        if scores is not None:
+            payload["settings"]["beam"] = beam
+            payload["scores"] = scores
+        sys.stdout.write(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
+    elif stream:
+        sys.stdout.write((utf8.decode(b"", final=True) if utf8 else "") + "\n")
+    else:
+        sys.stdout.write("\n\n".join(readable(text + s, mode) for s in samples) + "\n")
+    sys.stdout.flush()

@@ -2,6 +2,9 @@
 
 import typer
 
+from charlm.checks import Rule
+from charlm.model.config import WEIGHTS
+
 CheckpointOpt = typer.Option(
     None, "--checkpoint",
     help="A checkpoint file, a run directory (its best.pt) or a folder written by charlm export. "
@@ -16,7 +19,15 @@ ImplOpt = typer.Option(
     show_default=False,
 )
 JsonOpt = typer.Option(False, "--json", help="Print JSON on stdout instead of text.")
+
+
+def _check_weights(value: str) -> str:
+    """--weights is checked as it is parsed, before any checkpoint is read."""
+    Rule(choices=WEIGHTS).check("--weights", value)
+    return value
+
+
 WeightsOpt = typer.Option(
-    "auto", "--weights",
+    "auto", "--weights", callback=_check_weights, metavar=f"[{'|'.join(WEIGHTS)}]",
     help="auto: a run trained with --ema uses its averaged weights, else the raw ones; ema; raw.",
 )

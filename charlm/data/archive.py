@@ -2,6 +2,8 @@
 
 On disk, in the cache (dest = <cache>/enwik8):
 
+    <cache>/.enwik8.lock            held (flock) while the archive is downloaded and unpacked:
+                                    a second process waits, then finds enwik8 in place
     <cache>/enwik8.zip              the downloaded archive (charlm.data.download), kept only
                                     until its member is out, so a failed unpack is retried
                                     without downloading again

@@ -15,6 +15,7 @@ charlm.data.stream: nothing holds a 100 MB corpus whole); `load_corpus` reads it
 
 from __future__ import annotations
 
+import codecs
 import functools
 import hashlib
 import os
@@ -27,7 +28,8 @@ from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlparse
 
 from charlm.data import archive, stream
-from charlm.data.download import DownloadError, checksum_mismatch, download, install, mirror_urls
+from charlm.data.download import (DownloadError, checksum_mismatch, download, exclusive, install,
+                                  mirror_urls)
 from charlm.data.transfer import public_url
 from charlm.data.text import read_text
 from charlm.errors import CharlmError, UsageError, warn
@@ -146,20 +148,25 @@ def _fetch(e: Entry, data_dir: Path | None, progress: bool, network: dict | None
 def _fetch_archive(e: Entry, data_dir: Path | None, progress: bool,
                    network: dict | None = None) -> Path:
     """Download the corpus's zip (unless an earlier run left it whole), then take the file out;
-    the zip goes once the file is in place, or when it turns out damaged."""
-    zipped = cache_dir(data_dir) / e.archive
-    if not zipped.is_file():
-        download([*mirror_urls(e.archive), *e.urls], zipped, progress=progress,
-                 **{**DOWNLOAD_OPTIONS, **(network or {})})
-    try:
-        path = archive.extract(zipped, e.filename, cached_path(e, data_dir), size=e.size,
-                               **e.hashes)
-    except CharlmError as exc:
-        if not str(exc).startswith("cannot write"):  # a full disk is not the archive's fault
-            zipped.unlink(missing_ok=True)
-        raise
-    zipped.unlink()
-    return path
+    the zip goes once the file is in place, or when it turns out damaged.
+
+    The whole of it holds the lock on the corpus's file: a second process waits, then finds the
+    file in place, instead of unpacking the zip while the first one unpacks (and deletes) it."""
+    dest, zipped = cached_path(e, data_dir), cache_dir(data_dir) / e.archive
+    with exclusive(dest):
+        if is_cached(e, data_dir):
+            return dest  # another process fetched it while this one waited
+        if not zipped.is_file():
+            download([*mirror_urls(e.archive), *e.urls], zipped, progress=progress,
+                     **{**DOWNLOAD_OPTIONS, **(network or {})})
+        try:
+            path = archive.extract(zipped, e.filename, dest, size=e.size, **e.hashes)
+        except CharlmError as exc:
+            if not str(exc).startswith("cannot write"):  # a full disk is not the archive's fault
+                zipped.unlink(missing_ok=True)
+            raise
+        zipped.unlink(missing_ok=True)
+        return path
 
 
 def fetch(name: str, data_dir: Path | None = None, progress: bool = True) -> Path:
@@ -198,13 +205,18 @@ def _first_word(text: str) -> str:
 
 
 def _first_word_of(files: tuple[Path, ...]) -> str:
-    """`_first_word` of the files' text, reading no more of it than needed (at most 1 MiB)."""
+    """`_first_word` of the files' text, reading no more of it than needed (at most 1 MiB).
+
+    The bytes need not be UTF-8: --preprocessing bytes takes any byte but NUL, so the word ends
+    before a byte that does not decode (it stays a prefix of the text). The modes that read text
+    refuse such a file when they read it, wherever its first bad byte is."""
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
     head = ""
-    for piece in stream.raw_chunks(files, block=1 << 16):
-        head += piece
+    for piece in stream.byte_chunks(files, block=1 << 16):
+        head += decoder.decode(piece)
         if len(head.split(maxsplit=1)) > 1 or len(head) >= 1 << 20:  # the first word is whole
             break
-    return _first_word(head)
+    return _first_word(head).partition("\ufffd")[0]
 
 
 @dataclass(frozen=True)
@@ -265,7 +277,7 @@ def _is_regular(path: Path) -> bool:
 
 
 def _from_url(url: str, sha256: str | None, data_dir: Path | None, progress: bool,
-              network: dict | None = None) -> CorpusSource:
+              network: dict | None = None, preprocessing: str | None = None) -> CorpusSource:
     shown = public_url(url)  # what messages, configs and checkpoints hold: no user:password@
     try:
         parsed = urlparse(url)
@@ -279,8 +291,10 @@ def _from_url(url: str, sha256: str | None, data_dir: Path | None, progress: boo
     if not (path.is_file() and checksum_mismatch(path, sha256=sha256) is None):
         download([url], path, sha256=sha256, progress=progress, name=basename,
                  **{**DOWNLOAD_OPTIONS, **(network or {})})
+    # all of it UTF-8 text (or, for --preprocessing bytes, free of NUL)? streamed, nothing kept
+    reader = stream.byte_chunks if preprocessing == "bytes" else stream.raw_chunks
     try:
-        for _ in stream.raw_chunks((path,)):  # all of it UTF-8 text? (streamed, nothing kept)
+        for _ in reader((path,)):
             pass
     except CharlmError as exc:
         path.unlink()  # not text: do not keep it in the cache
@@ -309,19 +323,21 @@ def locate_corpus(
     data_dir: Path | None = None,
     progress: bool = True,
     network: dict | None = None,
+    preprocessing: str | None = None,
 ) -> CorpusSource:
     """Where the text to train on is: a named corpus, local UTF-8 files (joined by newlines), or a
     URL; downloaded first if need be, but not read.
 
     With none of them, `timemachine`; if that is neither cached nor downloadable, the built-in
     `python-docs`, with one warning line on stderr. A corpus named explicitly never falls back.
-    `network`: keywords for `download` (deadline, min_rate).
+    `network`: keywords for `download` (deadline, min_rate). `preprocessing` "bytes" keeps a
+    URL's file that is not UTF-8 (any byte but NUL is taken); other modes refuse it.
     """
     check_source(name, texts, url, sha256)
     if texts:
         return _from_files(list(texts))
     if url:
-        return _from_url(url, sha256, data_dir, progress, network)
+        return _from_url(url, sha256, data_dir, progress, network, preprocessing)
     if name:
         return _from_entry(entry(name), data_dir, progress, network)
     try:

@@ -82,7 +82,7 @@ def load_dataset(*, corpus: str | None = None, text: list[str] = (), url: str | 
     means the corpus's own (preprocessing, split fractions)."""
     source = locate_corpus(corpus or None, texts=[Path(t) for t in text] or None, url=url,
                            sha256=sha256, data_dir=Path(data_dir) if data_dir else None,
-                           progress=progress,
+                           progress=progress, preprocessing=preprocessing,
                            network={"deadline": download_timeout, "min_rate": download_min_rate})
     mode = preprocessing or source.preprocessing
     voc, tokens = encode_chunks(

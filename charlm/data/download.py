@@ -99,11 +99,16 @@ def _copy_local(url: str, part: Path, bounds: Bounds | None = None) -> None:
 
 
 @contextmanager
-def _exclusive(dest: Path):
+def exclusive(dest: Path):
     """Hold `.<dest>.lock` (flock): one process downloads a file, the others wait for it.
+    The cache folder is created first if need be.
 
     The holder removes the lock file when done; a waiter that then gets the lock of a removed
     file tries again on the one now there, so two processes never hold "the" lock at once."""
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CharlmError(f"cannot create the cache folder {dest.parent}: {exc.strerror}") from None
     lock = dest.with_name(f".{dest.name}.lock")
     told = False
     while True:
@@ -163,12 +168,8 @@ def download(
     folder that cannot be written (no other URL would help, nor the python-docs fallback).
     """
     dest = Path(dest)
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise CharlmError(f"cannot create the cache folder {dest.parent}: {exc.strerror}") from None
     show = progress and sys.stderr.isatty()
-    with _exclusive(dest):
+    with exclusive(dest):
         if dest.is_file() and checksum_mismatch(dest, sha1=sha1, sha256=sha256) is None:
             return dest  # another process fetched it while this one waited
         return _download(urls, dest, sha1, sha256, size, timeout, deadline, min_rate,

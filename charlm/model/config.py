@@ -18,6 +18,8 @@ GRU_RESETS = ("after", "before")  # the GRU's reset gate after (PyTorch, cuDNN) 
 IMPLS = ("fused", "scratch", "fast")  # the concrete implementations; "auto" picks one
 MODES = ("rnn_tanh", "rnn_relu", "gru", "lstm")  # what the layer factory takes: cell + nonlinearity
 FAST_MODES = ("gru",)  # the cells `fast` exists for
+# --weights of generate and eval: auto (the averaged weights where a run has them), ema, raw
+WEIGHTS = ("auto", "ema", "raw")
 
 
 def _rule(**kw) -> dict:

@@ -25,7 +25,7 @@ from torch import nn
 from charlm.data.text import PREPROCESSING
 from charlm.data.vocab import Vocab
 from charlm.errors import CharlmError
-from charlm.model.config import ModelConfig, resolve_impl
+from charlm.model.config import WEIGHTS, ModelConfig, resolve_impl
 from charlm.model.lm import CharLM
 
 
@@ -38,7 +38,6 @@ class Restored:
 
 # What a resumed run may change about its model: none changes a weight's shape.
 ADJUSTABLE = ("impl", "dropout", "input_dropout", "embed_dropout", "weight_drop", "locked_dropout")
-WEIGHTS = ("auto", "ema", "raw")
 # Trained weights and states stay within about 100; past this bound float32 products overflow
 # (a checkpoint near float32's limit would only ever compute infinities and NaN).
 MAX_MAGNITUDE = 1e6

@@ -24,7 +24,7 @@ import torch
 
 from charlm import __version__
 from charlm.data.text import preprocess, readable
-from charlm.devices import select_device
+from charlm.devices import select_device, set_tf32
 from charlm.errors import CharlmError, UsageError, warn
 from charlm.evaluate import perplexity_of
 from charlm.model import folder as model_folder
@@ -141,7 +141,7 @@ def _write(cpu: Loaded, staging: Path, name: str, fmt: str, device: str, prefix:
     model, ckpt = cpu.model, cpu.ckpt
     training = {k: ckpt[k] for k in TRAINING_KEYS if k in ckpt}
     exported = ckpt.get("exported") or {}  # a folder exported again keeps its history
-    training = {**exported.get("training", {}), **training, "charlm_version": __version__,
+    training = {**(exported.get("training") or {}), **training, "charlm_version": __version__,
                 "train_config": ckpt.get("train_config"), "corpus": ckpt.get("corpus")}
     files: dict[str, bytes] = {model_folder.WEIGHTS: model_folder.weights_bytes(model.state_dict())}
     onnx_info, difference = None, None
@@ -232,6 +232,7 @@ def _evaluate(cpu: Loaded, device: str, say: Callable[[str], None]
         warn(note)
         return None, [note], run_prefix
     say(f"evaluating on the validation split ({data.val.numel() - 1:,} characters)")
+    set_tf32(False)  # exact float32, as `charlm eval perplexity` computes it
     result = perplexity_of(loaded.model, data.val)
     return {"split": "val", **result.to_dict()}, [], run_prefix
 

@@ -6,19 +6,12 @@ figures) read the split from here, so both give the same numbers for the same mo
 
 from __future__ import annotations
 
-import torch
-
 from charlm.data.corpus import default_fractions
 from charlm.data.dataset import Dataset, load_dataset
 from charlm.errors import CharlmError
 from charlm.training.checkpoint import Loaded
 
 FRACTION_OPTION = {"val": "--val-fraction", "test": "--test-fraction"}
-
-
-def run_split(loaded: Loaded, split: str) -> torch.Tensor:
-    """Rebuild the run's splits from its train_config; the corpus must be the one trained on."""
-    return getattr(run_data(loaded, split), split)
 
 
 def run_data(loaded: Loaded, split: str) -> Dataset:
