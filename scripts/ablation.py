@@ -15,7 +15,7 @@ adds one (or replaces one of the same name).
 
 Seeds can be added in several sittings: `--record FILE` appends each finished run (its figures
 and options) to a JSON-lines file as soon as it is evaluated, `--table FILE` prints the table
-of every run recorded there (grouped by row and arm, in order of appearance) without training,
+of every run recorded there (grouped by row and arm) without training,
 and `--evaluate-dirs DIR` records the runs already in DIR (directories named ROW-ARM-sSEED-STAMP
 by this script) by evaluating their best checkpoints again, for runs made before `--record`.
 
@@ -179,12 +179,17 @@ def read_records(paths: list[str]) -> list[dict]:
 
 
 def grouped(entries: list[dict]) -> list[dict]:
-    """One result per (row, arm), in order of first appearance, summarised over its runs."""
+    """One result per (row, arm), summarised over its runs: rows and arms in the order of ROWS and
+    ARMS, arms defined by --arm after them in order of appearance."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for e in entries:
         groups.setdefault((e["row"], e["arm"]), []).append(e)
-    return [{"row": row, "corpus": ROWS[row].corpus, "arm": arm, "options": runs[0]["options"],
-             "runs": runs, **summarise(runs)} for (row, arm), runs in groups.items()]
+    order = list(groups)
+    arms = list(ARMS)
+    order.sort(key=lambda k: (list(ROWS).index(k[0]),
+                              arms.index(k[1]) if k[1] in arms else len(arms) + order.index(k)))
+    return [{"row": row, "corpus": ROWS[row].corpus, "arm": arm, "options": groups[row, arm][0]["options"],
+             "runs": groups[row, arm], **summarise(groups[row, arm])} for row, arm in order]
 
 
 def evaluate_dirs(parents: list[str], args, env: dict) -> list[dict]:
