@@ -63,10 +63,16 @@ def resume_hint(run: Path, signame: str, step: int, nproc: str = "") -> str:
 # --- SIGHUP: the terminal closed --------------------------------------------------------------------
 
 
+def _sighup_default() -> None:
+    """In the child before exec: SIGHUP as a terminal leaves it. A suite run under nohup passes
+    SIGHUP ignored to every child, and charlm then rightly goes on (the test below)."""
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 def test_sighup_saves_and_says_how_to_resume_like_sigterm(corpus, tmp_path):
     run = tmp_path / "run"
     proc = python_m_charlm(soak.train_args(corpus, run, 100_000, SEED),
-                           soak.env_for(tmp_path / "runs"))
+                           soak.env_for(tmp_path / "runs"), preexec_fn=_sighup_default)
     wait_for_rows(proc, run)
     proc.send_signal(signal.SIGHUP)
     out, err = stopped(proc)
@@ -228,7 +234,7 @@ def running(pid: int) -> bool:
 def test_ranks_stop_and_save_when_their_launcher_is_killed(sig, corpus, tmp_path):
     run = tmp_path / "run"
     args = [*soak.train_args(corpus, run, 100_000, SEED), "--nproc", "2"]
-    proc = python_m_charlm(args, soak.env_for(tmp_path / "runs"))
+    proc = python_m_charlm(args, soak.env_for(tmp_path / "runs"), preexec_fn=_sighup_default)
     ranks: set[int] = set()
     try:
         wait_until(lambda: (run / "last.pt").exists(), proc, "checkpoint", timeout=180)
