@@ -6,7 +6,8 @@ standard library alone: no torch, no charlm, no numpy of our own (onnxruntime ta
     python scripts/onnx_generate.py share/gru-timemachine --prefix "time traveller" --greedy
 
 What it does is what `charlm generate` does: the prefix goes through the model's preprocessing
-(config.json's "preprocessing") and its vocabulary (unknown characters read as <unk>, id 0),
+(config.json's "preprocessing"; in "bytes" mode the symbols are UTF-8 bytes, written out as
+the text they decode to) and its vocabulary (unknown characters read as <unk>, id 0),
 warms up the state one character per call of model.onnx, and each next character is drawn from
 softmax(logits / T) (or taken as the argmax with --greedy) and fed back. Without a prefix the
 first character comes from the zero state, whose logits are the output layer's bias: read here
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import array
+import codecs
 import json
 import math
 import random
@@ -35,6 +37,8 @@ def preprocess(text: str, mode: str) -> str:
         return text.lower()
     if mode == "raw":
         return text
+    if mode == "bytes":  # one symbol per UTF-8 byte, U+0000..U+00FF
+        return text.encode("utf-8", "surrogatepass").decode("latin-1")
     raise SystemExit(f"onnx_generate: unknown preprocessing {mode!r} in config.json")
 
 
@@ -108,16 +112,30 @@ def main(argv: list[str] | None = None) -> int:
     for ch in text:
         logits = step(index.get(ch, 0))
     rng = random.Random(args.seed)
-    out = sys.stdout
-    out.write(text)
+    write = writer(config["preprocessing"])
+    write(text)
     for i in range(args.length):
         token = pick(logits, rng, args.temperature, args.top_k, args.greedy)
-        out.write(tokens[token])
-        out.flush()
+        write(tokens[token])
         if i < args.length - 1:
             logits = step(token)
-    out.write("\n")
+    write("", final=True)
+    sys.stdout.write("\n")
     return 0
+
+
+def writer(mode: str):
+    """Writes symbols to stdout as they come; in "bytes" mode each symbol is one byte, decoded
+    as UTF-8 once its character is whole (a bad or cut-off sequence shows as U+FFFD)."""
+    utf8 = codecs.getincrementaldecoder("utf-8")("replace") if mode == "bytes" else None
+
+    def write(symbols: str, final: bool = False) -> None:
+        if utf8 is not None:
+            symbols = utf8.decode(symbols.encode("latin-1", "replace"), final)
+        sys.stdout.write(symbols)
+        sys.stdout.flush()
+
+    return write
 
 
 if __name__ == "__main__":

@@ -74,10 +74,10 @@ def generate(
     text = preprocess(raw, loaded.preprocessing)
     unknown = [c for c in dict.fromkeys(text) if c not in vocab]
     if unknown:
-        warn(
-            f"{len(unknown)} prefix character{'s' if len(unknown) > 1 else ''} not in the "
-            f"model's vocabulary, read as <unk>: {', '.join(repr(c) for c in unknown)}"
-        )
+        what = "byte" if loaded.preprocessing == "bytes" else "character"  # bytes: as hex
+        shown = [f"0x{ord(c):02x}" if what == "byte" else repr(c) for c in unknown]
+        warn(f"{len(unknown)} prefix {what}{'s' if len(unknown) > 1 else ''} not in the "
+             f"model's vocabulary, read as <unk>: {', '.join(shown)}")
     ids = vocab.encode(text).tolist()
     if not greedy and beam is None and settings.seed is None:
         settings.seed = secrets.randbits(63)  # reported by --json so the text can be redrawn
