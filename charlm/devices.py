@@ -136,15 +136,6 @@ def threads_within(n: int):
         torch.set_num_threads(before)
 
 
-def stream_threads(device: torch.device | str):
-    """The threads of one sequence's work on `device` (eval perplexity's exact pass, dynamic
-    evaluation): one on the CPU, where a step's ops last microseconds, so a second thread gains
-    nothing and on a busy machine turns every op into a wait for a core given away (413 against
-    17,834 characters/s, issue 20); nothing changes elsewhere."""
-    cpu = torch.device(device).type == "cpu"
-    return threads_within(threads_for("stream", 0, 1)) if cpu else contextlib.nullcontext()
-
-
 def threads_for(kind: str, hidden: int, rows: int, requested: int = 0) -> int:
     """CPU threads for one kind of work: "train" (steps of `rows` sequences through layers of
     `hidden` units; the trainer's validation too) or "stream" (one sequence: eval perplexity's

@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from contextlib import nullcontext
 
 import torch
 
 from charlm.data.batches import eval_windows
-from charlm.devices import stream_threads
+from charlm.devices import threads_within
 from charlm.evaluate import Perplexity, WindowSums
 from charlm.model.lm import CharLM, detach_state
+from charlm.threads import ThreadChooser
 
 EPS = 1e-5  # keeps g / (rms + eps) finite for weights whose training gradient was ~0
 STATS_STREAMS = 16  # streams read in parallel while measuring rms
@@ -85,20 +87,23 @@ def dynamic_perplexity(model: CharLM, tokens: torch.Tensor, settings: DynamicSet
     adapt = settings.lr > 0
     sums = WindowSums(tokens.numel(), 1, settings.window, device)
     state = None
-    with torch.set_grad_enabled(adapt), stream_threads(device):
+    chooser = ThreadChooser.for_stream(device, model.config.hidden)  # as perplexity_of
+    with torch.set_grad_enabled(adapt), threads_within(torch.get_num_threads()):
         for X, Y, _ in eval_windows(tokens, 1, settings.window):
-            logits, state = model(X, state)
-            loss = sums.add(logits, Y)  # scored before it is learnt from
-            state = detach_state(state)
-            if not adapt:
-                continue
-            model.zero_grad(set_to_none=True)
-            (loss / Y.numel()).backward()
-            with torch.no_grad():
-                torch._foreach_addcdiv_(params, [p.grad for p in params], step, value=-settings.lr)
-                back = torch._foreach_sub(theta0, params)
-                torch._foreach_mul_(back, pull)
-                torch._foreach_add_(params, back)
+            with chooser.step() if chooser else nullcontext():
+                logits, state = model(X, state)
+                loss = sums.add(logits, Y)  # scored before it is learnt from
+                state = detach_state(state)
+                if not adapt:
+                    continue
+                model.zero_grad(set_to_none=True)
+                (loss / Y.numel()).backward()
+                with torch.no_grad():
+                    torch._foreach_addcdiv_(params, [p.grad for p in params], step,
+                                            value=-settings.lr)
+                    back = torch._foreach_sub(theta0, params)
+                    torch._foreach_mul_(back, pull)
+                    torch._foreach_add_(params, back)
     nats = sums.total() / sums.count
     unk = int((tokens[1:] == 0).sum().item())
     return Perplexity(math.exp(nats), nats, nats / math.log(2), sums.count, unk, unk / sums.count)

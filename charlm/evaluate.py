@@ -25,18 +25,20 @@ import torch
 import torch.nn.functional as F
 
 from charlm.data.batches import eval_windows
-from charlm.devices import stream_threads
+from charlm.devices import threads_within
 from charlm.model.lm import CharLM, detach_state
+from charlm.threads import ThreadChooser
 
 
 @torch.no_grad()
 def corpus_nll(model: CharLM, tokens: torch.Tensor, batch_size: int, num_steps: int,
-               autocast=None) -> tuple[float, int]:
+               autocast=None, threads: ThreadChooser | None = None) -> tuple[float, int]:
     """Summed negative log-likelihood (nats) of tokens[1:] and the number of targets.
 
     batch_size 1 conditions every target on all of its left context (exact); B > 1 restarts
     the state at the start of each of the B streams (an estimate, see the module docstring).
-    The sum stays on the device until the end (one host sync)."""
+    The sum stays on the device until the end (one host sync). `threads` chooses the CPU
+    threads of each window (the count before comes back after)."""
     was_training = model.training
     model.eval()
     device = model.head.weight.device
@@ -44,13 +46,15 @@ def corpus_nll(model: CharLM, tokens: torch.Tensor, batch_size: int, num_steps: 
     sums = WindowSums(tokens.numel(), batch_size, num_steps, device)
     state = None
     try:
-        for X, Y, reset in eval_windows(tokens, batch_size, num_steps):
-            if reset:
-                state = None
-            with autocast if autocast is not None else nullcontext():
-                logits, state = model(X, state)
-            state = detach_state(state)
-            sums.add(logits, Y)
+        with threads_within(torch.get_num_threads()):
+            for X, Y, reset in eval_windows(tokens, batch_size, num_steps):
+                if reset:
+                    state = None
+                with threads.step() if threads else nullcontext(), \
+                        autocast if autocast is not None else nullcontext():
+                    logits, state = model(X, state)
+                    state = detach_state(state)
+                    sums.add(logits, Y)
     finally:
         model.train(was_training)
     return sums.total(), sums.count
@@ -96,11 +100,12 @@ class Perplexity:
 def perplexity_of(model: CharLM, tokens: torch.Tensor, window: int = 512) -> Perplexity:
     """Exact: one stream, `window` characters per forward pass, the state carried throughout.
 
-    On the CPU it runs on one thread: a single stream's products are too small to split, and a
-    second thread turns every op into a wait for a core that a busy machine has given away
-    (413 against 17,834 characters/s under load, issue 20)."""
-    with stream_threads(model.head.weight.device):
-        nll, count = corpus_nll(model, tokens, 1, window)
+    On the CPU the windows' threads are timed (`ThreadChooser.for_stream`): two threads run a
+    256-unit model's windows 1.3-1.4x faster than one on an idle machine, while beside busy
+    processes one can be the faster (issue 20: a fixed two threads once ran 413 against 17,834
+    characters/s with one)."""
+    chooser = ThreadChooser.for_stream(model.head.weight.device, model.config.hidden)
+    nll, count = corpus_nll(model, tokens, 1, window, threads=chooser)
     nats = nll / count
     unk = int((tokens[1:] == 0).sum().item())
     return Perplexity(math.exp(nats), nats, nats / math.log(2), count, unk, unk / count)

@@ -1,7 +1,7 @@
 """Benchmark: tokens/s with 1 and 2 (or N) CPU threads, on a quiet machine and beside busy ones.
 
     python scripts/bench_threads.py [--configs default,shakespeare-gru,d2l-gru,d2l-lstm,d2l-rnn]
-        [--variants 1,2,2:GOMP_SPINCOUNT=300000,auto] [--loads quiet,busy] [--seconds 15]
+        [--variants 1,2,2:GOMP_SPINCOUNT=300000,auto] [--loads quiet,busy,pinned] [--seconds 15]
         [--repeats 3] [--json]
 
 For each config (configs/<name>.toml; `default` is the built-in default config), each variant
@@ -14,14 +14,16 @@ CPU) and measures, each for --seconds after a warm-up:
 
 Variants: a thread count (`torch.set_num_threads(N)`) or `auto` (what charlm does: its
 ThreadChooser times 1 and one-per-core during the training steps and keeps the faster; the
-trainer's validation then uses that count; eval-1 one thread), optionally with settings for the OpenMP runtime after a
+trainer's validation then uses that count; eval-1 times both counts over its windows the same way), optionally with settings for the OpenMP runtime after a
 colon, e.g. `2:GOMP_SPINCOUNT=0;OMP_PROC_BIND=true`. Every variant runs with charlm's own
 OpenMP setting (GOMP_SPINCOUNT=1000, what `charlm` sets when the environment names none) unless
 it gives one: `2:GOMP_SPINCOUNT=300000` is torch's default behaviour.
 
 Loads: `quiet` is the machine as it is (run it on a quiet machine: nothing else running);
 `busy` starts one busy process per core (a pure-Python loop, at normal priority) for the length
-of each measurement and stops it after: the "busy neighbour" of issue 20. The rounds repeat
+of each measurement and stops it after: the "busy neighbour" of issue 20; `pinned` the same,
+each held to its own core. (Unpinned, the scheduler sometimes stacks both busy processes on one
+core for many seconds and leaves charlm the other: runs then differ 1.5-2x by luck.) The rounds repeat
 --repeats times, the variants interleaved within a round; the table gives medians and, per
 variant, busy / quiet. Target (issue 20): with its own choice (`auto`), charlm loses at most 2x
 to the busy neighbours (busy / quiet >= 0.5) and keeps its quiet-machine speed (auto quiet >=
@@ -51,19 +53,23 @@ SHARED = Path(os.environ.get("CHARLM_SHARED_DATA") or REPO.parent / "shared" / "
 WHAT = ("train", "eval", "eval-1")
 
 
-def _spin(deadline: float) -> None:
+def _spin(deadline: float, cpu: int | None = None) -> None:
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
     while time.time() < deadline:
         pass
 
 
 class BusyNeighbours:
-    """One busy process per core until `seconds` have passed (or stop() is called)."""
+    """One busy process per core until `seconds` have passed (or stop() is called); `pinned`:
+    each held to its own core, so the scheduler cannot stack two on one core."""
 
-    def __init__(self, seconds: float):
+    def __init__(self, seconds: float, pinned: bool = False):
         deadline = time.time() + seconds
         ctx = multiprocessing.get_context("spawn")
-        self.procs = [ctx.Process(target=_spin, args=(deadline,), daemon=True)
-                      for _ in range(os.cpu_count() or 1)]
+        cpus = sorted(os.sched_getaffinity(0)) if pinned else [None] * (os.cpu_count() or 1)
+        self.procs = [ctx.Process(target=_spin, args=(deadline, cpu), daemon=True)
+                      for cpu in cpus]
         for p in self.procs:
             p.start()
 
@@ -82,7 +88,7 @@ def child(config: str, variant: str, seconds: float) -> dict:
     from charlm.evaluate import corpus_nll
     from charlm.training.config import build_config
     from charlm.training.configfile import load_config_file
-    from charlm.training.threads import ThreadChooser
+    from charlm.threads import ThreadChooser
     from charlm.training.trainer import Trainer
 
     file = {} if config == "default" else load_config_file(REPO / "configs" / f"{config}.toml")
@@ -136,9 +142,13 @@ def child(config: str, variant: str, seconds: float) -> dict:
     result["eval"] = {"threads": chooser.best if chooser else threads("eval"), "rate": timed(
         lambda: corpus_nll(model, part, cfg.batch_size, cfg.num_steps), part.numel() - 1)[0]}
     one = data.val[: 4_000]
-    use_threads(threads("eval-1"))
-    result["eval-1"] = {"threads": threads("eval-1"), "rate": timed(
-        lambda: corpus_nll(model, one, 1, 512), one.numel() - 1)[0]}
+    # auto: eval perplexity's own chooser, timing both counts over its windows (one chooser
+    # across the repeated passes here, as over one long split)
+    stream = ThreadChooser.for_stream("cpu", cfg.hidden) if count == "auto" else None
+    use_threads(stream.counts[0] if stream else threads("eval-1"))
+    rate = timed(lambda: corpus_nll(model, one, 1, 512, threads=stream), one.numel() - 1)[0]
+    result["eval-1"] = {"threads": f"{stream.best} (chosen)" if stream and len(stream.counts) > 1
+                        else threads("eval-1"), "rate": rate}
     model.train()
     return result
 
@@ -183,7 +193,8 @@ def main(argv=None) -> int:
                 for variant in variants:
                     # a measurement is 3 x (warm-up + seconds) plus start-up: the neighbours
                     # stop on their own after that, whatever happens here
-                    busy = (BusyNeighbours(3 * opts.seconds + 120) if load == "busy" else None)
+                    busy = (BusyNeighbours(3 * opts.seconds + 120, pinned=load == "pinned")
+                            if load in ("busy", "pinned") else None)
                     try:
                         r = run_child(config, variant, opts.seconds)
                     finally:
@@ -202,8 +213,8 @@ def main(argv=None) -> int:
                        for load in opts.loads.split(",")}
                 rows.append({"config": config, "what": what, "variant": variant,
                              "threads": chosen[(config, variant, what)], **med,
-                             "busy/quiet": med["busy"] / med["quiet"]
-                             if "busy" in med and "quiet" in med else None})
+                             **{f"{load}/quiet": med[load] / med["quiet"] for load in med
+                                if load != "quiet" and "quiet" in med}})
     machine = {"cpu": cpu_name(), "cores": os.cpu_count(), "load_before": load_before,
                "load_after": os.getloadavg()[0],
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
@@ -214,13 +225,15 @@ def main(argv=None) -> int:
           f"{machine['load_before']:.2f} before, {machine['load_after']:.2f} after; "
           f"{machine['date']}; medians of {opts.repeats} rounds of {opts.seconds:g} s\n")
     loads = opts.loads.split(",")
+    ratios = [f"{load}/quiet" for load in loads if load != "quiet" and "quiet" in loads]
     print("| config | measured | variant | threads | " + " | ".join(
-        f"{load} tok/s" for load in loads) + " | busy / quiet |")
-    print("|---|---|---|---:|" + "---:|" * len(loads) + "---:|")
+        f"{load} tok/s" for load in loads) + "".join(f" | {r.replace('/', ' / ')}"
+                                                     for r in ratios) + " |")
+    print("|---|---|---|---:|" + "---:|" * (len(loads) + len(ratios)))
     for r in rows:
-        ratio = f"{r['busy/quiet']:.2f}" if r["busy/quiet"] is not None else ""
         print(f"| {r['config']} | {r['what']} | {r['variant']} | {r['threads']} | " + " | ".join(
-            f"{r[load]:,.0f}" for load in loads) + f" | {ratio} |")
+            f"{r[load]:,.0f}" for load in loads) + "".join(f" | {r[x]:.2f}" for x in ratios)
+            + " |")
     return 0
 
 

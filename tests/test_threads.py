@@ -27,23 +27,69 @@ def test_threads_by_the_work_of_an_operation():
     assert threads_for("train", 16, 4, requested=2) == 2
 
 
-def test_exact_perplexity_runs_on_one_thread_and_puts_the_count_back(monkeypatch):
+def test_a_single_stream_chooses_by_the_width_of_the_model():
+    from charlm.threads import STREAM_HIDDEN, ThreadChooser
+
+    cores = threads_for("train", STREAM_HIDDEN, 64)
+    assert ThreadChooser.for_stream("cpu", STREAM_HIDDEN - 1).counts == (1,)  # too small to split
+    assert ThreadChooser.for_stream("cpu", STREAM_HIDDEN).counts == tuple(dict.fromkeys((cores, 1)))
+    assert ThreadChooser.for_stream(torch.device("cuda", 0), 1024) is None
+    assert ThreadChooser.for_stream("mps", 1024) is None
+
+
+def windows_threads(monkeypatch, model, tokens, cost, window=4):
+    """The thread count of each window of perplexity_of, run through a chooser that sees the
+    machine `cost` describes; and the result."""
+    from charlm.threads import ThreadChooser
+
+    monkeypatch.setattr(ThreadChooser, "for_stream", classmethod(
+        lambda cls, device, hidden: cls((2, 1), period=20, trial=3, warmup=0,
+                                        clock=FakeClock(cost))))
     seen = []
-    import charlm.evaluate as evaluate
+    hook = model.head.register_forward_hook(lambda *_: seen.append(torch.get_num_threads()))
+    try:
+        return seen, perplexity_of(model, tokens, window=window)
+    finally:
+        hook.remove()
 
-    real = evaluate.corpus_nll
 
-    def spy(*args, **kwargs):
-        seen.append(torch.get_num_threads())
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(evaluate, "corpus_nll", spy)
+def test_exact_perplexity_times_its_windows_threads_and_puts_the_count_back(monkeypatch):
     model = CharLM(ModelConfig(vocab_size=5, hidden=8))
+    tokens = torch.randint(1, 5, (81,), generator=torch.Generator().manual_seed(0))
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        perplexity_of(model, torch.tensor([1, 2, 3, 4, 1, 2]))
-        assert seen == [1] and torch.get_num_threads() == 2
+        seen, idle = windows_threads(monkeypatch, model, tokens, {2: 1.0, 1: 1.9})
+        assert seen == [2] * 4 + [1] * 4 + [2] * 12 and torch.get_num_threads() == 2
+        seen, busy = windows_threads(monkeypatch, model, tokens, {2: 2.2, 1: 1.0})
+        assert seen == [2] * 4 + [1] * 4 + [1] * 12 and torch.get_num_threads() == 2
+        assert busy == idle  # the same figures whichever count ran which window
+        torch.set_num_threads(1)
+        assert perplexity_of(model, tokens, window=4) == idle
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_single_streams_figures_do_not_depend_on_its_threads():
+    """What lets the chooser switch counts between windows: a window computes the same bits on
+    1 and 2 threads (256 units, where the stream is split; every cell)."""
+    from charlm.evaluate import corpus_nll
+    from charlm.threads import ThreadChooser
+
+    tokens = torch.randint(0, 40, (1200,), generator=torch.Generator().manual_seed(1))
+    before = torch.get_num_threads()
+    try:
+        for cell, impl in (("gru", "fast"), ("gru", "fused"), ("lstm", "fused"), ("rnn", "scratch")):
+            torch.manual_seed(0)
+            model = CharLM(ModelConfig(vocab_size=40, hidden=256, layers=2, embed=16, cell=cell,
+                                       impl=impl))
+            torch.set_num_threads(1)
+            one = corpus_nll(model, tokens, 1, 100)
+            torch.set_num_threads(2)
+            two = corpus_nll(model, tokens, 1, 100)
+            switching = corpus_nll(model, tokens, 1, 100,
+                                   threads=ThreadChooser((2, 1), period=3, trial=1, warmup=0))
+            assert one == two == switching, (cell, impl)
     finally:
         torch.set_num_threads(before)
 
@@ -108,7 +154,7 @@ def run_steps(chooser, n: int) -> list[int]:
 
 
 def test_the_chooser_tries_both_counts_each_period_and_keeps_the_faster():
-    from charlm.training.threads import ThreadChooser
+    from charlm.threads import ThreadChooser
 
     before = torch.get_num_threads()
     clock = FakeClock({2: 1.0, 1: 1.9})  # an idle 2-core machine: two threads win
@@ -138,7 +184,7 @@ class WarmingClock(FakeClock):
 
 
 def chooser_on(clock: WarmingClock, warmup: int):
-    from charlm.training.threads import ThreadChooser
+    from charlm.threads import ThreadChooser
 
     clock.chooser = ThreadChooser((2, 1), period=50, trial=3, clock=clock, warmup=warmup)
     return clock.chooser
@@ -160,7 +206,7 @@ def test_the_first_trial_waits_for_the_warm_up():
 
 
 def test_fixed_counts_and_cuda_choose_nothing():
-    from charlm.training.threads import ThreadChooser
+    from charlm.threads import ThreadChooser
 
     assert ThreadChooser.of(0, 256, 64, on_cpu=False) is None
     assert ThreadChooser.of(3, 256, 64, on_cpu=True).counts == (3,)  # --threads 3

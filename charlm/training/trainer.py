@@ -42,7 +42,7 @@ from charlm.training.optim import LRSchedule, load_optimizer_state, make_optimiz
 from charlm.training.signals import Abandoned, Interrupted, StopRequests, stop_requests
 from charlm.training.state import (LogWindow, LoopState, hidden_from_plain, hidden_to_plain,
                                    rng_state, set_rng_state)
-from charlm.training.threads import ThreadChooser
+from charlm.threads import ThreadChooser
 
 
 class _NoMetrics:

@@ -1,4 +1,4 @@
-"""CPU threads for the training steps, chosen by timing them.
+"""CPU threads for repeated work (training steps, evaluation windows), chosen by timing it.
 
 On an idle 2-core machine two threads run a step of the shipped models about 1.8x faster than
 one; beside other busy processes the second thread's core is often taken, every op of a step
@@ -13,11 +13,15 @@ at the start of every period of steps and keeps the faster until the next period
                           one untimed step per count (the switch), then 4 timed; the faster
                           is the lower median step time. A: one thread per core, B: one.
 
-The slower count's 5 steps cost a few percent of a period at most. The thread count changes no
+The slower count's 5 steps cost a few percent of a period at most. Evaluation uses the same
+chooser per window (`for_windows`): `eval perplexity`'s single stream runs 512-character windows
+whose input and output products split well (two threads 1.3-1.4x one on an idle machine), while
+beside busy processes one thread can be the faster. The thread count changes no
 number of a step (matrix products split their outputs, not their sums, and torch's reductions
 chunk independently of the thread count: checked bitwise in tests/test_threads.py), so a run's
 results do not depend on which count ran when. `--threads N` fixes the count; a model under
-`devices.SMALL_WORK` always gets one thread; on CUDA nothing is chosen.
+`devices.SMALL_WORK` always gets one thread; on CUDA nothing is chosen. The count a chooser
+leaves set is put back by the caller (`devices.threads_within`).
 """
 
 from __future__ import annotations
@@ -26,11 +30,16 @@ import statistics
 import time
 from contextlib import contextmanager
 
-from charlm.devices import threads_for, use_threads
+import torch
+
+from charlm.devices import SMALL_WORK, threads_for, use_threads
 
 PERIOD = 200  # steps between trials
 TRIAL = 4  # timed steps per count and trial
 WARMUP = 10  # steps before the first trial, run with the first count
+# a single stream's windows split well from here (two threads 1.3-1.4x one on an idle 2-core
+# machine at 256 units: the default config and d2l-gru, docs/BENCHMARKS.md)
+STREAM_HIDDEN = 256
 
 
 class ThreadChooser:
@@ -50,6 +59,17 @@ class ThreadChooser:
         most = threads_for("train", hidden, rows, requested)
         fixed = requested > 0 or most == 1
         return cls((most,) if fixed else (most, 1))
+
+    @classmethod
+    def for_stream(cls, device, hidden: int) -> "ThreadChooser | None":
+        """The chooser for one stream's windows (eval perplexity's exact pass, dynamic
+        evaluation) on `device`: None off the CPU; one thread under STREAM_HIDDEN units, whose
+        per-character products are too small to split; else the two counts, timed."""
+        if torch.device(device).type != "cpu":
+            return None
+        if hidden < STREAM_HIDDEN:
+            return cls((1,))
+        return cls((threads_for("train", hidden, SMALL_WORK), 1))  # one per core, and one
 
     def current(self) -> tuple[int, bool]:
         """The thread count for the coming step, and whether that step is timed."""
