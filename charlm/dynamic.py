@@ -74,8 +74,9 @@ def gradient_rms(model: CharLM, tokens: torch.Tensor, window: int, max_tokens: i
 
 
 def dynamic_perplexity(model: CharLM, tokens: torch.Tensor, settings: DynamicSettings,
-                       rms: list) -> Perplexity:
-    """Score `tokens` while adapting `model` (an `adaptable` copy: its weights change)."""
+                       rms: list, threads: int = 0) -> Perplexity:
+    """Score `tokens` while adapting `model` (an `adaptable` copy: its weights change);
+    `threads` > 0 fixes the CPU threads."""
     params = list(model.parameters())
     device = model.head.weight.device
     tokens = tokens.to(device)
@@ -87,7 +88,7 @@ def dynamic_perplexity(model: CharLM, tokens: torch.Tensor, settings: DynamicSet
     adapt = settings.lr > 0
     sums = WindowSums(tokens.numel(), 1, settings.window, device)
     state = None
-    chooser = ThreadChooser.for_stream(device, model.config.hidden)  # as perplexity_of
+    chooser = ThreadChooser.for_stream(device, model.config.hidden, threads)  # as perplexity_of
     with torch.set_grad_enabled(adapt), threads_within(torch.get_num_threads()):
         for X, Y, _ in eval_windows(tokens, 1, settings.window):
             with chooser.step() if chooser else nullcontext():

@@ -97,14 +97,15 @@ class Perplexity:
         return asdict(self)
 
 
-def perplexity_of(model: CharLM, tokens: torch.Tensor, window: int = 512) -> Perplexity:
+def perplexity_of(model: CharLM, tokens: torch.Tensor, window: int = 512,
+                  threads: int = 0) -> Perplexity:
     """Exact: one stream, `window` characters per forward pass, the state carried throughout.
 
     On the CPU the windows' threads are timed (`ThreadChooser.for_stream`): two threads run a
     256-unit model's windows 1.3-1.4x faster than one on an idle machine, while beside busy
     processes one can be the faster (issue 20: a fixed two threads once ran 413 against 17,834
-    characters/s with one)."""
-    chooser = ThreadChooser.for_stream(model.head.weight.device, model.config.hidden)
+    characters/s with one). `threads` > 0 fixes the count (eval perplexity --threads)."""
+    chooser = ThreadChooser.for_stream(model.head.weight.device, model.config.hidden, threads)
     nll, count = corpus_nll(model, tokens, 1, window, threads=chooser)
     nats = nll / count
     unk = int((tokens[1:] == 0).sum().item())

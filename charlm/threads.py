@@ -61,14 +61,15 @@ class ThreadChooser:
         return cls((most,) if fixed else (most, 1))
 
     @classmethod
-    def for_stream(cls, device, hidden: int) -> "ThreadChooser | None":
+    def for_stream(cls, device, hidden: int, requested: int = 0) -> "ThreadChooser | None":
         """The chooser for one stream's windows (eval perplexity's exact pass, dynamic
-        evaluation) on `device`: None off the CPU; one thread under STREAM_HIDDEN units, whose
-        per-character products are too small to split; else the two counts, timed."""
+        evaluation) on `device`: None off the CPU; `requested` > 0 (--threads) fixes the count;
+        one thread under STREAM_HIDDEN units, whose per-character products are too small to
+        split; else the two counts, timed."""
         if torch.device(device).type != "cpu":
             return None
-        if hidden < STREAM_HIDDEN:
-            return cls((1,))
+        if requested > 0 or hidden < STREAM_HIDDEN:
+            return cls((requested or 1,))
         return cls((threads_for("train", hidden, SMALL_WORK), 1))  # one per core, and one
 
     def current(self) -> tuple[int, bool]:

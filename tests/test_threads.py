@@ -4,6 +4,8 @@ OpenMP waits are kept short. Speeds are measured by scripts/bench_threads.py, no
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from charlm.cli import app
@@ -11,7 +13,7 @@ from charlm.devices import SMALL_WORK, threads_for
 from charlm.evaluate import perplexity_of
 from charlm.model.config import ModelConfig
 from charlm.model.lm import CharLM
-from helpers import TINY, pydoc_text, run_main
+from helpers import TINY, pydoc_text, run_main, train_runs
 
 DEFAULT = torch.get_num_threads()
 
@@ -35,6 +37,30 @@ def test_a_single_stream_chooses_by_the_width_of_the_model():
     assert ThreadChooser.for_stream("cpu", STREAM_HIDDEN).counts == tuple(dict.fromkeys((cores, 1)))
     assert ThreadChooser.for_stream(torch.device("cuda", 0), 1024) is None
     assert ThreadChooser.for_stream("mps", 1024) is None
+    assert ThreadChooser.for_stream("cpu", 1024, requested=3).counts == (3,)  # --threads 3
+    assert ThreadChooser.for_stream("cpu", 16, requested=2).counts == (2,)
+
+
+def test_eval_perplexity_threads_fixes_the_count(tmp_path, monkeypatch):
+    import charlm.evaluate as evaluate
+
+    made = train_runs(tmp_path, {"run": []})
+    real, used = evaluate.corpus_nll, []
+
+    def spy(*args, threads=None, **kwargs):
+        used.append(threads.counts)
+        return real(*args, threads=threads, **kwargs)
+
+    monkeypatch.setattr(evaluate, "corpus_nll", spy)
+    results = []
+    for threads in ("1", "2"):
+        code, out, err = run_main(["eval", "perplexity", "--checkpoint", str(made["run"]),
+                                   "--threads", threads, "--json"])
+        assert (code, err) == (0, "")
+        results.append(json.loads(out)["nats_per_char"])
+    assert used == [(1,), (2,)] and results[0] == results[1]
+    assert run_main(["eval", "perplexity", "--checkpoint", str(made["run"]), "--threads",
+                     "-1"]) == (2, "", "charlm: error: --threads must be >= 0, got -1\n")
 
 
 def windows_threads(monkeypatch, model, tokens, cost, window=4):
@@ -43,7 +69,7 @@ def windows_threads(monkeypatch, model, tokens, cost, window=4):
     from charlm.threads import ThreadChooser
 
     monkeypatch.setattr(ThreadChooser, "for_stream", classmethod(
-        lambda cls, device, hidden: cls((2, 1), period=20, trial=3, warmup=0,
+        lambda cls, device, hidden, requested=0: cls((2, 1), period=20, trial=3, warmup=0,
                                         clock=FakeClock(cost))))
     seen = []
     hook = model.head.register_forward_hook(lambda *_: seen.append(torch.get_num_threads()))

@@ -33,6 +33,7 @@ def eval_perplexity(
     dynamic_lr: float = typer.Option(1e-4, "--dynamic-lr", help="Dynamic evaluation's learning rate (RMS-normalised steps; 0: the static figure)."),
     dynamic_decay: float = typer.Option(0.02, "--dynamic-decay", help="How fast the adapted weights decay back to the trained ones, per window."),
     dynamic_window: int = typer.Option(50, "--dynamic-window", help="Characters per dynamic-evaluation update."),
+    threads: int = typer.Option(0, "--threads", help="CPU threads (0: the faster of one per core and one, timed over the windows; one for a model under 256 units). Never changes the result."),
     json_out: bool = JsonOpt,
 ) -> None:
     """Exact perplexity of a trained model on its validation split, another split or a file.
@@ -56,6 +57,8 @@ def eval_perplexity(
         raise UsageError(f"--split must be one of {', '.join(SPLITS)}; got {split!r}")
     if batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+    if threads < 0:
+        raise UsageError(f"--threads must be >= 0, got {threads}")
     settings = _dynamic_settings(dynamic_lr, dynamic_decay, dynamic_window) if dynamic else None
     raw = read_text(text, "--text", allow_empty=True) if text is not None else None
     if raw == "":
@@ -81,8 +84,8 @@ def eval_perplexity(
             "it, so at least 2 are needed)"
         )
     train = _training_split(loaded, data) if settings else None  # checked before any scoring
-    result = perplexity_of(loaded.model, tokens, window=batch_size)
-    adapted = _dynamic(loaded, tokens, settings, train) if settings else None
+    result = perplexity_of(loaded.model, tokens, window=batch_size, threads=threads)
+    adapted = _dynamic(loaded, tokens, settings, train, threads) if settings else None
 
     if json_out:
         payload = {"checkpoint": str(loaded.path), "split": None if text is not None else split,
@@ -145,14 +148,15 @@ def _training_split(loaded: "Loaded", data) -> "torch.Tensor":
         raise CharlmError(f"--dynamic needs the run's training text: {exc}") from None
 
 
-def _dynamic(loaded: "Loaded", tokens: "torch.Tensor", settings, train: "torch.Tensor"):
+def _dynamic(loaded: "Loaded", tokens: "torch.Tensor", settings, train: "torch.Tensor",
+             threads: int):
     """Dynamic evaluation of `tokens` on a copy of the model, its gradient statistics from the
     run's own training split `train`."""
     from charlm.dynamic import adaptable, dynamic_perplexity, gradient_rms
 
     model = adaptable(loaded.model)
     rms = gradient_rms(model, train, settings.window, settings.stats_tokens)
-    return dynamic_perplexity(model, tokens, settings, rms)
+    return dynamic_perplexity(model, tokens, settings, rms, threads)
 
 
 def _weights_used(loaded: "Loaded", asked: str) -> str:
