@@ -4,6 +4,7 @@ import typer
 
 from charlm.checks import Rule
 from charlm.model.config import WEIGHTS
+from charlm.training.config import OPTIONS
 
 CheckpointOpt = typer.Option(
     None, "--checkpoint",
@@ -11,7 +12,7 @@ CheckpointOpt = typer.Option(
          "Default: the latest run's best.pt (runs root: $CHARLM_RUNS_DIR or ./runs).",
     show_default=False,
 )
-DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA, then MPS but not for a GRU, then CPU), cpu, cuda, cuda:N or mps.")
+DeviceOpt = typer.Option("auto", "--device", help=OPTIONS["device"].help)  # train's own words
 ImplOpt = typer.Option(
     None, "--impl",
     help="Load with another implementation: auto, fused, scratch or fast (GRU on CPU). "
