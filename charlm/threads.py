@@ -14,8 +14,8 @@ at the start of every period of steps and keeps the faster until the next period
                           is the lower median step time. A: one thread per core, B: one.
 
 The slower count's 5 steps cost a few percent of a period at most. Evaluation uses the same
-chooser per window (`for_windows`): `eval perplexity`'s single stream runs 512-character windows
-whose input and output products split well (two threads 1.3-1.4x one on an idle machine), while
+chooser per window (`for_stream`): `eval perplexity`'s single stream runs 512-character windows
+whose input and output products split well (two threads 1.4-1.6x one on an idle machine), while
 beside busy processes one thread can be the faster. The thread count changes no
 number of a step (matrix products split their outputs, not their sums, and torch's reductions
 chunk independently of the thread count: checked bitwise in tests/test_threads.py), so a run's
@@ -37,7 +37,7 @@ from charlm.devices import SMALL_WORK, threads_for, use_threads
 PERIOD = 200  # steps between trials
 TRIAL = 4  # timed steps per count and trial
 WARMUP = 10  # steps before the first trial, run with the first count
-# a single stream's windows split well from here (two threads 1.3-1.4x one on an idle 2-core
+# a single stream's windows split well from here (two threads 1.4-1.6x one on an idle 2-core
 # machine at 256 units: the default config and d2l-gru, docs/BENCHMARKS.md)
 STREAM_HIDDEN = 256
 
