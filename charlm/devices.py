@@ -138,9 +138,9 @@ def threads_within(n: int):
 
 def threads_for(kind: str, hidden: int, rows: int, requested: int = 0) -> int:
     """CPU threads for one kind of work: "train" (steps of `rows` sequences through layers of
-    `hidden` units; the trainer's validation too) or "stream" (one sequence: eval perplexity's
-    exact pass, generation), whose matrix-vector products are too small to split. `requested`
-    > 0 (--threads) wins."""
+    `hidden` units; the trainer's validation too) or "stream" (a character at a time: generation,
+    `sample.draw`), whose matrix-vector products are too small to split. `requested` > 0
+    (--threads) wins. (Evaluation windows time their count: `threads.ThreadChooser`.)"""
     if requested > 0:
         return requested
     if kind == "stream" or rows * hidden < SMALL_WORK:

@@ -25,11 +25,13 @@ noise comes from `gumbel_noise` in blocks of steps, so a seed fixes the text.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterator
 
 import torch
 
+from charlm.devices import threads_for, threads_within
 from charlm.errors import UsageError
 from charlm.model.lm import CharLM, State
 
@@ -203,7 +205,6 @@ def generate(
     model.eval()
     device = model.head.weight.device
     n, length = settings.num_samples, settings.length
-    threads = torch.get_num_threads()
     scale = 1.0 if settings.greedy else 1.0 / settings.temperature
     if generator is None and settings.seed is not None:
         generator = torch.Generator(device=device).manual_seed(settings.seed)
@@ -223,29 +224,30 @@ def generate(
         noise = None if settings.greedy else gumbel_noise(
             generator, length, n, logits.size(-1), device)
         filtering = not settings.greedy and (settings.top_k or settings.top_p < 1.0)
-        if device.type == "cpu" and threads > 1 and n <= 16:
-            # a step's ops last microseconds: a second thread gains nothing (equal speed on an
-            # idle machine), and on a busy one every op may wait at a barrier for it
-            torch.set_num_threads(1)
+        # up to 16 samples on the CPU: one thread (devices.threads_for "stream"): a step's ops
+        # last microseconds, a second thread gains nothing (equal speed on an idle machine), and
+        # on a busy one every op may wait at a barrier for it
+        single = device.type == "cpu" and n <= 16
         drawn = []
-        for step in range(length):
-            if noise is not None:
-                if filtering:
-                    logits = filter_logits(logits, settings.top_k, settings.top_p)
-                logits = logits + next(noise)
-            nxt = logits.argmax(-1)
-            if keep:
-                drawn.append(nxt)
-            if on_step is not None:
-                on_step(nxt.tolist())
-            if step == length - 1:
-                break  # no model step for a character nobody will draw after
-            if fast:
-                logits = stepper.step(nxt, states)
-            else:
-                logits, state = model(nxt[:, None], state)
-                logits = without_unk(logits[:, -1] * scale)
+        with threads_within(threads_for("stream", model.config.hidden, n)) if single \
+                else nullcontext():
+            for step in range(length):
+                if noise is not None:
+                    if filtering:
+                        logits = filter_logits(logits, settings.top_k, settings.top_p)
+                    logits = logits + next(noise)
+                nxt = logits.argmax(-1)
+                if keep:
+                    drawn.append(nxt)
+                if on_step is not None:
+                    on_step(nxt.tolist())
+                if step == length - 1:
+                    break  # no model step for a character nobody will draw after
+                if fast:
+                    logits = stepper.step(nxt, states)
+                else:
+                    logits, state = model(nxt[:, None], state)
+                    logits = without_unk(logits[:, -1] * scale)
         return torch.stack(drawn, 1).tolist() if keep else []
     finally:
-        torch.set_num_threads(threads)
         model.train(was_training)
