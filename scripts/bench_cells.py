@@ -38,7 +38,7 @@ from benchlib import cpu_name  # noqa: E402 - scripts/, beside this file
 
 from charlm.model.cells import recurrent_layer  # noqa: E402
 from charlm.model.config import FAST_MODES, MODES  # noqa: E402
-from charlm.devices import keep_freed_memory  # noqa: E402
+from charlm.system.devices import keep_freed_memory  # noqa: E402
 from charlm.training.optim import make_optimizer  # noqa: E402
 from charlm.model import ckernel  # noqa: E402
 

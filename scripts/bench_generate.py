@@ -1,4 +1,4 @@
-"""Benchmark: characters per second drawn by `charlm.sample.generate`, one stream, on the CPU.
+"""Benchmark: characters per second drawn by `charlm.inference.sample.generate`, one stream, on the CPU.
 
     python scripts/bench_generate.py [--hidden 256] [--vocab 28] [--embed 0] [--length 20000]
                                      [--repeat 5] [--threads N]
@@ -39,7 +39,7 @@ from benchlib import cpu_name  # noqa: E402 - scripts/, beside this file
 
 from charlm.model.config import ModelConfig  # noqa: E402
 from charlm.model.lm import CharLM  # noqa: E402
-from charlm.sample import SampleSettings, generate  # noqa: E402
+from charlm.inference.sample import SampleSettings, generate  # noqa: E402
 
 PREFIX = list(range(1, 15))
 

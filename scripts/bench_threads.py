@@ -84,11 +84,11 @@ def child(config: str, variant: str, seconds: float) -> dict:
     """Measure one (config, variant) in this process; the variant's env is already set."""
     from contextlib import nullcontext
 
-    from charlm.devices import threads_for, use_threads
-    from charlm.evaluate import corpus_nll
-    from charlm.training.config import build_config
-    from charlm.training.configfile import load_config_file
-    from charlm.threads import ThreadChooser
+    from charlm.system.threads import threads_for, use_threads
+    from charlm.inference.evaluate import corpus_nll
+    from charlm.config.train import build_config
+    from charlm.config.file import load_config_file
+    from charlm.system.threads import ThreadChooser
     from charlm.training.trainer import Trainer
 
     file = {} if config == "default" else load_config_file(REPO / "configs" / f"{config}.toml")

@@ -95,7 +95,7 @@ class Side:
     def __init__(self, base: dict, impl: str, steps: int, warmup: int, root: Path):
         import torch
 
-        from charlm.training.config import build_config
+        from charlm.config.train import build_config
         from charlm.training.optim import make_optimizer
         from charlm.training.trainer import Trainer
 
@@ -160,7 +160,7 @@ class Side:
         slices, so both see the same machine load."""
         from rich.console import Console
 
-        from charlm.training.config import build_config
+        from charlm.config.train import build_config
         from charlm.training.display import TrainDisplay
         from charlm.training.trainer import Trainer
 
@@ -214,7 +214,7 @@ class Side:
 
 
 def base_values(args) -> dict:
-    from charlm.training.configfile import load_config_file
+    from charlm.config.file import load_config_file
 
     values = load_config_file(args.config)
     for key in OVERRIDES:

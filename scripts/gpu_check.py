@@ -6,7 +6,7 @@ Rows, in order (each in subprocesses, as a user would run them; a row past the t
 SKIP (time)):
 
     environment       torch, CUDA, cuDNN, GPUs, charlm's commit
-    cuda tests        pytest -m cuda (tests/test_cuda.py, tests/test_batches.py's CUDA test)
+    cuda tests        pytest -m cuda (tests/training/test_cuda.py, tests/data/test_batches.py's CUDA test)
     suite             the whole suite on this machine (only with --suite: minutes)
     train CELL PREC   60 steps of a 2x256 model per cell (rnn, gru, lstm) and precision (fp32,
                       bf16, fp16): exit 0 and a finite loss; tokens/s in the detail

@@ -1,8 +1,8 @@
 """Print the README's table of `charlm train` options, made from their one declaration
-(charlm/training/config.py); `--write` puts it into README.md between its markers.
+(charlm/config/train.py); `--write` puts it into README.md between its markers.
 
     python scripts/options_table.py            # print it
-    python scripts/options_table.py --write    # update README.md (tests/test_config.py checks it)
+    python scripts/options_table.py --write    # update README.md (tests/config/test_config.py checks it)
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import re
 import sys
 from pathlib import Path
 
-from charlm.training.configfile import options_markdown
+from charlm.config.file import options_markdown
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 MARKERS = re.compile(r"(<!-- options:start -->\n).*?(<!-- options:end -->)", re.S)

@@ -23,7 +23,7 @@ from typing import Callable, TypeVar
 
 import typer
 
-from charlm import __version__
+from charlm.about import __version__
 from charlm.errors import CharlmError
 
 F = TypeVar("F", bound=Callable)

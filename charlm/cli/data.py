@@ -9,8 +9,8 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from charlm.console import console
 from charlm.data import corpus
+from charlm.system.console import console
 
 DataDir = typer.Option(
     None, "--data-dir",

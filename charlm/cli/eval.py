@@ -15,7 +15,7 @@ from charlm.errors import CharlmError, UsageError
 if TYPE_CHECKING:  # torch is imported by the command itself: `charlm --help` stays quick
     import torch
 
-    from charlm.training.checkpoint import Loaded
+    from charlm.inference.loading import Loaded
 
 SPLITS = ("train", "val", "test")
 
@@ -47,9 +47,9 @@ def eval_perplexity(
     charlm eval perplexity --dynamic --dynamic-lr 0.001
     """
     from charlm.data.text import preprocess, read_text
-    from charlm.evaluate import perplexity_of
-    from charlm.training.checkpoint import load_model
-    from charlm.training.splits import run_data
+    from charlm.inference.evaluate import perplexity_of
+    from charlm.inference.loading import load_model
+    from charlm.inference.splits import run_data
 
     if split is not None and text is not None:
         raise UsageError("give --split or --text, not both")
@@ -65,7 +65,7 @@ def eval_perplexity(
         raise CharlmError(f"--text {text} is empty: nothing to evaluate; give a file of at least 2 characters")
 
     loaded = load_model(checkpoint, impl, device, weights)
-    from charlm.devices import set_tf32
+    from charlm.system.devices import set_tf32
 
     set_tf32(False)  # exact float32 figures on every GPU
     data = None  # the run's dataset, read once: the split evaluated and --dynamic's train split
@@ -99,7 +99,7 @@ def eval_perplexity(
         return
     from rich.table import Table
 
-    from charlm.console import console
+    from charlm.system.console import console
 
     table = Table(title="charlm eval perplexity", show_header=False)
     table.add_column(style="bold")
@@ -123,7 +123,7 @@ def eval_perplexity(
 
 def _dynamic_settings(lr: float, decay: float, window: int):
     from charlm.checks import Rule
-    from charlm.dynamic import DynamicSettings
+    from charlm.inference.dynamic import DynamicSettings
 
     Rule(kind=float, low=0).check("--dynamic-lr", lr)
     Rule(kind=float, low=0, high=1).check("--dynamic-decay", decay)
@@ -134,7 +134,7 @@ def _dynamic_settings(lr: float, decay: float, window: int):
 def _training_split(loaded: "Loaded", data) -> "torch.Tensor":
     """The run's training split, for --dynamic's gradient statistics: from `data` (the run's
     dataset, when the evaluated split came from it), else rebuilt."""
-    from charlm.training.splits import run_data
+    from charlm.inference.splits import run_data
 
     if data is not None:
         return data.train
@@ -152,7 +152,7 @@ def _dynamic(loaded: "Loaded", tokens: "torch.Tensor", settings, train: "torch.T
              threads: int):
     """Dynamic evaluation of `tokens` on a copy of the model, its gradient statistics from the
     run's own training split `train`."""
-    from charlm.dynamic import adaptable, dynamic_perplexity, gradient_rms
+    from charlm.inference.dynamic import adaptable, dynamic_perplexity, gradient_rms
 
     model = adaptable(loaded.model)
     rms = gradient_rms(model, train, settings.window, settings.stats_tokens)

@@ -31,7 +31,7 @@ def export(
     Examples: charlm export --out share/gru-timemachine; charlm export runs/my-run --out
     share/my-run --format onnx
     """
-    from charlm.training.export import export_model
+    from charlm.inference.export import export_model
 
     def say(line: str) -> None:
         sys.stderr.write(f"charlm: {line}\n")

@@ -43,9 +43,9 @@ def generate(
     charlm generate --prefix "time traveller" --length 100 --beam 8
     """
     from charlm.data.text import preprocess, read_text, readable
-    from charlm.sample import SampleSettings
-    from charlm.sample import generate as draw
-    from charlm.training.checkpoint import load_model
+    from charlm.inference.loading import load_model
+    from charlm.inference.sample import SampleSettings
+    from charlm.inference.sample import generate as draw
 
     if top_k is not None and top_k < 1:
         raise UsageError(f"--top-k must be >= 1, got {top_k}")
@@ -101,7 +101,7 @@ def generate(
 
     scores = None
     if beam is not None:
-        from charlm.beam import beam_search
+        from charlm.inference.beam import beam_search
 
         best = beam_search(loaded.model, ids, beam, length)[:num_samples]
         drawn = [h.ids for h in best]

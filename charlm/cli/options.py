@@ -3,8 +3,8 @@
 import typer
 
 from charlm.checks import Rule
+from charlm.config.train import OPTIONS
 from charlm.model.config import WEIGHTS
-from charlm.training.config import OPTIONS
 
 CheckpointOpt = typer.Option(
     None, "--checkpoint",

@@ -21,8 +21,9 @@ from typing import Optional
 
 import typer
 
-from charlm.training import rundir
+from charlm.artifacts import rundir
 from charlm.errors import CharlmError, UsageError, warn
+from charlm.system.files import atomic_write
 
 MISSING_MATPLOTLIB = "charlm plot needs matplotlib: pip install 'charlm[plot]'"
 
@@ -164,7 +165,7 @@ def _write_png(fig, out: Path) -> None:
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise CharlmError(f"cannot write {out}: directory {parent} does not exist")
-    rundir.atomic_write(out, lambda fh: fig.savefig(fh, format="png"))
+    atomic_write(out, lambda fh: fig.savefig(fh, format="png"))
 
 
 def plot_command(

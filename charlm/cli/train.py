@@ -1,7 +1,7 @@
 """`charlm train`: parse, check, hand over to the trainer.
 
 The options of a run's configuration are not written here: `options()` makes one Typer option
-per field of `charlm.training.config.TrainConfig` (its flag, default, choices, help and panel come
+per field of `charlm.config.train.TrainConfig` (its flag, default, choices, help and panel come
 from that one declaration). This module adds what is not part of a run's configuration: the
 resume target, --config, --resume, --nproc, --json, -q. Which options the user typed comes from
 Click (`ctx.get_parameter_source`), so every option can show its real default in --help.
@@ -22,8 +22,8 @@ from typing import Any, Optional
 import typer
 from typer.core import TyperCommand
 
+from charlm.config.train import MODEL, OPTIONS, RUN, base_type, default_of
 from charlm.errors import CharlmError, UsageError
-from charlm.training.config import MODEL, OPTIONS, RUN, base_type, default_of
 
 
 def flag(name: str) -> str:
@@ -176,8 +176,8 @@ def _meant(target: str) -> str:
 
 
 def _train(group, given: dict, config, resume: bool, target, json_out: bool, quiet: bool) -> None:
-    from charlm.training.config import build_config
-    from charlm.training.configfile import load_config_file
+    from charlm.config.file import load_config_file
+    from charlm.config.train import build_config
     from charlm.training.display import TrainDisplay, summary_table
     from charlm.training.state import resolve_resume
     from charlm.training.trainer import Interrupted, Trainer
@@ -220,6 +220,6 @@ def _train(group, given: dict, config, resume: bool, target, json_out: bool, qui
     if json_out:
         sys.stdout.write(json.dumps(summary, indent=2) + "\n")
     else:
-        from charlm.console import console
+        from charlm.system.console import console
 
         console().print(summary_table(summary))

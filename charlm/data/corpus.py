@@ -30,8 +30,8 @@ from urllib.parse import unquote, urlparse
 from charlm.data import archive, stream
 from charlm.data.download import (DownloadError, checksum_mismatch, download, exclusive, install,
                                   mirror_urls)
-from charlm.data.transfer import public_url
 from charlm.data.text import read_text
+from charlm.data.transfer import public_url
 from charlm.errors import CharlmError, UsageError, warn
 
 DEFAULT_CORPUS = "timemachine"

@@ -23,7 +23,7 @@ import requests
 import urllib3.exceptions
 from tqdm import tqdm
 
-from charlm import __version__
+from charlm.about import __version__
 
 CHUNK = 1 << 16
 MAX_BYTES = 2 << 30  # a file of unknown size: no character-level corpus is larger (enwik9: 1e9)

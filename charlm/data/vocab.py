@@ -20,8 +20,8 @@ from collections.abc import Iterable
 
 import torch
 
-from charlm.devices import threads_within
 from charlm.errors import CharlmError, UsageError
+from charlm.system.threads import threads_within
 
 CHUNK_CHARS = 1 << 20  # 1M characters: 4 MB of code points per chunk
 

@@ -23,7 +23,8 @@ from torch import Tensor, nn
 
 from charlm.errors import UsageError
 from charlm.model.config import GRU_RESETS, IMPLS, MODES, check_combination
-from charlm.model.dropout import dropout as drop, drop_weight
+from charlm.model.dropout import drop_weight
+from charlm.model.dropout import dropout as drop
 from charlm.model.fastgru import FastGRU
 from charlm.model.fused import fused_layer
 

@@ -2,7 +2,7 @@
 
 No torch here: `charlm train --help` and config checking import this module. The Rules on the
 fields are the one home of each value's range; the training options of the same names take
-theirs from here (`charlm.training.config`).
+theirs from here (`charlm.config.train`).
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from charlm.model import ckernel
-from charlm.model.dropout import dropout, drop_weight
+from charlm.model.dropout import drop_weight, dropout
 
 # Per time step and batch row, the backward works on 5 blocks of H numbers ("slots"):
 #   0: dL/d(W_in x + b_in)          1: dL/d(r pre-activation)       2: dL/d(z pre-activation)

@@ -31,9 +31,9 @@ import contextlib
 import warnings
 
 import torch
-from torch import Tensor, _VF, nn
+from torch import _VF, Tensor, nn
 
-from charlm.model.dropout import dropout, drop_weight
+from charlm.model.dropout import drop_weight, dropout
 
 _KERNELS = {"RNN_TANH": _VF.rnn_tanh, "RNN_RELU": _VF.rnn_relu, "GRU": _VF.gru, "LSTM": _VF.lstm}
 _COPY_WARNING = "RNN module weights are not part of single contiguous chunk of memory"

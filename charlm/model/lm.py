@@ -10,7 +10,7 @@ The three activation dropouts are ordinary or, with `locked_dropout`, one mask p
 (`charlm.model.dropout`); all of them are off in eval mode.
 
 The hyper-parameters are one dataclass (`charlm.model.config.ModelConfig`), stored in every
-checkpoint, so a checkpoint rebuilds its own model (`charlm.model.loading`). The recurrent
+checkpoint, so a checkpoint rebuilds its own model (`charlm.inference.loading`). The recurrent
 layers come from `charlm.model.cells.recurrent_layer`, which hides which implementation runs
 behind the torch.nn.GRU-style interface.
 """

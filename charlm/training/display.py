@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from charlm.console import console as make_console
+from charlm.system.console import console as make_console
 
 
 @dataclass

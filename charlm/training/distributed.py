@@ -371,9 +371,9 @@ def rank_state(group: Group, ckpt: dict, batch_size: int) -> tuple[Any, dict]:
 
 def validation_nll(group: Group, model, tokens: torch.Tensor, batch_size: int, num_steps: int,
                    autocast: Callable) -> tuple[float, int]:
-    """`charlm.evaluate.corpus_nll` of the whole split; in a group each rank evaluates its rows
+    """`charlm.inference.evaluate.corpus_nll` of the whole split; in a group each rank evaluates its rows
     of the same windows (`eval_shards`) and the sums are added up across ranks."""
-    from charlm.evaluate import corpus_nll as nll_of
+    from charlm.inference.evaluate import corpus_nll as nll_of
 
     if not group.active:
         return nll_of(model, tokens, batch_size, num_steps, autocast=autocast())

@@ -7,7 +7,7 @@ After every optimizer step t = 1, 2, ...::
 The ramp in d_t (as TensorFlow's ExponentialMovingAverage with num_updates) keeps the first
 steps from dragging the random initialisation along for ~1/(1 - DECAY) steps. The averaged
 weights are what validation measures, so best.pt is the best *averaged* model, and what
-`generate` and `eval` load (`charlm.model.loading`); training keeps stepping the raw weights,
+`generate` and `eval` load (`charlm.inference.loading`); training keeps stepping the raw weights,
 which the checkpoint holds beside the average, so a resumed run continues exactly.
 """
 
@@ -18,8 +18,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from charlm.artifacts.fields import check_parameters
 from charlm.errors import CharlmError
-from charlm.model.loading import check_parameters
 
 
 class WeightAverage:

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from charlm.config.train import TrainConfig, parse_duration
 from charlm.errors import UsageError
-from charlm.training.config import TrainConfig, parse_duration
 
 
 @dataclass(frozen=True)

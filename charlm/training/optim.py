@@ -9,12 +9,11 @@ import math
 from typing import TYPE_CHECKING
 
 from charlm.checks import Rule
+from charlm.config.train import OPTIMIZERS
 
 if TYPE_CHECKING:
     import torch
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("none", "cosine", "plateau")
 
 
 def make_optimizer(name: str, params, lr: float, weight_decay: float) -> "torch.optim.Optimizer":

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import torch
 
-from charlm.devices import auto_note, describe, keep_freed_memory, select_device, set_tf32
+from charlm.config.train import TrainConfig
 from charlm.errors import CharlmError, UsageError
 from charlm.model.config import ModelConfig
+from charlm.system.devices import auto_note, describe, keep_freed_memory, select_device, set_tf32
 from charlm.training import distributed
-from charlm.training.config import TrainConfig
 
 # Mixed precision measured on one NVIDIA H200 (torch 2.11, cuDNN 9.19), default GRU 2x256, 300
 # steps: fp32 252K tokens/s, bf16 214K, fp16 217K: at this size the casts cost more than the

@@ -16,12 +16,12 @@ from dataclasses import dataclass
 
 import torch
 
+from charlm.artifacts.checkpoint import find_checkpoint, load_checkpoint
+from charlm.config.train import (LIMITS, OPTIONS, TrainConfig, absolute_files, build_config,
+                                 canonical, fixed_on_resume)
 from charlm.data.transfer import public_url
 from charlm.errors import CharlmError, UsageError
 from charlm.model.lm import State
-from charlm.training.checkpoint import find_checkpoint, load_checkpoint
-from charlm.training.config import (LIMITS, OPTIONS, TrainConfig, absolute_files, build_config,
-                                   canonical, fixed_on_resume)
 
 
 @dataclass

@@ -20,29 +20,29 @@ from shlex import quote
 import torch
 import torch.nn.functional as F
 
+from charlm.artifacts import rundir
+from charlm.artifacts.checkpoint import save_checkpoint
+from charlm.artifacts.fields import check_resumable, corpus_changed
+from charlm.config.file import run_config_toml
+from charlm.config.train import DATA, TrainConfig, model_config
 from charlm.data.batches import RandomBatches, SequentialBatches
 from charlm.data.dataset import Dataset, load_dataset
 from charlm.data.text import readable
 from charlm.data.transfer import public_url
-from charlm.devices import use_threads
 from charlm.errors import CharlmError, warn
+from charlm.inference.loading import model_from_checkpoint
+from charlm.inference.sample import SampleSettings, generate
 from charlm.model.config import large_vocab_note, resolve_impl
 from charlm.model.lm import CharLM, State, detach_state
-from charlm.model.loading import model_from_checkpoint
-from charlm.sample import SampleSettings, generate
-from charlm.training import distributed, rundir, runtime, tensorboard
-from charlm.training.checkpoint import save_checkpoint
-from charlm.training.config import DATA, TrainConfig, model_config
-from charlm.training.configfile import run_config_toml
-from charlm.training.limits import Limits
+from charlm.system.threads import ThreadChooser, use_threads
+from charlm.training import distributed, runtime, tensorboard
 from charlm.training.display import RunInfo, TrainDisplay, run_summary
 from charlm.training.ema import WeightAverage
-from charlm.training.fields import check_resumable, corpus_changed
+from charlm.training.limits import Limits
 from charlm.training.optim import LRSchedule, load_optimizer_state, make_optimizer
 from charlm.training.signals import Abandoned, Interrupted, StopRequests, stop_requests
 from charlm.training.state import (LogWindow, LoopState, hidden_from_plain, hidden_to_plain,
                                    rng_state, set_rng_state)
-from charlm.threads import ThreadChooser
 
 
 class _NoMetrics:

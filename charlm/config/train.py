@@ -1,0 +1,396 @@
+"""The training configuration: every option of `charlm train` declared once, here.
+
+Each field of `TrainConfig` carries, in one `option(...)` declaration, its default, help text,
+help panel, choices or range (a `charlm.checks.Rule`; the model's options take theirs from
+`ModelConfig`) and whether a resumed run may change it. Everything else is made from that:
+
+    the `charlm train` options, their --help, defaults and choices   charlm.cli.train
+    types and ranges, precedence and the checks across options    build_config, validate
+    config files, a run's config.toml, the README's options table  charlm.config.file
+    what --resume refuses to change                                fixed_on_resume()
+
+Precedence: these defaults (equal to `configs/timemachine-gru.toml`, checked by a test) <
+`--config FILE` < the options typed on the command line. Keys are the field names; a file may
+group them in tables (`[data]`, `[model]`, ...), which are flattened: the table name is only
+for reading. No torch here: `charlm train --help` imports this module.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from charlm.checks import Rule, rule_of
+from charlm.data.text import PREPROCESSING
+from charlm.errors import UsageError
+from charlm.model.config import IMPLS, ModelConfig, check_combination, check_tying
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("none", "cosine", "plateau")
+
+SAMPLINGS = ("sequential", "random")
+PRECISIONS = ("fp32", "bf16", "fp16")
+DATA, MODEL, OPTIM, STOP, RUN = "Data", "Model", "Optimisation", "Stopping", "Run"
+
+
+@dataclass(frozen=True)
+class Option:
+    """How one TrainConfig field shows up as a command-line option and a config key."""
+
+    help: str
+    panel: str
+    rule: Rule | None = None
+    fixed: bool = False  # a resumed run must keep the checkpoint's value
+    short: str | None = None  # e.g. "-b"
+    default_text: str | None = None  # what --help says for a default of None
+    bare: str | None = None  # the value of the option given alone (`--tensorboard`)
+    cells: tuple[str, ...] = ()  # the cells it applies to (all when empty)
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        return self.rule.choices if self.rule else ()
+
+
+def option(default: Any, help: str, panel: str, *, rule: Rule | None = None, fixed: bool = False,
+           short: str | None = None, default_text: str | None = None, model: bool = False,
+           choices: tuple[str, ...] = (), bare: str | None = None,
+           cells: tuple[str, ...] = ()) -> Any:
+    """A TrainConfig field. `model=True` takes the rule of ModelConfig's field of the same name
+    (filled in below, once the field's name is known); `choices` is shorthand for a Rule; `bare`
+    lets the option be given without a value, meaning that one; `cells`: the cells the option
+    means something for (another cell refuses other values)."""
+    meta = Option(help, panel, Rule(choices=choices) if choices else rule, fixed, short,
+                  default_text, bare, cells)
+    kwargs = {"default_factory": list} if isinstance(default, list) else {"default": default}
+    return field(metadata={"option": meta, "model_rule": model}, **kwargs)
+
+
+def _int(low: int = 0, **kw) -> Rule:
+    return Rule(kind=int, low=low, **kw)
+
+
+def _float(low: float, **kw) -> Rule:
+    return Rule(kind=float, low=low, **kw)
+
+
+@dataclass
+class TrainConfig:
+    # -- data ----------------------------------------------------------------------------------
+    corpus: str | None = option(
+        None, "A named corpus (see charlm data list): timemachine, tinyshakespeare, enwik8, text8, "
+        "python-docs.",
+        DATA, fixed=True, default_text="timemachine, else python-docs")
+    text: list[str] = option(
+        [], "Train on local UTF-8 file(s) instead (repeatable).", DATA, fixed=True)
+    url: str | None = option(None, "Train on a text downloaded from this URL.", DATA, fixed=True)
+    sha256: str | None = option(None, "Expected sha256 of --url (64 hex digits).", DATA)
+    data_dir: str | None = option(
+        None, "Corpus cache directory.", DATA,
+        default_text="$CHARLM_DATA_DIR, else ~/.cache/charlm")
+    download_timeout: float = option(
+        1800.0, "Give up on a download URL after this many seconds, retries included (0: "
+        "never); the next URL is tried.", DATA, rule=_float(0))
+    download_min_rate: int = option(
+        1024, "Give up on a download URL that sends fewer bytes/s than this over 30 s (0: any "
+        "pace).", DATA, rule=_int(0))
+    preprocessing: str | None = option(
+        None, "d2l (letters and single spaces, lowercased), lower, raw, or bytes (the UTF-8 "
+        "bytes: at most 256 symbols, any script).", DATA, fixed=True,
+        choices=PREPROCESSING, default_text="the corpus's own")
+    min_freq: int = option(1, "Symbols rarer than this map to <unk>.", DATA, rule=_int(1),
+                           fixed=True)
+    max_vocab: int = option(0, "Keep at most this many symbols (0: all).", DATA, rule=_int(0),
+                            fixed=True)
+    max_tokens: int = option(0, "Use only the first N tokens, as d2l's loader (0: all).", DATA,
+                             rule=_int(0), fixed=True)
+    val_fraction: float | None = option(  # None: the corpus's own
+        None, "Share of the corpus (from the end) for validation.", DATA, fixed=True,
+        rule=_float(0, high=1, high_open=True), default_text="0.1 (enwik8, text8: 0.05)")
+    test_fraction: float | None = option(
+        None, "Share of the corpus (the very end) held out for test.", DATA, fixed=True,
+        rule=_float(0, high=1, high_open=True), default_text="0 (enwik8, text8: 0.05)")
+    # -- model ---------------------------------------------------------------------------------
+    cell: str = option("gru", "The recurrent cell.", MODEL, model=True, fixed=True)
+    hidden: int = option(256, "Hidden units per layer.", MODEL, model=True, fixed=True)
+    layers: int = option(2, "Recurrent layers.", MODEL, model=True, fixed=True)
+    embed: int = option(32, "Embedding size; 0: one-hot inputs, as in d2l.", MODEL, model=True,
+                        fixed=True)
+    dropout: float = option(0.2, "Dropout between layers and before the output.", MODEL,
+                            model=True)
+    nonlinearity: str = option("tanh", "The RNN's nonlinearity (--cell rnn only).", MODEL,
+                               model=True, fixed=True, cells=("rnn",))
+    impl: str = option(
+        "auto", "auto: fast for the GRU on the CPU, scratch for --gru-reset before, else fused; "
+        "fused: torch/cuDNN; scratch: cells from the gate equations; fast: CPU GRU with its own "
+        "backward and C time loops (~2x fused).", MODEL, choices=("auto", *IMPLS))
+    gru_reset: str = option(
+        "after", "GRU reset gate after (PyTorch) or before (Cho et al., d2l) the recurrent "
+        "product; before needs --impl scratch.", MODEL, model=True, fixed=True, cells=("gru",))
+    input_dropout: float = option(
+        0.0, "Dropout on the embedding (or one-hot) output, into the first layer.", MODEL,
+        model=True)
+    embed_dropout: float = option(
+        0.0, "Drop whole characters: rows of the embedding, one mask per batch.", MODEL,
+        model=True)
+    weight_drop: float = option(
+        0.0, "DropConnect on the recurrent weights W_hh, one mask per batch (AWD-LSTM).", MODEL,
+        model=True)
+    locked_dropout: bool = option(
+        False, "Locked (variational) dropout: --dropout and --input-dropout draw one mask per "
+        "sequence, the same at every step.", MODEL, model=True)
+    tie_weights: bool = option(
+        False, "The output layer shares the embedding's weight (through a projection when "
+        "--embed is not --hidden).", MODEL, model=True, fixed=True)
+    # -- optimisation --------------------------------------------------------------------------
+    batch_size: int = option(64, "Sequences per batch (the global batch with --nproc).", OPTIM,
+                             rule=_int(1), fixed=True, short="-b")
+    num_steps: int = option(32, "BPTT length: characters per sequence.", OPTIM, rule=_int(1),
+                            fixed=True)
+    sampling: str = option(
+        "sequential", "sequential: state carried, truncated BPTT; random: state reset per batch.",
+        OPTIM, choices=SAMPLINGS, fixed=True)
+    optimizer: str = option("adamw", "The optimizer (d2l uses sgd).", OPTIM, choices=OPTIMIZERS,
+                            fixed=True)
+    lr: float = option(3e-3, "Learning rate (d2l uses sgd with 1).", OPTIM,
+                       rule=_float(0, low_open=True))
+    weight_decay: float = option(0.01, "Weight decay.", OPTIM, rule=_float(0))
+    schedule: str = option(
+        "cosine", "none; cosine: linear warm-up, then decay to the end of the run; plateau: "
+        "multiply by --plateau-factor after --plateau-patience evaluations without improvement.",
+        OPTIM, choices=SCHEDULES)
+    warmup_steps: int = option(100, "Linear warm-up steps (cosine).", OPTIM, rule=_int(0))
+    plateau_patience: int = option(2, "Evaluations without improvement before a decay (plateau).",
+                                   OPTIM, rule=_int(1))
+    plateau_factor: float = option(0.5, "Learning-rate factor per decay (plateau).", OPTIM,
+                                   rule=_float(0, high=1, low_open=True, high_open=True))
+    clip: float = option(1.0, "Clip gradients to this global L2 norm (0: off).", OPTIM,
+                         rule=_float(0, text=">= 0 (0 disables clipping)"))
+    ema: float = option(
+        0.0, "Average the weights: an exponential moving average with this decay (e.g. 0.999), "
+        "used for validation, best.pt, generate and eval (0: off).", OPTIM,
+        rule=_float(0, high=1, high_open=True))
+    # -- stopping: whichever comes first; 0 disables a limit -------------------------------------
+    epochs: int = option(0, "Stop after this many epochs (0: no limit).", STOP, rule=_int(0))
+    max_steps: int = option(0, "Stop after this many steps (0: no limit).", STOP, rule=_int(0))
+    time_budget: str = option(
+        "2m", "Stop after this much training time, e.g. 90s, 5m, 1h ('0': no limit).", STOP)
+    # -- runtime -------------------------------------------------------------------------------
+    device: str = option(
+        "auto", "auto (CUDA, then MPS but not for a GRU, then CPU), cpu, cuda, cuda:N or mps.", RUN)
+    precision: str = option(
+        "fp32", "Mixed precision needs CUDA: bf16 (recurrent layers too) or fp16 (loss scaling); "
+        "for small models fp32 is faster.", RUN, choices=PRECISIONS)
+    tf32: bool = option(
+        False, "Let CUDA use TF32 tensor cores for float32 products (faster, 10-bit mantissa); "
+        "eval perplexity never does.", RUN)
+    threads: int = option(0, "CPU threads (0: the faster of one per core and one, timed every "
+                          "200 steps; one for a tiny model).", RUN, rule=_int(0))
+    seed: int = option(0, "Random seed: weights, batches, dropout.", RUN, fixed=True,
+                       rule=_int(0, high=2**63, high_open=True, text="an integer in [0, 2**63)"))
+    log_every: int = option(50, "Steps between progress lines.", RUN, rule=_int(1))
+    eval_every: int = option(500, "Steps between validation + sample.", RUN, rule=_int(1))
+    eval_tokens: int = option(250_000, "Validation tokens per evaluation while training: the "
+                              "same first part of the split each time (0: all); the end of a "
+                              "run evaluates all of it.", RUN, rule=_int(0))
+    checkpoint_every: int = option(500, "Steps between saves of last.pt.", RUN, rule=_int(1))
+    sample_prefix: str | None = option(
+        None, "Prompt for the samples shown at each evaluation.", RUN,
+        default_text="the corpus's own")
+    sample_length: int = option(200, "Characters per sample.", RUN, rule=_int(1))
+    out: str | None = option(None, "Run directory.", RUN, short="-o",
+                             default_text="runs/<time>-<cell>-<corpus>")
+    tensorboard: str | None = option(
+        None, "Also log losses, perplexity, bits/char, learning rate, tokens/s, gradient norm and "
+        "the samples for TensorBoard, in DIR (RUN_DIR/... is inside the run directory); alone: "
+        "RUN_DIR/tensorboard; off: none (a resumed run logs where it logged). Needs pip install "
+        "'charlm[tensorboard]'.", RUN, default_text="off",
+        bare="RUN_DIR/tensorboard")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def record_source(self, name: str, preprocessing: str, prefix: str, url: str | None) -> None:
+        """Record what a run actually trains on, so its config.toml and a resume train on the
+        same text: files absolute (found relative to here), the default corpus (or its
+        python-docs fallback), preprocessing and sample prefix as they resolved, and `url` (the
+        --url without a password, which config.toml and checkpoints never hold)."""
+        self.text = absolute_files(self.text)
+        self.url = url
+        if not (self.corpus or self.text or self.url):
+            self.corpus = name
+        self.preprocessing = preprocessing
+        if self.sample_prefix is None:
+            self.sample_prefix = prefix
+
+    def section(self, panel: str) -> dict[str, Any]:
+        """The fields of one help panel, e.g. section(DATA) for `load_dataset`."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if OPTIONS[f.name].panel == panel}
+
+
+def _options() -> dict[str, Option]:
+    found = {}
+    for f in fields(TrainConfig):
+        meta: Option = f.metadata["option"]
+        if f.metadata["model_rule"]:
+            meta = replace(meta, rule=rule_of(ModelConfig, f.name))
+        found[f.name] = meta
+    return found
+
+
+OPTIONS: dict[str, Option] = _options()  # field name -> its declaration
+TYPES: dict[str, Any] = typing.get_type_hints(TrainConfig)  # field name -> int, str | None, ...
+
+
+def base_type(name: str) -> Any:
+    """The type of option `name` without its Optional: int, float, str, bool or list[str]."""
+    kind = TYPES[name]
+    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+        return next(k for k in typing.get_args(kind) if k is not type(None))
+    return kind
+
+
+def optional(name: str) -> bool:
+    """Whether option `name` may be None (meaning: decided later, e.g. the corpus's own)."""
+    return type(None) in typing.get_args(TYPES[name])
+
+
+def default_of(name: str) -> Any:
+    f = TrainConfig.__dataclass_fields__[name]
+    return f.default_factory() if f.default is MISSING else f.default
+
+
+def canonical(name: str, value: Any) -> Any:
+    """A value of option `name` as the config keeps it: a choice lower-case (--cell GRU is --cell
+    gru)."""
+    return value.lower() if OPTIONS[name].choices and isinstance(value, str) else value
+
+
+def absolute_files(files: list[str]) -> list[str]:
+    """--text files as a run records them: absolute, found relative to the working directory."""
+    return [str(Path(f).resolve()) for f in files]
+
+
+def fixed_on_resume() -> tuple[str, ...]:
+    """Options that define the model or its data: a resumed run must keep them."""
+    return tuple(name for name, meta in OPTIONS.items() if meta.fixed)
+
+
+# -- reading and checking ---------------------------------------------------------------------
+
+
+def parse_duration(value: str | int | float | None) -> float:
+    """'90', '90s', '5m', '1.5h', '1h30m' -> seconds; '' / None / 0 -> 0 (no limit)."""
+    if value in (None, "", 0):
+        return 0.0
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        text = str(value).strip().lower()
+        parts = re.findall(r"(\d+(?:\.\d+)?)\s*([smhd]?)", text)
+        if not parts or re.sub(r"(\d+(?:\.\d+)?)\s*([smhd]?)", "", text).strip():
+            raise UsageError(
+                f"time_budget must look like 90s, 5m, 1.5h or 1h30m; got {value!r}"
+            )
+        unit = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+        seconds = sum(float(n) * unit[u] for n, u in parts)
+    if not math.isfinite(seconds) or seconds < 0:
+        raise UsageError(f"time_budget must be a non-negative duration; got {value!r}")
+    return seconds
+
+
+def type_ok(name: str, value: Any) -> bool:
+    """Whether `value` has the type of option `name` (a config file's or a checkpoint's value)."""
+    if value is None:
+        return optional(name)
+    base = base_type(name)
+    if typing.get_origin(base) is list:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if base is bool:
+        return isinstance(value, bool)
+    if base is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if base is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if name == "time_budget":
+        return isinstance(value, (str, int, float)) and not isinstance(value, bool)
+    return isinstance(value, base)
+
+
+SOURCES = ("corpus", "text", "url")  # where the text comes from: one of them
+LIMITS = ("epochs", "max_steps", "time_budget")  # when a run stops: the first one reached
+
+
+def build_config(file_values: dict[str, Any], overrides: dict[str, Any]) -> TrainConfig:
+    """Defaults < file values < command-line overrides (None means 'not given'), checked.
+
+    Two groups of options are taken whole rather than key by key:
+      * the text: a source named on the command line (--corpus, --text or --url) replaces the
+        file's source (and its sha256), so `--config d2l-gru.toml --text notes.txt` trains on
+        notes.txt;
+      * the limits: once a file or the command line names any stopping limit, the defaults'
+        limits (time_budget 2m) no longer apply; the limits named there do.
+    """
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if any(k in overrides for k in SOURCES):
+        file_values = {k: v for k, v in file_values.items() if k not in (*SOURCES, "sha256")}
+    values = TrainConfig().to_dict()
+    if any(k in file_values or k in overrides for k in LIMITS):
+        values.update(epochs=0, max_steps=0, time_budget="0")
+    values.update(file_values)
+    values.update(overrides)
+    for name, value in values.items():
+        if base_type(name) is float and isinstance(value, int) and not isinstance(value, bool):
+            values[name] = float(value)
+        else:
+            values[name] = canonical(name, value)
+    if isinstance(values.get("time_budget"), (int, float)):
+        values["time_budget"] = f"{values['time_budget']}s"
+    cfg = TrainConfig(**values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Every option's rule (naming the key), then the checks across options; checks that need
+    the corpus happen when it is loaded."""
+    for name, meta in OPTIONS.items():
+        value = getattr(cfg, name)
+        if meta.rule is not None and not (value is None and optional(name)):
+            meta.rule.check(name, value)
+    if (cfg.val_fraction or 0.0) + (cfg.test_fraction or 0.0) >= 1.0:
+        raise UsageError("val_fraction + test_fraction must leave some text for training")
+    check_cell_options(cfg)
+    check_combination(cfg.cell, cfg.impl, cfg.gru_reset)
+    check_tying(cfg.tie_weights, cfg.embed)
+    parse_duration(cfg.time_budget)
+    from charlm.data.corpus import check_source
+
+    check_source(cfg.corpus, cfg.text, cfg.url, cfg.sha256)
+
+
+def applies(name: str, cell: str) -> bool:
+    """Whether option `name` means something for `cell` (--nonlinearity: the RNN only)."""
+    return not OPTIONS[name].cells or cell in OPTIONS[name].cells
+
+
+def check_cell_options(cfg: TrainConfig) -> None:
+    """Options that do not apply to the cell are refused, naming them, when a file or the command
+    line gave them a value (a value other than the default: the default tanh is not an RNN
+    setting a GRU run asked for)."""
+    misplaced = [name for name in OPTIONS
+                 if not applies(name, cfg.cell) and getattr(cfg, name) != default_of(name)]
+    if misplaced:
+        said = " and ".join(f"--{n.replace('_', '-')} {getattr(cfg, n)} applies only to --cell "
+                            f"{' or '.join(OPTIONS[n].cells)}" for n in misplaced)
+        raise UsageError(f"{said}, not --cell {cfg.cell}; drop it or choose that cell")
+
+
+def model_config(cfg: TrainConfig, vocab_size: int, impl: str) -> ModelConfig:
+    """The ModelConfig a run of `cfg` trains, with `impl` resolved for its device."""
+    values = {f.name: getattr(cfg, f.name) for f in fields(ModelConfig) if hasattr(cfg, f.name)}
+    return ModelConfig(**{**values, "vocab_size": vocab_size, "impl": impl}).validate()
