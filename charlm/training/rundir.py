@@ -297,7 +297,7 @@ def read_metrics(path: Path) -> list[dict]:
     for line in Path(path).read_bytes().decode("utf-8", "replace").splitlines():
         try:
             row = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: arrays nested thousands deep
             continue
         if isinstance(row, dict):
             rows.append(row)
