@@ -28,16 +28,17 @@ from charlm.devices import use_threads
 from charlm.errors import CharlmError, warn
 from charlm.model.config import large_vocab_note, resolve_impl
 from charlm.model.lm import CharLM, State, detach_state
-from charlm.model.loading import model_from_checkpoint
+from charlm.model.loading import MAX_MAGNITUDE, model_from_checkpoint
 from charlm.sample import SampleSettings, generate
 from charlm.training import distributed, rundir, runtime, tensorboard
 from charlm.training.checkpoint import save_checkpoint
+from charlm.training.divergence import checkpoints_left
 from charlm.training.config import DATA, TrainConfig, model_config
 from charlm.training.configfile import run_config_toml
 from charlm.training.limits import Limits
 from charlm.training.display import RunInfo, TrainDisplay, run_summary
 from charlm.training.ema import WeightAverage
-from charlm.training.fields import check_resumable, corpus_changed
+from charlm.training.fields import check_fields, check_resumable, corpus_changed
 from charlm.training.optim import LRSchedule, load_optimizer_state, make_optimizer
 from charlm.training.signals import Abandoned, Interrupted, StopRequests, stop_requests
 from charlm.training.state import (LogWindow, LoopState, hidden_from_plain, hidden_to_plain,
@@ -162,6 +163,11 @@ class Trainer:
 
     def save(self, name: str) -> Path:
         state, path = self.state_dict(), self.run_dir / name
+        try:  # a diverged model is never saved, as best or last: only what charlm would load
+            check_fields(state, path)
+        except CharlmError:
+            self._diverged(f"the weights diverged by step {self.loop.step} (NaN, infinite or "
+                           f"beyond {MAX_MAGNITUDE:g}: not saved)")
         self.group.on_main(lambda: save_checkpoint(state, path))
         return path
 
@@ -372,14 +378,13 @@ class Trainer:
 
     def _check_finite(self, mean_loss: float) -> None:
         if not math.isfinite(mean_loss):
-            last = self.run_dir / "last.pt"
-            kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was saved"
-            self.display.stop()
-            error = CharlmError(
-                f"loss became {mean_loss} by step {self.loop.step}; training stopped and {kept}; "
-                "try a lower --lr or --clip 1"
-            )
-            raise distributed.shared(error) if self.group.active else error
+            self._diverged(f"loss became {mean_loss} by step {self.loop.step}")
+
+    def _diverged(self, what: str) -> None:
+        self.display.stop()
+        error = CharlmError(f"{what}; training stopped; {checkpoints_left(self.run_dir)}; "
+                            "try a lower --lr or --clip 1")
+        raise distributed.shared(error) if self.group.active else error
 
     def _evaluate_and_sample(self, metrics, whole: bool = False) -> float:
         """A periodic evaluation and a sample; `whole`: the final one over all of the validation split, which
@@ -414,7 +419,8 @@ class Trainer:
                       errors="backslashreplace") as fh:  # a prompt's bytes need not be UTF-8
                 fh.write(f"--- step {loop.step}\n{sample}\n")
         self.display.evaluation(row, sample, improved)
-        if g.broadcast(improved or not (self.run_dir / "best.pt").exists()):  # rank 0 decides
+        first = not (self.run_dir / "best.pt").exists() and math.isfinite(val)
+        if g.broadcast(improved or first):  # rank 0 decides
             self.save("best.pt")
         return val
 
