@@ -16,6 +16,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from charlm.errors import UsageError
+from charlm.text_safety import quoted, shown
 
 
 @dataclass(frozen=True)
@@ -70,9 +71,10 @@ class Rule:
         if self.ok(value):
             return
         if self.choices:
-            raise UsageError(f"{key} must be {self.describe()}; got {value!r}")
-        shown = value if isinstance(value, (int, float)) and not isinstance(value, bool) else repr(value)
-        raise UsageError(f"{key} must be {self.describe()}, got {shown}")
+            raise UsageError(f"{key} must be {self.describe()}; got {quoted(value)}")
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        raise UsageError(f"{key} must be {self.describe()}, got "
+                         f"{shown(value) if number else quoted(value)}")
 
 
 def _num(x: float) -> str:

@@ -130,6 +130,16 @@ class MetricsLog:
         self.fh.close()
 
 
+class _NoMetrics:
+    """What ranks other than 0 write metrics to."""
+
+    def write(self, row: dict) -> None:
+        pass
+
+
+NO_METRICS = _NoMetrics()
+
+
 def _step_of(row: dict) -> float:
     step = row.get("step", 0)
     return step if isinstance(step, (int, float)) and not isinstance(step, bool) else math.inf
@@ -176,7 +186,7 @@ def read_metrics(path: Path) -> list[dict]:
     for line in Path(path).read_bytes().decode("utf-8", "replace").splitlines():
         try:
             row = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: arrays nested thousands deep
             continue
         if isinstance(row, dict):
             rows.append(row)

@@ -25,6 +25,7 @@ import typer
 
 from charlm.about import __version__
 from charlm.errors import CharlmError
+from charlm.text_safety import one_line
 
 F = TypeVar("F", bound=Callable)
 
@@ -66,7 +67,7 @@ def debug_enabled() -> bool:
 
 def error_line(message: str) -> None:
     """Print one error line on stderr (never a traceback)."""
-    message = " ".join(str(message).split())  # one line, whatever the message held
+    message = one_line(message)  # one line, whatever the message held, control characters escaped
     try:
         sys.stderr.write(f"charlm: error: {message}\n")
         sys.stderr.flush()

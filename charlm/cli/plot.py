@@ -95,7 +95,7 @@ def read_curves(run: Path, name: str) -> Curves:
             continue
         try:
             point = _curve_point(json.loads(line))
-        except ValueError:  # not JSON, or not a row of ours
+        except (ValueError, RecursionError):  # not JSON (or nested too deep), or not ours
             damaged += 1
             continue
         if point is not None:

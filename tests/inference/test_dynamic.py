@@ -120,7 +120,7 @@ def test_eval_dynamic_reports_both_figures_and_never_changes_the_checkpoint(tiny
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--dynamic-lr", "-1"], "--dynamic-lr must be >= 0, got -1.0"),
+    (["--dynamic-lr", "-1"], "--dynamic-lr must be in [0, 1], got -1.0"),
     (["--dynamic-decay", "2"], "--dynamic-decay must be in [0, 1], got 2.0"),
     (["--dynamic-window", "0"], "--dynamic-window must be an integer >= 1, got 0"),
 ])
