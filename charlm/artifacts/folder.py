@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from charlm.artifacts.fields import expected_shapes
 from charlm.data.text import PREPROCESSING
 from charlm.data.vocab import Vocab
 from charlm.errors import CharlmError, UsageError
@@ -173,16 +174,6 @@ def _model_config(config: dict, path: Path) -> ModelConfig:
                           f"vocab_size {model_config.vocab_size}; the folder is damaged or was "
                           "edited")
     return model_config
-
-
-def expected_shapes(model_config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Each weight's name and shape, from a model built on the meta device (no memory used,
-    whatever sizes a hostile config.json names)."""
-    from charlm.model.lm import CharLM
-
-    with torch.device("meta"):
-        model = CharLM(ModelConfig(**{**model_config.to_dict(), "impl": "fused"}))
-    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
 def _read_weights(path: Path, model_config: ModelConfig) -> dict[str, torch.Tensor]:
