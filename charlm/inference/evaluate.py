@@ -108,4 +108,13 @@ def perplexity_of(model: CharLM, tokens: torch.Tensor, window: int = 512,
     nll, count = corpus_nll(model, tokens, 1, window, threads=chooser)
     nats = nll / count
     unk = int((tokens[1:] == 0).sum().item())
-    return Perplexity(math.exp(nats), nats, nats / math.log(2), count, unk, unk / count)
+    return Perplexity(perplexity_from(nats), nats, nats / math.log(2), count, unk, unk / count)
+
+
+def perplexity_from(nats: float) -> float:
+    """exp(nats), or inf where that overflows float64 (past about 709.8 nats): weights within
+    the checks' bounds can still give a loss of thousands of nats, which is reported, not a crash."""
+    try:
+        return math.exp(nats)
+    except OverflowError:
+        return math.inf

@@ -161,6 +161,8 @@ class TrainDisplay:
 def run_summary(run: RunInfo, reason: str, loop, final_val: float) -> dict:
     """The end of a run in numbers (`loop`: the trainer's LoopState): what --json prints, the
     summary row of metrics.jsonl, and what summary_table shows."""
+    from charlm.inference.evaluate import perplexity_from  # (torch: not for `train --help`)
+
     best = loop.best_val_loss if math.isfinite(loop.best_val_loss) else final_val
     finite = math.isfinite(best)
     per_epoch = run.batches_per_epoch * run.batch_size * run.num_steps
@@ -169,7 +171,7 @@ def run_summary(run: RunInfo, reason: str, loop, final_val: float) -> dict:
         "steps": loop.step,
         "epochs": round(loop.tokens_seen / max(1, per_epoch), 3),
         "best_val_loss": best if finite else None,
-        "best_val_ppl": math.exp(best) if finite else None,
+        "best_val_ppl": perplexity_from(best) if finite else None,  # inf past float64's range
         "best_val_bpc": best / math.log(2) if finite else None,
         "final_val_loss": final_val if math.isfinite(final_val) else None,
         "tokens_per_s": loop.tokens_seen / max(loop.elapsed, 1e-9),
