@@ -88,7 +88,7 @@ def weights_bytes(state_dict: dict[str, torch.Tensor]) -> bytes:
 
 
 def read_model_folder(folder: Path) -> dict:
-    """The folder as a checkpoint's plain dict: model_config (impl "fused": a placeholder, the
+    """The folder as a checkpoint's plain dict: model_config (its impl a placeholder, the
     caller picks one), vocab, preprocessing, model (the weights), train_config, corpus, and the
     folder's own `exported` config. One-line CharlmErrors name the file and what is wrong."""
     config = read_config(folder / CONFIG)
@@ -160,7 +160,10 @@ def _model_config(config: dict, path: Path) -> ModelConfig:
         raise CharlmError(f"{path}: its model has unknown keys {unknown}; it was written by a "
                           "newer charlm: upgrade charlm to load it")
     try:
-        model_config = ModelConfig(**{**model, "impl": "fused"}).validate()
+        # a placeholder impl (the caller picks one): torch's own, or scratch, the one that has
+        # the reset gate before W_hh
+        impl = "scratch" if model.get("gru_reset") == "before" else "fused"
+        model_config = ModelConfig(**{**model, "impl": impl}).validate()
     except TypeError as exc:
         raise CharlmError(f"{path}: its model is incomplete ({exc}); the folder is damaged") from None
     except UsageError as exc:
