@@ -29,9 +29,10 @@ def _entry(path: Path) -> tuple:
 
 
 def tree_state(repo: Path) -> dict[str, tuple]:
-    """Every path `git status --porcelain --ignored` names (ignored ones with type, size and
-    mtime), and every path under runs/ and data/ (ignored, so git names the folder only): equal
-    states mean no test created, deleted, rewrote or repointed anything in the tree."""
+    """Every untracked or ignored path `git status --porcelain --ignored` names (ignored ones
+    with type, size and mtime), and every path under runs/ and data/ (ignored, so git names the
+    folder only): equal states mean no test created, deleted, rewrote or repointed a file that
+    is not under version control."""
     state: dict[str, tuple] = {}
     try:
         listing = subprocess.run(["git", "status", "--porcelain", "--ignored", "-z"], cwd=repo,
@@ -40,9 +41,10 @@ def tree_state(repo: Path) -> dict[str, tuple]:
         listing = ""
     for item in listing.split("\0"):
         name = item[3:].rstrip("/")
-        if name and not any(part in _NOT_OURS for part in Path(name).parts):
-            # a developer may edit tracked and new files while the suite runs: their status
-            # counts, not their mtime; ignored files are written by programs only
+        # Untracked and ignored paths only: a developer edits and commits tracked files while the
+        # suite runs, and may write a new file (its presence counts, not its mtime); ignored
+        # files are written by programs alone.
+        if item[:2] in ("??", "!!") and not any(part in _NOT_OURS for part in Path(name).parts):
             state[f"{item[:2]} {name}"] = _entry(repo / name) if item[:2] == "!!" else ()
     for top in _WALKED:
         root = repo / top
