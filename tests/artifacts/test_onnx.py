@@ -20,7 +20,8 @@ from charlm.model.lm import CharLM  # noqa: E402
 from charlm.artifacts.onnxstep import onnx_bytes, onnx_difference  # noqa: E402
 from helpers import run_main, train_runs  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+# Slow (ONNX export and onnxruntime sessions): left out of `pytest -m "not slow"`.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "onnx_generate.py"
 

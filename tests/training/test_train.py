@@ -164,6 +164,7 @@ def run_interrupted_then_resumed(cfg: TrainConfig, stop_at: int) -> dict:
     return Trainer(again, resume=resumed).run()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampling, stop_at", [("sequential", 13), ("random", 21)])
 def test_interrupted_and_resumed_run_ends_bit_identical(small_text, tmp_path, sampling, stop_at):
     over = dict(sampling=sampling, max_steps=37, warmup_steps=5)  # cosine decay in play
@@ -310,6 +311,7 @@ def test_cli_train_writes_a_complete_run_directory(small_text, tmp_path, runs_di
     assert saved["hidden"] == 16 and saved["max_steps"] == 12
 
 
+@pytest.mark.slow
 def test_cli_train_as_a_subprocess(small_text, tmp_path):
     env = {**os.environ, "CHARLM_RUNS_DIR": str(tmp_path / "runs")}
     proc = subprocess.run([sys.executable, "-m", "charlm", *_cli_args(small_text, tmp_path / "run"),
