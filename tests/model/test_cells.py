@@ -63,7 +63,6 @@ def assert_same_as_fused(impl, mode, shape, layers, with_state):
             torch.testing.assert_close(g, w, **TOL)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("with_state", [False, True])
 @pytest.mark.parametrize("layers", [1, 2])
 @pytest.mark.parametrize("shape", SHAPES)
@@ -102,7 +101,6 @@ def _gradcheck(module, x, state):
     assert torch.autograd.gradcheck(fn, (x, *state_tensors(state), *params))
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES)
 def test_scratch_gradcheck_float64(mode):
     torch.manual_seed(0)

@@ -59,7 +59,6 @@ SHAPES = [(32, 35, 32, 256, 2), (5, 7, 9, 72, 1), (3, 4, 5, 100, 2), (9, 3, 4, 6
           (4, 6, 3, 5, 2)]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("n_threads", [1, 2])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_compiled_loops_equal_fused(shape, n_threads, threads):

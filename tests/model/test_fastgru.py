@@ -45,7 +45,6 @@ def assert_all_close(want, got, **tol):
             torch.testing.assert_close(g, w, **(tol or TOL))
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("with_state", [False, True])
 @pytest.mark.parametrize("layers", [1, 2])
 @pytest.mark.parametrize("shape", SHAPES)

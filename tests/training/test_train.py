@@ -164,7 +164,6 @@ def run_interrupted_then_resumed(cfg: TrainConfig, stop_at: int) -> dict:
     return Trainer(again, resume=resumed).run()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("sampling, stop_at", [("sequential", 13), ("random", 21)])
 def test_interrupted_and_resumed_run_ends_bit_identical(small_text, tmp_path, sampling, stop_at):
     over = dict(sampling=sampling, max_steps=37, warmup_steps=5)  # cosine decay in play
