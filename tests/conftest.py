@@ -5,7 +5,8 @@ Every test runs with its own empty runs root (CHARLM_RUNS_DIR) and corpus cache
 CHARLM_MIRROR, and the registry's URLs pointed at a refused loopback port: no test, nor a
 `charlm` process it starts from any cwd, can touch the user's runs/ or home cache or reach the
 real corpus servers, and a default corpus that is not cached falls back to python-docs at once.
-The session fails if the repository tree changed while it ran (tests/isolation.py).
+The session fails if anything outside version control in the repository changed while it ran
+(tests/isolation.py).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def pytest_sessionfinish(session, exitstatus):
     if changed:
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
         if reporter is not None:
-            reporter.write_sep("=", f"the suite changed the repository tree {REPO}", red=True)
+            reporter.write_sep("=", f"a test wrote outside its tmp_path, into {REPO}", red=True)
             for line in changed:
                 reporter.write_line(line)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
