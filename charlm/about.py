@@ -4,7 +4,7 @@ package's public API."""
 __version__ = "0.1.0"
 
 # What pip calls charlm (pyproject.toml's project.name): `charlm` on PyPI is an unrelated
-# library, so a message that names an extra must never say `pip install 'charlm[...]'`.
+# library, so a message that names an extra names this distribution, never plain charlm.
 DISTRIBUTION = "charlm-rnn"
 
 
