@@ -7,7 +7,7 @@
     |                                |   excluded, as metrics.jsonl)  |
     +--------------------------------+--------------------------------+
 
-matplotlib is an optional extra (`pip install 'charlm[plot]'`) and is imported only here, inside
+matplotlib is an optional extra (`pip install 'charlm-rnn[plot]'`) and is imported only here, inside
 the command, with the Agg canvas (no display, no pyplot global state).
 """
 
@@ -21,11 +21,12 @@ from typing import Optional
 
 import typer
 
+from charlm.about import install_extra
 from charlm.artifacts import rundir
 from charlm.errors import CharlmError, UsageError, warn
 from charlm.system.files import atomic_write
 
-MISSING_MATPLOTLIB = "charlm plot needs matplotlib: pip install 'charlm[plot]'"
+MISSING_MATPLOTLIB = f"charlm plot needs matplotlib: {install_extra('plot')}"
 
 
 @dataclass

@@ -25,6 +25,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from charlm.about import install_extra
 from charlm.checks import Rule, rule_of
 from charlm.data.text import PREPROCESSING
 from charlm.errors import UsageError
@@ -207,8 +208,8 @@ class TrainConfig:
     tensorboard: str | None = option(
         None, "Also log losses, perplexity, bits/char, learning rate, tokens/s, gradient norm and "
         "the samples for TensorBoard, in DIR (RUN_DIR/... is inside the run directory); alone: "
-        "RUN_DIR/tensorboard; off: none (a resumed run logs where it logged). Needs pip install "
-        "'charlm[tensorboard]'.", RUN, default_text="off",
+        "RUN_DIR/tensorboard; off: none (a resumed run logs where it logged). Needs "
+        f"{install_extra('tensorboard')}.", RUN, default_text="off",
         bare="RUN_DIR/tensorboard")
 
     def to_dict(self) -> dict[str, Any]:

@@ -30,7 +30,8 @@ import pytest
 
 from forkserver import ForkServer
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+# Slow (the whole table of bad inputs, each in a process of its own): left out of `pytest -m "not slow"`.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 import torch
 
 TIMEOUT = 120  # seconds per subprocess: a wrongly accepted input still ends in a few

@@ -87,6 +87,7 @@ def charlm(*args: str, stdout=subprocess.PIPE, env: dict | None = None):
                           env={**os.environ, **(env or {})})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [
     ["--help"], ["data", "list"], ["data", "info", "python-docs"], ["eval", "perplexity", "--json"],
     ["generate", "--length", "5", "--num-samples", "2"],
@@ -105,6 +106,7 @@ def test_a_closed_pipe_is_a_normal_end(args, tiny_checkpoint, tmp_path):
     assert (proc.returncode, proc.stderr) == (0, "")
 
 
+@pytest.mark.slow
 def test_a_closed_pipe_ends_training_normally_after_it_finished(tmp_path):
     text = tmp_path / "small.txt"
     text.write_text("the time machine " * 400, encoding="utf-8")
@@ -129,6 +131,7 @@ def test_numpy_is_declared():
     assert "numpy" in names
 
 
+@pytest.mark.slow
 def test_library_warnings_stay_off_stderr(tiny_checkpoint, tmp_path):
     """Without numpy, `import torch` warns "Failed to initialize NumPy" on stderr: a library's
     line in a normal run, which charlm keeps off a user's stderr (-q or not); CHARLM_DEBUG=1

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections import Counter
 
+import pytest
 from typer.testing import CliRunner
 
 from charlm.data import corpus
@@ -201,6 +202,7 @@ def test_tables_are_not_wrapped_when_stdout_is_not_a_terminal(tmp_path):
     assert lines[-1] == f"cache: {deep}"
 
 
+@pytest.mark.slow
 def test_subprocess_errors_are_one_stderr_line_and_exit_codes(tmp_path, shared_data):
     def charlm(*args):
         return subprocess.run(

@@ -28,7 +28,7 @@ try:
 except ImportError:
     HAVE_MATPLOTLIB = False
 needs_matplotlib = pytest.mark.skipif(
-    not HAVE_MATPLOTLIB, reason="matplotlib is not installed (pip install 'charlm[plot]')")
+    not HAVE_MATPLOTLIB, reason="matplotlib is not installed (pip install 'charlm-rnn[plot]')")
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 WIDTH, HEIGHT = 1200, 450  # figsize 12 x 4.5 inches at 100 dpi
@@ -150,7 +150,7 @@ def test_missing_matplotlib_names_the_extra(runs, tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     result = invoke(str(runs["a"]), "--out", str(tmp_path / "x.png"))
     assert result.exit_code == 1
-    assert result.stderr == "charlm: error: charlm plot needs matplotlib: pip install 'charlm[plot]'\n"
+    assert result.stderr == "charlm: error: charlm plot needs matplotlib: pip install 'charlm-rnn[plot]'\n"
     assert result.stdout == ""
     assert list(tmp_path.iterdir()) == []
 

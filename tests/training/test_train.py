@@ -311,6 +311,7 @@ def test_cli_train_writes_a_complete_run_directory(small_text, tmp_path, runs_di
     assert saved["hidden"] == 16 and saved["max_steps"] == 12
 
 
+@pytest.mark.slow
 def test_cli_train_as_a_subprocess(small_text, tmp_path):
     env = {**os.environ, "CHARLM_RUNS_DIR": str(tmp_path / "runs")}
     proc = subprocess.run([sys.executable, "-m", "charlm", *_cli_args(small_text, tmp_path / "run"),
