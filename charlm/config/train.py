@@ -283,8 +283,9 @@ def fixed_on_resume() -> tuple[str, ...]:
 # -- reading and checking ---------------------------------------------------------------------
 
 
-def parse_duration(value: str | int | float | None) -> float:
-    """'90', '90s', '5m', '1.5h', '1h30m' -> seconds; '' / None / 0 -> 0 (no limit)."""
+def parse_duration(value: str | int | float | None, key: str = "time_budget") -> float:
+    """'90', '90s', '5m', '1.5h', '1h30m' -> seconds; '' / None / 0 -> 0 (no limit). Errors name
+    `key` (see charlm.checks)."""
     if value in (None, "", 0):
         return 0.0
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -293,13 +294,11 @@ def parse_duration(value: str | int | float | None) -> float:
         text = str(value).strip().lower()
         parts = re.findall(r"(\d+(?:\.\d+)?)\s*([smhd]?)", text)
         if not parts or re.sub(r"(\d+(?:\.\d+)?)\s*([smhd]?)", "", text).strip():
-            raise UsageError(
-                f"time_budget must look like 90s, 5m, 1.5h or 1h30m; got {value!r}"
-            )
+            raise UsageError(f"{key} must look like 90s, 5m, 1.5h or 1h30m; got {value!r}")
         unit = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
         seconds = sum(float(n) * unit[u] for n, u in parts)
     if not math.isfinite(seconds) or seconds < 0:
-        raise UsageError(f"time_budget must be a non-negative duration; got {value!r}")
+        raise UsageError(f"{key} must be a non-negative duration; got {value!r}")
     return seconds
 
 
@@ -358,19 +357,34 @@ def build_config(file_values: dict[str, Any], overrides: dict[str, Any]) -> Trai
 def validate(cfg: TrainConfig) -> None:
     """Every option's rule (naming the key), then the checks across options; checks that need
     the corpus happen when it is loaded."""
-    for name, meta in OPTIONS.items():
-        value = getattr(cfg, name)
-        if meta.rule is not None and not (value is None and optional(name)):
-            meta.rule.check(name, value)
+    for name in OPTIONS:
+        check_value(name, getattr(cfg, name))
     if (cfg.val_fraction or 0.0) + (cfg.test_fraction or 0.0) >= 1.0:
         raise UsageError("val_fraction + test_fraction must leave some text for training")
     check_cell_options(cfg)
     check_combination(cfg.cell, cfg.impl, cfg.gru_reset)
     check_tying(cfg.tie_weights, cfg.embed)
-    parse_duration(cfg.time_budget)
     from charlm.data.corpus import check_source
 
     check_source(cfg.corpus, cfg.text, cfg.url, cfg.sha256)
+
+
+def check_value(name: str, value: Any, key: str | None = None) -> None:
+    """Option `name`'s value against its Rule (time_budget: its form), the error naming `key`:
+    the field's name by default, `--cell` for what was typed, a config file's key and path."""
+    key = key or name
+    rule = OPTIONS[name].rule
+    if rule is not None and not (value is None and optional(name)):
+        rule.check(key, canonical(name, value))
+    if name == "time_budget":
+        parse_duration(value, key)
+
+
+def check_typed(given: dict[str, Any]) -> None:
+    """The values typed on the command line, each error naming its option (`--cell`). Nothing
+    here imports torch, so a mistyped value is told before the trainer starts loading."""
+    for name, value in given.items():
+        check_value(name, value, "--" + name.replace("_", "-"))
 
 
 def applies(name: str, cell: str) -> bool:
