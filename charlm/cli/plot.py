@@ -38,21 +38,12 @@ class Curves:
 def resolve_runs(targets: list[Path] | None) -> list[Path]:
     """The run directories to plot: those given, or the latest run."""
     if not targets:
-        run = rundir.latest_run()
-        if run is None:
-            raise CharlmError(
-                f"no runs yet in {rundir.runs_root()}/: train one first with `charlm train`, or "
-                "pass RUN_DIR"
-            )
-        return [run]
+        return [rundir.require_latest_run("pass RUN_DIR")]
     runs = []
     for target in targets:
         target = Path(target)
         if target.is_file() and target.name == "latest":
-            followed = rundir.latest_run(target.parent)
-            if followed is None:
-                raise CharlmError(f"{target} points to a run directory that no longer exists")
-            target = followed
+            target = rundir.require_latest_run("pass RUN_DIR", target)
         elif target.is_file() and target.name == "metrics.jsonl":
             target = target.parent
         if not target.exists():

@@ -164,14 +164,21 @@ def test_no_runs_yet(tmp_path):
     )
 
 
-def test_latest_pointing_at_a_deleted_run_is_no_runs(tmp_path, monkeypatch):
+def test_latest_pointing_at_a_deleted_run_names_it_and_the_newest_run(runs, tmp_path, monkeypatch):
+    import shutil
+
     root = tmp_path / "runs"
-    root.mkdir()
+    for name in ("a", "b"):  # b was written last; copies keep the times
+        shutil.copytree(runs[name], root / name)
     (root / "latest").write_text(str(tmp_path / "gone") + "\n", encoding="utf-8")
     monkeypatch.setenv("CHARLM_RUNS_DIR", str(root))
+    newest = root / "b"
+    line = (f"charlm: error: {root / 'latest'} names {tmp_path / 'gone'}, which no longer exists; "
+            f"the newest run in {root}/ is {newest}: pass RUN_DIR\n")
     result = invoke()
-    assert result.exit_code == 1
-    assert result.stderr.startswith(f"charlm: error: no runs yet in {root}/:")
+    assert (result.exit_code, result.stderr) == (1, line)
+    result = invoke(str(root / "latest"))  # the pointer named as the run to plot
+    assert (result.exit_code, result.stderr) == (1, line)
 
 
 def test_directory_without_metrics(tmp_path):
