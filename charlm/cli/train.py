@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from typer.core import TyperCommand
 
+from charlm.cli.command import Command
 from charlm.config.train import MODEL, OPTIONS, RUN, base_type, check_typed, default_of
 from charlm.errors import CharlmError, UsageError
 
@@ -46,7 +46,7 @@ def options() -> list[inspect.Parameter]:
         help_text = meta.help
         if meta.rule is not None and not meta.choices and meta.rule.kind not in (None, bool):
             help_text = f"{help_text} ({meta.rule.describe()})"
-        metavar = f"[{'|'.join(meta.choices)}]" if meta.choices else None
+        metavar = f"[{'|'.join(meta.choices)}]" if meta.choices else meta.metavar
         if meta.bare is not None:
             metavar = "[DIR]"
         info = typer.Option(
@@ -71,7 +71,7 @@ def bare_values(args: list[str]) -> list[str]:
     return out
 
 
-class TrainCommand(TyperCommand):
+class TrainCommand(Command):
     def parse_args(self, ctx, args: list[str]) -> list[str]:
         return super().parse_args(ctx, bare_values(args))
 

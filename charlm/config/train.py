@@ -50,6 +50,7 @@ class Option:
     default_text: str | None = None  # what --help says for a default of None
     bare: str | None = None  # the value of the option given alone (`--tensorboard`)
     cells: tuple[str, ...] = ()  # the cells it applies to (all when empty)
+    metavar: str | None = None  # what --help calls the value, where its type says too little
 
     @property
     def choices(self) -> tuple[str, ...]:
@@ -59,13 +60,13 @@ class Option:
 def option(default: Any, help: str, panel: str, *, rule: Rule | None = None, fixed: bool = False,
            short: str | None = None, default_text: str | None = None, model: bool = False,
            choices: tuple[str, ...] = (), bare: str | None = None,
-           cells: tuple[str, ...] = ()) -> Any:
+           cells: tuple[str, ...] = (), metavar: str | None = None) -> Any:
     """A TrainConfig field. `model=True` takes the rule of ModelConfig's field of the same name
     (filled in below, once the field's name is known); `choices` is shorthand for a Rule; `bare`
     lets the option be given without a value, meaning that one; `cells`: the cells the option
     means something for (another cell refuses other values)."""
     meta = Option(help, panel, Rule(choices=choices) if choices else rule, fixed, short,
-                  default_text, bare, cells)
+                  default_text, bare, cells, metavar)
     kwargs = {"default_factory": list} if isinstance(default, list) else {"default": default}
     return field(metadata={"option": meta, "model_rule": model}, **kwargs)
 
@@ -84,14 +85,17 @@ class TrainConfig:
     corpus: str | None = option(
         None, "A named corpus (see charlm data list): timemachine, tinyshakespeare, enwik8, text8, "
         "python-docs.",
-        DATA, fixed=True, default_text="timemachine, else python-docs")
+        DATA, fixed=True, default_text="timemachine, else python-docs", metavar="<name>")
     text: list[str] = option(
-        [], "Train on local UTF-8 file(s) instead (repeatable).", DATA, fixed=True)
-    url: str | None = option(None, "Train on a text downloaded from this URL.", DATA, fixed=True)
+        [], "Train on local UTF-8 file(s) instead (repeatable).", DATA, fixed=True,
+        metavar="<file>")
+    url: str | None = option(None, "Train on a text downloaded from this URL.", DATA, fixed=True,
+                             metavar="<url>")
     sha256: str | None = option(None, "Expected sha256 of --url (64 hex digits).", DATA)
     data_dir: str | None = option(
         None, "Corpus cache directory.", DATA,
-        default_text="$CHARLM_DATA_DIR, else ~/.cache/charlm")
+        default_text="$CHARLM_DATA_DIR, else $XDG_CACHE_HOME/charlm, else ~/.cache/charlm",
+        metavar="<dir>")
     download_timeout: float = option(
         1800.0, "Give up on a download URL after this many seconds, retries included (0: "
         "never); the next URL is tried.", DATA, rule=_float(0))
@@ -178,7 +182,8 @@ class TrainConfig:
     epochs: int = option(0, "Stop after this many epochs (0: no limit).", STOP, rule=_int(0))
     max_steps: int = option(0, "Stop after this many steps (0: no limit).", STOP, rule=_int(0))
     time_budget: str = option(
-        "2m", "Stop after this much training time, e.g. 90s, 5m, 1h ('0': no limit).", STOP)
+        "2m", "Stop after this much training time, e.g. 90s, 5m, 1h ('0': no limit).", STOP,
+        metavar="<duration>")
     # -- runtime -------------------------------------------------------------------------------
     device: str = option(
         "auto", "auto (CUDA, then MPS but not for a GRU, then CPU), cpu, cuda, cuda:N or mps.", RUN)
@@ -203,7 +208,7 @@ class TrainConfig:
         default_text="the corpus's own")
     sample_length: int = option(200, "Characters per sample.", RUN, rule=_int(1))
     out: str | None = option(None, "Run directory.", RUN, short="-o",
-                             default_text="runs/<time>-<cell>-<corpus>")
+                             default_text="runs/<time>-<cell>-<corpus>", metavar="<dir>")
     tensorboard: str | None = option(
         None, "Also log losses, perplexity, bits/char, learning rate, tokens/s, gradient norm and "
         "the samples for TensorBoard, in DIR (RUN_DIR/... is inside the run directory); alone: "

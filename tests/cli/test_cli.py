@@ -27,6 +27,36 @@ def test_a_bare_command_prints_its_help(args):
     assert "\nCommands:\n" in out
 
 
+COMMANDS = [["train"], ["generate"], ["eval", "perplexity"], ["export"], ["plot"],
+            ["data", "list"], ["data", "download"], ["data", "add"], ["data", "info"]]
+
+
+@pytest.mark.parametrize("args", COMMANDS, ids=" ".join)
+def test_help_names_values_as_a_user_reads_them(args):
+    """No Python types (`<list[str]>`, `<list[Path]>`) and no Typer notation (`{name}`) in any
+    command's help; arguments are named in capitals, as usage lines name them."""
+    code, out, err = run_main([*args, "--help"])
+    assert (code, err) == (0, "")
+    assert not re.findall(r"<list\[|\{\w+\}|\[\[", out), out
+    usage = out.splitlines()[0]
+    assert re.fullmatch(rf"Usage: charlm {' '.join(args)} \[OPTIONS\]( [A-Z_|\[\].]+)*", usage)
+
+
+@pytest.mark.parametrize("args, shown", [
+    (["data", "add"], "Usage: charlm data add [OPTIONS] NAME FILE"),
+    (["data", "download"], "Usage: charlm data download [OPTIONS] NAME"),
+    (["plot"], "Usage: charlm plot [OPTIONS] [RUN_DIR]..."),
+    (["train"], "Usage: charlm train [OPTIONS] [RUN_DIR|CHECKPOINT]"),
+    (["plot"], "\n  RUN_DIR...  Run directories to overlay"),
+    (["train"], "\n  --text <file> "),
+    (["train"], "\n  --time-budget <duration> "),
+    (["generate"], "\n  --impl [auto|fused|scratch|fast]"),
+    (["eval", "perplexity"], "\n  --weights [auto|ema|raw]"),
+])
+def test_help_shows_choices_and_what_a_value_is(args, shown):
+    assert shown in run_main([*args, "--help"])[1]
+
+
 def test_version():
     from charlm.about import __version__
 
