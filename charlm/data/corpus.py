@@ -349,7 +349,9 @@ def locate_corpus(
     except DownloadError as exc:
         warn(
             f"{DEFAULT_CORPUS} is not cached and cannot be downloaded, so the built-in "
-            f"{FALLBACK_CORPUS} corpus is used instead ({exc})"
+            f"{FALLBACK_CORPUS} corpus is used instead: a model trained on it writes Python's "
+            "documentation, not The Time Machine, whatever the prompt ('time traveller' too) "
+            f"({exc})"
         )
         return _from_entry(entry(FALLBACK_CORPUS), data_dir, progress)
 
