@@ -176,7 +176,9 @@ class TrainConfig:
                          rule=_float(0, text=">= 0 (0 disables clipping)"))
     ema: float = option(
         0.0, "Average the weights: an exponential moving average with this decay (e.g. 0.999), "
-        "used for validation, best.pt, generate and eval (0: off).", OPTIM,
+        "used for validation, best.pt, generate and eval (0: off). After step t the decay is "
+        "min(--ema, (1+t)/(10+t)), a warm-up ramp: the first steps do not carry the random "
+        "initial weights along.", OPTIM,
         rule=_float(0, high=1, high_open=True))
     # -- stopping: whichever comes first; 0 disables a limit -------------------------------------
     epochs: int = option(0, "Stop after this many epochs (0: no limit).", STOP, rule=_int(0))

@@ -57,6 +57,26 @@ def test_help_shows_choices_and_what_a_value_is(args, shown):
     assert shown in run_main([*args, "--help"])[1]
 
 
+def test_help_and_readme_say_what_ema_and_beam_compute():
+    """The semantics tests/model/test_regularisation.py (the EMA's ramp) and
+    tests/inference/test_beam.py (scores over the characters less <unk>, renormalised) check
+    are said where a user reads them."""
+    def said(args):  # help wraps lines, at spaces and after hyphens
+        return "".join(run_main([*args, "--help"])[1].split())
+
+    def bare(text):
+        return "".join(text.split())
+
+    readme = " ".join((REPO / "README.md").read_text(encoding="utf-8").split())
+    assert bare("After step t the decay is min(--ema, (1+t)/(10+t)), a warm-up ramp") in said(["train"])
+    assert "`d = min(DECAY, (1 + t) / (10 + t))`: a warm-up ramp" in readme
+    beam = ("scored by log-probability (natural log, per character; <unk> excluded and the other "
+            "characters' probabilities renormalised, as when drawing)")
+    assert bare(beam) in said(["generate"])
+    assert ("Scores are natural logs of the model's probabilities with `<unk>` excluded and the "
+            "other characters' probabilities renormalised") in readme
+
+
 def test_version():
     from charlm.about import __version__
 
