@@ -111,17 +111,18 @@ eval_app = typer.Typer(
 
 def _register_commands() -> None:
     from charlm.cli import data, eval, export, generate, plot, train
+    from charlm.cli.command import Command
 
     app.command("train", no_args_is_help=False, cls=train.TrainCommand)(handle_errors(train.train))
-    app.command("generate")(handle_errors(generate.generate))
+    app.command("generate", cls=Command)(handle_errors(generate.generate))
     app.add_typer(eval_app, name="eval")
-    eval_app.command("perplexity")(handle_errors(eval.eval_perplexity))
+    eval_app.command("perplexity", cls=Command)(handle_errors(eval.eval_perplexity))
     app.add_typer(data_app, name="data")
     for name, command in (("list", data.data_list), ("download", data.data_download),
                           ("add", data.data_add), ("info", data.data_info)):
-        data_app.command(name)(handle_errors(command))
-    app.command("plot")(handle_errors(plot.plot_command))
-    app.command("export")(handle_errors(export.export))
+        data_app.command(name, cls=Command)(handle_errors(command))
+    app.command("plot", cls=Command)(handle_errors(plot.plot_command))
+    app.command("export", cls=Command)(handle_errors(export.export))
 
 
 _register_commands()
