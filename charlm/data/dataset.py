@@ -85,9 +85,13 @@ def load_dataset(*, corpus: str | None = None, text: list[str] = (), url: str | 
                            progress=progress, preprocessing=preprocessing,
                            network={"deadline": download_timeout, "min_rate": download_min_rate})
     mode = preprocessing or source.preprocessing
+    if mode == "bytes" and vocab is None and (min_freq != 1 or max_vocab):
+        raise UsageError(f"--{'min-freq' if min_freq != 1 else 'max-vocab'} does not apply to "
+                         "--preprocessing bytes, whose vocabulary is every byte (no <unk>); "
+                         "drop it, or choose another --preprocessing")
     voc, tokens = encode_chunks(
         source.chunks(mode), source.capacity(), Vocab.from_dict(vocab) if vocab is not None else None,
-        min_freq=min_freq, max_vocab=max_vocab, max_tokens=max_tokens)
+        min_freq=min_freq, max_vocab=max_vocab, max_tokens=max_tokens, all_bytes=mode == "bytes")
     val_fraction = source.val_fraction if val_fraction is None else val_fraction
     test_fraction = source.test_fraction if test_fraction is None else test_fraction
     if val_fraction + test_fraction >= 1.0:

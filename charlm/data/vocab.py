@@ -75,6 +75,7 @@ class Vocab:
     """
 
     UNK = "<unk>"
+    BYTES = range(1, 256)  # what a text's bytes can be: NUL is refused in every text
 
     def __init__(self, tokens: list[str], counts: list[int] | None = None):
         self.tokens = list(tokens)
@@ -100,6 +101,17 @@ class Vocab:
         by_code_point = _count_code_points(text)
         present = torch.nonzero(by_code_point).flatten()
         return cls.from_counts(present, by_code_point[present], min_freq, max_size)
+
+    @classmethod
+    def of_bytes(cls, counts: torch.Tensor) -> Vocab:
+        """A byte-level model's vocabulary: every byte a text can hold, whether the training
+        text had it or not (a byte is never <unk>), most frequent first; `counts` by byte value.
+        With <unk>, 256 ids: one byte per token still."""
+        full = torch.zeros(256, dtype=torch.int64)
+        full[: min(counts.numel(), 256)] = counts[:256]
+        order = torch.sort(full[1:], descending=True, stable=True).indices + 1
+        return cls([cls.UNK] + [chr(b) for b in order.tolist()],
+                   [int(full[0])] + full[order].tolist())
 
     @classmethod
     def from_counts(cls, code_points: torch.Tensor, counts: torch.Tensor, min_freq: int = 1,
