@@ -204,7 +204,7 @@ class Side:
         # the trainer's own clock (loop.elapsed = tokens / its tokens_per_s) ran on through the
         # hook, so the time spent in there is taken off
         seen = summary["steps"] * self.batch_tokens
-        own_elapsed = seen / summary["tokens_per_s"] - clock["in_hook"]
+        own_elapsed = seen / summary["mean_tokens_per_s"] - clock["in_hook"]
         return {
             "trainer_tps": len(pairs) * tokens / t_sum,
             "bare_tps": len(pairs) * tokens / b_sum,

@@ -195,8 +195,8 @@ class TrainConfig:
     log_every: int = option(50, "Steps between progress lines.", RUN, rule=_int(1))
     eval_every: int = option(500, "Steps between validation + sample.", RUN, rule=_int(1))
     eval_tokens: int = option(250_000, "Validation tokens per evaluation while training: the "
-                              "same first part of the split each time (0: all); the end of a "
-                              "run evaluates all of it.", RUN, rule=_int(0))
+                              "same first part of the split each time (0: all), an estimate; "
+                              "the end of a run scores best.pt on all of it exactly.", RUN, rule=_int(0))
     checkpoint_every: int = option(500, "Steps between saves of last.pt.", RUN, rule=_int(1))
     sample_prefix: str | None = option(
         None, "Prompt for the samples shown at each evaluation.", RUN,
