@@ -146,6 +146,11 @@ class TrainConfig:
     tie_weights: bool = option(
         False, "The output layer shares the embedding's weight (through a projection when "
         "--embed is not --hidden).", MODEL, model=True, fixed=True)
+    init_from: str | None = option(
+        None, "Fine-tune: start from the weights of this run directory (its best.pt), checkpoint "
+        "or exported folder; the model's sizes and preprocessing are its own, its vocabulary is "
+        "extended by the new text's characters, the optimizer starts fresh.", MODEL, fixed=True,
+        default_text="a new model")
     # -- optimisation --------------------------------------------------------------------------
     batch_size: int = option(64, "Sequences per batch (the global batch with --nproc).", OPTIM,
                              rule=_int(1), fixed=True, short="-b")

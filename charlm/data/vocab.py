@@ -135,6 +135,15 @@ class Vocab:
         unknown = total - sum(kept_counts)
         return cls([cls.UNK] + [chr(c) for c in kept_cps], [unknown] + kept_counts)
 
+    def extended(self, other: Vocab) -> tuple[Vocab, torch.Tensor]:
+        """This vocabulary with the tokens of `other` it lacks after its own (in `other`'s
+        order), so every id of this one keeps its token; and the map from `other`'s ids to the
+        new ones (int32, `other`'s <unk> to <unk>). Counts are `other`'s."""
+        tokens = self.tokens + [t for t in other.tokens[1:] if t not in self._index]
+        have = dict(zip(other.tokens, other.counts)) if other.counts else None
+        grown = Vocab(tokens, [have.get(t, 0) for t in tokens] if have else None)
+        return grown, torch.tensor([grown.index(t) for t in other.tokens], dtype=torch.int32)
+
     def __len__(self) -> int:
         return len(self.tokens)
 

@@ -51,6 +51,8 @@ class RunInfo:
     extra: dict  # more summary entries (a process group's world_size)
     limits: str = ""  # what stops the run, e.g. "max_steps 5000 or time_budget 2m"
     eval_tokens: int = 0  # validation tokens per evaluation while training (0: all)
+    init_from: str | None = None  # the checkpoint a fine-tuning run started from
+    new_symbols: int = 0  # symbols its vocabulary gained
 
     @classmethod
     def of(cls, trainer, resuming: bool, impl: str, device_text: str) -> "RunInfo":
@@ -70,7 +72,9 @@ class RunInfo:
             batches_per_epoch=len(trainer.batches), batch_size=trainer.cfg.batch_size,
             num_steps=trainer.cfg.num_steps, run_dir=trainer.run_dir,
             extra=describe_group(trainer.group), limits=trainer.limits.describe(),
-            eval_tokens=trainer.cfg.eval_tokens)
+            eval_tokens=trainer.cfg.eval_tokens, init_from=trainer.cfg.init_from,
+            new_symbols=len(data.vocab) - len(trainer.source.vocab["tokens"])
+            if trainer.source else 0)
 
 
 def _si(x: float) -> str:
@@ -103,6 +107,10 @@ class TrainDisplay:
 
     def start(self, run: "RunInfo") -> None:
         verb = f"resuming at step {run.resumed_at}" if run.resumed_at is not None else "training"
+        if run.init_from and run.resumed_at is None:
+            gained = (f", vocabulary + {run.new_symbols} new symbol"
+                      f"{'' if run.new_symbols == 1 else 's'}" if run.new_symbols else "")
+            verb = f"fine-tuning {run.init_from}{gained}"
         self.print(f"{verb}: {run.model}, {run.parameters:,} parameters, on {run.device_text}, "
                    f"until {run.limits}")
         part = (f" (the first {run.eval_tokens:,} at each evaluation, all at the end)"
@@ -206,6 +214,7 @@ def run_summary(run: RunInfo, reason: str, loop, exact: dict | None) -> dict:
         "parameters": run.parameters,
         "device": run.device,
         **run.extra,
+        **({"init_from": run.init_from} if run.init_from else {}),
         "impl": run.impl,
         "run_dir": str(run.run_dir),
         "best_checkpoint": str(run.run_dir / "best.pt"),

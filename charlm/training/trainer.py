@@ -35,7 +35,7 @@ from charlm.inference.sample import SampleSettings, generate
 from charlm.model.config import large_vocab_note, resolve_impl
 from charlm.model.lm import CharLM, State, detach_state
 from charlm.system.threads import ThreadChooser, use_threads
-from charlm.training import distributed, runtime, tensorboard, validation
+from charlm.training import distributed, finetune, runtime, tensorboard, validation
 from charlm.training.display import RunInfo, TrainDisplay, run_summary
 from charlm.training.ema import WeightAverage
 from charlm.training.limits import Limits
@@ -65,8 +65,11 @@ class Trainer:
         ckpt = resume["ckpt"] if resume else None
         self.where = str(resume.get("path") or "checkpoint") if resume else "checkpoint"
         self.device = g.together(lambda: runtime.setup_device(cfg, g, ckpt))
+        self.source = g.together(lambda: finetune.start(cfg)) if (  # --init-from's weights,
+            cfg.init_from and not ckpt) else None  # cfg given their model
         self.data: Dataset = g.local_first(lambda: load_dataset(
-            **cfg.section(DATA), vocab=ckpt["vocab"] if ckpt else None, device=self.device))
+            **cfg.section(DATA), vocab=ckpt["vocab"] if ckpt else None,
+            extend=self.source.vocab if self.source else None, device=self.device))
         cfg.record_source(self.data.name, self.data.preprocessing, self.data.default_prefix,
                           public_url(cfg.url) if cfg.url else None)
         self.model, self.optimizer, self.schedule, self.batches, self.scaler = g.together(
@@ -99,6 +102,8 @@ class Trainer:
         random.seed(cfg.seed)
         if ckpt is None:
             model = CharLM(wanted).to(self.device)
+            if self.source:  # new characters' rows as initialised just now, the rest trained
+                finetune.load_weights(model, self.source)
         else:  # the file checked first (a damaged vocabulary also changes the tokens' digest)
             model = model_from_checkpoint(ckpt, self.where, impl, self.device, wanted).model.train()
             if change := corpus_changed(ckpt.get("corpus"), self.data):

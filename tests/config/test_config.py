@@ -158,7 +158,8 @@ def test_fixed_on_resume_are_the_options_that_define_the_model_or_its_data():
     assert set(fixed_on_resume()) == {
         "cell", "hidden", "layers", "embed", "nonlinearity", "gru_reset", "corpus", "text", "url",
         "preprocessing", "min_freq", "max_vocab", "max_tokens", "val_fraction", "test_fraction",
-        "batch_size", "num_steps", "sampling", "optimizer", "seed", "tie_weights"}
+        "batch_size", "num_steps", "sampling", "optimizer", "seed", "tie_weights",
+        "init_from"}  # where a fine-tuned run started: its weights, not the resumed ones
 
 
 def test_train_help_shows_every_option_with_its_default_and_choices():
