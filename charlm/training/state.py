@@ -34,7 +34,7 @@ class LoopState:
     elapsed: float = 0.0
     best_val_loss: float = math.inf
     eval_pending: str | None = None  # the evaluation of this step a stop request cut short:
-    # "periodic" (over --eval-tokens, with its sample) or "whole" (the end's, all of the split)
+    # "periodic" (over --eval-tokens, with its sample) or "whole" (the end's exact pass of best.pt)
     last_val_loss: float = math.nan  # of this process's latest evaluation; not saved
     evaluated_at: int = -1  # the step of that evaluation; not saved
 
