@@ -112,11 +112,13 @@ def read_curves(run: Path, name: str) -> Curves:
 
 def _curve_point(row) -> tuple | None:
     """(kind, step, time, ppl) of a train or val row; None for other rows (the summary, an
-    evaluation without a finite loss); ValueError for a damaged one."""
+    evaluation without a finite loss, the end's exact figure: not one of the estimates' curve);
+    ValueError for a damaged one."""
     if not isinstance(row, dict):
         raise ValueError("not a row")
     kind, ppl = row.get("kind"), row.get("ppl")
-    if kind not in ("train", "val") or (kind == "val" and ppl is None):
+    if kind not in ("train", "val") or (kind == "val" and (
+            ppl is None or row.get("val_kind") == "exact")):
         return None
     step, seconds = row.get("step", 0), row.get("time", 0.0)
     numbers = (step, seconds, ppl)

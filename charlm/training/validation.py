@@ -35,7 +35,9 @@ SCORED = "best.pt"  # the checkpoint the exact figure is of: what `eval perplexi
 def exact(run_dir: Path, data: Dataset, device: torch.device) -> Perplexity:
     """`charlm eval perplexity --checkpoint RUN_DIR/best.pt` on the validation split: the file
     loaded back (its averaged weights where it has them), one stream, float32."""
-    loaded = load_model(run_dir / SCORED, None, str(device), "auto")
+    with torch.random.fork_rng(devices=[]):  # building the model draws initial weights: the
+        # run's generator stays as the last step left it, which last.pt saves for a resume
+        loaded = load_model(run_dir / SCORED, None, str(device), "auto")
     tf32 = torch.backends.cuda.matmul.allow_tf32
     set_tf32(False)
     try:

@@ -83,7 +83,7 @@ def test_curves_are_the_metrics_rows(runs):
     curves = plot.read_curves(runs["a"], "a")
     rows = rundir.read_metrics(runs["a"] / "metrics.jsonl")
     train = [r for r in rows if r["kind"] == "train"]
-    val = [r for r in rows if r["kind"] == "val"]
+    val = [r for r in rows if r["kind"] == "val" and r["val_kind"] == "estimate"]
     assert [p[0] for p in curves.train] == [5, 10, 15, 20]
     assert [p[0] for p in curves.val] == [10, 20]
     assert curves.train == [(r["step"], r["time"], r["ppl"]) for r in train]

@@ -89,3 +89,31 @@ def test_a_byte_level_run_reports_bits_per_byte_and_per_character(tmp_path, monk
     assert all(r["bpc"] > r["bits_per_byte"] * 1.1 for r in rows)
     table = invoke("eval", "perplexity", "--checkpoint", str(run)).stdout
     assert f"bits / byte {figures['bits_per_byte']:.4f}" in " ".join(table.replace("│", " ").split())
+
+
+def test_a_run_continued_past_its_end_trains_as_an_uninterrupted_one(tmp_path):
+    """The end's exact pass builds best.pt's model, which draws initial weights from torch's
+    generator: last.pt must hold the generator as the last step left it, or the dropout masks
+    of a run continued with --resume --max-steps differ from an uninterrupted run's."""
+    import torch
+
+    from charlm.artifacts.checkpoint import load_checkpoint
+    from charlm.config.train import build_config
+    from charlm.training.state import resolve_resume
+    from charlm.training.trainer import Trainer
+
+    text = pydoc_text(tmp_path / "small.txt", 8000)
+
+    def config(out, steps):
+        return build_config({}, dict(text=[str(text)], hidden=16, layers=2, embed=8,
+                                     dropout=0.3, batch_size=4, num_steps=8, max_steps=steps,
+                                     time_budget="0", eval_every=4, checkpoint_every=4,
+                                     sample_length=5, impl="fused", out=str(out)))
+
+    Trainer(config(tmp_path / "full", 8)).run()
+    Trainer(config(tmp_path / "part", 4)).run()
+    again, resumed = resolve_resume({"max_steps": 8}, str(tmp_path / "part"))
+    Trainer(again, resume=resumed).run()
+    a = load_checkpoint(tmp_path / "full" / "last.pt")["model"]
+    b = load_checkpoint(tmp_path / "part" / "last.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
