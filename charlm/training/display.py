@@ -113,7 +113,8 @@ class TrainDisplay:
             verb = f"fine-tuning {run.init_from}{gained}"
         self.print(f"{verb}: {run.model}, {run.parameters:,} parameters, on {run.device_text}, "
                    f"until {run.limits}")
-        part = (f" (the first {run.eval_tokens:,} at each evaluation, all at the end)"
+        part = (f" (estimates on the first {run.eval_tokens:,}, the exact figure on all of it "
+                f"at the end)"
                 if 0 < run.eval_tokens < run.val_tokens else "")
         self.print(
             f"corpus {run.corpus}: {run.num_tokens:,} tokens ({run.preprocessing}, vocab "

@@ -32,7 +32,8 @@ def test_eval_tokens_is_a_fixed_part_and_the_end_scores_the_whole_split_exactly(
     code, out, err = run_main(["train", "--text", str(text), *TINY[:-1], "--eval-tokens", "700",
                                "--out", str(run)])
     assert code == 0, err
-    assert "train 36,000 / val 4,000 (the first 700 at each evaluation, all at the end);" in err
+    assert ("train 36,000 / val 4,000 (estimates on the first 700, the exact figure on all of "
+            "it at the end);") in err
     vals = [r for r in rows(run) if r["kind"] == "val"]
     assert [(r["step"], r["whole_split"], r["val_kind"]) for r in vals] == [
         (10, False, "estimate"), (20, False, "estimate"), (20, True, "exact")]

@@ -133,3 +133,19 @@ def test_options_that_change_the_weights_shapes_are_refused(source, tmp_path, mo
                                        "starts from: its weights keep their shapes; drop the "
                                        "option, or train a new model without --init-from\n")
     assert not (tmp_path / "ft").exists()
+
+
+def test_an_exported_folder_is_a_source_too(source, tmp_path, monkeypatch):
+    """A folder written by `charlm export` holds the weights generate uses: they are the ones
+    a fine-tuned model starts with."""
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("CHARLM_RUNS_DIR", str(tmp_path / "runs"))
+    folder = tmp_path / "share"
+    code, _, err = run_main(["export", str(source["embedded"]), "--out", str(folder),
+                             "--sample-length", "5"])
+    assert code == 0, err
+    trainer = Trainer(config(source["text"], tmp_path / "ft", init_from=str(folder)))
+    assert trainer.cfg.init_from == str(folder.resolve())
+    weights = load_file(folder / "model.safetensors")
+    assert all(torch.equal(trainer.model.state_dict()[k], w) for k, w in weights.items())
