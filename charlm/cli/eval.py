@@ -161,7 +161,8 @@ def _dynamic(loaded: "Loaded", tokens: "torch.Tensor", settings, train: "torch.T
 
     model = adaptable(loaded.model)
     rms = gradient_rms(model, train, settings.window, settings.stats_tokens)
-    return dynamic_perplexity(model, tokens, settings, rms, threads)
+    return dynamic_perplexity(model, tokens, settings, rms, threads,
+                              loaded.vocab if loaded.preprocessing == "bytes" else None)
 
 
 def _weights_used(loaded: "Loaded", asked: str) -> str:

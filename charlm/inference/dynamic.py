@@ -17,13 +17,12 @@ exactly. The checkpoint is never touched: the adapted weights live in a copy (`a
 from __future__ import annotations
 
 import dataclasses
-import math
 from contextlib import nullcontext
 
 import torch
 
 from charlm.data.batches import eval_windows
-from charlm.inference.evaluate import Perplexity, WindowSums
+from charlm.inference.evaluate import Perplexity, WindowSums, figures, utf8_characters
 from charlm.model.lm import CharLM, detach_state
 from charlm.system.threads import ThreadChooser, threads_within
 
@@ -73,9 +72,9 @@ def gradient_rms(model: CharLM, tokens: torch.Tensor, window: int, max_tokens: i
 
 
 def dynamic_perplexity(model: CharLM, tokens: torch.Tensor, settings: DynamicSettings,
-                       rms: list, threads: int = 0) -> Perplexity:
+                       rms: list, threads: int = 0, byte_vocab=None) -> Perplexity:
     """Score `tokens` while adapting `model` (an `adaptable` copy: its weights change);
-    `threads` > 0 fixes the CPU threads."""
+    `threads` > 0 fixes the CPU threads; `byte_vocab` as for `perplexity_of`."""
     params = list(model.parameters())
     device = model.head.weight.device
     tokens = tokens.to(device)
@@ -104,7 +103,7 @@ def dynamic_perplexity(model: CharLM, tokens: torch.Tensor, settings: DynamicSet
                     back = torch._foreach_sub(theta0, params)
                     torch._foreach_mul_(back, pull)
                     torch._foreach_add_(params, back)
-    nats = sums.total() / sums.count
     unk = int((tokens[1:] == 0).sum().item())
-    return Perplexity(math.exp(nats), nats, nats / math.log(2), sums.count, unk, unk / sums.count)
+    chars = utf8_characters(tokens[1:], byte_vocab) if byte_vocab is not None else None
+    return figures(sums.total(), sums.count, unk, chars)
 

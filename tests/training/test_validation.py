@@ -117,3 +117,15 @@ def test_a_run_continued_past_its_end_trains_as_an_uninterrupted_one(tmp_path):
     a = load_checkpoint(tmp_path / "full" / "last.pt")["model"]
     b = load_checkpoint(tmp_path / "part" / "last.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_byte_level_models_dynamic_figures_are_in_the_same_units(tmp_path, monkeypatch):
+    """--dynamic's figures per character divide by the same characters as the static ones, so
+    the gain compares like with like (bytes and characters apart)."""
+    run, _ = train(tmp_path, monkeypatch, "--preprocessing", "bytes", text=MIXED)
+    figures = evaluated("--checkpoint", str(run), "--dynamic", "--dynamic-lr", "0")
+    dynamic = figures["dynamic"]
+    assert (dynamic["unit"], dynamic["bytes"], dynamic["characters"]) == (
+        "byte", figures["bytes"], figures["characters"])
+    assert dynamic["bits_per_char"] == pytest.approx(figures["bits_per_char"], rel=1e-5)
+    assert figures["dynamic"]["gain_nats_per_char"] == pytest.approx(0, abs=1e-5)
