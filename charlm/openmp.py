@@ -11,7 +11,8 @@ times, then sleeps in the kernel until it is woken:
   second thread sleeps and is woken tens of times per step, which cost the idle 2-core VM
   about 8% of the fast GRU's speed (issue 29).
 
-So the short spin is used only where another task wants a CPU when charlm starts. A machine
+So the long spin is kept only on a machine found idle when charlm starts: no other runnable
+task at any of a few reads of the run queue, and a load average within the CPUs. A machine
 that gets busy later is met by the thread chooser (charlm.threads): one thread has nothing to
 wait for, whatever the spin.
 """
@@ -44,15 +45,25 @@ def others_running(samples: int = SAMPLES, gap: float = GAP_S, stat: str = "/pro
     return seen
 
 
-def machine_is_quiet(seen: list[int] | None) -> bool:
-    """No other task wanted a CPU in most reads (a passing blip does not count); unknown is
-    not quiet."""
-    return seen is not None and sum(1 for n in seen if n > 0) * 2 < len(seen)
+def machine_is_quiet(seen: list[int] | None, load: float, cpus: int) -> bool:
+    """No other task wanted a CPU at any read, and the last minute's load average was within
+    the CPUs (a run queue read empty between the tests of a busy machine is not quiet: the
+    long spin there costs far more than it gains on an idle one); unknown is not quiet."""
+    return bool(seen) and not any(seen) and load <= cpus + 0.5
 
 
-def spin_count(environ=os.environ, probe=None) -> str | None:
+def _load() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return float("inf")
+
+
+def spin_count(environ=os.environ, probe=None, load=None, cpus=None) -> str | None:
     """The GOMP_SPINCOUNT this process should set: None to leave libgomp's own (300,000) on a
     quiet machine, or where the environment already names a policy; BUSY_SPINS otherwise."""
     if "OMP_WAIT_POLICY" in environ or "GOMP_SPINCOUNT" in environ:
         return None
-    return None if machine_is_quiet((probe or others_running)()) else BUSY_SPINS
+    quiet = machine_is_quiet((probe or others_running)(), _load() if load is None else load,
+                             cpus or os.cpu_count() or 1)
+    return None if quiet else BUSY_SPINS
