@@ -24,6 +24,7 @@ from typing import Callable, TypeVar
 import typer
 
 from charlm.about import __version__
+from charlm.system import openmp
 from charlm.errors import CharlmError
 from charlm.text_safety import one_line
 
@@ -111,17 +112,18 @@ eval_app = typer.Typer(
 
 def _register_commands() -> None:
     from charlm.cli import data, eval, export, generate, plot, train
+    from charlm.cli.command import Command
 
     app.command("train", no_args_is_help=False, cls=train.TrainCommand)(handle_errors(train.train))
-    app.command("generate")(handle_errors(generate.generate))
+    app.command("generate", cls=Command)(handle_errors(generate.generate))
     app.add_typer(eval_app, name="eval")
-    eval_app.command("perplexity")(handle_errors(eval.eval_perplexity))
+    eval_app.command("perplexity", cls=Command)(handle_errors(eval.eval_perplexity))
     app.add_typer(data_app, name="data")
     for name, command in (("list", data.data_list), ("download", data.data_download),
                           ("add", data.data_add), ("info", data.data_info)):
-        data_app.command(name)(handle_errors(command))
-    app.command("plot")(handle_errors(plot.plot_command))
-    app.command("export")(handle_errors(export.export))
+        data_app.command(name, cls=Command)(handle_errors(command))
+    app.command("plot", cls=Command)(handle_errors(plot.plot_command))
+    app.command("export", cls=Command)(handle_errors(export.export))
 
 
 _register_commands()
@@ -180,17 +182,19 @@ def _names_as_bytes() -> None:
             stream.reconfigure(errors="charlm-names")
 
 
-OPENMP_SPINS = "1000"  # libgomp's own count when it sees more threads than CPUs is 100
+OPENMP_SPINS = openmp.BUSY_SPINS
 
 
 def _bounded_openmp_waits() -> None:
     """A thread of torch's OpenMP team that waits for another spins 300,000 times (~ms) before
     sleeping. When another process holds the other core, every op of a step waits like that
-    for a descheduled thread: 10-40x slower. A short spin keeps the idle machine's speed and
-    yields the core quickly on a busy one (docs/BENCHMARKS.md, threads). Set before torch
-    loads libgomp; OMP_WAIT_POLICY or GOMP_SPINCOUNT in the environment take precedence."""
-    if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
-        os.environ["GOMP_SPINCOUNT"] = OPENMP_SPINS
+    for a descheduled thread: 10-40x slower; on an idle machine the long spin is the faster
+    (charlm.system.openmp). So the spin is bounded where another task wants a CPU at start-up. Set
+    before torch loads libgomp; OMP_WAIT_POLICY or GOMP_SPINCOUNT in the environment take
+    precedence."""
+    spins = openmp.spin_count()
+    if spins is not None:
+        os.environ["GOMP_SPINCOUNT"] = spins
 
 
 def _end_rank(code) -> None:

@@ -24,7 +24,7 @@ def generate(
     greedy: bool = typer.Option(False, "--greedy", help="Always take the likeliest character (d2l's predict_ch8); ignores temperature, top-k, top-p and seed."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed: the same seed gives the same text. Default: a fresh one (shown by --json)."),
     num_samples: int = typer.Option(1, "--num-samples", help="Draw this many samples as one batch; printed after drawing, separated by a blank line."),
-    beam: Optional[int] = typer.Option(None, "--beam", help="Beam search with N beams instead of drawing: the likeliest continuation by log-probability per character (--beam 1 is --greedy); with --num-samples K, the K best beams. Ignores temperature, top-k, top-p and seed.", show_default=False),
+    beam: Optional[int] = typer.Option(None, "--beam", help="Beam search with N beams instead of drawing: the likeliest continuations, scored by log-probability (natural log, per character; <unk> excluded and the other characters' probabilities renormalised, as when drawing). --beam 1 is --greedy; with --num-samples K, the K best beams. Ignores temperature, top-k, top-p and seed.", show_default=False),
     checkpoint: Optional[str] = CheckpointOpt,
     impl: Optional[str] = ImplOpt,
     device: str = DeviceOpt,

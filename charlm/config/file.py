@@ -15,7 +15,8 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from charlm.config.train import OPTIONS, TrainConfig, applies, base_type, default_of, type_ok
+from charlm.config.train import OPTIONS, TrainConfig, base_type, default_of
+from charlm.config.build import applies, check_value, type_ok
 from charlm.errors import UsageError
 from charlm.text_safety import quoted, shown
 
@@ -28,7 +29,8 @@ def type_name(name: str) -> str:
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a TOML config into a flat {key: value} dict, rejecting unknown keys and wrong types."""
+    """Read a TOML config into a flat {key: value} dict, rejecting unknown keys, wrong types and
+    values out of range (each error names the file and the key)."""
     path = Path(path)
     try:
         with open(path, "rb") as fh:  # at most a MiB: <(...) works, /dev/zero cannot hang us
@@ -67,6 +69,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
                 raise UsageError(
                     f"key '{where}' in config file {path} must be {type_name(name)}, got {quoted(item)}"
                 )
+            check_value(name, item, f"key '{where}' in config file {path}")
             flat[name] = item
     return flat
 

@@ -2,10 +2,10 @@
 
 A small checkpoint whose model_config asks for a huge model (hidden 12000: 5 GB of weights) must
 be refused by comparing the saved tensors' names and shapes with those the config implies,
-computed on the meta device, before a real model is built: generate, eval, export and
-train --resume each end in one `charlm: error:` line, exit 1, with no real CharLM constructed
-(a build anywhere but on the meta device raises here, so a regression is a "bug in charlm" line,
-not gigabytes).
+computed on the meta device, before a real model is built: generate, eval, export, train
+--resume and train --init-from each end in one `charlm: error:` line, exit 1, with no real CharLM
+constructed (a build anywhere but on the meta device raises here, so a regression is a "bug in
+charlm" line, not gigabytes).
 """
 
 from __future__ import annotations
@@ -55,6 +55,8 @@ COMMANDS = {
     "eval": ["eval", "perplexity", "--checkpoint", "{ckpt}", "--text", "{small}"],
     "export": ["export", "{ckpt}", "--out", "{out}"],
     "resume": ["train", "--resume", "{run}", "--max-steps", "12", "-q"],
+    "init-from": ["train", "--init-from", "{ckpt}", "--text", "{small}", "--max-steps", "2",
+                  "--out", "{out}", "-q"],
 }
 
 
@@ -93,7 +95,8 @@ def test_a_config_larger_than_its_tensors_is_refused_before_any_model_is_built(
         command, case, tiny_run, tmp_path, monkeypatch, no_real_model):
     key, value, problem = HOSTILE[case]
     run = crafted(tiny_run, tmp_path, key, value)
-    assert (run / "last.pt").stat().st_size < (20 << 20)  # tens of KB; 16 MB with a million-token vocabulary
+    # tens of KB; 16 MB with a million-token vocabulary
+    assert (run / "last.pt").stat().st_size < (20 << 20)
     monkeypatch.setenv("CHARLM_RUNS_DIR", str(tmp_path / "runs"))
     args = [a.format(ckpt=run / "last.pt", run=run, small=tiny_run / "small.txt",
                      out=tmp_path / "out") for a in COMMANDS[command]]

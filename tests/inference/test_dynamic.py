@@ -79,6 +79,7 @@ def test_gradient_rms_is_the_root_mean_square_of_window_gradients():
         torch.testing.assert_close(r, p.grad.abs())
 
 
+@pytest.mark.slow
 def test_adapting_pays_on_text_that_repeats_and_uses_no_float64():
     model = model_of()
     once = torch.randint(12, (20,), generator=torch.Generator().manual_seed(4))
