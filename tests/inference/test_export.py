@@ -484,3 +484,16 @@ def test_no_runs_yet_and_bad_options(tmp_path, monkeypatch):
         "charlm: error: --format must be one of safetensors, onnx; got 'gguf'\n"))
     code, _, err = run_main(["export"])
     assert code == 2 and "Missing option '--out'" in err and len(err.splitlines()) == 1
+
+
+def test_a_gru_with_the_reset_gate_before_exports_and_generates_the_same_text(tmp_path):
+    """--gru-reset before exists in the scratch implementation only: the folder's model config
+    is read with it (and its weights shaped by it), not refused as a fused model."""
+    made = train_runs(tmp_path, {"before": ["--layers", "1", "--gru-reset", "before",
+                                            "--max-steps", "4"]})
+    folder = tmp_path / "share"
+    code, _, err = run_main(["export", str(made["before"]), "--out", str(folder)])
+    assert code == 0, err
+    from_ckpt, from_folder = both(["generate", "--prefix", "the ", "--length", "30", "--greedy"],
+                                  made["before"], folder)
+    assert from_folder["samples"] == from_ckpt["samples"]
