@@ -85,7 +85,7 @@ def device_text(cfg: TrainConfig, device: torch.device) -> str:
 
 def impl_text(mc: ModelConfig, device: torch.device) -> str:
     """Which implementation runs, and for `fast` which time loops."""
-    if mc.impl != "fast":
+    if mc.impl != "fast" or mc.cell != "gru":
         return mc.impl
     if device.type != "cpu":
         return (f"fast: TorchScript loops on {device.type}; the C loops are CPU-only, and "
