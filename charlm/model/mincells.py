@@ -253,10 +253,11 @@ class MinStack(nn.Module):
                 h = step(gates[:, t], h)
                 out.append(h)
             return torch.stack(out, 1)
-        gates = gates.float()  # under autocast: the scan in float32
+        if gates.dtype in (torch.float16, torch.bfloat16):  # autocast: the scan in float32
+            gates, h0 = gates.float(), h0.float()
         if self.impl == "fused":
-            return log_scan(*log_coefficients(self.cell, gates), h0.float())
-        return _FastLayer.apply(self.cell, gates.contiguous(), h0.float().contiguous())
+            return log_scan(*log_coefficients(self.cell, gates), h0)
+        return _FastLayer.apply(self.cell, gates.contiguous(), h0.contiguous())
 
     def forward(self, x: Tensor, state: Tensor | None = None):
         B, layers = x.shape[0], self.num_layers
