@@ -11,7 +11,7 @@ random tokens of a 65-symbol vocabulary; the baseline is `--cell gru --impl fast
 width is the one whose parameter count is nearest the GRU's (--min-hidden fixes it). Every round
 times each arm at each thread count in turn, so the ratios come from the same minutes; reported
 are medians over the rounds, and each arm's best thread count (the trainer times both and keeps
-the faster). Generation: `charlm.sample.generate` of one stream (one thread, as generate runs
+the faster; at one thread also by the CPU clock, which a busy machine disturbs less). Generation: `charlm.sample.generate` of one stream (one thread, as generate runs
 it), the prefix warmed up once, then --gen-length characters drawn.
 
 The script reports how many cores other processes kept busy while it measured: on a shared
@@ -85,24 +85,34 @@ def generation(model: CharLM, length: int):
     model = model.eval()
     settings = SampleSettings(length=length, temperature=1.0, seed=0)
     prefix = list(range(1, 9))
-
-    def run() -> float:
-        t0 = time.perf_counter()
-        generate(model, prefix, settings)
-        return length / (time.perf_counter() - t0)
-
-    return run
+    return lambda: generate(model, prefix, settings)
 
 
-def interleaved(arms: dict, rounds: int, timed) -> tuple[dict, float]:
-    """{arm: [rate per round]} from `rounds` rounds of timed(arm_value) for every arm in turn."""
+def timed(work, count: int) -> tuple[float, float]:
+    """count / seconds of `work()`, by the wall clock and by this thread's CPU clock. With one
+    thread the second is what a quiet machine's wall clock would say: on a busy one it leaves out
+    the time other processes held the core (the caches they share still cost something)."""
+    wall, cpu = time.perf_counter(), time.thread_time()
+    work()
+    return count / (time.perf_counter() - wall), count / (time.thread_time() - cpu)
+
+
+def interleaved(arms: dict, rounds: int, measure) -> tuple[dict, float]:
+    """{arm: [(wall rate, cpu rate) per round]}: `rounds` rounds of measure(name, value) for
+    every arm in turn."""
     rates = {name: [] for name in arms}
     load = OtherLoad()
     for _ in range(rounds):
         for name, value in arms.items():
             with load:
-                rates[name].append(timed(name, value))
+                rates[name].append(measure(name, value))
     return rates, load.cores
+
+
+def medians(mine: list, base: list, which: int) -> tuple[float, float]:
+    """The median rate, and the median of the per-round ratios to `base` (0: wall, 1: cpu)."""
+    return (statistics.median(m[which] for m in mine),
+            statistics.median(m[which] / b[which] for m, b in zip(mine, base)))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -152,41 +162,38 @@ def main(argv=None) -> int:
             torch.set_num_threads(n)
             step()
 
-    def timed(name, value):
+    def train(name, value):
         torch.set_num_threads(value[1])
         step = steps[value[0]][1]
-        t0 = time.perf_counter()
-        for _ in range(args.iters):
-            step()
-        return args.batch * args.steps * args.iters / (time.perf_counter() - t0)
+        return timed(lambda: [step() for _ in range(args.iters)],
+                     args.batch * args.steps * args.iters)
 
     arms = {f"{name} @{n}": (name, n) for n in threads for name in configs}
-    rates, busy = interleaved(arms, args.rounds, timed)
+    rates, busy = interleaved(arms, args.rounds, train)
     rows = []
     for name, cfg in configs.items():
         row = {"arm": name, "hidden": cfg.hidden, "layers": cfg.layers,
                "parameters": count_parameters(steps[name][0])}
         for n in threads:
             mine, base = rates[f"{name} @{n}"], rates[f"gru fast @{n}"]
-            row[f"tokens_per_s@{n}"] = statistics.median(mine)
-            row[f"vs_gru@{n}"] = statistics.median(m / b for m, b in zip(mine, base))
-        best = max(threads, key=lambda n: row[f"tokens_per_s@{n}"])
-        base_best = max(row_base for row_base in (statistics.median(rates[f"gru fast @{n}"])
-                                                   for n in threads))
-        row["best_threads"], row["vs_gru_best"] = best, row[f"tokens_per_s@{best}"] / base_best
+            row[f"tokens_per_s@{n}"], row[f"vs_gru@{n}"] = medians(mine, base, 0)
+            if n == 1:  # one thread: the CPU clock too (see `timed`)
+                row["tokens_per_cpu_s@1"], row["vs_gru_cpu@1"] = medians(mine, base, 1)
         rows.append(row)
     gen_busy = None
     if args.generation:
+        torch.set_num_threads(max(threads))  # generate picks its own (one thread, one stream)
         runs = {name: generation(steps[name][0], args.gen_length) for name in configs
                 if not name.endswith("fused")}  # one stepper per cell: the impl plays no part
         for run in runs.values():
             run()
-        got, gen_busy = interleaved(runs, args.rounds, lambda name, run: run())
+        got, gen_busy = interleaved(runs, args.rounds,
+                                    lambda name, run: timed(run, args.gen_length))
         for row in rows:
-            mine = got.get(row["arm"])
-            if mine:
-                row["gen_chars_per_s"] = statistics.median(mine)
-                row["gen_vs_gru"] = statistics.median(m / b for m, b in zip(mine, got["gru fast"]))
+            if row["arm"] in got:
+                mine, base = got[row["arm"]], got["gru fast"]
+                row["gen_chars_per_s"], row["gen_vs_gru"] = medians(mine, base, 0)
+                row["gen_chars_per_cpu_s"], row["gen_vs_gru_cpu"] = medians(mine, base, 1)
     meta.update(loadavg_after=os.getloadavg(), other_cores_busy_training=round(busy, 2),
                 other_cores_busy_generation=None if gen_busy is None else round(gen_busy, 2))
     if args.json:
@@ -195,14 +202,22 @@ def main(argv=None) -> int:
     print(f"# {meta['date']}  torch {meta['torch']}  {meta['cpu']}\n# {meta['command']}")
     print(f"# batch {args.batch} x {args.steps}, embed {args.embed}, dropout {args.dropout}; min "
           f"cells: {args.layers} layers, norm {args.norm}, ffn {args.ffn}, residual {args.residual}")
+    print("# training tokens/s (wall clock) per thread count, and by CPU clock at one thread; "
+          "generation chars/s of one stream, wall and CPU clock; ratios: medians of the rounds' "
+          "ratios to the GRU")
     head = "".join(f"{'tok/s@' + str(n):>11} {'vs gru':>7}" for n in threads)
-    print(f"{'arm':14} {'H':>4} {'L':>2} {'params':>9}{head} {'best':>6} {'gen ch/s':>9} {'vs gru':>7}")
+    cpu = 1 in threads
+    print(f"{'arm':14} {'H':>4} {'L':>2} {'params':>9}{head}"
+          + (f" {'cpu tok/s':>10} {'vs gru':>7}" if cpu else "")
+          + f" {'gen ch/s':>9} {'vs gru':>7} {'cpu ch/s':>9} {'vs gru':>7}")
     for r in rows:
-        cols = "".join(f"{r[f'tokens_per_s@{n}']:11.0f} {r[f'vs_gru@{n}']:6.2f}x" for n in threads)
-        gen = (f"{r['gen_chars_per_s']:9.0f} {r['gen_vs_gru']:6.2f}x" if "gen_chars_per_s" in r
-               else f"{'-':>9} {'-':>7}")
-        print(f"{r['arm']:14} {r['hidden']:4} {r['layers']:2} {r['parameters']:9,}{cols} "
-              f"{r['vs_gru_best']:5.2f}x {gen}")
+        line = "".join(f"{r[f'tokens_per_s@{n}']:11.0f} {r[f'vs_gru@{n}']:6.2f}x" for n in threads)
+        if cpu:
+            line += f" {r['tokens_per_cpu_s@1']:10.0f} {r['vs_gru_cpu@1']:6.2f}x"
+        if "gen_chars_per_s" in r:
+            line += (f" {r['gen_chars_per_s']:9.0f} {r['gen_vs_gru']:6.2f}x"
+                     f" {r['gen_chars_per_cpu_s']:9.0f} {r['gen_vs_gru_cpu']:6.2f}x")
+        print(f"{r['arm']:14} {r['hidden']:4} {r['layers']:2} {r['parameters']:9,}{line}")
     print(f"# other processes kept {meta['other_cores_busy_training']} cores busy while training "
           f"steps ran, {meta['other_cores_busy_generation']} during generation; load average "
           f"before {meta['loadavg_before']}, after {meta['loadavg_after']}")

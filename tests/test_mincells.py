@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from charlm.errors import UsageError
 from charlm.model.config import ModelConfig, resolve_impl
+from charlm.model import minkernel
 from charlm.model.lm import CharLM, count_parameters
 from charlm.model.mincells import (MinStack, MinStepper, g, gru_step, log_g, log_scan, lstm_step,
                                    parameter_count)
@@ -27,6 +28,16 @@ STACKS = {  # the stack's options: the default, the bare cells, every option on
     "bare": {"residual": False, "norm": "none"},
     "rms-ffn": {"norm": "rms", "ffn": 2},
 }
+
+
+@pytest.fixture(params=["compiled", "torch"])
+def loops(request, monkeypatch):
+    """`fast` in its C loops (charlm.model.minkernel) and in its torch fallback."""
+    if request.param == "torch":
+        monkeypatch.setattr(minkernel, "usable", lambda *tensors: False)
+    elif minkernel.load() is None:
+        pytest.skip(f"no compiled loops here: {minkernel.status()}")
+    return request.param
 
 
 def stack(cell: str, impl: str, options: dict, seed: int = 0, scale: float = 2.0, **sizes) -> MinStack:
@@ -68,7 +79,10 @@ def test_the_step_equations_by_hand():
 @pytest.mark.parametrize("impl", ["fused", "fast"])
 @pytest.mark.parametrize("options", STACKS.values(), ids=STACKS.keys())
 @pytest.mark.parametrize("T, with_state", [(1, True), (37, True), (100, False)])
-def test_the_window_at_once_equals_the_step_equations_to_1e5(cell, impl, options, T, with_state):
+def test_the_window_at_once_equals_the_step_equations_to_1e5(cell, impl, options, T, with_state,
+                                                              loops):
+    if impl == "fused" and loops == "torch":
+        pytest.skip("the fallback is fast's")
     ref, model = stack(cell, "scratch", options), stack(cell, impl, options)
     x, h0 = inputs(3, T, 6, 8, 3)
     want, want_h = ref(x, h0 if with_state else None)
@@ -81,7 +95,9 @@ def test_the_window_at_once_equals_the_step_equations_to_1e5(cell, impl, options
 
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("impl", ["fused", "fast"])
-def test_gradients_equal_the_step_equations(cell, impl):
+def test_gradients_equal_the_step_equations(cell, impl, loops):
+    if impl == "fused" and loops == "torch":
+        pytest.skip("the fallback is fast's")
     x, h0 = inputs(2, 21, 6, 8, 3)
     gen = torch.Generator().manual_seed(4)  # a loss that weights every output differently
     weights = torch.randn(2, 21, 8, generator=gen), torch.randn(3, 2, 8, generator=gen)
@@ -94,6 +110,34 @@ def test_gradients_equal_the_step_equations(cell, impl):
         grads.append([xs.grad, hs.grad] + [p.grad for p in model.parameters()])
     for got, want in zip(grads[1], grads[0]):
         torch.testing.assert_close(got, want, **TOL)
+
+
+@pytest.mark.parametrize("lstm", [False, True])
+def test_the_compiled_loops_give_the_same_numbers_on_two_threads(lstm, loops):
+    """Each thread runs whole rows: splitting them changes no number."""
+    if loops == "torch":
+        pytest.skip("a test of the compiled loops")
+    gen = torch.Generator().manual_seed(5)
+    gates = torch.randn(5, 40, (3 if lstm else 2) * 24, generator=gen)
+    h0, dh = torch.rand(5, 24, generator=gen), torch.randn(5, 40, 24, generator=gen)
+    results = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        h = minkernel.forward(lstm, gates, h0)
+        results.append([h, *minkernel.backward(lstm, gates, h0, h, dh)])
+    torch.set_num_threads(1)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_without_the_kernel_the_torch_loops_run_and_say_why(monkeypatch):
+    monkeypatch.setenv("CHARLM_KERNEL", "0")
+    minkernel.reset()
+    try:
+        assert minkernel.load() is None
+        assert minkernel.status() == "torch loops (disabled by CHARLM_KERNEL=0)"
+        assert not minkernel.usable(torch.zeros(2))
+    finally:
+        minkernel.reset()
 
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -160,7 +204,7 @@ def test_parameter_count_and_the_models_count_agree(cell, options, embed):
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("options", STACKS.values(), ids=STACKS.keys())
 @pytest.mark.parametrize("embed", [0, 8])
-def test_the_samplers_step_gives_the_forward_passs_outputs(cell, options, embed):
+def test_the_samplers_step_gives_the_forward_passs_outputs(cell, options, embed, loops):
     torch.manual_seed(0)
     model = CharLM(ModelConfig(vocab_size=9, cell=cell, hidden=8, layers=3, embed=embed,
                                **options)).eval()

@@ -15,8 +15,9 @@ The same equations run three ways (``--impl``), on the same parameters:
              h_t = A_t h0 + exp(a*_t + logcumsumexp_s<=t(log b_s - a*_s)),  a*_t = sum_s<=t log a_s,
              A_t = exp(a*_t) (h0 enters linearly, so a zero or carried state needs no logarithm),
              in chunks of CHUNK steps for float32's sake
-    fast     the linear recurrence in a time loop of one op per step, with its own backward (one op
-             per step back): on the CPU torch's logcumsumexp is a scalar loop, far slower
+    fast     the linear recurrence in a time loop with its own backward, in C where a compiler is
+             (`charlm.model.minkernel`), else one torch op a step: on the CPU torch's
+             logcumsumexp is a scalar loop, far slower than either
 
 Each way computes the gate products of the whole window as one matrix product first. The stack
 (`MinStack`) adds what makes deep stacks train, each an option (`ModelConfig`): pre-normalisation
@@ -37,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from charlm.errors import UsageError
+from charlm.model import minkernel
 from charlm.model.config import MIN_GATES, NORMS
 from charlm.model.dropout import dropout as drop
 
@@ -136,6 +138,11 @@ class _FastLayer(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, cell: str, gates: Tensor, h0: Tensor) -> Tensor:
+        ctx.cell, ctx.compiled = cell, minkernel.usable(gates, h0)
+        if ctx.compiled:  # the same arithmetic, fused into one pass a step (mincells_kernel.c)
+            h = minkernel.forward(cell == "minlstm", gates, h0)
+            ctx.save_for_backward(gates, h0, h)
+            return h
         H = h0.shape[-1]
         if cell == "mingru":
             k, cand = gates[..., :H], gates[..., H:]
@@ -150,13 +157,15 @@ class _FastLayer(torch.autograd.Function):
         prev = h0
         for t in range(b.shape[1]):
             prev = torch.addcmul(b[:, t], a[:, t], prev, out=h[:, t])
-        ctx.cell = cell
         ctx.save_for_backward(gates, h0, a, gc, h, f, i)
         return h
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dh: Tensor):
+        if ctx.compiled:
+            gates, h0, h = ctx.saved_tensors
+            return None, *minkernel.backward(ctx.cell == "minlstm", gates, h0, h, dh.contiguous())
         gates, h0, a, gc, h, f, i = ctx.saved_tensors
         H, T = h0.shape[-1], dh.shape[1]
         c = torch.empty_like(a)
@@ -286,25 +295,27 @@ class MinStack(nn.Module):
 
 
 class MinStepper:
-    """One character per call for the sampler (`charlm.sample`), from detached weights. The first
-    layer's (a, b) depend on the character alone, so they are a table: its step is a lookup and
-    one multiply-add::
+    """One character per call for the sampler (`charlm.sample`), from detached weights, with as
+    few ops a step as can be (a step's arithmetic is tiny; each op costs microseconds to launch).
+    The first layer's (a, b) depend on the character alone, so they are a table: its step is a
+    lookup and one multiply-add::
 
         table[v] = [a | b | x] of the first layer for input(v)     (V, 2H [+ I when residual])
-        h = a * h + b;  layers above: norm, one addmm, the gates, the update; then the output norm
+        h = a * h + b;  layers above: norm, one addmm, the update (one C call where the kernel
+        is, else the step equations); then the output norm
     """
 
     def __init__(self, stack: MinStack, inputs: Tensor):
         """`inputs`: (V, I), the first layer's input vector for each character id."""
-        self.stack, self.cell, H = stack, stack.cell, stack.hidden_size
+        self.cell, self.H, self.lstm = stack.cell, stack.hidden_size, stack.cell == "minlstm"
         first = stack.blocks[0]
         with torch.no_grad():
             a, b = coefficients(self.cell, first.gates(_normed(first.norm, inputs)))
             parts = [a, b] + ([inputs] if first.residual else [])
             self.table = torch.cat(parts, -1).contiguous()
-            self.weights = [(blk.gates.weight.detach().t().contiguous(), blk.gates.bias.detach())
-                            for blk in stack.blocks]
-        self.H = H
+        self.blocks = [(_step_norm(blk.norm), blk.gates.weight.detach().t().contiguous(),
+                        blk.gates.bias.detach(), blk.residual, blk.ffn) for blk in stack.blocks]
+        self.norm_out = _step_norm(stack.norm_out)
 
     @staticmethod
     def split(state: Tensor) -> list[Tensor]:
@@ -313,27 +324,29 @@ class MinStepper:
     @torch.no_grad()
     def step(self, ids: Tensor, states: list[Tensor]) -> Tensor:
         """ids (B,); updates `states` (per layer h) in place; returns the stack's output (B, H)."""
-        H, stack = self.H, self.stack
+        H = self.H
         row = self.table.index_select(0, ids)
-        h = torch.addcmul(row[:, H: 2 * H], row[:, :H], states[0])
-        states[0] = h
-        blocks = stack.blocks
-        x = row[:, 2 * H:] + h if blocks[0].residual else h
-        x = x if blocks[0].ffn is None else x + blocks[0].ffn(x)
-        for k in range(1, len(blocks)):
-            block = blocks[k]
-            w, bias = self.weights[k]
-            gates = torch.addmm(bias, _normed(block.norm, x), w)
-            if self.cell == "mingru":
-                z = gates[:, :H].sigmoid_()
-                h = torch.lerp(states[k], g(gates[:, H:]), z)
-            else:
-                h = lstm_step(gates, states[k])
-            states[k] = h
-            x = x + h if block.residual else h
-            if block.ffn is not None:
-                x = x + block.ffn(x)
-        return _normed(stack.norm_out, x)
+        x = h = states[0] = torch.addcmul(row[:, H: 2 * H], row[:, :H], states[0])
+        for k, (norm, w, bias, residual, ffn) in enumerate(self.blocks):
+            if k:
+                gates = torch.addmm(bias, x if norm is None else norm(x), w)
+                if minkernel.usable(gates, states[k]):
+                    h = minkernel.forward(self.lstm, gates, states[k])
+                else:
+                    h = STEPS[self.cell](gates, states[k])
+                states[k] = h
+            x = (row[:, 2 * H:] if k == 0 else x) + h if residual else h
+            if ffn is not None:
+                x = x + ffn(x)
+        return x if self.norm_out is None else self.norm_out(x)
+
+
+def _step_norm(norm: nn.Module | None):
+    """`norm` as one functional call on detached weights (no module dispatch a step)."""
+    if isinstance(norm, nn.LayerNorm):
+        w, b = norm.weight.detach(), norm.bias.detach()
+        return lambda x: F.layer_norm(x, w.shape, w, b, EPS)
+    return norm
 
 
 def parameter_count(cell: str, input_size: int, hidden: int, layers: int, norm: str, ffn: int) -> int:
