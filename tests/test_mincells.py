@@ -40,6 +40,17 @@ def loops(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=["fused", "fast", "fast-torch"])
+def window_impl(request, monkeypatch):
+    """The implementations that take the window at once: the parallel scan, and `fast` in its C
+    loops and in its torch fallback."""
+    if request.param == "fast-torch":
+        monkeypatch.setattr(minkernel, "usable", lambda *tensors: False)
+    elif request.param == "fast" and minkernel.load() is None:
+        pytest.skip(f"no compiled loops here: {minkernel.status()}")
+    return request.param.removesuffix("-torch")
+
+
 def stack(cell: str, impl: str, options: dict, seed: int = 0, scale: float = 2.0, **sizes) -> MinStack:
     torch.manual_seed(seed)
     sizes = {"input_size": 6, "hidden": 8, "layers": 3, **sizes}
@@ -76,13 +87,11 @@ def test_the_step_equations_by_hand():
 
 
 @pytest.mark.parametrize("cell", CELLS)
-@pytest.mark.parametrize("impl", ["fused", "fast"])
 @pytest.mark.parametrize("options", STACKS.values(), ids=STACKS.keys())
 @pytest.mark.parametrize("T, with_state", [(1, True), (37, True), (100, False)])
-def test_the_window_at_once_equals_the_step_equations_to_1e5(cell, impl, options, T, with_state,
-                                                              loops):
-    if impl == "fused" and loops == "torch":
-        pytest.skip("the fallback is fast's")
+def test_the_window_at_once_equals_the_step_equations_to_1e5(cell, window_impl, options, T,
+                                                              with_state):
+    impl = window_impl
     ref, model = stack(cell, "scratch", options), stack(cell, impl, options)
     x, h0 = inputs(3, T, 6, 8, 3)
     want, want_h = ref(x, h0 if with_state else None)
@@ -94,10 +103,8 @@ def test_the_window_at_once_equals_the_step_equations_to_1e5(cell, impl, options
 
 
 @pytest.mark.parametrize("cell", CELLS)
-@pytest.mark.parametrize("impl", ["fused", "fast"])
-def test_gradients_equal_the_step_equations(cell, impl, loops):
-    if impl == "fused" and loops == "torch":
-        pytest.skip("the fallback is fast's")
+def test_gradients_equal_the_step_equations(cell, window_impl):
+    impl = window_impl
     x, h0 = inputs(2, 21, 6, 8, 3)
     gen = torch.Generator().manual_seed(4)  # a loss that weights every output differently
     weights = torch.randn(2, 21, 8, generator=gen), torch.randn(3, 2, 8, generator=gen)
@@ -113,10 +120,10 @@ def test_gradients_equal_the_step_equations(cell, impl, loops):
 
 
 @pytest.mark.parametrize("lstm", [False, True])
-def test_the_compiled_loops_give_the_same_numbers_on_two_threads(lstm, loops):
+def test_the_compiled_loops_give_the_same_numbers_on_two_threads(lstm):
     """Each thread runs whole rows: splitting them changes no number."""
-    if loops == "torch":
-        pytest.skip("a test of the compiled loops")
+    if minkernel.load() is None:
+        pytest.skip(f"no compiled loops here: {minkernel.status()}")
     gen = torch.Generator().manual_seed(5)
     gates = torch.randn(5, 40, (3 if lstm else 2) * 24, generator=gen)
     h0, dh = torch.rand(5, 24, generator=gen), torch.randn(5, 40, 24, generator=gen)

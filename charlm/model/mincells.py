@@ -253,6 +253,7 @@ class MinStack(nn.Module):
             MinBlock(cell, input_size if k == 0 else hidden, hidden, residual, norm, ffn)
             for k in range(layers))
         self.norm_out = make_norm(norm, hidden)
+        self.options = f"residual={residual}, norm={norm}, ffn={ffn}"
 
     def scan(self, gates: Tensor, h0: Tensor) -> Tensor:
         """h (B, T, H) of one layer from its gates (B, T, G*H) and h0 (B, H)."""
@@ -288,10 +289,9 @@ class MinStack(nn.Module):
         return _normed(self.norm_out, x), torch.stack(finals).to(h0.dtype)
 
     def extra_repr(self) -> str:
-        block = self.blocks[0]
         return (f"{self.cell}, impl={self.impl}, hidden={self.hidden_size}, "
                 f"layers={self.num_layers}, dropout={self.dropout}"
-                f"{' (locked)' if self.locked else ''}, ffn={bool(block.ffn)}")
+                f"{' (locked)' if self.locked else ''}, {self.options}")
 
 
 class MinStepper:
