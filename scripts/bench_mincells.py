@@ -1,18 +1,19 @@
 """minGRU / minLSTM against the GRU of the same parameter count, in one interleaved run: training
 tokens/s and the generation chars/s of one stream (the rows of issue 28 in docs/BENCHMARKS.md).
 
-    python scripts/bench_mincells.py                     # shakespeare-gru.toml's GRU vs 3-layer min cells
+    python scripts/bench_mincells.py              # shakespeare-gru.toml's GRU vs 3-layer min cells
     python scripts/bench_mincells.py --cells mingru --impls fast --layers 4 --threads 2
-    python scripts/bench_mincells.py --min-hidden 512 --json   # a fixed width instead of equal size
+    python scripts/bench_mincells.py --min-hidden 256 --json   # a fixed width, not equal size
 
 Training: the trainer's step (embedding -> recurrent layers -> head -> cross-entropy -> backward
 -> clip 1.0 -> AdamW), the state carried between windows as sequential partitioning does, on
 random tokens of a 65-symbol vocabulary; the baseline is `--cell gru --impl fast`. The min cells'
 width is the one whose parameter count is nearest the GRU's (--min-hidden fixes it). Every round
 times each arm at each thread count in turn, so the ratios come from the same minutes; reported
-are medians over the rounds, and each arm's best thread count (the trainer times both and keeps
-the faster; at one thread also by the CPU clock, which a busy machine disturbs less). Generation: `charlm.sample.generate` of one stream (one thread, as generate runs
-it), the prefix warmed up once, then --gen-length characters drawn.
+are medians over the rounds (ratios: the median of the rounds' ratios), by the wall clock and,
+at one thread, by the thread's CPU clock, which a busy machine disturbs less. Generation:
+`charlm.sample.generate` of one stream (one thread, as generate runs it), the prefix warmed up
+once, then --gen-length characters drawn.
 
 The script reports how many cores other processes kept busy while it measured: on a shared
 machine a ratio from a noisy run is still a ratio of the same minutes, but say so.

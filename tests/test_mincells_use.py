@@ -139,6 +139,8 @@ def test_eval_dynamic_at_learning_rate_zero_is_the_static_figure(runs, run):
 
 @pytest.fixture(scope="module")
 def exported(runs):
+    for extra in ("onnxruntime", "onnxscript"):
+        pytest.importorskip(extra, reason="the onnx extra: pip install 'charlm[onnx]'")
     done = {}
     for run in RUNS:
         out = runs["root"] / "share" / run
@@ -151,7 +153,6 @@ def exported(runs):
 
 @pytest.mark.parametrize("run", RUNS)
 def test_the_exported_folder_gives_the_runs_figures_text_and_card(runs, exported, run):
-    pytest.importorskip("onnxruntime", reason="the onnx extra: pip install 'charlm[onnx]'")
     folder, result = exported[run]
     assert sorted(p.name for p in folder.iterdir()) == [
         "README.md", "config.json", "model.onnx", "model.safetensors"]
