@@ -188,7 +188,7 @@ def _check_hidden(data: dict, path) -> None:
     tc = data.get("train_config") or {}
     layers, size, batch = tc.get("layers"), tc.get("hidden"), tc.get("batch_size")
     cell = tc.get("cell")
-    if cell in ("rnn", "gru", "lstm") and len(parts) != (2 if cell == "lstm" else 1):
+    if cell in ("rnn", "gru", "lstm", "mingru", "minlstm") and len(parts) != (2 if cell == "lstm" else 1):
         raise damaged(path, "hidden", f"holds {len(parts)} state tensor(s), but a {cell} "
                       f"carries {2 if cell == 'lstm' else 1}")
     for part in parts:

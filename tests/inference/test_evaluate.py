@@ -208,8 +208,8 @@ def test_option_errors(runs, tmp_path):
         2, "", "charlm: error: --split must be one of train, val, test; got 'dev'\n")
     assert fail("--batch-size", "0") == (2, "", "charlm: error: --batch-size must be >= 1, got 0\n")
     assert fail("--checkpoint", str(runs["lstm"]), "--impl", "fast") == (
-        2, "", "charlm: error: --impl fast exists only for gru, not lstm; use --impl fused or "
-               "--impl scratch\n")
+        2, "", "charlm: error: --impl fast exists only for gru, mingru, minlstm, not lstm; use "
+               "--impl fused or --impl scratch\n")
 
 
 def test_damaged_checkpoints_are_refused_before_use(runs, tmp_path):

@@ -372,7 +372,7 @@ FOLDER_EDITS = {
                      "{c}: its vocabulary has {V-1} tokens but its model says vocab_size {V}; the "
                      "folder is damaged or was edited"),
     "cell-unknown": (lambda f: edit_config(f, lambda c: c["model"].update(cell="transformer")),
-                     "{c}: its model is invalid: cell must be one of rnn, gru, lstm; got 'transformer'"),
+                     "{c}: its model is invalid: cell must be one of rnn, gru, lstm, mingru, minlstm; got 'transformer'"),
     "newer-key": (lambda f: edit_config(f, lambda c: c["model"].update(tie_magic=True)),
                   "{c}: its model has unknown keys ['tie_magic']; it was written by a newer charlm: "
                   "upgrade charlm to load it"),
