@@ -152,7 +152,8 @@ def test_weight_drops_gradient_reaches_only_the_kept_weights():
 
 def test_tied_weights_are_one_tensor():
     torch.manual_seed(0)
-    model = CharLM(ModelConfig(vocab_size=9, hidden=6, embed=6, tie_weights=True, impl="fused"))
+    model = CharLM(ModelConfig(vocab_size=9, hidden=6, layers=1, embed=6, dropout=0.0,
+                               tie_weights=True, impl="fused"))
     assert model.head.weight is model.embedding.weight and model.proj is None
     assert {"embedding.weight", "head.weight"} <= set(model.state_dict())
     assert len(list(model.parameters())) == 6  # embedding, 4 recurrent, head bias: counted once
