@@ -13,7 +13,6 @@ the command, with the Agg canvas (no display, no pyplot global state).
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Optional
 import typer
 
 from charlm.artifacts import rundir
-from charlm.errors import CharlmError, UsageError, warn
+from charlm.errors import CharlmError, UsageError
 from charlm.system.files import atomic_write
 
 MISSING_MATPLOTLIB = "charlm plot needs matplotlib: pip install 'charlm[plot]'"
@@ -79,29 +78,14 @@ def _names(runs: list[Path]) -> list[str]:
 
 
 def read_curves(run: Path, name: str) -> Curves:
-    """The train and val curves of a run's metrics.jsonl. Damaged rows (not JSON, not a row, a
-    step, time or perplexity that is not a number) are skipped with one warning; a last line
-    still being written (no newline yet, the run is live) is skipped quietly."""
+    """The train and val curves of a run's metrics.jsonl, read by `rundir.read_metrics` (its
+    policy for damaged rows; here a step, time or perplexity that is not a number is damage)."""
     path = run / "metrics.jsonl"
     if not path.is_file():
         raise CharlmError(f"{run} has no metrics.jsonl; is it a charlm run directory?")
-    try:
-        lines = path.read_bytes().decode("utf-8", "replace").split("\n")[:-1]
-    except OSError as exc:
-        raise CharlmError(f"cannot read {path}: {exc.strerror}") from None
-    curves, damaged = Curves(name), 0
-    for line in lines:
-        if not line.strip():
-            continue
-        try:
-            point = _curve_point(json.loads(line))
-        except ValueError:  # not JSON, or not a row of ours
-            damaged += 1
-            continue
-        if point is not None:
-            (curves.train if point[0] == "train" else curves.val).append(point[1:])
-    if damaged:
-        warn(f"skipped {damaged} damaged row{'s' if damaged > 1 else ''} of {path}")
+    curves = Curves(name)
+    for kind, *point in rundir.read_metrics(path, _curve_point):
+        (curves.train if kind == "train" else curves.val).append(tuple(point))
     if not curves.train and not curves.val:
         raise CharlmError(
             f"{path} holds no train or validation rows yet; let the run log at least once "
@@ -110,11 +94,9 @@ def read_curves(run: Path, name: str) -> Curves:
     return curves
 
 
-def _curve_point(row) -> tuple | None:
+def _curve_point(row: dict) -> tuple | None:
     """(kind, step, time, ppl) of a train or val row; None for other rows (the summary, an
     evaluation without a finite loss); ValueError for a damaged one."""
-    if not isinstance(row, dict):
-        raise ValueError("not a row")
     kind, ppl = row.get("kind"), row.get("ppl")
     if kind not in ("train", "val") or (kind == "val" and ppl is None):
         return None
