@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from charlm.inference.sample import without_unk
-from charlm.model.lm import CharLM, State
+from charlm.model.lm import CharLM
+from charlm.model.state import map_state
 
 
 @dataclass
@@ -31,12 +32,6 @@ class Hypothesis:
     ids: list[int]  # the continuation (the prefix not included)
     log_prob: float  # natural log of its probability given the prefix
     score: float  # log_prob / len(ids): nats per character (higher is likelier)
-
-
-def _select(state: State, rows: torch.Tensor) -> State:
-    if isinstance(state, tuple):
-        return tuple(s.index_select(1, rows) for s in state)
-    return state.index_select(1, rows)
 
 
 @torch.inference_mode()
@@ -69,7 +64,9 @@ def beam_search(model: CharLM, prefix_ids: list[int], beam: int, length: int) ->
             paths = torch.cat([paths[parents], chars[:, None]], 1)
             if step == length - 1:
                 break
-            logits, state = model(chars[:, None].to(device), _select(state, parents.to(device)))
+            rows = parents.to(device)
+            logits, state = model(chars[:, None].to(device),
+                                  map_state(lambda s: s.index_select(1, rows), state))
             logits = logits[:, -1]
         return [Hypothesis(ids, lp, lp / length)
                 for ids, lp in zip(paths.tolist(), scores.tolist())]

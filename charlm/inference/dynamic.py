@@ -25,7 +25,8 @@ import torch
 from charlm.data.batches import eval_windows
 from charlm.inference.evaluate import Perplexity, WindowSums
 from charlm.model.config import DROPOUTS
-from charlm.model.lm import CharLM, detach_state
+from charlm.model.lm import CharLM
+from charlm.model.state import detach_state
 from charlm.system.threads import ThreadChooser, threads_within
 
 EPS = 1e-5  # keeps g / (rms + eps) finite for weights whose training gradient was ~0

@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from charlm.data.batches import eval_windows
-from charlm.model.lm import CharLM, detach_state
+from charlm.model.lm import CharLM
+from charlm.model.state import detach_state
 from charlm.system.threads import ThreadChooser, threads_within
 
 

@@ -32,7 +32,8 @@ from typing import Callable, Iterator
 import torch
 
 from charlm.errors import UsageError
-from charlm.model.lm import CharLM, State
+from charlm.model.lm import CharLM
+from charlm.model.state import State, layers_of, map_state
 from charlm.system.threads import threads_for, threads_within
 
 NOISE_BLOCK_STEPS = 64  # noise drawn per block: (steps, samples, vocab)
@@ -73,12 +74,6 @@ class SampleSettings:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _expand(state: State, n: int) -> State:
-    if isinstance(state, tuple):
-        return tuple(s.expand(-1, n, -1).contiguous() for s in state)
-    return state.expand(-1, n, -1).contiguous()
 
 
 def without_unk(logits: torch.Tensor) -> torch.Tensor:
@@ -141,12 +136,6 @@ class _Stepper:
     def supports(model: CharLM) -> bool:
         return all(hasattr(model.rnn, f"{n}_l{k}") for k in range(model.config.layers)
                    for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
-
-    def split(self, state: State) -> list:
-        """(layers, B, H) [or (h, c)] -> per-layer h [or (h, c)] rows."""
-        if isinstance(state, tuple):
-            return [(h, c) for h, c in zip(state[0].unbind(0), state[1].unbind(0))]
-        return list(state.unbind(0))
 
     def step(self, x: torch.Tensor, states: list) -> torch.Tensor:
         """x (B,) ids; updates `states` in place (per layer) and returns the scaled logits (B, V)."""
@@ -212,7 +201,8 @@ def generate(
         if prefix_ids:
             x = torch.tensor([prefix_ids], dtype=torch.long, device=device)
             logits, state = model(x)
-            logits, state = (logits[:, -1] * scale).expand(n, -1), _expand(state, n)
+            logits = (logits[:, -1] * scale).expand(n, -1)
+            state = map_state(lambda s: s.expand(-1, n, -1).contiguous(), state)
         else:
             state = model.begin_state(n, device)
             logits = (model.head.bias * scale).expand(n, -1)
@@ -220,7 +210,7 @@ def generate(
         fast = _Stepper.supports(model)
         if fast:
             stepper = _Stepper(model, scale)
-            states = stepper.split(state)
+            states = layers_of(state)
         noise = None if settings.greedy else gumbel_noise(
             generator, length, n, logits.size(-1), device)
         filtering = not settings.greedy and (settings.top_k or settings.top_p < 1.0)

@@ -27,6 +27,7 @@ from charlm.model.dropout import drop_weight
 from charlm.model.dropout import dropout as drop
 from charlm.model.fastgru import FastGRU
 from charlm.model.fused import fused_layer
+from charlm.model.state import from_layers, layers_of
 
 _GATES = {"rnn_tanh": 1, "rnn_relu": 1, "gru": 3, "lstm": 4}
 
@@ -143,26 +144,16 @@ class ScratchRecurrent(nn.Module):
         return w_ih, drop_weight(w_hh, self.weight_drop, self.training), b_ih, b_hh
 
     def forward(self, x: Tensor, state=None):
-        B = x.shape[0]
-        zeros = x.new_zeros(self.num_layers, B, self.hidden_size)
-        if self.mode == "lstm":
-            h0, c0 = state if state is not None else (zeros, zeros)
-        else:
-            h0 = state if state is not None else zeros
-        finals_h, finals_c = [], []
-        for layer in range(self.num_layers):
+        if state is None:
+            zeros = x.new_zeros(self.num_layers, x.shape[0], self.hidden_size)
+            state = (zeros, zeros) if self.mode == "lstm" else zeros
+        finals = []
+        for layer, layer_state in enumerate(layers_of(state)):
             if layer > 0:
                 x = drop(x, self.dropout, self.training, self.locked)
-            layer_state = (h0[layer], c0[layer]) if self.mode == "lstm" else h0[layer]
             x, last = _run_layer(self.mode, x, layer_state, self._weights(layer), self.gru_reset)
-            if self.mode == "lstm":
-                finals_h.append(last[0])
-                finals_c.append(last[1])
-            else:
-                finals_h.append(last)
-        if self.mode == "lstm":
-            return x, (torch.stack(finals_h), torch.stack(finals_c))
-        return x, torch.stack(finals_h)
+            finals.append(last)
+        return x, from_layers(finals)
 
     def extra_repr(self) -> str:
         reset = f", gru_reset={self.gru_reset}" if self.mode == "gru" else ""

@@ -21,7 +21,6 @@ from charlm.config.train import (LIMITS, OPTIONS, TrainConfig, absolute_files, b
                                  canonical, fixed_on_resume)
 from charlm.data.transfer import public_url
 from charlm.errors import CharlmError, UsageError
-from charlm.model.lm import State
 
 
 @dataclass
@@ -119,26 +118,6 @@ def set_rng_state(state: dict, device: torch.device, needed: bool = True) -> str
     return (f"the checkpoint holds no usable {device.type} generator state (trained on "
             f"{saved_on}): from here on the run draws other dropout masks than an uninterrupted "
             f"run would")
-
-
-def hidden_to_plain(state: State | None):
-    """The carried state as float32 CPU tensors: h, or [h, c] for an LSTM. float32 whatever the
-    precision it was computed in, so a run resumes under any --precision and on any device."""
-    if state is None:
-        return None
-    if isinstance(state, tuple):
-        return [s.detach().float().cpu() for s in state]
-    return state.detach().float().cpu()
-
-
-def hidden_from_plain(data, device) -> State | None:
-    """The carried state on `device`, float32 (checkpoints before that stored an fp16 run's in
-    fp16, which a float32 model refuses)."""
-    if data is None:
-        return None
-    if isinstance(data, list):
-        return tuple(s.to(device=device, dtype=torch.float32) for s in data)
-    return data.to(device=device, dtype=torch.float32)
 
 
 def resolve_resume(given: dict, resume: str) -> tuple[TrainConfig, dict]:

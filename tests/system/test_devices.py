@@ -20,7 +20,8 @@ from charlm.model.config import ModelConfig
 from charlm.model.fused import FusedGRU, FusedLSTM, fused_layer
 from charlm.model.lm import CharLM
 from charlm.training import runtime
-from charlm.training.state import hidden_from_plain, hidden_to_plain, rng_state, set_rng_state
+from charlm.model.state import from_plain, to_plain
+from charlm.training.state import rng_state, set_rng_state
 from helpers import invoke, no_float64
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -149,10 +150,10 @@ def test_resuming_a_gpu_runs_checkpoint_on_the_cpu_warns_once(tiny_run, tmp_path
 
 def test_the_carried_state_is_saved_and_restored_in_float32():
     h = torch.randn(2, 3, 4).to(torch.float16)
-    assert hidden_to_plain(h).dtype == torch.float32
-    assert all(t.dtype == torch.float32 for t in hidden_to_plain((h, h.bfloat16())))
-    assert hidden_from_plain(h, "cpu").dtype == torch.float32  # an older fp16 checkpoint's
-    assert all(t.dtype == torch.float32 for t in hidden_from_plain([h, h], "cpu"))
+    assert to_plain(h).dtype == torch.float32
+    assert all(t.dtype == torch.float32 for t in to_plain((h, h.bfloat16())))
+    assert from_plain(h, "cpu").dtype == torch.float32  # an older fp16 checkpoint's
+    assert all(t.dtype == torch.float32 for t in from_plain([h, h], "cpu"))
 
 
 def test_a_checkpoint_with_a_half_precision_state_resumes_in_fp32(tiny_run, tmp_path):

@@ -18,7 +18,8 @@ from charlm.artifacts.checkpoint import load_checkpoint
 from charlm.cli.app import app
 from charlm.config.train import TrainConfig, build_config
 from charlm.model.config import ModelConfig
-from charlm.model.lm import CharLM, detach_state
+from charlm.model.lm import CharLM
+from charlm.model.state import detach_state
 from charlm.training.trainer import Trainer
 from helpers import pydoc_text
 
