@@ -60,7 +60,7 @@ def _root(
 
 
 def debug_enabled() -> bool:
-    """Tracebacks are kept behind CHARLM_DEBUG=1 (or --debug on the main command)."""
+    """Tracebacks are kept behind CHARLM_DEBUG=1."""
     return os.environ.get("CHARLM_DEBUG", "") not in ("", "0")
 
 
@@ -185,8 +185,8 @@ OPENMP_SPINS = "1000"  # libgomp's own count when it sees more threads than CPUs
 def _bounded_openmp_waits() -> None:
     """A thread of torch's OpenMP team that waits for another spins 300,000 times (~ms) before
     sleeping. When another process holds the other core, every op of a step waits like that
-    for a descheduled thread: 10-40x slower. A short spin keeps the idle machine's speed and
-    yields the core quickly on a busy one (docs/BENCHMARKS.md, threads). Set before torch
+    for a descheduled thread, many times slower (docs/BENCHMARKS.md, CPU threads). A short spin
+    keeps the idle machine's speed and yields the core quickly on a busy one. Set before torch
     loads libgomp; OMP_WAIT_POLICY or GOMP_SPINCOUNT in the environment take precedence."""
     if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
         os.environ["GOMP_SPINCOUNT"] = OPENMP_SPINS

@@ -102,9 +102,9 @@ def perplexity_of(model: CharLM, tokens: torch.Tensor, window: int = 512,
     """Exact: one stream, `window` characters per forward pass, the state carried throughout.
 
     On the CPU the windows' threads are timed (`ThreadChooser.for_stream`): two threads run a
-    256-unit model's windows 1.4-1.6x faster than one on an idle machine, while beside busy
-    processes one can be the faster (issue 20: a fixed two threads once ran 413 against 17,834
-    characters/s with one). `threads` > 0 fixes the count (eval perplexity --threads)."""
+    256-unit model's windows faster than one on an idle machine, while beside busy processes one
+    can be far faster (docs/BENCHMARKS.md, CPU threads). `threads` > 0 fixes the count (eval
+    perplexity --threads)."""
     chooser = ThreadChooser.for_stream(model.head.weight.device, model.config.hidden, threads)
     nll, count = corpus_nll(model, tokens, 1, window, threads=chooser)
     nats = nll / count

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 def make_optimizer(name: str, params, lr: float, weight_decay: float) -> "torch.optim.Optimizer":
     """SGD (d2l's choice, with lr 1 and clipping), Adam or AdamW.
 
-    torch's fused implementation (one kernel per step for all parameters; ~2.5x faster than the
+    torch's fused implementation (one kernel per step for all parameters; faster than the
     default foreach one for a char-LM's few tensors on the CPU) where this torch and device offer
     it, else the default; both keep the same state, so checkpoints resume across them.
     """
