@@ -155,7 +155,7 @@ def _check_ema(ema: Any, path) -> None:
 
 def _check_rng(rng: Any, path, key: str) -> None:
     """{"torch": the CPU generator's state, "python": [...], and the training device's:
-    "device" ("cuda" or "mps") with "device_rng" (older files: "cuda", [one per GPU])}."""
+    "device" ("cuda" or "mps") with "device_rng"}."""
     state = rng.get("torch") if isinstance(rng, dict) else None
     if not (isinstance(state, torch.Tensor) and state.dtype == torch.uint8
             and state.numel() == torch.get_rng_state().numel()):
@@ -164,17 +164,10 @@ def _check_rng(rng: Any, path, key: str) -> None:
     if python is not None and not (isinstance(python, list) and len(python) == 625 and all(
             _is_int(v, high=2**32 - 1) for v in python) and python[-1] <= 624):
         raise damaged(path, key, "does not hold Python's generator state")
-    cuda = rng.get("cuda", [])
-    if not isinstance(cuda, list) or not all(
-            isinstance(s, torch.Tensor) and s.dtype == torch.uint8 and s.dim() == 1 for s in cuda):
-        raise damaged(path, key, "does not hold CUDA generator states")
     device, device_rng = rng.get("device"), rng.get("device_rng")
     if device is not None and not (device in ("cuda", "mps") and isinstance(device_rng, torch.Tensor)
                                    and device_rng.dtype == torch.uint8 and device_rng.dim() == 1):
         raise damaged(path, key, "does not hold its device's generator state")
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        if any(s.numel() != torch.cuda.get_rng_state().numel() for s in cuda):
-            raise damaged(path, key, "does not hold CUDA generator states")
 
 
 def _check_hidden(data: dict, path) -> None:
@@ -249,10 +242,10 @@ def check_resumable(data: dict, path) -> None:
                           f"{world} processes")
         for state in ranks:
             _check_rng(state, path, "rank_rng")
-    pending = data.get("eval_pending", False)
-    if not (isinstance(pending, bool) or isinstance(pending, str) and pending in EVALUATIONS):
-        raise damaged(path, "eval_pending", f"is {data['eval_pending']!r}, not false, "
-                      "'periodic' or 'whole' (older files: true)")
+    pending = data.get("eval_pending")
+    if not (pending is False or isinstance(pending, str) and pending in EVALUATIONS):
+        said = "is missing" if "eval_pending" not in data else f"is {pending!r}"
+        raise damaged(path, "eval_pending", f"{said}, not false, 'periodic' or 'whole'")
     scaler = data.get("scaler")
     if scaler is not None and not (isinstance(scaler, dict) and all(
             _is_number(v) and math.isfinite(v) for v in scaler.values())):

@@ -140,6 +140,9 @@ def _model_config(config: dict, path: Path) -> ModelConfig:
     if unknown:
         raise CharlmError(f"{path}: its model has unknown keys {unknown}; it was written by a "
                           "newer charlm: upgrade charlm to load it")
+    missing = sorted(known - set(model))
+    if missing:  # every key: a default here would silently change the model
+        raise CharlmError(f"{path}: its model lacks {missing}; the folder is damaged")
     try:
         model_config = ModelConfig(**{**model, "impl": "fused"}).validate()
     except TypeError as exc:

@@ -95,6 +95,9 @@ class ModelConfig:
                 f"checkpoint's model config has unknown keys {unknown}; it was written by a newer "
                 "charlm: upgrade charlm to load it"
             )
+        missing = sorted(known - set(data))
+        if missing:  # every key: a default here would silently change the model
+            raise CharlmError(f"checkpoint's model config lacks {missing}; the file is damaged")
         try:
             return cls(**data).validate()
         except (TypeError, UsageError) as exc:

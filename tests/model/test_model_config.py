@@ -3,10 +3,12 @@ training options, resume's rules and dynamic evaluation take theirs from it."""
 
 from dataclasses import fields
 
+import pytest
 import torch
 
 from charlm.config.train import OPTIONS, TrainConfig, fixed_on_resume, model_config
 from charlm.inference.dynamic import adaptable
+from charlm.errors import CharlmError
 from charlm.model.config import ADJUSTABLE, DROPOUTS, ModelConfig
 from charlm.model.lm import CharLM
 
@@ -51,3 +53,14 @@ def test_a_default_model_config_is_the_model_charlm_train_builds():
     torch.manual_seed(0)
     b = CharLM(trained).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_checkpoints_model_config_must_name_every_key():
+    """A missing key would load with today's default, another model than the one trained."""
+    saved = ModelConfig(vocab_size=9, layers=1, embed=0, dropout=0.0).to_dict()
+    assert ModelConfig.from_dict(saved) == ModelConfig(**saved)
+    del saved["layers"], saved["tie_weights"]
+    with pytest.raises(CharlmError) as err:
+        ModelConfig.from_dict(saved)
+    assert str(err.value) == ("checkpoint's model config lacks ['layers', 'tie_weights']; the "
+                              "file is damaged")
