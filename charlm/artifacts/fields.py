@@ -9,7 +9,10 @@ True) guarantees plain data only; what plain data may still do is checked here, 
                   allocates gigabytes); nothing below touches a value before this holds
     2. structure  each field's type, keys, names, shapes and dtypes (`check_fields`; the model's
                   weights against its config in `charlm.inference.loading`)
-    3. values     finite, and within MAX_MAGNITUDE (beyond, float32 arithmetic overflows)
+    3. values     finite, and within MAX_MAGNITUDE (beyond, float32 arithmetic overflows):
+                  `largest_value`, the one scan of a tensor's values; it remembers the tensors
+                  it passed, so the checks where weights are loaded (`check_parameters`, for
+                  the model, its averaged weights and an exported folder's) read none again
     4. resuming   the training state a resumed run restores is all there, of the right types
                   and consistent with its train_config (`check_resumable`); the optimizer's
                   per-parameter state is checked against the parameters where it is loaded
@@ -22,6 +25,7 @@ damaged; they all happen while the run is built, before any file of the run is w
 from __future__ import annotations
 
 import math
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -74,16 +78,40 @@ def check_tensors(data: Any, path: Path | str) -> None:
                               f"{problem}")
 
 
+_PASSED: "weakref.WeakValueDictionary[int, torch.Tensor]" = weakref.WeakValueDictionary()
+
+
+def largest_value(tensor: torch.Tensor) -> float | None:
+    """The one scan of a tensor's values: None when they are all finite and within
+    MAX_MAGNITUDE (or it holds no floats), else the largest magnitude (inf for NaN or infinity).
+    A tensor that passed is remembered while it lives, and not scanned again (`values_passed`)."""
+    if values_passed(tensor):
+        return None
+    if tensor.is_floating_point() and tensor.numel():
+        if not bool(torch.isfinite(tensor).all()):
+            return math.inf
+        largest = float(tensor.detach().abs().max())
+        if largest > MAX_MAGNITUDE:
+            return largest
+    _PASSED[id(tensor)] = tensor
+    return None
+
+
+def values_passed(tensor: torch.Tensor) -> bool:
+    """Whether `largest_value` already passed this very tensor."""
+    return _PASSED.get(id(tensor)) is tensor
+
+
 def _check_magnitude(path, key: str, name: str, tensor: torch.Tensor) -> None:
-    if not tensor.is_floating_point() or tensor.numel() == 0:
+    largest = largest_value(tensor)
+    if largest is None:
         return
-    if not bool(torch.isfinite(tensor).all()):
+    if largest == math.inf:
         if key == "model":
             raise CharlmError(
                 f"{path}: its weight {name} holds NaN or infinity; the file is damaged: use "
                 "another checkpoint (best.pt or last.pt of the run)")
         raise damaged(path, key, "holds NaN or infinity")
-    largest = float(tensor.detach().abs().max())
     if largest > MAX_MAGNITUDE:
         what = f"weight {name}" if key in ("model", "ema") else "tensor"
         raise damaged(path, key, f"holds a {what} of magnitude {largest:.3g}, beyond any trained "
@@ -324,10 +352,10 @@ def check_parameters(where: str, model: torch.nn.Module, saved: object) -> None:
             else f"has dtype {str(got.dtype).removeprefix('torch.')}, not a float")
         if problem:
             raise CharlmError(f"{where}: parameter {name} {problem}; the file is damaged")
-    for name in expected:  # values only once every tensor is known to be what it says
-        got = saved[name]
-        if not torch.isfinite(got).all():
+    for name in expected:  # values only once every tensor is known to be what it says; those
+        largest = largest_value(saved[name])  # check_fields passed are not read again
+        if largest == math.inf:
             raise CharlmError(f"{where}: parameter {name} holds NaN or infinity; use another checkpoint")
-        if got.numel() and float(got.abs().max()) > MAX_MAGNITUDE:
+        if largest is not None:
             raise CharlmError(f"{where}: parameter {name} holds values beyond "
                               f"{MAX_MAGNITUDE:g}; the file is damaged")
