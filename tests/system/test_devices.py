@@ -109,13 +109,6 @@ def test_the_checkpoint_holds_the_training_devices_own_generator(monkeypatch):
     assert [(i, s.tolist()) for i, s in fake.set_calls] == [(0, [1] * 16)]
 
 
-def test_old_checkpoints_restore_the_training_devices_entry(monkeypatch):
-    fake = FakeCuda(monkeypatch)
-    old = {"torch": torch.get_rng_state(), "cuda": [fake.states[0], fake.states[1]]}
-    assert set_rng_state(old, torch.device("cuda", 1)) is None
-    assert [(i, s[0].item()) for i, s in fake.set_calls] == [(1, 1)]
-
-
 def test_a_state_that_cannot_be_restored_says_so_in_one_line(monkeypatch):
     FakeCuda(monkeypatch)
     cpu_run = rng_state(torch.device("cpu"))
