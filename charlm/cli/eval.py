@@ -123,9 +123,9 @@ def eval_perplexity(
 
 def _dynamic_settings(lr: float, decay: float, window: int):
     from charlm.checks import Rule
-    from charlm.inference.dynamic import DynamicSettings
+    from charlm.inference.dynamic import MAX_LR, DynamicSettings
 
-    Rule(kind=float, low=0).check("--dynamic-lr", lr)
+    Rule(kind=float, low=0, high=MAX_LR).check("--dynamic-lr", lr)
     Rule(kind=float, low=0, high=1).check("--dynamic-decay", decay)
     Rule(kind=int, low=1).check("--dynamic-window", window)
     return DynamicSettings(lr=lr, decay=decay, window=window)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import codecs
-import json
 import secrets
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ def generate(
     greedy: bool = typer.Option(False, "--greedy", help="Always take the likeliest character (d2l's predict_ch8); ignores temperature, top-k, top-p and seed."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed: the same seed gives the same text. Default: a fresh one (shown by --json)."),
     num_samples: int = typer.Option(1, "--num-samples", help="Draw this many samples as one batch; printed after drawing, separated by a blank line."),
-    beam: Optional[int] = typer.Option(None, "--beam", help="Beam search with N beams instead of drawing: the likeliest continuation by log-probability per character (--beam 1 is --greedy); with --num-samples K, the K best beams. Ignores temperature, top-k, top-p and seed.", show_default=False),
+    beam: Optional[int] = typer.Option(None, "--beam", help="Beam search with N beams instead of drawing: the likeliest continuations, scored by log-probability (natural log, per character; <unk> excluded and the other characters' probabilities renormalised, as when drawing). --beam 1 is --greedy; with --num-samples K, the K best beams. Ignores temperature, top-k, top-p and seed.", show_default=False),
     checkpoint: Optional[str] = CheckpointOpt,
     impl: Optional[str] = ImplOpt,
     device: str = DeviceOpt,
@@ -99,27 +98,33 @@ def generate(
         out.write(show(text))
         out.flush()
 
-    scores = None
-    if beam is not None:
-        from charlm.inference.beam import beam_search
-
-        best = beam_search(loaded.model, ids, beam, length)[:num_samples]
-        drawn = [h.ids for h in best]
-        scores = [{"log_prob": h.log_prob, "nats_per_char": -h.score} for h in best]
-        settings.seed = None
-    else:
-        drawn = draw(loaded.model, ids, settings, on_step=on_step, keep=not stream)
-    samples = [vocab.decode(row) for row in drawn]
-    if json_out:
-        payload = {"prefix": readable(text, mode),
-                   "samples": [readable(s, mode) for s in samples],
-                   "settings": settings.to_dict(), "checkpoint": str(loaded.path)}
-        if scores is not None:
-            payload["settings"]["beam"] = beam
-            payload["scores"] = scores
-        sys.stdout.write(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
-    elif stream:
+    if stream:
+        draw(loaded.model, ids, settings, on_step=on_step, keep=False)
         sys.stdout.write((utf8.decode(b"", final=True) if utf8 else "") + "\n")
-    else:
-        sys.stdout.write("\n\n".join(readable(text + s, mode) for s in samples) + "\n")
+        sys.stdout.flush()
+        return
+    # several samples, a beam, or --json: drawn into a file, printed once all are done
+    from charlm.cli.samples_out import write_json, write_text
+    from charlm.system.spool import IdSpool
+
+    with IdSpool(beam if beam is not None else num_samples) as spool:
+        scores = None
+        if beam is not None:
+            from charlm.inference.beam import beam_search
+
+            best = beam_search(loaded.model, ids, beam, length, spool=spool)[:num_samples]
+            scores = [{"log_prob": h.log_prob, "nats_per_char": -h.score} for h in best]
+            settings.seed = None
+        else:
+            draw(loaded.model, ids, settings, spool=spool, keep=False)
+        columns = [spool.column(k) for k in range(num_samples)]
+        if json_out:
+            payload = {"prefix": readable(text, mode), "samples": None,
+                       "settings": settings.to_dict(), "checkpoint": str(loaded.path)}
+            if scores is not None:
+                payload["settings"]["beam"] = beam
+                payload["scores"] = scores
+            write_json(sys.stdout, payload, columns, vocab.decode, mode)
+        else:
+            write_text(sys.stdout, text, columns, vocab.decode, mode)
     sys.stdout.flush()

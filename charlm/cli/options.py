@@ -4,7 +4,7 @@ import typer
 
 from charlm.checks import Rule
 from charlm.config.train import OPTIONS
-from charlm.model.config import WEIGHTS
+from charlm.model.config import IMPLS, WEIGHTS
 
 CheckpointOpt = typer.Option(
     None, "--checkpoint",
@@ -13,22 +13,32 @@ CheckpointOpt = typer.Option(
     show_default=False,
 )
 DeviceOpt = typer.Option("auto", "--device", help=OPTIONS["device"].help)  # train's own words
+
+
+def choices(flag: str, allowed: tuple[str, ...]) -> dict:
+    """The Typer settings of an option that takes one of `allowed`: the choices as its metavar
+    in --help, and the value checked (case ignored) as it is parsed, with the Rule's wording
+    (before any checkpoint is read or torch is imported)."""
+    rule = Rule(choices=allowed)
+
+    def check(value):
+        if value is None or rule.ok(value.lower()):
+            return value and value.lower()
+        rule.check(flag, value)
+
+    return {"callback": check, "metavar": f"[{'|'.join(allowed)}]"}
+
+
 ImplOpt = typer.Option(
     None, "--impl",
     help="Load with another implementation: auto, fused, scratch or fast (GRU on CPU). "
          "Default: the checkpoint's own. Parameters are laid out alike in all of them.",
-    show_default=False,
+    show_default=False, **choices("--impl", ("auto", *IMPLS)),
 )
 JsonOpt = typer.Option(False, "--json", help="Print JSON on stdout instead of text.")
 
 
-def _check_weights(value: str) -> str:
-    """--weights is checked as it is parsed, before any checkpoint is read."""
-    Rule(choices=WEIGHTS).check("--weights", value)
-    return value
-
-
 WeightsOpt = typer.Option(
-    "auto", "--weights", callback=_check_weights, metavar=f"[{'|'.join(WEIGHTS)}]",
+    "auto", "--weights", **choices("--weights", WEIGHTS),
     help="auto: a run trained with --ema uses its averaged weights, else the raw ones; ema; raw.",
 )

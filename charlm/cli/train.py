@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from typer.core import TyperCommand
 
-from charlm.config.train import MODEL, OPTIONS, RUN, base_type, default_of
+from charlm.cli.command import Command
+from charlm.config.train import MODEL, OPTIONS, RUN, base_type, check_typed, default_of
 from charlm.errors import CharlmError, UsageError
 
 
@@ -46,7 +46,7 @@ def options() -> list[inspect.Parameter]:
         help_text = meta.help
         if meta.rule is not None and not meta.choices and meta.rule.kind not in (None, bool):
             help_text = f"{help_text} ({meta.rule.describe()})"
-        metavar = f"[{'|'.join(meta.choices)}]" if meta.choices else None
+        metavar = f"[{'|'.join(meta.choices)}]" if meta.choices else meta.metavar
         if meta.bare is not None:
             metavar = "[DIR]"
         info = typer.Option(
@@ -71,7 +71,7 @@ def bare_values(args: list[str]) -> list[str]:
     return out
 
 
-class TrainCommand(TyperCommand):
+class TrainCommand(Command):
     def parse_args(self, ctx, args: list[str]) -> list[str]:
         return super().parse_args(ctx, bare_values(args))
 
@@ -108,6 +108,9 @@ def train(
             "asked to predict, so it cannot be a language model"
         )
     given = typed(ctx, values)
+    check_typed(given)
+    if not resume and "WORLD_SIZE" not in os.environ:
+        configure(config, given, resume, target)  # every value checked before torch loads
     if nproc is not None and nproc != 1:
         if nproc < 1:
             raise UsageError(f"--nproc must be >= 1, got {nproc}")
@@ -175,24 +178,29 @@ def _meant(target: str) -> str:
     return f"to continue a run use --resume {shlex.quote(target)}"
 
 
-def _train(group, given: dict, config, resume: bool, target, json_out: bool, quiet: bool) -> None:
+def configure(config, given: dict, resume: bool, target) -> tuple:
+    """The run's checked config and, with --resume, the checkpoint it continues. A new run's
+    needs no torch (resume's reads the checkpoint)."""
     from charlm.config.file import load_config_file
     from charlm.config.train import build_config
+
+    file_values = load_config_file(config) if config else {}
+    if target is not None and not resume:
+        raise UsageError(f"unexpected argument {target!r}; {_meant(target)}")
+    if resume:
+        from charlm.training.state import resolve_resume
+
+        if "out" in given:
+            raise UsageError("--out cannot be combined with --resume (a run resumes in its own directory)")
+        return resolve_resume({**file_values, **given}, target or "latest")
+    return build_config(file_values, given), None
+
+
+def _train(group, given: dict, config, resume: bool, target, json_out: bool, quiet: bool) -> None:
     from charlm.training.display import TrainDisplay, summary_table
-    from charlm.training.state import resolve_resume
     from charlm.training.trainer import Interrupted, Trainer
 
-    def configure():
-        file_values = load_config_file(config) if config else {}
-        if target is not None and not resume:
-            raise UsageError(f"unexpected argument {target!r}; {_meant(target)}")
-        if resume:
-            if "out" in given:
-                raise UsageError("--out cannot be combined with --resume (a run resumes in its own directory)")
-            return resolve_resume({**file_values, **given}, target or "latest")
-        return build_config(file_values, given), None
-
-    cfg, resumed = group.together(configure)
+    cfg, resumed = group.together(lambda: configure(config, given, resume, target))
     display = TrainDisplay(enabled=not quiet and group.is_main)  # one voice: rank 0's
     trainer = Trainer(cfg, resume=resumed, display=display, group=group)
     try:

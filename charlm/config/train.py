@@ -25,6 +25,7 @@ from dataclasses import MISSING, Field, asdict, dataclass, field, fields, replac
 from pathlib import Path
 from typing import Any
 
+from charlm.about import install_extra
 from charlm.checks import Rule, rule_of
 from charlm.data.text import PREPROCESSING
 from charlm.errors import UsageError
@@ -51,6 +52,7 @@ class Option:
     default_text: str | None = None  # what --help says for a default of None
     bare: str | None = None  # the value of the option given alone (`--tensorboard`)
     cells: tuple[str, ...] = ()  # the cells it applies to (all when empty)
+    metavar: str | None = None  # what --help calls the value, where its type says too little
 
     @property
     def choices(self) -> tuple[str, ...]:
@@ -60,13 +62,13 @@ class Option:
 def option(default: Any, help: str, panel: str, *, rule: Rule | None = None, fixed: bool = False,
            short: str | None = None, default_text: str | None = None, model: bool = False,
            choices: tuple[str, ...] = (), bare: str | None = None,
-           cells: tuple[str, ...] = ()) -> Any:
+           cells: tuple[str, ...] = (), metavar: str | None = None) -> Any:
     """A TrainConfig field. `model=True` takes the rule of ModelConfig's field of the same name
     (filled in below, once the field's name is known); `choices` is shorthand for a Rule; `bare`
     lets the option be given without a value, meaning that one; `cells`: the cells the option
     means something for (another cell refuses other values)."""
     meta = Option(help, panel, Rule(choices=choices) if choices else rule, fixed, short,
-                  default_text, bare, cells)
+                  default_text, bare, cells, metavar)
     kwargs = {"default_factory": list} if isinstance(default, list) else {"default": default}
     return field(metadata={"option": meta, "model_rule": model}, **kwargs)
 
@@ -108,14 +110,17 @@ class TrainConfig:
     corpus: str | None = option(
         None, "A named corpus (see charlm data list): timemachine, tinyshakespeare, enwik8, text8, "
         "python-docs.",
-        DATA, fixed=True, default_text="timemachine, else python-docs")
+        DATA, fixed=True, default_text="timemachine, else python-docs", metavar="<name>")
     text: list[str] = option(
-        [], "Train on local UTF-8 file(s) instead (repeatable).", DATA, fixed=True)
-    url: str | None = option(None, "Train on a text downloaded from this URL.", DATA, fixed=True)
+        [], "Train on local UTF-8 file(s) instead (repeatable).", DATA, fixed=True,
+        metavar="<file>")
+    url: str | None = option(None, "Train on a text downloaded from this URL.", DATA, fixed=True,
+                             metavar="<url>")
     sha256: str | None = option(None, "Expected sha256 of --url (64 hex digits).", DATA)
     data_dir: str | None = option(
         None, "Corpus cache directory.", DATA,
-        default_text="$CHARLM_DATA_DIR, else ~/.cache/charlm")
+        default_text="$CHARLM_DATA_DIR, else $XDG_CACHE_HOME/charlm, else ~/.cache/charlm",
+        metavar="<dir>")
     download_timeout: float = option(
         1800.0, "Give up on a download URL after this many seconds, retries included (0: "
         "never); the next URL is tried.", DATA, rule=_float(0))
@@ -190,13 +195,16 @@ class TrainConfig:
                          rule=_float(0, text=">= 0 (0 disables clipping)"))
     ema: float = option(
         0.0, "Average the weights: an exponential moving average with this decay (e.g. 0.999), "
-        "used for validation, best.pt, generate and eval (0: off).", OPTIM,
+        "used for validation, best.pt, generate and eval (0: off). After step t the decay is "
+        "min(--ema, (1+t)/(10+t)), a warm-up ramp: the first steps do not carry the random "
+        "initial weights along.", OPTIM,
         rule=_float(0, high=1, high_open=True))
     # -- stopping: whichever comes first; 0 disables a limit -------------------------------------
     epochs: int = option(0, "Stop after this many epochs (0: no limit).", STOP, rule=_int(0))
     max_steps: int = option(0, "Stop after this many steps (0: no limit).", STOP, rule=_int(0))
     time_budget: str = option(
-        "2m", "Stop after this much training time, e.g. 90s, 5m, 1h ('0': no limit).", STOP)
+        "2m", "Stop after this much training time, e.g. 90s, 5m, 1h ('0': no limit).", STOP,
+        metavar="<duration>")
     # -- runtime -------------------------------------------------------------------------------
     device: str = option(
         "auto", "auto (CUDA, then MPS but not for a GRU, then CPU), cpu, cuda, cuda:N or mps.", RUN)
@@ -221,12 +229,12 @@ class TrainConfig:
         default_text="the corpus's own")
     sample_length: int = option(200, "Characters per sample.", RUN, rule=_int(1))
     out: str | None = option(None, "Run directory.", RUN, short="-o",
-                             default_text="runs/<time>-<cell>-<corpus>")
+                             default_text="runs/<time>-<cell>-<corpus>", metavar="<dir>")
     tensorboard: str | None = option(
         None, "Also log losses, perplexity, bits/char, learning rate, tokens/s, gradient norm and "
         "the samples for TensorBoard, in DIR (RUN_DIR/... is inside the run directory); alone: "
-        "RUN_DIR/tensorboard; off: none (a resumed run logs where it logged). Needs pip install "
-        "'charlm[tensorboard]'.", RUN, default_text="off",
+        "RUN_DIR/tensorboard; off: none (a resumed run logs where it logged). Needs "
+        f"{install_extra('tensorboard')}.", RUN, default_text="off",
         bare="RUN_DIR/tensorboard")
 
     def to_dict(self) -> dict[str, Any]:
@@ -302,8 +310,9 @@ def fixed_on_resume() -> tuple[str, ...]:
 # -- reading and checking ---------------------------------------------------------------------
 
 
-def parse_duration(value: str | int | float | None) -> float:
-    """'90', '90s', '5m', '1.5h', '1h30m' -> seconds; '' / None / 0 -> 0 (no limit)."""
+def parse_duration(value: str | int | float | None, key: str = "time_budget") -> float:
+    """'90', '90s', '5m', '1.5h', '1h30m' -> seconds; '' / None / 0 -> 0 (no limit). Errors name
+    `key` (see charlm.checks)."""
     if value in (None, "", 0):
         return 0.0
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -312,13 +321,11 @@ def parse_duration(value: str | int | float | None) -> float:
         text = str(value).strip().lower()
         parts = re.findall(r"(\d+(?:\.\d+)?)\s*([smhd]?)", text)
         if not parts or re.sub(r"(\d+(?:\.\d+)?)\s*([smhd]?)", "", text).strip():
-            raise UsageError(
-                f"time_budget must look like 90s, 5m, 1.5h or 1h30m; got {value!r}"
-            )
+            raise UsageError(f"{key} must look like 90s, 5m, 1.5h or 1h30m; got {value!r}")
         unit = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
         seconds = sum(float(n) * unit[u] for n, u in parts)
     if not math.isfinite(seconds) or seconds < 0:
-        raise UsageError(f"time_budget must be a non-negative duration; got {value!r}")
+        raise UsageError(f"{key} must be a non-negative duration; got {value!r}")
     return seconds
 
 
@@ -377,19 +384,34 @@ def build_config(file_values: dict[str, Any], overrides: dict[str, Any]) -> Trai
 def validate(cfg: TrainConfig) -> None:
     """Every option's rule (naming the key), then the checks across options; checks that need
     the corpus happen when it is loaded."""
-    for name, meta in OPTIONS.items():
-        value = getattr(cfg, name)
-        if meta.rule is not None and not (value is None and optional(name)):
-            meta.rule.check(name, value)
+    for name in OPTIONS:
+        check_value(name, getattr(cfg, name))
     if (cfg.val_fraction or 0.0) + (cfg.test_fraction or 0.0) >= 1.0:
         raise UsageError("val_fraction + test_fraction must leave some text for training")
     check_cell_options(cfg)
     check_combination(cfg.cell, cfg.impl, cfg.gru_reset)
     check_tying(cfg.tie_weights, cfg.embed)
-    parse_duration(cfg.time_budget)
     from charlm.data.corpus import check_source
 
     check_source(cfg.corpus, cfg.text, cfg.url, cfg.sha256)
+
+
+def check_value(name: str, value: Any, key: str | None = None) -> None:
+    """Option `name`'s value against its Rule (time_budget: its form), the error naming `key`:
+    the field's name by default, `--cell` for what was typed, a config file's key and path."""
+    key = key or name
+    rule = OPTIONS[name].rule
+    if rule is not None and not (value is None and optional(name)):
+        rule.check(key, canonical(name, value))
+    if name == "time_budget":
+        parse_duration(value, key)
+
+
+def check_typed(given: dict[str, Any]) -> None:
+    """The values typed on the command line, each error naming its option (`--cell`). Nothing
+    here imports torch, so a mistyped value is told before the trainer starts loading."""
+    for name, value in given.items():
+        check_value(name, value, "--" + name.replace("_", "-"))
 
 
 def applies(name: str, cell: str) -> bool:

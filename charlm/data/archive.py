@@ -28,6 +28,7 @@ from typing import BinaryIO
 from charlm.data.download import NOTHING, checksum_mismatch
 from charlm.errors import CharlmError
 from charlm.system.files import TooLong, atomic_copy
+from charlm.text_safety import shown
 
 
 def _copy_checked(src: BinaryIO, dest: Path, what: str, size: int | None,
@@ -51,7 +52,7 @@ def _copy_checked(src: BinaryIO, dest: Path, what: str, size: int | None,
     except OSError as exc:
         raise CharlmError(f"cannot write {dest}: {exc.strerror or exc}; {NOTHING}") from None
     except (zipfile.BadZipFile, zlib.error, EOFError) as exc:  # damage found while inflating
-        raise CharlmError(f"{what} is damaged ({exc}); {NOTHING}") from None
+        raise CharlmError(f"{what} is damaged ({shown(exc)}); {NOTHING}") from None
 
 
 def extract(archive: Path, member: str, dest: Path, *, size: int | None = None,
@@ -61,14 +62,14 @@ def extract(archive: Path, member: str, dest: Path, *, size: int | None = None,
     try:
         zf = zipfile.ZipFile(archive)
     except (zipfile.BadZipFile, OSError) as exc:
-        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        why = shown(exc.strerror if isinstance(exc, OSError) and exc.strerror else exc)
         raise CharlmError(f"{archive} is not a readable zip archive ({why}); "
                           "nothing was written") from None
     with zf:
         try:
             info = zf.getinfo(member)
         except KeyError:
-            held = ", ".join(zf.namelist()[:5]) or "nothing"
+            held = ", ".join(shown(name, 60) for name in zf.namelist()[:5]) or "nothing"
             raise CharlmError(f"{archive} holds no file named {member} (it holds: {held}); "
                               "nothing was written") from None
         if size is not None and info.file_size != size:
@@ -77,7 +78,7 @@ def extract(archive: Path, member: str, dest: Path, *, size: int | None = None,
         try:
             src = zf.open(info)
         except (zipfile.BadZipFile, NotImplementedError, RuntimeError) as exc:
-            raise CharlmError(f"{archive} cannot be unpacked ({exc}); nothing was written") \
+            raise CharlmError(f"{archive} cannot be unpacked ({shown(exc)}); nothing was written") \
                 from None
         with src:
             return _copy_checked(src, Path(dest), f"{member} in {archive}", size,

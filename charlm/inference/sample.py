@@ -38,6 +38,7 @@ from charlm.model.cells import cell_step
 from charlm.model.lm import CharLM
 from charlm.model.state import layers_of, map_state
 from charlm.system.threads import threads_for, threads_within
+from charlm.system.spool import IdSpool
 
 NOISE_BLOCK_STEPS = 64  # noise drawn per block: (steps, samples, vocab)
 NOISE_BLOCK_NUMBERS = 1 << 22  # ... but at most this many numbers (16 MB) per block
@@ -158,12 +159,15 @@ def generate(
     on_step: Callable[[list[int]], None] | None = None,
     generator: torch.Generator | None = None,
     keep: bool = True,
+    spool: IdSpool | None = None,
 ) -> list[list[int]]:
     """Token ids drawn after `prefix_ids`, one list per sample (the prefix is not included).
 
     `on_step` receives the ids drawn at each step (one per sample), for streaming output (it
     costs one host sync per step); with `keep` False nothing else is kept (memory does not grow
-    with the length) and the result is []. An empty prefix starts from the zero state, the first
+    with the length) and the result is []; with a `spool`, each step's ids go to it instead
+    (one host copy per block of steps, memory flat in the length) and the result is []. An
+    empty prefix starts from the zero state, the first
     character drawn from the output layer's bias alone. With `greedy`, each step takes the
     argmax (d2l's predict_ch8) and temperature, top-k, top-p and the generator play no part.
     """
@@ -205,7 +209,9 @@ def generate(
                         logits = filter_logits(logits, settings.top_k, settings.top_p)
                     logits = logits + next(noise)
                 nxt = logits.argmax(-1)
-                if keep:
+                if spool is not None:
+                    spool.append(nxt)
+                elif keep:
                     drawn.append(nxt)
                 if on_step is not None:
                     on_step(nxt.tolist())
@@ -216,6 +222,8 @@ def generate(
                 else:
                     logits, state = model(nxt[:, None], state)
                     logits = without_unk(logits[:, -1] * scale)
-        return torch.stack(drawn, 1).tolist() if keep else []
+        if spool is not None:
+            spool.flush()
+        return torch.stack(drawn, 1).tolist() if keep and spool is None else []
     finally:
         model.train(was_training)

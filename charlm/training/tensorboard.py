@@ -22,6 +22,7 @@ import os
 from contextlib import ExitStack, closing
 from pathlib import Path
 
+from charlm.about import install_extra
 from charlm.errors import CharlmError
 
 EXTRA = "tensorboard"
@@ -37,7 +38,7 @@ def require(value: str | None) -> None:
     """Refuse --tensorboard, before anything is written, where the tensorboard package is not."""
     if value not in (None, OFF) and importlib.util.find_spec("tensorboard") is None:
         raise CharlmError(f"--tensorboard needs the tensorboard package: install the "
-                          f"{EXTRA} extra with pip install 'charlm[{EXTRA}]' (or log nothing: "
+                          f"{EXTRA} extra with {install_extra(EXTRA)} (or log nothing: "
                           f"--tensorboard {OFF})")
 
 

@@ -39,17 +39,11 @@ from charlm.system.threads import ThreadChooser, use_threads
 from charlm.training import distributed, runtime, tensorboard
 from charlm.training.display import RunInfo, TrainDisplay, run_summary
 from charlm.training.ema import WeightAverage
+from charlm.training.divergence import checkpoints_left, unsavable
 from charlm.training.limits import Limits
 from charlm.training.optim import LRSchedule, load_optimizer_state, make_optimizer
 from charlm.training.signals import Abandoned, Interrupted, StopRequests, stop_requests
 from charlm.training.state import LogWindow, LoopState, rng_state, set_rng_state
-
-
-class _NoMetrics:
-    """What ranks other than 0 write metrics to."""
-
-    def write(self, row: dict) -> None:
-        pass
 
 
 class Trainer:
@@ -162,6 +156,8 @@ class Trainer:
 
     def save(self, name: str) -> Path:
         state, path = self.state_dict(), self.run_dir / name
+        if problem := unsavable(state, path, self.loop.step):  # never what charlm would refuse
+            self._diverged(problem)
         self.group.on_main(lambda: save_checkpoint(state, path))
         return path
 
@@ -239,7 +235,7 @@ class Trainer:
                 stack.callback(use_threads, torch.get_num_threads())
                 use_threads(self.threads.best)
             metrics = self.group.on_main(lambda: self._open_run_dir(stack, resuming))
-            return self._loop(metrics or _NoMetrics(), resuming)
+            return self._loop(metrics or rundir.NO_METRICS, resuming)
 
     def _open_run_dir(self, stack: ExitStack, resuming: bool) -> rundir.MetricsLog:
         config, resumed_at = run_config_toml(self.cfg), self.loop.step if resuming else None
@@ -372,20 +368,18 @@ class Trainer:
 
     def _check_finite(self, mean_loss: float) -> None:
         if not math.isfinite(mean_loss):
-            last = self.run_dir / "last.pt"
-            kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was saved"
-            self.display.stop()
-            error = CharlmError(
-                f"loss became {mean_loss} by step {self.loop.step}; training stopped and {kept}; "
-                "try a lower --lr or --clip 1"
-            )
-            raise distributed.shared(error) if self.group.active else error
+            self._diverged(f"loss became {mean_loss} by step {self.loop.step}")
+
+    def _diverged(self, what: str) -> None:
+        self.display.stop()
+        error = CharlmError(f"{what}; training stopped; {checkpoints_left(self.run_dir)}; "
+                            "try a lower --lr or --clip 1")
+        raise distributed.shared(error) if self.group.active else error
 
     def _evaluate_and_sample(self, metrics, whole: bool = False) -> float:
-        """A periodic evaluation and a sample; `whole`: the final one over all of the validation split, which
-        is reported but not compared with the others (they cover --eval-tokens).
-        A stop request may abandon them (not in a process group, where they are collectives),
-        and then the run resumes by doing them first."""
+        """A periodic evaluation and a sample; `whole`: the final one over all of the validation
+        split, reported but not compared with the others (they cover --eval-tokens). A stop
+        request may abandon them (not in a process group), and the resumed run does them first."""
         loop, g = self.loop, self.group
         began = time.perf_counter()
         loop.eval_pending = "whole" if whole else "periodic"
@@ -414,7 +408,8 @@ class Trainer:
                       errors="backslashreplace") as fh:  # a prompt's bytes need not be UTF-8
                 fh.write(f"--- step {loop.step}\n{sample}\n")
         self.display.evaluation(row, sample, improved)
-        if g.broadcast(improved or not (self.run_dir / "best.pt").exists()):  # rank 0 decides
+        first = not (self.run_dir / "best.pt").exists() and math.isfinite(val)
+        if g.broadcast(improved or first):  # rank 0 decides
             self.save("best.pt")
         return val
 

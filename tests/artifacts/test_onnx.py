@@ -12,15 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("onnxruntime", reason="the onnx extra: pip install 'charlm[onnx]'")
-pytest.importorskip("onnxscript", reason="the onnx extra: pip install 'charlm[onnx]'")
+pytest.importorskip("onnxruntime", reason="the onnx extra: pip install 'charlm-rnn[onnx]'")
+pytest.importorskip("onnxscript", reason="the onnx extra: pip install 'charlm-rnn[onnx]'")
 
 from charlm.model.config import ModelConfig  # noqa: E402
 from charlm.model.lm import CharLM  # noqa: E402
 from charlm.artifacts.onnxstep import onnx_bytes, onnx_difference  # noqa: E402
 from helpers import run_main, train_runs  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+# Slow (ONNX export and onnxruntime sessions): left out of `pytest -m "not slow"`.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "onnx_generate.py"
 
@@ -140,5 +141,5 @@ def test_a_missing_extra_is_named_and_nothing_is_written(folder, tmp_path, monke
     out = tmp_path / "share"
     assert run_main(["export", str(folder[0]), "--out", str(out), "--format", "onnx"]) == (
         1, "", "charlm: error: --format onnx needs onnxscript: install the onnx extra with pip "
-               "install 'charlm[onnx]'\n")
+               "install 'charlm-rnn[onnx]'\n")
     assert not out.exists()

@@ -28,10 +28,10 @@ try:
 except ImportError:
     HAVE_MATPLOTLIB = False
 needs_matplotlib = pytest.mark.skipif(
-    not HAVE_MATPLOTLIB, reason="matplotlib is not installed (pip install 'charlm[plot]')")
+    not HAVE_MATPLOTLIB, reason="matplotlib is not installed (pip install 'charlm-rnn[plot]')")
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-WIDTH, HEIGHT = 1200, 450  # figsize 12 x 4.5 inches at 100 dpi
+WIDTH, HEIGHT = 1200, 550  # figsize 12 x 5.5 inches at 100 dpi
 C0, C1 = (0x1F, 0x77, 0xB4), (0xFF, 0x7F, 0x0E)  # matplotlib's first two cycle colours
 
 
@@ -95,6 +95,76 @@ def test_curves_are_the_metrics_rows(runs):
     assert times == sorted(times) and times[0] > 0
 
 
+def with_exact_rows(run: Path, to: Path) -> Path:
+    """A copy of `run` whose validation rows say they are estimates, and whose last one is
+    followed by an exact figure (as runs that report the whole split's exact perplexity log)."""
+    import shutil
+
+    shutil.copytree(run, to)
+    rows = rundir.read_metrics(to / "metrics.jsonl")
+    for row in rows:
+        if row["kind"] == "val":
+            row["val_kind"] = "estimate"
+    last = [r for r in rows if r["kind"] == "val"][-1]
+    rows.insert(rows.index(last) + 1, {**last, "val_kind": "exact", "ppl": last["ppl"] * 0.99})
+    (to / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return to
+
+
+def test_exact_validation_rows_are_a_curve_of_their_own(runs, tmp_path):
+    run = with_exact_rows(runs["a"], tmp_path / "a")
+    curves, before = plot.read_curves(run, "a"), plot.read_curves(runs["a"], "a")
+    assert curves.val == before.val and curves.train == before.train
+    last = before.val[-1]
+    assert curves.exact == [(last[0], last[1], last[2] * 0.99)]
+    assert before.exact == []
+
+
+def test_labels_name_the_run_its_model_and_what_differs(runs):
+    curves = [plot.read_curves(runs[n], n) for n in ("a", "b")]
+    options = [plot.run_options(runs[n]) for n in ("a", "b")]
+    plot.label_runs(curves, options)
+    size = curves[0].parameters
+    assert size == curves[1].parameters and 500 < size < 5000
+    model = f"GRU 1\u00d716, {size / 1e3:.1f}k parameters"
+    assert [c.label for c in curves] == [f"a ({model}), lr 0.01", f"b ({model}), lr 0.003"]
+    assert plot.title_of(curves, options) == "Perplexity of 2 runs on small.txt"
+    assert plot.title_of(curves[:1], options[:1]) == f"Perplexity of a ({model}), lr 0.01 on small.txt"
+
+
+@needs_matplotlib
+def test_the_figure_reads_at_a_glance(runs, tmp_path):
+    """Log perplexity axis, train and validation in a light and a dark shade of the run's colour
+    (validation with dots), exact figures as stars apart from the line, a key and the runs
+    named in legends, a title."""
+    from matplotlib.colors import to_hex
+
+    a = with_exact_rows(runs["a"], tmp_path / "a")
+    curves = [plot.read_curves(a, "a"), plot.read_curves(runs["b"], "b")]
+    options = [plot.run_options(r) for r in (a, runs["b"])]
+    plot.label_runs(curves, options)
+    fig = plot.figure(curves, title=plot.title_of(curves, options))
+    by_step, by_time = fig.axes
+    assert fig.get_suptitle() == "Perplexity of 2 runs on small.txt"
+    for ax in (by_step, by_time):
+        assert ax.get_yscale() == "log"
+        lines = ax.get_lines()
+        styles = [(to_hex(l.get_color()), l.get_marker(), l.get_linestyle()) for l in lines]
+        assert styles == [("#aec7e8", "None", "-"), ("#1f77b4", "o", "-"), ("#1f77b4", "*", "None"),
+                          ("#ffbb78", "None", "-"), ("#ff7f0e", "o", "-")]
+        assert [list(y) for y in (lines[1].get_ydata(), lines[2].get_ydata())] == [
+            [p[2] for p in curves[0].val], [p[2] for p in curves[0].exact]]
+    assert by_time.get_xlabel() == "training time (s, evaluations excluded)"
+    key, named = ([t.get_text() for t in legend.get_texts()] for legend in fig.legends)
+    assert key == ["train (mean over each log interval)",
+                   "validation, estimate (first --eval-tokens of the split)",
+                   "validation, exact (whole split, as eval perplexity)"]
+    assert named == [c.label for c in curves]
+    linear = plot.figure(curves, log_y=False)
+    assert [ax.get_yscale() for ax in linear.axes] == ["linear", "linear"]
+    assert len(plot.figure(curves[1:]).legends) == 1  # one run: the title names it
+
+
 @needs_matplotlib
 def test_default_is_the_latest_run(runs, monkeypatch):
     monkeypatch.setenv("CHARLM_RUNS_DIR", str(runs["runs"]))
@@ -112,7 +182,7 @@ def test_default_is_the_latest_run(runs, monkeypatch):
 @needs_matplotlib
 def test_two_runs_overlaid(runs, tmp_path):
     out = tmp_path / "compare.png"
-    result = invoke(str(runs["a"]), str(runs["b"]), "--out", str(out), "--log-y")
+    result = invoke(str(runs["a"]), str(runs["b"]), "--out", str(out))
     assert result.exit_code == 0, result.output
     assert result.stdout == f"wrote {out} (2 runs)\n"
     assert png_size(out) == (WIDTH, HEIGHT)
@@ -150,7 +220,7 @@ def test_missing_matplotlib_names_the_extra(runs, tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     result = invoke(str(runs["a"]), "--out", str(tmp_path / "x.png"))
     assert result.exit_code == 1
-    assert result.stderr == "charlm: error: charlm plot needs matplotlib: pip install 'charlm[plot]'\n"
+    assert result.stderr == "charlm: error: charlm plot needs matplotlib: pip install 'charlm-rnn[plot]'\n"
     assert result.stdout == ""
     assert list(tmp_path.iterdir()) == []
 
@@ -164,14 +234,21 @@ def test_no_runs_yet(tmp_path):
     )
 
 
-def test_latest_pointing_at_a_deleted_run_is_no_runs(tmp_path, monkeypatch):
+def test_latest_pointing_at_a_deleted_run_names_it_and_the_newest_run(runs, tmp_path, monkeypatch):
+    import shutil
+
     root = tmp_path / "runs"
-    root.mkdir()
+    for name in ("a", "b"):  # b was written last; copies keep the times
+        shutil.copytree(runs[name], root / name)
     (root / "latest").write_text(str(tmp_path / "gone") + "\n", encoding="utf-8")
     monkeypatch.setenv("CHARLM_RUNS_DIR", str(root))
+    newest = root / "b"
+    line = (f"charlm: error: {root / 'latest'} names {tmp_path / 'gone'}, which no longer exists; "
+            f"the newest run in {root}/ is {newest}: pass RUN_DIR\n")
     result = invoke()
-    assert result.exit_code == 1
-    assert result.stderr.startswith(f"charlm: error: no runs yet in {root}/:")
+    assert (result.exit_code, result.stderr) == (1, line)
+    result = invoke(str(root / "latest"))  # the pointer named as the run to plot
+    assert (result.exit_code, result.stderr) == (1, line)
 
 
 def test_directory_without_metrics(tmp_path):

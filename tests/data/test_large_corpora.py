@@ -68,6 +68,7 @@ def test_eval_tokens_0_or_a_small_split_evaluate_everything_once(tmp_path, monke
         assert [(r["step"], r["whole_split"]) for r in vals] == [(10, False), (20, False)]
 
 
+@pytest.mark.slow
 def test_a_large_vocabulary_is_named_in_the_first_line_with_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setenv("CHARLM_RUNS_DIR", str(tmp_path / "runs"))
     rng = random.Random(0)

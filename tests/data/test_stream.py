@@ -91,6 +91,7 @@ def many_symbols(n: int, length: int, seed: int = 0) -> str:
     return "".join(rng.choice(symbols[:n]) for _ in range(length))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", PREPROCESSING)
 @pytest.mark.parametrize("options", [{}, {"min_freq": 3}, {"max_vocab": 20}, {"max_tokens": 999},
                                      {"min_freq": 2, "max_vocab": 300, "max_tokens": 5000}])
@@ -114,6 +115,7 @@ def test_token_dtype_is_the_narrowest_that_holds_the_ids():
         torch.uint8, torch.uint8, torch.int16, torch.int16, torch.int32]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("symbols, dtype", [(200, torch.uint8), (255, torch.uint8),
                                             (256, torch.int16), (3000, torch.int16)])
 def test_ids_widen_as_symbols_appear_and_narrow_back_with_max_vocab(monkeypatch, symbols, dtype):

@@ -117,6 +117,7 @@ def test_batch_size_does_not_change_the_result(runs):
         assert r["characters"] == reports[0]["characters"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("run, trained_with, impl", [
     ("gru", "fast", "fused"), ("gru", "fast", "scratch"), ("gru-scratch", "scratch", "fused"),
     ("gru-scratch", "scratch", "fast"), ("lstm", "fused", "scratch")])
@@ -240,6 +241,7 @@ def test_changed_corpus_is_refused(runs, tmp_path):
                "file with --text FILE\n")
 
 
+@pytest.mark.slow
 def test_subprocess_split_of_size_zero(runs):
     env = {**os.environ, "CHARLM_RUNS_DIR": str(runs["root"] / "runs"), "OMP_NUM_THREADS": "1"}
     env.pop("CHARLM_DEBUG", None)

@@ -149,6 +149,7 @@ def test_eval_gives_the_same_figures_and_the_card_holds_them(runs, exported, run
     assert text[0]["perplexity"] == text[1]["perplexity"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("run", ["gru", "lstm", "awd"])
 @pytest.mark.parametrize("args", [
     ["--prefix", "the ", "--length", "40", "--seed", "5"],
@@ -349,6 +350,7 @@ FOLDER_EDITS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("edit", FOLDER_EDITS)
 @pytest.mark.parametrize("command", [
     ["generate", "--length", "5", "--seed", "1", "--checkpoint", "{f}"],

@@ -317,6 +317,7 @@ def _stopped_then_resumed(cfg, stop_at: int):
     return Trainer(again, resume=resumed).run()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cell, impl", [("gru", "fused"), ("gru", "scratch"), ("gru", "fast"),
                                         ("lstm", "fused")])
 def test_every_option_on_resumes_bit_identically(small_text, tmp_path, cell, impl):

@@ -282,6 +282,7 @@ def test_eval_perplexity_turns_tf32_off_and_training_records_its_choice(tiny_run
 
 # -- scripts/gpu_check.sh ----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_gpu_check_starts_and_prints_its_table_with_the_gpu_rows_skipped(tmp_path):
     """What CI can check of the GPU script on a machine without a GPU (the suite hides the GPUs
     from the processes it starts): it runs, says what it found, skips the rest, exits 0."""

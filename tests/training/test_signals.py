@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+# Slow (signals sent to real `charlm train` processes): left out of `pytest -m "not slow"`.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 import torch
 
 from charlm.artifacts import rundir
@@ -28,6 +29,7 @@ from charlm.training.state import resolve_resume
 from charlm.training.trainer import Interrupted, Trainer
 from helpers import pydoc_text, run_main
 import soak
+from forkserver import ForkServer
 from soak import SEED, python_m_charlm, wait_for_rows
 
 LONG_SAMPLE = ("--sample-length", "100000000")  # hours of drawing: only a stop request ends it
@@ -207,7 +209,7 @@ def test_the_pending_evaluation_round_trips_through_the_checkpoint():
 @pytest.fixture(scope="module")
 def fork_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("fork-server")
-    server = soak.ForkServer(soak.env_for(root / "runs"), root)
+    server = ForkServer(root, soak.env_for(root / "runs"))
     yield server
     server.close()
 

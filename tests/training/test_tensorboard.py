@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("tensorboard", reason="the tensorboard extra: pip install 'charlm[tensorboard]'")
+pytest.importorskip("tensorboard", reason="the tensorboard extra: pip install 'charlm-rnn[tensorboard]'")
 
 from charlm.cli.train import bare_values  # noqa: E402
 from charlm.artifacts.rundir import read_metrics  # noqa: E402
@@ -116,7 +116,7 @@ def test_a_missing_extra_is_one_line_before_any_work(tmp_path, monkeypatch):
     text.write_text("some text to train on " * 50)
     assert run_main(["train", "--text", str(text), "--tensorboard", "--out", str(tmp_path / "r")]) == (
         1, "", "charlm: error: --tensorboard needs the tensorboard package: install the "
-               "tensorboard extra with pip install 'charlm[tensorboard]' (or log nothing: "
+               "tensorboard extra with pip install 'charlm-rnn[tensorboard]' (or log nothing: "
                "--tensorboard off)\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["small.txt"]  # no run, no runs/
     code, _, err = run_main(["train", "--text", str(text), "--tensorboard", "off", "--max-steps",
