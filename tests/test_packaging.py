@@ -9,7 +9,7 @@ import re
 import tomllib
 from pathlib import Path
 
-from charlm import __version__
+from charlm.about import __version__
 from charlm.about import DISTRIBUTION, install_extra
 
 REPO = Path(__file__).resolve().parents[1]

@@ -84,7 +84,8 @@ def eval_perplexity(
             "it, so at least 2 are needed)"
         )
     train = _training_split(loaded, data) if settings else None  # checked before any scoring
-    result = perplexity_of(loaded.model, tokens, window=batch_size, threads=threads)
+    result = perplexity_of(loaded.model, tokens, window=batch_size, threads=threads,
+                           byte_vocab=loaded.vocab if loaded.preprocessing == "bytes" else None)
     adapted = _dynamic(loaded, tokens, settings, train, threads) if settings else None
 
     if json_out:
@@ -110,6 +111,10 @@ def eval_perplexity(
     table.add_row("nats / char", f"{result.nats_per_char:.4f}")
     table.add_row("bits / char", f"{result.bits_per_char:.4f}")
     table.add_row("characters evaluated", f"{result.characters:,}")
+    if result.unit == "byte":  # a byte-level model: the figures above are per character
+        table.add_row("perplexity is per", "byte")
+        table.add_row("bits / byte", f"{result.bits_per_byte:.4f}")
+        table.add_row("bytes evaluated", f"{result.bytes:,}")
     table.add_row("<unk> share", f"{result.unk_share:.4%} ({result.unk_characters:,})")
     if adapted is not None:
         table.add_row("dynamic perplexity", f"{adapted.perplexity:.4f}")
@@ -156,7 +161,8 @@ def _dynamic(loaded: "Loaded", tokens: "torch.Tensor", settings, train: "torch.T
 
     model = adaptable(loaded.model)
     rms = gradient_rms(model, train, settings.window, settings.stats_tokens)
-    return dynamic_perplexity(model, tokens, settings, rms, threads)
+    return dynamic_perplexity(model, tokens, settings, rms, threads,
+                              loaded.vocab if loaded.preprocessing == "bytes" else None)
 
 
 def _weights_used(loaded: "Loaded", asked: str) -> str:

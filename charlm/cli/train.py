@@ -22,7 +22,8 @@ from typing import Any, Optional
 import typer
 
 from charlm.cli.command import Command
-from charlm.config.train import MODEL, OPTIONS, RUN, base_type, check_typed, default_of
+from charlm.config.train import MODEL, OPTIONS, RUN, base_type, default_of
+from charlm.config.build import check_typed
 from charlm.errors import CharlmError, UsageError
 
 
@@ -182,7 +183,7 @@ def configure(config, given: dict, resume: bool, target) -> tuple:
     """The run's checked config and, with --resume, the checkpoint it continues. A new run's
     needs no torch (resume's reads the checkpoint)."""
     from charlm.config.file import load_config_file
-    from charlm.config.train import build_config
+    from charlm.config.build import build_config
 
     file_values = load_config_file(config) if config else {}
     if target is not None and not resume:

@@ -15,8 +15,8 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from charlm.config.train import (OPTIONS, TrainConfig, applies, base_type, check_value, default_of,
-                                 type_ok)
+from charlm.config.train import OPTIONS, TrainConfig, base_type, default_of
+from charlm.config.build import applies, check_value, type_ok
 from charlm.errors import UsageError
 from charlm.text_safety import quoted, shown
 

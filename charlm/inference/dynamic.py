@@ -24,7 +24,7 @@ import torch
 
 from charlm.data.batches import eval_windows
 from charlm.errors import CharlmError, warn
-from charlm.inference.evaluate import Perplexity, WindowSums
+from charlm.inference.evaluate import Perplexity, WindowSums, figures, utf8_characters
 from charlm.model.config import DROPOUTS
 from charlm.model.lm import CharLM
 from charlm.model.state import detach_state
@@ -81,9 +81,9 @@ def gradient_rms(model: CharLM, tokens: torch.Tensor, window: int, max_tokens: i
 
 
 def dynamic_perplexity(model: CharLM, tokens: torch.Tensor, settings: DynamicSettings,
-                       rms: list, threads: int = 0) -> Perplexity:
+                       rms: list, threads: int = 0, byte_vocab=None) -> Perplexity:
     """Score `tokens` while adapting `model` (an `adaptable` copy: its weights change);
-    `threads` > 0 fixes the CPU threads."""
+    `threads` > 0 fixes the CPU threads; `byte_vocab` as for `perplexity_of`."""
     if not 0 <= settings.lr <= MAX_LR or not 0 <= settings.decay <= 1:
         raise ValueError(f"lr must be in [0, {MAX_LR:g}] and decay in [0, 1], got "
                          f"{settings.lr} and {settings.decay}")
@@ -128,5 +128,6 @@ def dynamic_perplexity(model: CharLM, tokens: torch.Tensor, settings: DynamicSet
              f"nats per character, against {uniform:.4g}): --dynamic-lr {settings.lr:g} is "
              "too large; try a smaller one (the default is 1e-4)")
     unk = int((tokens[1:] == 0).sum().item())
-    return Perplexity(math.exp(nats), nats, nats / math.log(2), sums.count, unk, unk / sums.count)
+    chars = utf8_characters(tokens[1:], byte_vocab) if byte_vocab is not None else None
+    return figures(sums.total(), sums.count, unk, chars)
 

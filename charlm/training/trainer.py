@@ -24,7 +24,8 @@ from charlm.artifacts import rundir
 from charlm.artifacts.checkpoint import save_checkpoint
 from charlm.artifacts.fields import check_resumable, corpus_changed
 from charlm.config.file import run_config_toml
-from charlm.config.train import DATA, TrainConfig, model_config
+from charlm.config.train import DATA, TrainConfig
+from charlm.config.build import model_config
 from charlm.data.batches import RandomBatches, SequentialBatches
 from charlm.data.dataset import Dataset, load_dataset
 from charlm.data.text import readable
@@ -36,7 +37,7 @@ from charlm.model.config import large_vocab_note, resolve_impl
 from charlm.model.lm import CharLM
 from charlm.model.state import State, detach_state, from_plain, to_plain
 from charlm.system.threads import ThreadChooser, use_threads
-from charlm.training import distributed, runtime, tensorboard
+from charlm.training import distributed, finetune, runtime, tensorboard, validation
 from charlm.training.display import RunInfo, TrainDisplay, run_summary
 from charlm.training.ema import WeightAverage
 from charlm.training.divergence import checkpoints_left, unsavable
@@ -59,8 +60,11 @@ class Trainer:
         ckpt = resume["ckpt"] if resume else None
         self.where = str(resume.get("path") or "checkpoint") if resume else "checkpoint"
         self.device = g.together(lambda: runtime.setup_device(cfg, g, ckpt))
+        self.source = g.together(lambda: finetune.start(cfg)) if (  # --init-from's weights,
+            cfg.init_from and not ckpt) else None  # cfg given their model
         self.data: Dataset = g.local_first(lambda: load_dataset(
-            **cfg.section(DATA), vocab=ckpt["vocab"] if ckpt else None, device=self.device))
+            **cfg.section(DATA), vocab=ckpt["vocab"] if ckpt else None,
+            extend=self.source.vocab if self.source else None, device=self.device))
         cfg.record_source(self.data.name, self.data.preprocessing, self.data.default_prefix,
                           public_url(cfg.url) if cfg.url else None)
         self.model, self.optimizer, self.schedule, self.batches, self.scaler = g.together(
@@ -93,6 +97,8 @@ class Trainer:
         random.seed(cfg.seed)
         if ckpt is None:
             model = CharLM(wanted).to(self.device)
+            if self.source:  # new characters' rows as initialised just now, the rest trained
+                finetune.load_weights(model, self.source)
         else:  # the file checked first (a damaged vocabulary also changes the tokens' digest)
             model = model_from_checkpoint(ckpt, self.where, impl, self.device, wanted).model.train()
             if change := corpus_changed(ckpt.get("corpus"), self.data):
@@ -201,11 +207,10 @@ class Trainer:
             self.ema.update()
         return loss.detach(), state
 
-    def evaluate(self, whole: bool = False) -> float:
-        """Mean NLL per character over the validation split's first --eval-tokens (`whole`: all
-        of it), in --batch-size streams, the state carried."""
-        val = self.data.val if whole or not self.cfg.eval_tokens else self.data.val[
-            : self.cfg.eval_tokens]
+    def evaluate(self) -> float:
+        """The estimate (`charlm.training.validation`): mean NLL per token over the validation
+        split's first --eval-tokens, in --batch-size streams, the state carried."""
+        val = self.data.val[: self.cfg.eval_tokens] if self.cfg.eval_tokens else self.data.val
         if val.numel() < 2:
             return math.nan
         nll, count = distributed.validation_nll(self.group, self.model, val, self.cfg.batch_size,
@@ -255,12 +260,13 @@ class Trainer:
         self.display.start(info)
         self._window = LogWindow(self.device)
         self._mark, self._clock = time.perf_counter(), loop.elapsed  # this process's; elapsed: agreed
-        batches, partial = self._batches(), 0 < cfg.eval_tokens < self.data.val.numel()
+        batches = self._batches()
+        self._units = validation.EstimateUnits(self.data, cfg.eval_tokens or self.data.val.numel())
         self.net.train()
         try:
             with stop_requests(self.requests):
-                if loop.eval_pending == "whole" and partial:  # cut short at the end: its periodic
-                    loop.evaluated_at = loop.step  # one was done, the whole one follows below
+                if loop.eval_pending == "whole":  # the exact pass was cut short: the estimate
+                    loop.evaluated_at = loop.step  # of this step was done, the exact one follows
                 elif loop.eval_pending:  # the evaluation a stop request cut short, done now
                     self._evaluate_and_sample(metrics)
                     self._restart_clock()
@@ -278,10 +284,9 @@ class Trainer:
                     if self._window.steps:  # the steps since the last log line: logged, checked
                         self._log(lr, metrics)
                     self.display.stop()  # its last line: the final step, 100%
-                    final_val = (loop.last_val_loss if loop.evaluated_at == loop.step
-                                 else self._evaluate_and_sample(metrics))
-                    if partial:  # the figure to report: all of the validation split
-                        final_val = self._evaluate_and_sample(metrics, whole=True)
+                    if loop.evaluated_at != loop.step:  # the last estimate: it may pick best.pt
+                        self._evaluate_and_sample(metrics)
+                    final = validation.exact_evaluation(self, metrics)
         except Abandoned:  # a stop request during an evaluation: the steps so far are saved
             self.agreed_stop = self.stop_signal[0]
         except KeyboardInterrupt:  # a second Ctrl-C mid-step: the step is torn, so save nothing
@@ -293,7 +298,7 @@ class Trainer:
             self.display.stop()
             raise Interrupted(path, self.agreed_stop, loop.step)
         self.save("last.pt")
-        summary = run_summary(info, stop, loop, final_val)
+        summary = run_summary(info, stop, loop, final)
         metrics.write({"kind": "summary", "step": loop.step, **summary})
         return summary
 
@@ -327,7 +332,7 @@ class Trainer:
         self._mark = now
         if not self.group.active:  # a process group agrees on it at the next stop check
             loop.elapsed = self._clock
-        self.display.tick(loop.step, self.batches.epoch, self.fraction_done(), self._eta())
+        self.display.tick(loop.step, self._epochs_done(), self.fraction_done(), self._eta())
         if loop.step % cfg.log_every == 0:
             self._log(lr, metrics)
         if loop.step % cfg.eval_every == 0:
@@ -358,7 +363,7 @@ class Trainer:
             row["grad_norm"] = self.grad_norm.item()  # the last step's, before clipping
         metrics.write(row)
         self.board.write(row)
-        self.display.log(row, self.fraction_done(), self._eta())
+        self.display.log(row, self.fraction_done(), self._eta(), self._epochs_done())
         window.reset()
 
     def _mean_loss(self) -> float:
@@ -376,30 +381,27 @@ class Trainer:
                             "try a lower --lr or --clip 1")
         raise distributed.shared(error) if self.group.active else error
 
-    def _evaluate_and_sample(self, metrics, whole: bool = False) -> float:
-        """A periodic evaluation and a sample; `whole`: the final one over all of the validation
-        split, reported but not compared with the others (they cover --eval-tokens). A stop
-        request may abandon them (not in a process group), and the resumed run does them first."""
+    def _evaluate_and_sample(self, metrics) -> float:
+        """A periodic evaluation (an estimate: `charlm.training.validation`) and a sample.
+        A stop request may abandon them (not in a process group, where they are collectives),
+        and then the run resumes by doing them first."""
         loop, g = self.loop, self.group
         began = time.perf_counter()
-        loop.eval_pending = "whole" if whole else "periodic"
+        loop.eval_pending = "periodic"
         with (self.ema.applied() if self.ema else nullcontext(),  # validation sees the average
               self.requests.abandonable(allowed=not g.active)):  # (its copies never cut short)
-            val = self.evaluate(whole)
-            sample = self.sample_text() if g.is_main and not whole else None
+            val = self.evaluate()
+            sample = self.sample_text() if g.is_main else None
         loop.eval_pending, loop.evaluated_at = None, loop.step
         self.model.train()
         loop.last_val_loss = val
-        improved = not whole and math.isfinite(val) and val < loop.best_val_loss
+        improved = math.isfinite(val) and val < loop.best_val_loss
         if improved:
             loop.best_val_loss = val
-        if math.isfinite(val) and not whole:
+        if math.isfinite(val):
             self.schedule.observe(val)
-        row = {"kind": "val", "step": loop.step, "epoch": self.batches.epoch,
-               "tokens": loop.tokens_seen, "time": round(loop.elapsed, 3), "loss": val,
-               "ppl": math.exp(min(val, 50)) if math.isfinite(val) else None,
-               "bpc": val / math.log(2) if math.isfinite(val) else None, "whole_split": whole,
-               "eval_s": round(time.perf_counter() - began, 3)}
+        row = {**validation.row(self, val), **self._units.figures(val), "whole_split": False,
+               "val_kind": "estimate", "eval_s": round(time.perf_counter() - began, 3)}
         metrics.write(row)
         self.board.write(row)
         if sample is not None:  # rank 0's periodic evaluations
@@ -412,4 +414,3 @@ class Trainer:
         if g.broadcast(improved or first):  # rank 0 decides
             self.save("best.pt")
         return val
-

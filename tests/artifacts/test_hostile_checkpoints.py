@@ -328,7 +328,7 @@ def test_a_checkpoint_of_another_batch_order_is_not_resumed(tiny_run, tmp_path, 
     run = edited_run(tiny_run, tmp_path, _set("iterator/layout", KeyError))
     code, out, err = refused("resume", run, tiny_run, tmp_path, monkeypatch)
     assert (code, out, err) == (1, "", "charlm: error: invalid batch iterator state: layout None, "
-                                       "not 2\n")
+                                       "not 3\n")
 
 
 def test_a_model_config_without_every_key_is_not_loaded(tiny_run, tmp_path, monkeypatch):

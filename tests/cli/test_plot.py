@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from charlm.cli import plot
 from charlm.artifacts import rundir
 from charlm.cli.app import app
-from charlm.config.train import build_config
+from charlm.config.build import build_config
 from charlm.training.trainer import Trainer
 from helpers import pydoc_text
 
@@ -83,7 +83,7 @@ def test_curves_are_the_metrics_rows(runs):
     curves = plot.read_curves(runs["a"], "a")
     rows = rundir.read_metrics(runs["a"] / "metrics.jsonl")
     train = [r for r in rows if r["kind"] == "train"]
-    val = [r for r in rows if r["kind"] == "val"]
+    val = [r for r in rows if r["kind"] == "val" and r["val_kind"] == "estimate"]
     assert [p[0] for p in curves.train] == [5, 10, 15, 20]
     assert [p[0] for p in curves.val] == [10, 20]
     assert curves.train == [(r["step"], r["time"], r["ppl"]) for r in train]
@@ -95,29 +95,26 @@ def test_curves_are_the_metrics_rows(runs):
     assert times == sorted(times) and times[0] > 0
 
 
-def with_exact_rows(run: Path, to: Path) -> Path:
-    """A copy of `run` whose validation rows say they are estimates, and whose last one is
-    followed by an exact figure (as runs that report the whole split's exact perplexity log)."""
+def without_exact_rows(run: Path, to: Path) -> Path:
+    """A copy of `run` without the exact validation row its end wrote: only estimates."""
     import shutil
 
     shutil.copytree(run, to)
-    rows = rundir.read_metrics(to / "metrics.jsonl")
-    for row in rows:
-        if row["kind"] == "val":
-            row["val_kind"] = "estimate"
-    last = [r for r in rows if r["kind"] == "val"][-1]
-    rows.insert(rows.index(last) + 1, {**last, "val_kind": "exact", "ppl": last["ppl"] * 0.99})
+    rows = [r for r in rundir.read_metrics(to / "metrics.jsonl") if r.get("val_kind") != "exact"]
     (to / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return to
 
 
-def test_exact_validation_rows_are_a_curve_of_their_own(runs, tmp_path):
-    run = with_exact_rows(runs["a"], tmp_path / "a")
-    curves, before = plot.read_curves(run, "a"), plot.read_curves(runs["a"], "a")
-    assert curves.val == before.val and curves.train == before.train
-    last = before.val[-1]
-    assert curves.exact == [(last[0], last[1], last[2] * 0.99)]
-    assert before.exact == []
+def test_exact_validation_rows_are_a_curve_of_their_own(runs):
+    """A run's end writes the exact figure (val_kind "exact") after its estimates: plot draws it
+    apart from the estimates' curve."""
+    val = [r for r in rundir.read_metrics(runs["a"] / "metrics.jsonl") if r["kind"] == "val"]
+    exact = [r for r in val if r.get("val_kind") == "exact"]
+    estimates = [r for r in val if r.get("val_kind") == "estimate"]
+    assert len(exact) == 1 and estimates and len(exact) + len(estimates) == len(val)
+    curves = plot.read_curves(runs["a"], "a")
+    assert curves.exact == [(r["step"], r["time"], r["ppl"]) for r in exact]
+    assert curves.val == [(r["step"], r["time"], r["ppl"]) for r in estimates]
 
 
 def test_labels_name_the_run_its_model_and_what_differs(runs):
@@ -139,9 +136,9 @@ def test_the_figure_reads_at_a_glance(runs, tmp_path):
     named in legends, a title."""
     from matplotlib.colors import to_hex
 
-    a = with_exact_rows(runs["a"], tmp_path / "a")
-    curves = [plot.read_curves(a, "a"), plot.read_curves(runs["b"], "b")]
-    options = [plot.run_options(r) for r in (a, runs["b"])]
+    a, b = runs["a"], without_exact_rows(runs["b"], tmp_path / "b")
+    curves = [plot.read_curves(a, "a"), plot.read_curves(b, "b")]
+    options = [plot.run_options(r) for r in (a, b)]
     plot.label_runs(curves, options)
     fig = plot.figure(curves, title=plot.title_of(curves, options))
     by_step, by_time = fig.axes

@@ -12,8 +12,8 @@ import pytest
 from charlm.checks import Rule
 from charlm.cli.train import launch_args, typed
 from charlm.errors import UsageError
-from charlm.config.train import (OPTIONS, PRECISIONS, TrainConfig, build_config, default_of,
-                                    fixed_on_resume)
+from charlm.config.train import OPTIONS, PRECISIONS, TrainConfig, default_of, fixed_on_resume
+from charlm.config.build import build_config
 from charlm.config.file import load_config_file, options_markdown, run_config_toml
 from helpers import invoke
 
@@ -158,7 +158,8 @@ def test_fixed_on_resume_are_the_options_that_define_the_model_or_its_data():
     assert set(fixed_on_resume()) == {
         "cell", "hidden", "layers", "embed", "nonlinearity", "gru_reset", "corpus", "text", "url",
         "preprocessing", "min_freq", "max_vocab", "max_tokens", "val_fraction", "test_fraction",
-        "batch_size", "num_steps", "sampling", "optimizer", "seed", "tie_weights"}
+        "batch_size", "num_steps", "sampling", "optimizer", "seed", "tie_weights",
+        "init_from"}  # where a fine-tuned run started: its weights, not the resumed ones
 
 
 def test_train_help_shows_every_option_with_its_default_and_choices():

@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 
 from charlm.artifacts.checkpoint import load_checkpoint, save_checkpoint
 from charlm.cli.app import app
-from charlm.config.train import DATA, build_config
+from charlm.config.train import DATA
+from charlm.config.build import build_config
 from charlm.data.dataset import load_dataset
 from charlm.model.config import ModelConfig
 from charlm.model.lm import CharLM

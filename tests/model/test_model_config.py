@@ -6,7 +6,8 @@ from dataclasses import fields
 import pytest
 import torch
 
-from charlm.config.train import OPTIONS, TrainConfig, fixed_on_resume, model_config
+from charlm.config.build import model_config
+from charlm.config.train import OPTIONS, TrainConfig, fixed_on_resume
 from charlm.inference.dynamic import adaptable
 from charlm.errors import CharlmError
 from charlm.model.config import ADJUSTABLE, DROPOUTS, ModelConfig

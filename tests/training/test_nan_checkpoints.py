@@ -12,7 +12,7 @@ import torch
 
 from charlm.errors import CharlmError
 from charlm.artifacts.checkpoint import load_checkpoint, save_checkpoint
-from charlm.config.train import build_config
+from charlm.config.build import build_config
 from charlm.training.trainer import Trainer
 from helpers import pydoc_text, run_main
 

@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 
 from charlm.artifacts.checkpoint import load_checkpoint
 from charlm.cli.app import app
-from charlm.config.train import TrainConfig, build_config
+from charlm.config.train import TrainConfig
+from charlm.config.build import build_config
 from charlm.model.config import ModelConfig
 from charlm.model.lm import CharLM
 from charlm.model.state import detach_state
@@ -56,7 +57,9 @@ def test_tiny_model_loss_falls(small_text, tmp_path):
     for r in train:  # perplexity is exp of the mean cross-entropy logged beside it
         assert r["ppl"] == pytest.approx(math.exp(r["loss"]), rel=1e-12)
     assert summary["steps"] == 60 and summary["stopped_by"] == "max_steps 60"
-    assert summary["best_val_ppl"] == pytest.approx(math.exp(summary["best_val_loss"]))
+    assert summary["best_val_ppl_estimate"] == pytest.approx(
+        math.exp(summary["best_val_loss_estimate"]))
+    assert summary["val_ppl"] == pytest.approx(math.exp(summary["val_loss"]))
 
 
 def test_perplexity_is_exp_of_mean_cross_entropy(small_text, tmp_path):
