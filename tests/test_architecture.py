@@ -18,6 +18,22 @@ def test_imports_flow_one_way(tmp_path):
     assert lint_imports(config_filename=str(REPO / "pyproject.toml"), cache_dir=str(tmp_path)) == 0
 
 
+def test_architecture_md_draws_the_layers_of_the_contract():
+    """The one list of layers is pyproject.toml's first contract; ARCHITECTURE.md's drawing
+    follows it (README and DEVELOPING.md point there, with no copy)."""
+    import re
+    import tomllib
+
+    config = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+    layers = config["tool"]["importlinter"]["contracts"][0]["layers"]
+    stated = [layer.split(" | ")[0].removeprefix("charlm.") for layer in layers]
+    text = (REPO / "docs" / "ARCHITECTURE.md").read_text(encoding="utf-8")
+    drawing = text.split("```")[1]
+    drawn = re.findall(r"^charlm/(\w+)", drawing, re.M)
+    assert [d for d in drawn if d != "__init__"] == stated
+    assert "pyproject.toml" in text.split("```")[0]
+
+
 def test_no_module_is_much_over_400_lines():
     sizes = {p.relative_to(REPO): len(p.read_text(encoding="utf-8").splitlines())
              for p in (REPO / "charlm").rglob("*.py")}

@@ -12,12 +12,12 @@ A checkpoint is one dict:
     scheduler         LRSchedule.state_dict() (numbers)
     ema               None, or {"decay", "updates", "model": averaged weights} (--ema)
     rng               {"torch": ByteTensor, "python": [...], and on a GPU "device": "cuda" | "mps",
-                      "device_rng": the training device's generator} (older: "cuda": every GPU's)
+                      "device_rng": the training device's generator}
     iterator          batch iterator state (ints)
     hidden            carried hidden state (float32 tensor, or [h, c]) for exact resume, or None
     step, epoch, tokens_seen, elapsed, best_val_loss, eval_pending (the evaluation of this
-                      step a stop request cut short, "periodic" or "whole", else false; older
-                      files: true for the periodic one): the resumed run does that one first
+                      step a stop request cut short, "periodic" or "whole", else false): the
+                      resumed run does that one first
     train_config      TrainConfig as a dict
     corpus            {"name", "source", "num_tokens", "sha256" (of the token ids, as int32),
                       "splits": {...}}

@@ -9,11 +9,14 @@ True) guarantees plain data only; what plain data may still do is checked here, 
                   allocates gigabytes); nothing below touches a value before this holds
     2. structure  each field's type, keys, names, shapes and dtypes (`check_fields`; the model's
                   weights against its config in `charlm.inference.loading`)
-    3. values     finite, and within MAX_MAGNITUDE (beyond, float32 arithmetic overflows)
+    3. values     finite, and within MAX_MAGNITUDE (beyond, float32 arithmetic overflows):
+                  `largest_value`, the one scan of a tensor's values; it remembers the tensors
+                  it passed, so the checks where weights are loaded (`check_parameters`, for
+                  the model, its averaged weights and an exported folder's) read none again
     4. resuming   the training state a resumed run restores is all there, of the right types
                   and consistent with its train_config (`check_resumable`); the optimizer's
                   per-parameter state is checked against the parameters where it is loaded
-                  (`charlm.training.optim.load_optimizer_state`)
+                  (`check_optimizer_state`, where `charlm.training.optim` loads it)
 
 Every refusal is one CharlmError line that names the file and the field and says the file is
 damaged; they all happen while the run is built, before any file of the run is written.
@@ -22,6 +25,7 @@ damaged; they all happen while the run is built, before any file of the run is w
 from __future__ import annotations
 
 import math
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -75,16 +79,40 @@ def check_tensors(data: Any, path: Path | str) -> None:
                               f"{problem}")
 
 
+_PASSED: "weakref.WeakValueDictionary[int, torch.Tensor]" = weakref.WeakValueDictionary()
+
+
+def largest_value(tensor: torch.Tensor) -> float | None:
+    """The one scan of a tensor's values: None when they are all finite and within
+    MAX_MAGNITUDE (or it holds no floats), else the largest magnitude (inf for NaN or infinity).
+    A tensor that passed is remembered while it lives, and not scanned again (`values_passed`)."""
+    if values_passed(tensor):
+        return None
+    if tensor.is_floating_point() and tensor.numel():
+        if not bool(torch.isfinite(tensor).all()):
+            return math.inf
+        largest = float(tensor.detach().abs().max())
+        if largest > MAX_MAGNITUDE:
+            return largest
+    _PASSED[id(tensor)] = tensor
+    return None
+
+
+def values_passed(tensor: torch.Tensor) -> bool:
+    """Whether `largest_value` already passed this very tensor."""
+    return _PASSED.get(id(tensor)) is tensor
+
+
 def _check_magnitude(path, key: str, name: str, tensor: torch.Tensor) -> None:
-    if not tensor.is_floating_point() or tensor.numel() == 0:
+    largest = largest_value(tensor)
+    if largest is None:
         return
-    if not bool(torch.isfinite(tensor).all()):
+    if largest == math.inf:
         if key == "model":
             raise CharlmError(
                 f"{path}: its weight {name} holds NaN or infinity; the file is damaged: use "
                 "another checkpoint (best.pt or last.pt of the run)")
         raise damaged(path, key, "holds NaN or infinity")
-    largest = float(tensor.detach().abs().max())
     if largest > MAX_MAGNITUDE:
         what = f"weight {name}" if key in ("model", "ema") else "tensor"
         raise damaged(path, key, f"holds a {what} of magnitude {largest:.3g}, beyond any trained "
@@ -156,7 +184,7 @@ def _check_ema(ema: Any, path) -> None:
 
 def _check_rng(rng: Any, path, key: str) -> None:
     """{"torch": the CPU generator's state, "python": [...], and the training device's:
-    "device" ("cuda" or "mps") with "device_rng" (older files: "cuda", [one per GPU])}."""
+    "device" ("cuda" or "mps") with "device_rng"}."""
     state = rng.get("torch") if isinstance(rng, dict) else None
     if not (isinstance(state, torch.Tensor) and state.dtype == torch.uint8
             and state.numel() == torch.get_rng_state().numel()):
@@ -165,17 +193,10 @@ def _check_rng(rng: Any, path, key: str) -> None:
     if python is not None and not (isinstance(python, list) and len(python) == 625 and all(
             _is_int(v, high=2**32 - 1) for v in python) and python[-1] <= 624):
         raise damaged(path, key, "does not hold Python's generator state")
-    cuda = rng.get("cuda", [])
-    if not isinstance(cuda, list) or not all(
-            isinstance(s, torch.Tensor) and s.dtype == torch.uint8 and s.dim() == 1 for s in cuda):
-        raise damaged(path, key, "does not hold CUDA generator states")
     device, device_rng = rng.get("device"), rng.get("device_rng")
     if device is not None and not (device in ("cuda", "mps") and isinstance(device_rng, torch.Tensor)
                                    and device_rng.dtype == torch.uint8 and device_rng.dim() == 1):
         raise damaged(path, key, "does not hold its device's generator state")
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        if any(s.numel() != torch.cuda.get_rng_state().numel() for s in cuda):
-            raise damaged(path, key, "does not hold CUDA generator states")
 
 
 def _check_hidden(data: dict, path) -> None:
@@ -250,10 +271,10 @@ def check_resumable(data: dict, path) -> None:
                           f"{world} processes")
         for state in ranks:
             _check_rng(state, path, "rank_rng")
-    pending = data.get("eval_pending", False)
-    if not (isinstance(pending, bool) or isinstance(pending, str) and pending in EVALUATIONS):
-        raise damaged(path, "eval_pending", f"is {data['eval_pending']!r}, not false, "
-                      "'periodic' or 'whole' (older files: true)")
+    pending = data.get("eval_pending")
+    if not (pending is False or isinstance(pending, str) and pending in EVALUATIONS):
+        said = "is missing" if "eval_pending" not in data else f"is {pending!r}"
+        raise damaged(path, "eval_pending", f"{said}, not false, 'periodic' or 'whole'")
     scaler = data.get("scaler")
     if scaler is not None and not (isinstance(scaler, dict) and all(
             _is_number(v) and math.isfinite(v) for v in scaler.values())):
@@ -353,10 +374,10 @@ def check_parameters(where: str, expected: dict[str, tuple[int, ...]] | torch.nn
             else f"has dtype {str(got.dtype).removeprefix('torch.')}, not a float")
         if problem:
             raise CharlmError(f"{where}: parameter {name} {problem}; the file is damaged")
-    for name in expected:  # values only once every tensor is known to be what it says
-        got = saved[name]
-        if not torch.isfinite(got).all():
+    for name in expected:  # values only once every tensor is known to be what it says; those
+        largest = largest_value(saved[name])  # check_fields passed are not read again
+        if largest == math.inf:
             raise CharlmError(f"{where}: parameter {name} holds NaN or infinity; use another checkpoint")
-        if got.numel() and float(got.abs().max()) > MAX_MAGNITUDE:
+        if largest is not None:
             raise CharlmError(f"{where}: parameter {name} holds values beyond "
                               f"{MAX_MAGNITUDE:g}; the file is damaged")

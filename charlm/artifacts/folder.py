@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from charlm.artifacts.fields import expected_shapes
+from charlm.artifacts.fields import expected_shapes, largest_value
 from charlm.data.text import PREPROCESSING
 from charlm.data.vocab import Vocab
 from charlm.errors import CharlmError, UsageError
@@ -159,6 +159,9 @@ def _model_config(config: dict, path: Path) -> ModelConfig:
     if unknown:
         raise CharlmError(f"{path}: its model has unknown keys {unknown}; it was written by a "
                           "newer charlm: upgrade charlm to load it")
+    missing = sorted(known - set(model))
+    if missing:  # every key: a default here would silently change the model
+        raise CharlmError(f"{path}: its model lacks {missing}; the folder is damaged")
     try:
         # a placeholder impl (the caller picks one): torch's own, or scratch, the one that has
         # the reset gate before W_hh
@@ -211,8 +214,8 @@ def _read_weights(path: Path, model_config: ModelConfig) -> dict[str, torch.Tens
                           "damaged: export it again") from None
     except OSError as exc:
         raise CharlmError(f"cannot read {path}: {exc.strerror or exc}") from None
-    for name, tensor in weights.items():
-        if not bool(torch.isfinite(tensor).all()):
+    for name, tensor in weights.items():  # the one scan of its values: `check_parameters` reads
+        if largest_value(tensor) == math.inf:  # float32 ones (all that charlm writes) no more
             raise CharlmError(f"{path}: tensor {name} holds NaN or infinity; export the model "
                               "again from a good checkpoint")
     return {name: tensor.float() for name, tensor in weights.items()}

@@ -30,6 +30,7 @@ from torch import nn
 from charlm.about import install_extra
 from charlm.errors import CharlmError
 from charlm.model.lm import CharLM
+from charlm.model.state import tensors
 
 EXTRA = "onnx"  # pip install 'charlm-rnn[onnx]': onnx and onnxscript export, onnxruntime checks
 OPSET = 18
@@ -52,9 +53,7 @@ class Step(nn.Module):
     def forward(self, token: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None = None):
         state = (h, c) if c is not None else h
         logits, state = self.model(token[:, None], state)
-        if isinstance(state, tuple):
-            return logits[:, 0], state[0], state[1]
-        return logits[:, 0], state
+        return (logits[:, 0], *tensors(state))
 
 
 def require_extra() -> None:

@@ -23,8 +23,9 @@ import re
 import time
 from contextlib import ExitStack, closing
 from pathlib import Path
+from typing import Any, Callable
 
-from charlm.errors import CharlmError
+from charlm.errors import CharlmError, warn
 from charlm.system.files import atomic_write, remove_stale_temp_files, write_text_atomic
 
 RUNS_ROOT_ENV = "CHARLM_RUNS_DIR"
@@ -179,17 +180,32 @@ def open_run(stack: ExitStack, run_dir: Path, config_toml: str, resumed_at: int 
     return stack.enter_context(closing(MetricsLog(run_dir / "metrics.jsonl", keep_until_step=keep)))
 
 
-def read_metrics(path: Path) -> list[dict]:
-    """Rows of a metrics.jsonl; a torn last line (a crash mid-write), or any line that is not a
-    JSON object (a damaged or edited file), is skipped."""
-    rows = []
-    for line in Path(path).read_bytes().decode("utf-8", "replace").splitlines():
+def read_metrics(path: Path, point: Callable[[dict], Any] = lambda row: row) -> list:
+    """The rows of a metrics.jsonl, each through `point` (which returns None for a row it does
+    not want and raises ValueError for a damaged one). The one reader and its one policy: a
+    damaged row (not JSON, not an object, refused by `point`) is skipped with one warning for
+    the file; a last line still being written (no newline yet: the run is live, or crashed
+    mid-write) is skipped quietly."""
+    try:
+        lines = Path(path).read_bytes().decode("utf-8", "replace").split("\n")[:-1]
+    except OSError as exc:
+        raise CharlmError(f"cannot read {path}: {exc.strerror or exc}") from None
+    rows, damaged = [], 0
+    for line in lines:
+        if not line.strip():
+            continue
         try:
             row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError("not a row")
+            row = point(row)
         except (ValueError, RecursionError):  # RecursionError: arrays nested thousands deep
+            damaged += 1
             continue
-        if isinstance(row, dict):
+        if row is not None:
             rows.append(row)
+    if damaged:
+        warn(f"skipped {damaged} damaged row{'s' if damaged > 1 else ''} of {path}")
     return rows
 
 

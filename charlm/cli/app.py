@@ -62,7 +62,7 @@ def _root(
 
 
 def debug_enabled() -> bool:
-    """Tracebacks are kept behind CHARLM_DEBUG=1 (or --debug on the main command)."""
+    """Tracebacks are kept behind CHARLM_DEBUG=1."""
     return os.environ.get("CHARLM_DEBUG", "") not in ("", "0")
 
 
@@ -188,10 +188,10 @@ OPENMP_SPINS = openmp.BUSY_SPINS
 def _bounded_openmp_waits() -> None:
     """A thread of torch's OpenMP team that waits for another spins 300,000 times (~ms) before
     sleeping. When another process holds the other core, every op of a step waits like that
-    for a descheduled thread: 10-40x slower; on an idle machine the long spin is the faster
-    (charlm.system.openmp). So the spin is bounded where another task wants a CPU at start-up. Set
-    before torch loads libgomp; OMP_WAIT_POLICY or GOMP_SPINCOUNT in the environment take
-    precedence."""
+    for a descheduled thread, many times slower (docs/BENCHMARKS.md, CPU threads); on an idle
+    machine the long spin is the faster (charlm.system.openmp). So the spin is bounded where
+    another task wants a CPU at start-up. Set before torch loads libgomp; OMP_WAIT_POLICY or
+    GOMP_SPINCOUNT in the environment take precedence."""
     spins = openmp.spin_count()
     if spins is not None:
         os.environ["GOMP_SPINCOUNT"] = spins

@@ -30,7 +30,7 @@ import typer
 
 from charlm.about import install_extra
 from charlm.artifacts import rundir
-from charlm.errors import CharlmError, UsageError, warn
+from charlm.errors import CharlmError, UsageError
 from charlm.system.files import atomic_write
 
 MISSING_MATPLOTLIB = f"charlm plot needs matplotlib: {install_extra('plot')}"
@@ -81,32 +81,18 @@ def _names(runs: list[Path]) -> list[str]:
 
 
 def read_curves(run: Path, name: str) -> Curves:
-    """The train and val curves of a run's metrics.jsonl. Damaged rows (not JSON, not a row, a
-    step, time or perplexity that is not a number) are skipped with one warning; a last line
-    still being written (no newline yet, the run is live) is skipped quietly."""
+    """The train and val curves of a run's metrics.jsonl (and the summary's parameter count),
+    read by `rundir.read_metrics` (its policy for damaged rows; here a step, time or perplexity
+    that is not a number is damage)."""
     path = run / "metrics.jsonl"
     if not path.is_file():
         raise CharlmError(f"{run} has no metrics.jsonl; is it a charlm run directory?")
-    try:
-        lines = path.read_bytes().decode("utf-8", "replace").split("\n")[:-1]
-    except OSError as exc:
-        raise CharlmError(f"cannot read {path}: {exc.strerror}") from None
-    curves, damaged = Curves(name), 0
-    for line in lines:
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            point = _curve_point(row)
-        except (ValueError, RecursionError):  # not JSON (or nested too deep), or not ours
-            damaged += 1
-            continue
-        if row.get("kind") == "summary" and isinstance(row.get("parameters"), int):
-            curves.parameters = row["parameters"]
-        if point is not None:
+    curves = Curves(name)
+    for point in rundir.read_metrics(path, _plotted):
+        if point[0] == "parameters":
+            curves.parameters = point[1]
+        else:
             getattr(curves, point[0]).append(point[1:])
-    if damaged:
-        warn(f"skipped {damaged} damaged row{'s' if damaged > 1 else ''} of {path}")
     if not (curves.train or curves.val or curves.exact):
         raise CharlmError(
             f"{path} holds no train or validation rows yet; let the run log at least once "
@@ -115,12 +101,17 @@ def read_curves(run: Path, name: str) -> Curves:
     return curves
 
 
-def _curve_point(row) -> tuple | None:
+def _plotted(row: dict) -> tuple | None:
+    """What the figure takes from a row: ("parameters", n) from the summary, else `_curve_point`."""
+    if row.get("kind") == "summary" and isinstance(row.get("parameters"), int):
+        return "parameters", row["parameters"]
+    return _curve_point(row)
+
+
+def _curve_point(row: dict) -> tuple | None:
     """(curve, step, time, ppl) of a train or val row, the curve "train", "val" (an estimate) or
     "exact"; None for other rows (the summary, an evaluation without a finite loss);
     ValueError for a damaged one."""
-    if not isinstance(row, dict):
-        raise ValueError("not a row")
     kind, ppl = row.get("kind"), row.get("ppl")
     if kind not in ("train", "val") or (kind == "val" and ppl is None):
         return None

@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import types
 import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from charlm.about import install_extra
 from charlm.checks import Rule, rule_of
 from charlm.data.text import PREPROCESSING
-from charlm.model.config import IMPLS, MIN_CELLS, ModelConfig
+from charlm.model.config import ADJUSTABLE, IMPLS, MIN_CELLS, ModelConfig
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("none", "cosine", "plateau")
@@ -69,6 +69,28 @@ def option(default: Any, help: str, panel: str, *, rule: Rule | None = None, fix
     return field(metadata={"option": meta, "model_rule": model}, **kwargs)
 
 
+def model_option(help: str, cells: tuple[str, ...] = ()) -> Any:
+    """A TrainConfig field for the ModelConfig field of the same name, whose default, rule and
+    fixedness on resume (fixed unless in ADJUSTABLE) all come from ModelConfig (filled in by
+    `_from_model_config` and `_options`, once the field's name is known)."""
+    return field(default=_FROM_MODEL, metadata={"option": Option(help, MODEL, cells=cells),
+                                               "model_rule": True})
+
+
+_FROM_MODEL = object()  # a model option's default, until `_from_model_config` fills it in
+
+
+def _from_model_config(cls):
+    """Give each model option the default of ModelConfig's field of the same name: one home for
+    the model's defaults, so `CharLM(ModelConfig(vocab_size=V))` is the model `charlm train`
+    builds (but for `impl`, whose `auto` a ModelConfig never holds)."""
+    for f in fields(ModelConfig):
+        declared = cls.__dict__.get(f.name)
+        if isinstance(declared, Field) and declared.default is _FROM_MODEL:
+            declared.default = f.default
+    return cls
+
+
 def _int(low: int = 0, **kw) -> Rule:
     return Rule(kind=int, low=low, **kw)
 
@@ -78,6 +100,7 @@ def _float(low: float, **kw) -> Rule:
 
 
 @dataclass
+@_from_model_config
 class TrainConfig:
     # -- data ----------------------------------------------------------------------------------
     corpus: str | None = option(
@@ -117,54 +140,48 @@ class TrainConfig:
         None, "Share of the corpus (the very end) held out for test.", DATA, fixed=True,
         rule=_float(0, high=1, high_open=True), default_text="0 (enwik8, text8: 0.05)")
     # -- model ---------------------------------------------------------------------------------
-    cell: str = option("gru", "The recurrent cell; mingru and minlstm (Feng et al. 2024) gate on "
-                       "the input only and train in parallel over time.", MODEL, model=True,
-                       fixed=True)
-    hidden: int = option(256, "Hidden units per layer.", MODEL, model=True, fixed=True)
-    layers: int = option(2, "Recurrent layers.", MODEL, model=True, fixed=True)
-    embed: int = option(32, "Embedding size; 0: one-hot inputs, as in d2l.", MODEL, model=True,
-                        fixed=True)
-    dropout: float = option(0.2, "Dropout between layers and before the output.", MODEL,
-                            model=True)
-    nonlinearity: str = option("tanh", "The RNN's nonlinearity (--cell rnn only).", MODEL,
-                               model=True, fixed=True, cells=("rnn",))
+    cell: str = model_option("The recurrent cell; mingru and minlstm (Feng et al. 2024) gate on "
+                             "the input only and train in parallel over time.")
+    hidden: int = model_option("Hidden units per layer.")
+    layers: int = model_option("Recurrent layers.")
+    embed: int = model_option("Embedding size; 0: one-hot inputs, as in d2l.")
+    dropout: float = model_option("Dropout between layers and before the output.")
+    nonlinearity: str = model_option("The RNN's nonlinearity (--cell rnn only).", cells=("rnn",))
     impl: str = option(
         "auto", "auto: fast for the GRU and min cells on the CPU, scratch for --gru-reset "
         "before, else fused; fused: torch/cuDNN, for min cells the parallel scan; scratch: cells "
-        "from the gate equations; fast: the CPU's, with its own backward (GRU: C time loops, ~2x "
-        "fused).", MODEL, choices=("auto", *IMPLS))
-    gru_reset: str = option(
-        "after", "GRU reset gate after (PyTorch) or before (Cho et al., d2l) the recurrent "
-        "product; before needs --impl scratch.", MODEL, model=True, fixed=True, cells=("gru",))
-    input_dropout: float = option(
-        0.0, "Dropout on the embedding (or one-hot) output, into the first layer.", MODEL,
-        model=True)
-    embed_dropout: float = option(
-        0.0, "Drop whole characters: rows of the embedding, one mask per batch.", MODEL,
-        model=True)
-    weight_drop: float = option(
-        0.0, "DropConnect on the recurrent weights W_hh, one mask per batch (AWD-LSTM).", MODEL,
-        model=True, cells=("rnn", "gru", "lstm"))
-    locked_dropout: bool = option(
-        False, "Locked (variational) dropout: --dropout and --input-dropout draw one mask per "
-        "sequence, the same at every step.", MODEL, model=True)
-    tie_weights: bool = option(
-        False, "The output layer shares the embedding's weight (through a projection when "
-        "--embed is not --hidden).", MODEL, model=True, fixed=True)
+        "from the gate equations; fast: the CPU's, with its own backward and C time loops.",
+        MODEL, choices=("auto", *IMPLS))
+    gru_reset: str = model_option(
+        "GRU reset gate after (PyTorch) or before (Cho et al., d2l) the recurrent product; "
+        "before needs --impl scratch.", cells=("gru",))
+    input_dropout: float = model_option(
+        "Dropout on the embedding (or one-hot) output, into the first layer.")
+    embed_dropout: float = model_option(
+        "Drop whole characters: rows of the embedding, one mask per batch.")
+    weight_drop: float = model_option(
+        "DropConnect on the recurrent weights W_hh, one mask per batch (AWD-LSTM).",
+        cells=("rnn", "gru", "lstm"))
+    locked_dropout: bool = model_option(
+        "Locked (variational) dropout: --dropout and --input-dropout draw one mask per "
+        "sequence, the same at every step.")
+    tie_weights: bool = model_option(
+        "The output layer shares the embedding's weight (through a projection when "
+        "--embed is not --hidden).")
     init_from: str | None = option(
         None, "Fine-tune: start from the weights of this run directory (its best.pt), checkpoint "
         "or exported folder; the model's sizes and preprocessing are its own, its vocabulary is "
         "extended by the new text's characters, the optimizer starts fresh.", MODEL, fixed=True,
         default_text="a new model")
-    residual: bool = option(
-        True, "Add each layer's output to its input where their widths agree (min cells only).",
-        MODEL, model=True, fixed=True, cells=MIN_CELLS)
-    norm: str = option(
-        "layer", "Normalise each layer's input and the last layer's output: layer (LayerNorm), "
-        "rms (RMSNorm) or none (min cells only).", MODEL, model=True, fixed=True, cells=MIN_CELLS)
-    ffn: int = option(
-        0, "A feed-forward block after each layer, N x --hidden wide (0: none; min cells "
-        "only).", MODEL, model=True, fixed=True, cells=MIN_CELLS)
+    residual: bool = model_option(
+        "Add each layer's output to its input where their widths agree (min cells only).",
+        cells=MIN_CELLS)
+    norm: str = model_option(
+        "Normalise each layer's input and the last layer's output: layer (LayerNorm), rms "
+        "(RMSNorm) or none (min cells only).", cells=MIN_CELLS)
+    ffn: int = model_option(
+        "A feed-forward block after each layer, N x --hidden wide (0: none; min cells only).",
+        cells=MIN_CELLS)
     # -- optimisation --------------------------------------------------------------------------
     batch_size: int = option(64, "Sequences per batch (the global batch with --nproc).", OPTIM,
                              rule=_int(1), fixed=True, short="-b")
@@ -259,7 +276,8 @@ def _options() -> dict[str, Option]:
     for f in fields(TrainConfig):
         meta: Option = f.metadata["option"]
         if f.metadata["model_rule"]:
-            meta = replace(meta, rule=rule_of(ModelConfig, f.name))
+            meta = replace(meta, rule=rule_of(ModelConfig, f.name),
+                           fixed=f.name not in ADJUSTABLE)
         found[f.name] = meta
     return found
 

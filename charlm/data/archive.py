@@ -7,7 +7,8 @@ On disk, in the cache (dest = <cache>/enwik8):
     <cache>/enwik8.zip              the downloaded archive (charlm.data.download), kept only
                                     until its member is out, so a failed unpack is retried
                                     without downloading again
-    <cache>/.enwik8.<pid>.tmp       the member, streamed out of the archive block by block
+    <cache>/.enwik8.<pid>.<hex>.tmp the member, streamed out of the archive block by block
+                                    (`charlm.system.files.atomic_copy`)
     <cache>/enwik8                  appears only by os.replace, after its size and every
                                     pinned checksum matched
 
@@ -19,49 +20,39 @@ anything is written, so a wrong (or hostile) archive cannot fill the disk.
 
 from __future__ import annotations
 
-import os
 import zipfile
 import zlib
 from pathlib import Path
 from typing import BinaryIO
 
-from charlm.data.download import CHUNK, checksum_mismatch
+from charlm.data.download import NOTHING, checksum_mismatch
 from charlm.errors import CharlmError
+from charlm.system.files import TooLong, atomic_copy
 from charlm.text_safety import shown
 
 
 def _copy_checked(src: BinaryIO, dest: Path, what: str, size: int | None,
                   hashes: dict[str, str | None]) -> Path:
-    """Stream `src` into a temp file beside `dest`, check it, move it into place."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as out:
-            copied = 0
-            while block := src.read(CHUNK * 16):
-                copied += len(block)
-                if size is not None and copied > size:
-                    raise CharlmError(f"{what} is longer than the {size:,} bytes expected of "
-                                      f"{dest.name}; nothing was written")
-                out.write(block)
-            out.flush()
-            os.fsync(out.fileno())
+    """Stream `src` into `dest` (`atomic_copy`: a temp file beside it), checked before it takes
+    the name."""
+    def check(tmp: Path, copied: int) -> None:
         if size is not None and copied != size:
             raise CharlmError(f"{what} is not the expected {dest.name}: {copied:,} bytes, "
-                              f"expected {size:,}; nothing was written")
+                              f"expected {size:,}; {NOTHING}")
         mismatch = checksum_mismatch(tmp, **hashes)
         if mismatch:
-            raise CharlmError(f"{what} is not the expected {dest.name}: {mismatch}; "
-                              "nothing was written")
-        os.replace(tmp, dest)
+            raise CharlmError(f"{what} is not the expected {dest.name}: {mismatch}; {NOTHING}")
+
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        return atomic_copy(src, dest, limit=size, check=check, kept=NOTHING)
+    except TooLong:
+        raise CharlmError(f"{what} is longer than the {size:,} bytes expected of {dest.name}; "
+                          f"{NOTHING}") from None
     except OSError as exc:
-        raise CharlmError(f"cannot write {dest}: {exc.strerror or exc}; nothing was written") \
-            from None
+        raise CharlmError(f"cannot write {dest}: {exc.strerror or exc}; {NOTHING}") from None
     except (zipfile.BadZipFile, zlib.error, EOFError) as exc:  # damage found while inflating
-        raise CharlmError(f"{what} is damaged ({shown(exc)}); nothing was written") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    return dest
+        raise CharlmError(f"{what} is damaged ({shown(exc)}); {NOTHING}") from None
 
 
 def extract(archive: Path, member: str, dest: Path, *, size: int | None = None,

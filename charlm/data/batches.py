@@ -38,10 +38,8 @@ from charlm.errors import CharlmError, UsageError
 Tensor = torch.Tensor
 
 _STATE_KEYS = ("epoch", "position", "seed", "batch_size", "num_steps", "num_tokens")
-# The batch order's version, saved in the state: 3 since each cycle's first two epochs start at
-# the two ends of the split (2: the offsets spread over both ends of the slack in one drawn
-# order; a state without it, 1, is older still). Another version's epochs are laid out
-# otherwise: resumable at an epoch boundary only.
+# The batch order's version, saved in the state: a state of another batch order would repeat or
+# skip text if resumed, so only this one is taken.
 LAYOUT = 3
 
 
@@ -214,17 +212,9 @@ class _EpochBatches:
                 f"invalid batch iterator state: epoch {d['epoch']}, position {d['position']} "
                 f"(an epoch has {self._num_batches} batches)"
             )
-        layout = d.get("layout", 1)
-        if not isinstance(layout, int) or isinstance(layout, bool):
-            raise CharlmError(f"invalid batch iterator state: layout {layout!r}")
-        if layout != LAYOUT and 0 < d["position"] < self._num_batches:
-            raise CharlmError(
-                f"cannot resume: the checkpoint stopped in the middle of epoch {d['epoch']} "
-                f"(after batch {d['position']} of {self._num_batches}) and was written by "
-                f"{'an older' if layout < LAYOUT else 'a newer'} charlm, whose batch order "
-                "differs, so the rest of the epoch would repeat or skip text; start a new run, "
-                "or resume it with the charlm that wrote it"
-            )
+        layout = d.get("layout")
+        if type(layout) is not int or layout != LAYOUT:
+            raise CharlmError(f"invalid batch iterator state: layout {layout!r}, not {LAYOUT}")
         self.seed, self.epoch, self.position = d["seed"], d["epoch"], d["position"]
         self._layout_epoch = -1
 

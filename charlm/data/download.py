@@ -24,7 +24,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
-import shutil
 import sys
 import time
 import urllib.request
@@ -32,8 +31,18 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
-from charlm.data.transfer import CHUNK, HEADERS, Bounds, Failed, Session, fetch_http, public_url
+from charlm.data.transfer import (
+    HEADERS,
+    Bounds,
+    Failed,
+    Session,
+    fetch_http,
+    public_url,
+)
 from charlm.errors import CharlmError, warn
+from charlm.system.files import TooLong, atomic_copy
+
+NOTHING = "nothing was written"  # how a failed copy into the cache ends its message
 
 DEADLINE_S = 1800.0  # per URL, every attempt included (the options' defaults)
 MIN_RATE = 1024  # bytes/s, over RATE_WINDOW_S
@@ -86,16 +95,27 @@ def _commit(part: Path, dest: Path, sha1: str | None, sha256: str | None, retry:
     os.replace(part, dest)
 
 
-def _copy_local(url: str, part: Path, bounds: Bounds | None = None) -> None:
+def _copy_local(url: str, dest: Path, sha1: str | None, sha256: str | None,
+                bounds: Bounds | None = None) -> None:
+    """A file:// URL copied straight to `dest` (`atomic_copy`: a local copy needs no resumable
+    `.part`), if its checksums match."""
     src = Path(urllib.request.url2pathname(urlparse(url).path))
     if not src.is_file():  # directories, devices, pipes: never read as a corpus
         raise Failed("file not found" if not src.exists() else "not a regular file", retry=False)
     if bounds is not None and src.stat().st_size > bounds.limit:
         raise Failed(bounds.too_big(), retry=False)
-    with open(src, "rb") as fin, open(part, "wb") as fout:
-        shutil.copyfileobj(fin, fout, CHUNK)
-        fout.flush()
-        os.fsync(fout.fileno())
+
+    def check(tmp: Path, copied: int) -> None:
+        mismatch = checksum_mismatch(tmp, sha1=sha1, sha256=sha256)
+        if mismatch:
+            raise Failed(mismatch, retry=False)
+
+    with open(src, "rb") as fin:
+        try:
+            atomic_copy(fin, dest, limit=None if bounds is None else bounds.limit, check=check,
+                        kept=NOTHING)
+        except TooLong:  # it grew since its size was read
+            raise Failed(bounds.too_big(), retry=False) from None
 
 
 @contextmanager
@@ -192,7 +212,8 @@ def _download(urls, dest, sha1, sha256, size, timeout, deadline, min_rate, rate_
                 resumed = scheme != "file" and part.exists() and part.stat().st_size > 0
                 try:
                     if scheme == "file":
-                        _copy_local(url, part, bounds)
+                        _copy_local(url, dest, sha1, sha256, bounds)
+                        return dest
                     elif scheme in ("http", "https"):
                         fetch_http(session, url, part, timeout, show, bounds)
                     else:
@@ -228,14 +249,9 @@ def install(src: Path, dest: Path, *, sha1: str | None = None, sha256: str | Non
     if mismatch:  # checked before anything (even the cache folder) is created
         raise CharlmError(f"{src} is not the expected {dest.name}: {mismatch}; nothing was written")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
     try:
-        _copy_local(Path(src).resolve().as_uri(), tmp)
-        _commit(tmp, dest, sha1, sha256, retry=False)
+        _copy_local(Path(src).resolve().as_uri(), dest, sha1, sha256)
     except Failed as failed:
-        raise CharlmError(
-            f"{src} is not the expected {dest.name}: {failed.cause}; nothing was written"
-        ) from None
-    finally:
-        tmp.unlink(missing_ok=True)
+        raise CharlmError(f"{src} is not the expected {dest.name}: {failed.cause}; {NOTHING}") \
+            from None
     return dest

@@ -41,7 +41,7 @@ def one_thread():
 
     Each chunk is a few memory-bound passes over 4 MB; splitting those across threads saves
     little, and on a busy machine every op then waits for a descheduled thread at the barrier
-    (measured in docs/BENCHMARKS.md: 2 threads under load were 2-4x slower than 1).
+    (docs/BENCHMARKS.md, CPU threads).
     """
     with threads_within(1):
         yield

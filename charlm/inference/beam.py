@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from charlm.inference.sample import without_unk
-from charlm.model.lm import CharLM, State
+from charlm.model.lm import CharLM
+from charlm.model.state import map_state
 from charlm.system import spool as spooling
 from charlm.system.spool import IdSpool
 
@@ -33,12 +34,6 @@ class Hypothesis:
     ids: list[int]  # the continuation (the prefix not included)
     log_prob: float  # natural log of its probability given the prefix
     score: float  # log_prob / len(ids): nats per character (higher is likelier)
-
-
-def _select(state: State, rows: torch.Tensor) -> State:
-    if isinstance(state, tuple):
-        return tuple(s.index_select(1, rows) for s in state)
-    return state.index_select(1, rows)
 
 
 @torch.inference_mode()
@@ -75,7 +70,9 @@ def beam_search(model: CharLM, prefix_ids: list[int], beam: int, length: int,
             pointers.append(torch.cat([_padded(parents, beam), _padded(chars, beam)]))
             if step == length - 1:
                 break
-            logits, state = model(chars[:, None].to(device), _select(state, parents.to(device)))
+            rows = parents.to(device)
+            logits, state = model(chars[:, None].to(device),
+                                  map_state(lambda s: s.index_select(1, rows), state))
             logits = logits[:, -1]
         out = spool if spool is not None else IdSpool(scores.numel())
         if out.width != scores.numel():

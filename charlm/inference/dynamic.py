@@ -25,7 +25,9 @@ import torch
 from charlm.data.batches import eval_windows
 from charlm.errors import CharlmError, warn
 from charlm.inference.evaluate import Perplexity, WindowSums, figures, utf8_characters
-from charlm.model.lm import CharLM, detach_state
+from charlm.model.config import DROPOUTS
+from charlm.model.lm import CharLM
+from charlm.model.state import detach_state
 from charlm.system.threads import ThreadChooser, threads_within
 
 MAX_NATS = 700.0  # exp(709.8) overflows float64: a perplexity beyond this cannot be printed
@@ -51,7 +53,7 @@ class DynamicSettings:  # the defaults a user sees are `charlm eval perplexity`'
 def adaptable(model: CharLM) -> CharLM:
     """A copy of `model` that takes gradients as evaluation does: every dropout off, but in
     training mode (cuDNN's RNN has no backward in eval mode); its weights are its own."""
-    off = dict(dropout=0.0, input_dropout=0.0, embed_dropout=0.0, weight_drop=0.0)
+    off = dict.fromkeys(DROPOUTS, 0.0)
     copy = CharLM(dataclasses.replace(model.config, **off)).to(model.head.weight.device)
     copy.load_state_dict(model.state_dict())
     return copy.train()

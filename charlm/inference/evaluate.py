@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from charlm.data.batches import eval_windows
-from charlm.model.lm import CharLM, detach_state
+from charlm.model.lm import CharLM
+from charlm.model.state import detach_state
 from charlm.system.threads import ThreadChooser, threads_within
 
 
@@ -147,9 +148,9 @@ def perplexity_of(model: CharLM, tokens: torch.Tensor, window: int = 512,
     and per character.
 
     On the CPU the windows' threads are timed (`ThreadChooser.for_stream`): two threads run a
-    256-unit model's windows 1.4-1.6x faster than one on an idle machine, while beside busy
-    processes one can be the faster (issue 20: a fixed two threads once ran 413 against 17,834
-    characters/s with one). `threads` > 0 fixes the count (eval perplexity --threads)."""
+    256-unit model's windows faster than one on an idle machine, while beside busy processes one
+    can be far faster (docs/BENCHMARKS.md, CPU threads). `threads` > 0 fixes the count (eval
+    perplexity --threads)."""
     chooser = ThreadChooser.for_stream(model.head.weight.device, model.config.hidden, threads)
     nll, count = corpus_nll(model, tokens, 1, window, threads=chooser)
     unk = int((tokens[1:] == 0).sum().item())

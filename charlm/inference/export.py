@@ -14,7 +14,6 @@ them exactly.
 from __future__ import annotations
 
 import os
-import secrets
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +32,7 @@ from charlm.inference.sample import SampleSettings, generate
 from charlm.inference.splits import run_data
 from charlm.model.lm import count_parameters
 from charlm.system.devices import select_device, set_tf32
-from charlm.system.files import atomic_write
+from charlm.system.files import atomic_write, temp_path
 
 FORMATS = ("safetensors", "onnx")
 ONNX_CHECK_STEPS = 64  # characters run through onnxruntime and torch before the folder is kept
@@ -75,7 +74,7 @@ def export_model(target: str | None, out: Path, fmt: str = "safetensors", device
     # the model as the folder will give it on a CPU
     cpu = load_model(target, "auto", "cpu", how_to_name="name one: charlm export RUN_DIR --out DIR")
     say(f"exporting {cpu.path}: {_describe(cpu)}")
-    staging = where.with_name(f".{where.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    staging = temp_path(where)
     try:
         staging.parent.mkdir(parents=True, exist_ok=True)
         staging.mkdir()
@@ -123,7 +122,7 @@ def _check_out(out: Path, force: bool) -> bool:
 def _swap(staging: Path, out: Path, replacing: bool) -> None:
     """Put the finished folder in place with renames; an earlier export goes only once the new
     one is complete."""
-    old = out.with_name(f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.old.tmp")
+    old = temp_path(out)
     try:
         if replacing:
             os.rename(out, old)

@@ -31,7 +31,7 @@ from charlm.artifacts.folder import CONFIG, read_model_folder
 from charlm.data.text import PREPROCESSING
 from charlm.data.vocab import Vocab
 from charlm.errors import CharlmError
-from charlm.model.config import WEIGHTS, ModelConfig, resolve_impl
+from charlm.model.config import ADJUSTABLE, WEIGHTS, ModelConfig, resolve_impl
 from charlm.model.lm import CharLM
 from charlm.system.devices import select_device
 
@@ -43,8 +43,6 @@ class Restored:
     preprocessing: str
 
 
-# What a resumed run may change about its model: none changes a weight's shape.
-ADJUSTABLE = ("impl", "dropout", "input_dropout", "embed_dropout", "weight_drop", "locked_dropout")
 def model_from_checkpoint(ckpt: dict, where: str = "checkpoint", impl: str | None = None,
                           device: torch.device | str = "cpu",
                           config: ModelConfig | None = None, weights: str = "raw") -> Restored:

@@ -5,13 +5,14 @@ then draw one character at a time, feeding each back in. Each new character cost
 step of the recurrent layers; the prefix is never re-run. Several samples are drawn as one
 batch (the warmed-up state is copied into each row).
 
-A step is computed straight from the recurrent layers' torch-layout parameters
-(`weight_ih_l{k}`, `weight_hh_l{k}`, `bias_ih_l{k}`, `bias_hh_l{k}`, which every implementation
-shares), because a per-step call through a sequence layer costs more in dispatch than the
-arithmetic. The first layer's input projection becomes a row lookup::
+A step is computed from the recurrent layers' torch-layout parameters (`weight_ih_l{k}`,
+`weight_hh_l{k}`, `bias_ih_l{k}`, `bias_hh_l{k}`, which every implementation shares) by the
+cells' own step functions (`charlm.model.cells.cell_step`, the one home of the equations),
+because a per-step call through a sequence layer costs more in dispatch than the arithmetic.
+The first layer's input projection becomes a row lookup::
 
     table[v] = input(v) @ W_ih_l0^T + b_ih_l0        (V, gates*H), once per call
-    step:  gates = table[x] | h_below @ W_ih^T + b_ih,  plus  h @ W_hh^T + b_hh  -> h (, c)
+    step:  x_proj = table[x] | h_below @ W_ih^T + b_ih;  cell_step(x_proj, h (, c)) -> h (, c)
            logits = h_top @ (W_out / T)^T + b_out / T     (the temperature folded into the head)
 
 `<unk>` (id 0 of every vocabulary) is never drawn: it stands for characters the vocabulary left
@@ -30,10 +31,13 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 
 from charlm.errors import UsageError
+from charlm.model.cells import cell_step
 from charlm.model.config import MIN_CELLS
-from charlm.model.lm import CharLM, State
+from charlm.model.lm import CharLM
+from charlm.model.state import layers_of, map_state
 from charlm.system.threads import threads_for, threads_within
 from charlm.system.spool import IdSpool
 from charlm.model.mincells import MinStepper
@@ -78,12 +82,6 @@ class SampleSettings:
         return asdict(self)
 
 
-def _expand(state: State, n: int) -> State:
-    if isinstance(state, tuple):
-        return tuple(s.expand(-1, n, -1).contiguous() for s in state)
-    return state.expand(-1, n, -1).contiguous()
-
-
 def without_unk(logits: torch.Tensor) -> torch.Tensor:
     """A copy of `logits` (..., V) in which <unk> cannot be drawn."""
     return logits.index_fill(-1, torch.tensor([UNK_ID], device=logits.device), float("-inf"))
@@ -122,11 +120,13 @@ def gumbel_noise(generator: torch.Generator | None, steps: int, n: int, vocab: i
 
 
 class _Stepper:
-    """One recurrent step per character from torch-layout parameters (see the module docstring)."""
+    """One recurrent step per character through the cells' own step functions
+    (`charlm.model.cells.cell_step`; the min cells' `MinStepper`), from torch-layout parameters
+    (see the module docstring)."""
 
     def __init__(self, model: CharLM, scale: float):
         cfg, rnn = model.config, model.rnn
-        self.mode, self.reset, self.layers, self.H = cfg.mode, cfg.gru_reset, cfg.layers, cfg.hidden
+        self.mode, self.reset, self.layers = cfg.mode, cfg.gru_reset, cfg.layers
 
         def p(name: str, k: int) -> torch.Tensor:
             return getattr(rnn, f"{name}_l{k}").detach()
@@ -135,13 +135,11 @@ class _Stepper:
         self.head_w = (model.output_weight().detach().t() * scale).contiguous()
         self.head_b = without_unk(model.head.bias.detach() * scale)
         self.min = MinStepper(rnn, model.inputs(vocab_ids)[0]) if cfg.cell in MIN_CELLS else None
-        if self.min is not None:  # the min cells' own step (charlm.model.mincells)
+        if self.min is not None:
             return
         self.table = torch.addmm(p("bias_ih", 0), model.inputs(vocab_ids)[0], p("weight_ih", 0).t())
-        self.w_ih = [None] + [p("weight_ih", k).t().contiguous() for k in range(1, cfg.layers)]
-        self.b_ih = [None] + [p("bias_ih", k) for k in range(1, cfg.layers)]
-        self.w_hh = [p("weight_hh", k).t().contiguous() for k in range(cfg.layers)]
-        self.b_hh = [p("bias_hh", k) for k in range(cfg.layers)]
+        self.ih = [None] + [(p("weight_ih", k), p("bias_ih", k)) for k in range(1, cfg.layers)]
+        self.hh = [(p("weight_hh", k), p("bias_hh", k)) for k in range(cfg.layers)]
 
     @staticmethod
     def supports(model: CharLM) -> bool:
@@ -149,46 +147,16 @@ class _Stepper:
             hasattr(model.rnn, f"{n}_l{k}") for k in range(model.config.layers)
             for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
 
-    def split(self, state: State) -> list:
-        """(layers, B, H) [or (h, c)] -> per-layer h [or (h, c)] rows."""
-        if isinstance(state, tuple):
-            return [(h, c) for h, c in zip(state[0].unbind(0), state[1].unbind(0))]
-        return list(state.unbind(0))
-
     def step(self, x: torch.Tensor, states: list) -> torch.Tensor:
-        """x (B,) ids; updates `states` in place (per layer) and returns the scaled logits (B, V)."""
+        """x (B,) ids; updates `states` (per layer, `layers_of`) in place and returns the scaled
+        logits (B, V)."""
         if self.min is not None:
             return torch.addmm(self.head_b, self.min.step(x, states), self.head_w)
-        H = self.H
         below = None
         for k in range(self.layers):
-            gi = (self.table.index_select(0, x) if k == 0
-                  else torch.addmm(self.b_ih[k], below, self.w_ih[k]))
-            if self.mode == "lstm":
-                h, c = states[k]
-                g = torch.addmm(self.b_hh[k], h, self.w_hh[k]).add_(gi)
-                i, f, cand, o = g.chunk(4, 1)
-                c = torch.sigmoid(f).mul_(c).addcmul_(torch.sigmoid(i), cand.tanh_())
-                h = torch.sigmoid(o).mul_(torch.tanh(c))
-                states[k] = (h, c)
-            elif self.mode == "gru":
-                h = states[k]
-                if self.reset == "after":
-                    gh = torch.addmm(self.b_hh[k], h, self.w_hh[k])
-                    rz = gh[:, : 2 * H].add_(gi[:, : 2 * H]).sigmoid_()
-                    n = torch.addcmul(gi[:, 2 * H:], rz[:, :H], gh[:, 2 * H:]).tanh_()
-                else:  # reset gate applied to h before its product (Cho et al. / d2l)
-                    w, b = self.w_hh[k], self.b_hh[k]
-                    rz = torch.addmm(b[: 2 * H], h, w[:, : 2 * H]).add_(gi[:, : 2 * H]).sigmoid_()
-                    n = torch.addmm(b[2 * H:], rz[:, :H] * h, w[:, 2 * H:]).add_(gi[:, 2 * H:])
-                    n = n.tanh_()
-                h = torch.lerp(n, h, rz[:, H:])
-                states[k] = h
-            else:
-                g = torch.addmm(self.b_hh[k], states[k], self.w_hh[k]).add_(gi)
-                h = g.tanh_() if self.mode == "rnn_tanh" else g.relu_()
-                states[k] = h
-            below = h
+            x_proj = self.table.index_select(0, x) if k == 0 else F.linear(below, *self.ih[k])
+            states[k] = cell_step(self.mode, x_proj, states[k], *self.hh[k], self.reset)
+            below = states[k][0] if self.mode == "lstm" else states[k]
         return torch.addmm(self.head_b, below, self.head_w)
 
 
@@ -224,7 +192,8 @@ def generate(
         if prefix_ids:
             x = torch.tensor([prefix_ids], dtype=torch.long, device=device)
             logits, state = model(x)
-            logits, state = (logits[:, -1] * scale).expand(n, -1), _expand(state, n)
+            logits = (logits[:, -1] * scale).expand(n, -1)
+            state = map_state(lambda s: s.expand(-1, n, -1).contiguous(), state)
         else:
             state = model.begin_state(n, device)
             logits = (model.head.bias * scale).expand(n, -1)
@@ -232,7 +201,7 @@ def generate(
         fast = _Stepper.supports(model)
         if fast:
             stepper = _Stepper(model, scale)
-            states = stepper.split(state)
+            states = layers_of(state)
         noise = None if settings.greedy else gumbel_noise(
             generator, length, n, logits.size(-1), device)
         filtering = not settings.greedy and (settings.top_k or settings.top_p < 1.0)

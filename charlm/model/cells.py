@@ -27,47 +27,62 @@ from charlm.model.dropout import drop_weight
 from charlm.model.dropout import dropout as drop
 from charlm.model.fastgru import FastGRU
 from charlm.model.fused import fused_layer
+from charlm.model.state import from_layers, layers_of
 
 _GATES = {"rnn_tanh": 1, "rnn_relu": 1, "gru": 3, "lstm": 4}
 
 
 # --- one time step per cell ------------------------------------------------------------------
-# X: (B, I) input at this step; H_prev, C_prev: (B, H); weights as in torch (rows = gates).
+# The one home of the equations: the scratch layers run them over time, and `charlm generate`
+# steps its characters through them (`charlm.inference.sample`). X_proj: (B, gates*H), the
+# input's share X W_ih^T + b_ih, computed by the caller (for all steps at once, or a row lookup);
+# H_prev, C_prev: (B, H); W_hh, b_hh as in torch (rows = gates: GRU r, z, n; LSTM i, f, g, o).
 
 
-def rnn_step(X, H_prev, W_ih, W_hh, b_ih, b_hh, activation: Callable[[Tensor], Tensor]):
+def rnn_step(X_proj, H_prev, W_hh, b_hh, activation: Callable[[Tensor], Tensor]):
     """H = phi(W_ih X + b_ih + W_hh H_prev + b_hh)."""
-    return activation(F.linear(X, W_ih, b_ih) + F.linear(H_prev, W_hh, b_hh))
+    return activation(X_proj + F.linear(H_prev, W_hh, b_hh))
 
 
-def gru_step(X, H_prev, W_ih, W_hh, b_ih, b_hh, reset: str = "after"):
-    """One GRU step. ``reset="after"``: PyTorch/cuDNN; ``"before"``: Cho et al. 2014 / d2l."""
-    W_xr, W_xz, W_xh = W_ih.chunk(3)
-    W_hr, W_hz, W_hh_ = W_hh.chunk(3)
-    b_xr, b_xz, b_xh = b_ih.chunk(3)
-    b_hr, b_hz, b_hh_ = b_hh.chunk(3)
-    R = torch.sigmoid(F.linear(X, W_xr, b_xr) + F.linear(H_prev, W_hr, b_hr))  # reset gate
-    Z = torch.sigmoid(F.linear(X, W_xz, b_xz) + F.linear(H_prev, W_hz, b_hz))  # update gate
+def gru_step(X_proj, H_prev, W_hh, b_hh, reset: str = "after"):
+    """One GRU step. ``reset="after"``: PyTorch/cuDNN; ``"before"``: Cho et al. 2014 / d2l.
+
+        R, Z    = sigmoid(W_x{r,z} X + b_x{r,z} + W_h{r,z} H_prev + b_h{r,z})  reset, update gates
+        H_tilde = tanh(W_xh X + b_xh + R * (W_hh H_prev + b_hh))       after
+                  tanh(W_xh X + b_xh + W_hh (R * H_prev) + b_hh)       before
+        H       = Z * H_prev + (1 - Z) * H_tilde
+    """
+    H = H_prev.shape[-1]
+    x_rz, x_h = X_proj[:, : 2 * H], X_proj[:, 2 * H:]
     if reset == "after":
-        H_tilde = torch.tanh(F.linear(X, W_xh, b_xh) + R * F.linear(H_prev, W_hh_, b_hh_))
+        h_all = F.linear(H_prev, W_hh, b_hh)
+        R, Z = torch.sigmoid(x_rz + h_all[:, : 2 * H]).chunk(2, 1)
+        H_tilde = torch.tanh(torch.addcmul(x_h, R, h_all[:, 2 * H:]))
     else:
-        H_tilde = torch.tanh(F.linear(X, W_xh, b_xh) + F.linear(R * H_prev, W_hh_, b_hh_))
-    return Z * H_prev + (1 - Z) * H_tilde
+        R, Z = torch.sigmoid(x_rz + F.linear(H_prev, W_hh[: 2 * H], b_hh[: 2 * H])).chunk(2, 1)
+        H_tilde = torch.tanh(x_h + F.linear(R * H_prev, W_hh[2 * H:], b_hh[2 * H:]))
+    return torch.lerp(H_tilde, H_prev, Z)  # Z * H_prev + (1 - Z) * H_tilde
 
 
-def lstm_step(X, H_prev, C_prev, W_ih, W_hh, b_ih, b_hh):
-    """One LSTM step; returns (H, C)."""
-    W_xi, W_xf, W_xc, W_xo = W_ih.chunk(4)
-    W_hi, W_hf, W_hc, W_ho = W_hh.chunk(4)
-    b_xi, b_xf, b_xc, b_xo = b_ih.chunk(4)
-    b_hi, b_hf, b_hc, b_ho = b_hh.chunk(4)
-    I = torch.sigmoid(F.linear(X, W_xi, b_xi) + F.linear(H_prev, W_hi, b_hi))  # input gate
-    F_ = torch.sigmoid(F.linear(X, W_xf, b_xf) + F.linear(H_prev, W_hf, b_hf))  # forget gate
-    O = torch.sigmoid(F.linear(X, W_xo, b_xo) + F.linear(H_prev, W_ho, b_ho))  # output gate
-    C_tilde = torch.tanh(F.linear(X, W_xc, b_xc) + F.linear(H_prev, W_hc, b_hc))  # candidate
-    C = F_ * C_prev + I * C_tilde
-    H = O * torch.tanh(C)
+def lstm_step(X_proj, H_prev, C_prev, W_hh, b_hh):
+    """One LSTM step; returns (H, C).
+
+        I, F, C_tilde, O = sigmoid, sigmoid, tanh, sigmoid of (W_x. X + b_x. + W_h. H_prev + b_h.)
+        C = F * C_prev + I * C_tilde;  H = O * tanh(C)
+    """
+    I, F_, C_tilde, O = (X_proj + F.linear(H_prev, W_hh, b_hh)).chunk(4, 1)
+    C = torch.addcmul(torch.sigmoid(F_) * C_prev, torch.sigmoid(I), torch.tanh(C_tilde))
+    H = torch.sigmoid(O) * torch.tanh(C)
     return H, C
+
+
+def cell_step(mode: str, X_proj: Tensor, state, W_hh: Tensor, b_hh: Tensor, reset: str = "after"):
+    """One step of one layer of cell `mode`: state H (B, H), or (H, C) for lstm, in and out."""
+    if mode == "lstm":
+        return lstm_step(X_proj, *state, W_hh, b_hh)
+    if mode == "gru":
+        return gru_step(X_proj, state, W_hh, b_hh, reset)
+    return rnn_step(X_proj, state, W_hh, b_hh, torch.tanh if mode == "rnn_tanh" else torch.relu)
 
 
 # --- a step function run over time -------------------------------------------------------------
@@ -75,18 +90,12 @@ def lstm_step(X, H_prev, C_prev, W_ih, W_hh, b_ih, b_hh):
 
 def _run_layer(mode: str, X: Tensor, state, weights, reset: str):
     """X: (B, T, I); state: H (B, H) or (H, C) for lstm. Returns outputs (B, T, H) and last state."""
+    W_ih, W_hh, b_ih, b_hh = weights
+    X_proj = F.linear(X, W_ih, b_ih)  # every step's input share in one product
     outputs = []
     for t in range(X.shape[1]):
-        X_t = X[:, t]
-        if mode == "lstm":
-            state = lstm_step(X_t, *state, *weights)
-            outputs.append(state[0])
-            continue
-        if mode == "gru":
-            state = gru_step(X_t, state, *weights, reset=reset)
-        else:
-            state = rnn_step(X_t, state, *weights, activation=torch.tanh if mode == "rnn_tanh" else torch.relu)
-        outputs.append(state)
+        state = cell_step(mode, X_proj[:, t], state, W_hh, b_hh, reset)
+        outputs.append(state[0] if mode == "lstm" else state)
     return torch.stack(outputs, dim=1), state
 
 
@@ -143,26 +152,16 @@ class ScratchRecurrent(nn.Module):
         return w_ih, drop_weight(w_hh, self.weight_drop, self.training), b_ih, b_hh
 
     def forward(self, x: Tensor, state=None):
-        B = x.shape[0]
-        zeros = x.new_zeros(self.num_layers, B, self.hidden_size)
-        if self.mode == "lstm":
-            h0, c0 = state if state is not None else (zeros, zeros)
-        else:
-            h0 = state if state is not None else zeros
-        finals_h, finals_c = [], []
-        for layer in range(self.num_layers):
+        if state is None:
+            zeros = x.new_zeros(self.num_layers, x.shape[0], self.hidden_size)
+            state = (zeros, zeros) if self.mode == "lstm" else zeros
+        finals = []
+        for layer, layer_state in enumerate(layers_of(state)):
             if layer > 0:
                 x = drop(x, self.dropout, self.training, self.locked)
-            layer_state = (h0[layer], c0[layer]) if self.mode == "lstm" else h0[layer]
             x, last = _run_layer(self.mode, x, layer_state, self._weights(layer), self.gru_reset)
-            if self.mode == "lstm":
-                finals_h.append(last[0])
-                finals_c.append(last[1])
-            else:
-                finals_h.append(last)
-        if self.mode == "lstm":
-            return x, (torch.stack(finals_h), torch.stack(finals_c))
-        return x, torch.stack(finals_h)
+            finals.append(last)
+        return x, from_layers(finals)
 
     def extra_repr(self) -> str:
         reset = f", gru_reset={self.gru_reset}" if self.mode == "gru" else ""

@@ -35,22 +35,31 @@ MAX_WIDTH = 2**24
 MAX_LAYERS = 1024
 MAX_VOCAB = 0x110000 + 1  # every Unicode code point, and <unk>
 
+# The model's dropout probabilities, declared once: `stochastic` reads them, dynamic evaluation
+# (`charlm.inference.dynamic.adaptable`) turns them off, and with `locked_dropout` and `impl`
+# they are what a resumed run may change (ADJUSTABLE; `charlm.config.train` makes every other
+# model option fixed on resume from it). None of them changes a weight's shape.
+DROPOUTS = ("dropout", "input_dropout", "embed_dropout", "weight_drop")
+ADJUSTABLE = ("impl", *DROPOUTS, "locked_dropout")
+
 
 @dataclass
 class ModelConfig:
+    """The defaults are `charlm train`'s (whose model options take theirs from here), so
+    `CharLM(ModelConfig(vocab_size=V))` is the model a run with default options trains."""
+
     vocab_size: int = field(metadata=_rule(kind=int, low=1, high=MAX_VOCAB))
     cell: str = field(default="gru", metadata=_rule(choices=CELLS))
     hidden: int = field(default=256, metadata=_rule(kind=int, low=1, high=MAX_WIDTH))
-    layers: int = field(default=1, metadata=_rule(kind=int, low=1, high=MAX_LAYERS))
+    layers: int = field(default=2, metadata=_rule(kind=int, low=1, high=MAX_LAYERS))
     # 0: one-hot inputs, exactly as in d2l
-    embed: int = field(default=0, metadata=_rule(kind=int, low=0, high=MAX_WIDTH))
+    embed: int = field(default=32, metadata=_rule(kind=int, low=0, high=MAX_WIDTH))
     # between recurrent layers and before the output layer
-    dropout: float = field(default=0.0, metadata=_rule(kind=float, low=0, high=1, high_open=True))
+    dropout: float = field(default=0.2, metadata=_rule(kind=float, low=0, high=1, high_open=True))
     nonlinearity: str = field(default="tanh", metadata=_rule(choices=NONLINEARITIES))  # rnn only
     impl: str = field(default="fused", metadata=_rule(choices=IMPLS))
     gru_reset: str = field(default="after", metadata=_rule(choices=GRU_RESETS))  # gru only
-    # AWD-LSTM's regularisers (charlm.model.dropout); the defaults are the model before them, so
-    # a checkpoint without these keys loads as it was trained
+    # AWD-LSTM's regularisers (charlm.model.dropout), off by default
     input_dropout: float = field(default=0.0, metadata=_rule(kind=float, low=0, high=1, high_open=True))
     embed_dropout: float = field(default=0.0, metadata=_rule(kind=float, low=0, high=1, high_open=True))
     weight_drop: float = field(default=0.0, metadata=_rule(kind=float, low=0, high=1, high_open=True))
@@ -70,8 +79,7 @@ class ModelConfig:
     @property
     def stochastic(self) -> bool:
         """Whether training draws random masks (any dropout): resume then needs the generators."""
-        return any(p > 0 for p in (self.dropout, self.input_dropout, self.embed_dropout,
-                                   self.weight_drop))
+        return any(getattr(self, name) > 0 for name in DROPOUTS)
 
     def validate(self) -> "ModelConfig":
         check_fields(self)
@@ -97,6 +105,9 @@ class ModelConfig:
                 f"checkpoint's model config has unknown keys {unknown}; it was written by a newer "
                 "charlm: upgrade charlm to load it"
             )
+        missing = sorted(known - set(data))
+        if missing:  # every key: a default here would silently change the model
+            raise CharlmError(f"checkpoint's model config lacks {missing}; the file is damaged")
         try:
             return cls(**data).validate()
         except (TypeError, UsageError) as exc:

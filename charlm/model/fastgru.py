@@ -17,11 +17,11 @@ forward and autograd replays ~30 more backward. Here each layer is one ``autogra
   ``addcmul``, ``sigmoid_``, ``addcmul``, ``lerp`` plus 8 small ops that store the backward's
   factors; a backward step is 3 ops.
 
-Measured alternatives that lost (docs/BENCHMARKS.md): torch.compile of the step's element-wise
-part (slower per call than eager at these sizes, ~20 s to compile), the backward factors as
-batched ops after the loop, the batch halves on two threads (torch.jit.fork). In C, splitting the
-batch rows across threads instead of the hidden units measured the same within noise; the unit
-split keeps each thread's slice of W_hh in its own cache.
+Alternatives that lost are in docs/BENCHMARKS.md: torch.compile of the step's element-wise part
+(slower per call than eager at these sizes, and slow to compile), the backward factors as
+batched ops after the loop, the batch halves on two threads (torch.jit.fork). In C, the threads
+split the hidden units rather than the batch rows: each thread's slice of W_hh stays in its own
+cache.
 
 Math (reset gate applied after the hidden projection, as in PyTorch/cuDNN), gate order r, z, n::
 
@@ -71,7 +71,7 @@ def _forward_loop(G: Tensor, gin2: Tensor, Y: Tensor, M: Optional[Tensor], h: Te
         r, z, ghn = g[:, :H], g[:, H : 2 * H], g[:, 2 * H :]
         g.addmm_(h, w_hh_t)
         g[:, : 2 * H].sigmoid_()
-        # tanh(a) = 2 sigmoid(2a) - 1: torch's CPU sigmoid is ~3x faster than its tanh.
+        # tanh(a) = 2 sigmoid(2a) - 1: torch's CPU sigmoid is much faster than its tanh.
         torch.addcmul(gin2[t], r, ghn, value=2, out=n)
         n.sigmoid_()
         torch.addcmul(minus_one, n, two, out=n)  # n = tanh(W_in x + b_in + r (W_hn h + b_hn))
@@ -108,8 +108,8 @@ _SCRIPTED: tuple | None = None
 def _loops():
     """(forward loop, backward loop): TorchScript versions, else these Python functions.
 
-    TorchScript's interpreter dispatches the ~20 small ops of a step faster than Python (~10% of
-    a training step at H=256 on a 2-core CPU). torch.jit.script is deprecated from torch 2.11 but
+    TorchScript's interpreter dispatches the ~20 small ops of a step faster than Python
+    (docs/BENCHMARKS.md). torch.jit.script is deprecated from torch 2.11 but
     still works; where scripting fails the Python functions give the same results.
     """
     global _SCRIPTED

@@ -25,8 +25,8 @@ from charlm.model.cells import recurrent_layer
 from charlm.model.config import MIN_CELLS, ModelConfig
 from charlm.model.dropout import dropout, row_scale
 from charlm.model.mincells import MinStack
+from charlm.model.state import State
 
-State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 
 class CharLM(nn.Module):
@@ -81,15 +81,6 @@ class CharLM(nn.Module):
         shape = (self.config.layers, batch_size, self.config.hidden)
         h = torch.zeros(shape, device=device, dtype=self.head.weight.dtype)
         return (h, torch.zeros_like(h)) if self.config.cell == "lstm" else h
-
-
-def detach_state(state: State | None) -> State | None:
-    """Cut the graph between BPTT windows but keep the values (truncated backprop)."""
-    if state is None:
-        return None
-    if isinstance(state, tuple):
-        return tuple(s.detach() for s in state)
-    return state.detach()
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -92,8 +92,8 @@ def keep_freed_memory() -> bool:
 
     A CPU training step allocates and frees the same few megabytes of activations every step.
     By default glibc returns big blocks to the kernel on free (mmap/trim), so every step
-    page-faults that memory back in, zeroed: hundreds of faults per step, 10-20% of a step for
-    the GRU of docs/BENCHMARKS.md on a 2-core VM. A trainer's memory use stays at its peak
+    page-faults that memory back in, zeroed: hundreds of faults per step, a noticeable share of
+    a small GRU's step (docs/BENCHMARKS.md). A trainer's memory use stays at its peak
     anyway. Linux/glibc only; returns whether the setting took.
     """
     import ctypes

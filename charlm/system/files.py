@@ -1,6 +1,9 @@
 """Files written whole or not at all: temp file in the same directory, flush + fsync,
 os.replace, then the directory fsynced. The one way charlm writes a file that must survive
-a crash (checkpoints, run files, the corpus cache, exported folders).
+a crash (checkpoints, run files, the corpus cache, exported folders): `atomic_write` for bytes
+made here, `atomic_copy` for a stream (a file or an archive member), each with an optional check
+of the finished temp file before it takes the name; `temp_path` names every temp file and
+folder, so `remove_stale_temp_files` recognises them all.
 
     dir/
       name                        the file; its previous version stays until the new one is whole
@@ -21,18 +24,30 @@ from typing import BinaryIO, Callable
 from charlm.errors import CharlmError
 
 _TEMP = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp$")
+KEPT = "the previous {name}, if any, is intact"  # what a failed write left as it was
+CHUNK = 1 << 22  # bytes per read of atomic_copy
 
 
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
+def temp_path(path: str | Path) -> Path:
+    """`.name.<pid>.<hex>.tmp` beside `path`: the one temp name, which `remove_stale_temp_files`
+    knows by its pattern (and removes once its writer is dead)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], *,
+                 check: Callable[[Path], None] | None = None, kept: str = KEPT) -> Path:
     """Write `path` through a temp file in the same directory: flush + fsync, then os.replace.
 
     Whatever goes wrong (full disk, a write error, Ctrl-C), the previous file at `path` stays
     intact and the temp file is removed; only SIGKILL or a power cut can leave one behind, and
     `remove_stale_temp_files` clears those. The new file gets the usual mode (0666 less umask).
-    An OSError becomes a one-line CharlmError that names the file.
+    `check(temp)` may refuse the finished file by raising: it then never takes the name. An
+    OSError becomes a one-line CharlmError that names the file and ends with `kept`.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    tmp = temp_path(path)
+    kept = kept.format(name=path.name)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
         try:
@@ -40,6 +55,8 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
                 write(fh)
                 fh.flush()
                 os.fsync(fh.fileno())
+            if check is not None:
+                check(tmp)
             os.replace(tmp, path)
         except BaseException:
             try:
@@ -48,19 +65,36 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
                 pass
             raise
     except OSError as exc:
-        raise CharlmError(
-            f"cannot write {path}: {exc.strerror or exc}; the previous {path.name}, if any, is "
-            "intact"
-        ) from exc
+        raise CharlmError(f"cannot write {path}: {exc.strerror or exc}; {kept}") from exc
     except RuntimeError as exc:  # torch.save's writer reports a failed write its own way
         reason = _write_failure(exc, path.parent)
         if reason is None:
             raise
-        raise CharlmError(
-            f"cannot write {path}: {reason}; the previous {path.name}, if any, is intact"
-        ) from exc
+        raise CharlmError(f"cannot write {path}: {reason}; {kept}") from exc
     _fsync_dir(path.parent)
     return path
+
+
+class TooLong(Exception):
+    """`atomic_copy`'s source held more than `limit` bytes (nothing was written)."""
+
+
+def atomic_copy(src: BinaryIO, path: str | Path, *, limit: int | None = None,
+                check: Callable[[Path, int], None] | None = None, kept: str = KEPT) -> Path:
+    """Stream `src` into `path` as `atomic_write` writes: whole or not at all. More than `limit`
+    bytes raise TooLong; `check(temp, bytes copied)` may refuse the finished copy by raising."""
+    copied = 0
+
+    def copy(out: BinaryIO) -> None:
+        nonlocal copied
+        while block := src.read(CHUNK):
+            copied += len(block)
+            if limit is not None and copied > limit:
+                raise TooLong(limit)
+            out.write(block)
+
+    return atomic_write(path, copy, check=None if check is None else lambda tmp: check(tmp, copied),
+                        kept=kept)
 
 
 def _write_failure(exc: RuntimeError, directory: Path) -> str | None:

@@ -1,8 +1,8 @@
 """CPU threads for repeated work (training steps, evaluation windows), chosen by timing it.
 
-On an idle 2-core machine two threads run a step of the shipped models about 1.8x faster than
-one; beside other busy processes the second thread's core is often taken, every op of a step
-then waits for it, and one thread is twice as fast as two (docs/BENCHMARKS.md). No fixed count
+On an idle 2-core machine two threads run a step of the shipped models faster than one; beside
+other busy processes the second thread's core is often taken, every op of a step then waits for
+it, and one thread is the faster (figures: docs/BENCHMARKS.md, CPU threads). No fixed count
 is right for both, and a machine's load changes during a run, so the trainer tries both counts
 at the start of every period of steps and keeps the faster until the next period::
 
@@ -13,9 +13,9 @@ at the start of every period of steps and keeps the faster until the next period
                           one untimed step per count (the switch), then 4 timed; the faster
                           is the lower median step time. A: one thread per core, B: one.
 
-The slower count's 5 steps cost a few percent of a period at most. Evaluation uses the same
+The slower count's 5 steps are a small share of a period's 200. Evaluation uses the same
 chooser per window (`for_stream`): `eval perplexity`'s single stream runs 512-character windows
-whose input and output products split well (two threads 1.4-1.6x one on an idle machine), while
+whose input and output products split well on an idle machine, while
 beside busy processes one thread can be the faster. The thread count changes no
 number of a step (matrix products split their outputs, not their sums, and torch's reductions
 chunk independently of the thread count: checked bitwise in tests/system/test_threads.py), so a run's
@@ -59,7 +59,7 @@ def threads_within(n: int):
 def threads_for(kind: str, hidden: int, rows: int, requested: int = 0) -> int:
     """CPU threads for one kind of work: "train" (steps of `rows` sequences through layers of
     `hidden` units; the trainer's validation too) or "stream" (a character at a time: generation,
-    `sample.draw`), whose matrix-vector products are too small to split. `requested` > 0
+    `sample.generate`), whose matrix-vector products are too small to split. `requested` > 0
     (--threads) wins. (Evaluation windows time their count: `threads.ThreadChooser`.)"""
     if requested > 0:
         return requested
@@ -74,8 +74,8 @@ _TORCH_DEFAULT = torch.get_num_threads()  # one per core, or OMP_NUM_THREADS: to
 PERIOD = 200  # steps between trials
 TRIAL = 4  # timed steps per count and trial
 WARMUP = 10  # steps before the first trial, run with the first count
-# a single stream's windows split well from here (two threads 1.4-1.6x one on an idle 2-core
-# machine at 256 units: the default config and d2l-gru, docs/BENCHMARKS.md)
+# a single stream's windows split well across two threads from here (on an idle 2-core machine
+# at 256 units: the default config and d2l-gru; docs/BENCHMARKS.md, CPU threads)
 STREAM_HIDDEN = 256
 
 

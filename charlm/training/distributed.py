@@ -27,6 +27,7 @@ from typing import Any, Callable, TypeVar
 import torch
 
 from charlm.errors import CharlmError
+from charlm.model.state import cat_states, map_state
 from charlm.training.lifeline import stop_with_parent
 
 T = TypeVar("T")
@@ -346,12 +347,7 @@ def gather_state(group: Group, hidden, rng: dict) -> tuple[Any, dict]:
     if everyone is None:
         return None, {}
     hiddens, rngs = [h for h, _ in everyone], [r for _, r in everyone]
-    if any(h is None for h in hiddens):
-        joined = None
-    elif isinstance(hiddens[0], list):
-        joined = [torch.cat(parts, dim=1) for parts in zip(*hiddens)]
-    else:
-        joined = torch.cat(hiddens, dim=1)
+    joined = None if any(h is None for h in hiddens) else cat_states(hiddens, dim=1)
     return joined, {"world_size": group.world_size, "rank_rng": rngs}
 
 
@@ -364,8 +360,7 @@ def rank_state(group: Group, ckpt: dict, batch_size: int) -> tuple[Any, dict]:
     if not isinstance(rngs, list) or len(rngs) != group.world_size:
         raise CharlmError("the checkpoint lacks one RNG state per rank; the file is damaged")
     rows = group.rows(batch_size)
-    if hidden is not None:
-        hidden = [h[:, rows] for h in hidden] if isinstance(hidden, list) else hidden[:, rows]
+    hidden = map_state(lambda h: h[:, rows], hidden)
     return hidden, rngs[group.rank]
 
 

@@ -11,10 +11,9 @@ from charlm.model.config import ModelConfig
 from charlm.system.devices import auto_note, describe, keep_freed_memory, select_device, set_tf32
 from charlm.training import distributed
 
-# Mixed precision measured on one NVIDIA H200 (torch 2.11, cuDNN 9.19), default GRU 2x256, 300
-# steps: fp32 252K tokens/s, bf16 214K, fp16 217K: at this size the casts cost more than the
-# halved products save. Larger models are not measured yet (scripts/gpu_check.sh's throughput
-# rows); up to this hidden size the trainer says so.
+# Up to this hidden size mixed precision is slower than fp32 on a GPU (docs/BENCHMARKS.md, GPU):
+# the casts cost more than the halved products save. Larger models have no figures
+# yet (scripts/gpu_check.sh's throughput rows); up to this size the trainer says so.
 MIXED_PRECISION_SLOWER_UP_TO_HIDDEN = 256
 
 

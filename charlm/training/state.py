@@ -21,7 +21,6 @@ from charlm.config.build import LIMITS, build_config
 from charlm.config.train import OPTIONS, TrainConfig, absolute_files, canonical, fixed_on_resume
 from charlm.data.transfer import public_url
 from charlm.errors import CharlmError, UsageError
-from charlm.model.lm import State
 
 
 @dataclass
@@ -45,8 +44,7 @@ class LoopState:
     def load_state_dict(self, state: dict) -> None:
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
         self.elapsed, self.best_val_loss = float(state["elapsed"]), float(state["best_val_loss"])
-        pending = state.get("eval_pending")  # older checkpoints: true, for the periodic one
-        self.eval_pending = "periodic" if pending is True else pending or None
+        self.eval_pending = state["eval_pending"] or None
 
 
 class LogWindow:
@@ -85,15 +83,11 @@ def rng_state(device: torch.device) -> dict:
 def set_rng_state(state: dict, device: torch.device, needed: bool = True) -> str | None:
     """Restore `state` (torch's, Python's and the device's generators) for a run on `device`;
     the reason, as one line, when the device's own generator cannot be restored (`needed`:
-    whether the run draws from it, i.e. uses dropout).
-
-    Checkpoints before the "device" key kept every GPU's state in a list ("cuda"): the training
-    device's entry is used when there is one.
-    """
+    whether the run draws from it, i.e. uses dropout)."""
     torch.set_rng_state(state["torch"])
     if state.get("python") is not None:  # plain ints in the file (torch.load weights_only)
         random.setstate((random.Random.VERSION, tuple(state["python"]), None))
-    saved_on = state.get("device") or ("cuda" if state.get("cuda") else "cpu")
+    saved_on = state.get("device") or "cpu"
     if device.type == "cpu":
         if needed and saved_on != "cpu":
             return (f"the checkpoint was trained on {saved_on}, so its dropout masks came from "
@@ -101,10 +95,6 @@ def set_rng_state(state: dict, device: torch.device, needed: bool = True) -> str
                     f"an uninterrupted run would")
         return None
     saved = state.get("device_rng") if saved_on == device.type else None
-    legacy = state.get("cuda") if device.type == "cuda" else None
-    if saved is None and isinstance(legacy, list):
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        saved = legacy[index] if index < len(legacy) else None
     try:
         if isinstance(saved, torch.Tensor) and saved.dtype == torch.uint8:
             if device.type == "cuda":
@@ -119,26 +109,6 @@ def set_rng_state(state: dict, device: torch.device, needed: bool = True) -> str
     return (f"the checkpoint holds no usable {device.type} generator state (trained on "
             f"{saved_on}): from here on the run draws other dropout masks than an uninterrupted "
             f"run would")
-
-
-def hidden_to_plain(state: State | None):
-    """The carried state as float32 CPU tensors: h, or [h, c] for an LSTM. float32 whatever the
-    precision it was computed in, so a run resumes under any --precision and on any device."""
-    if state is None:
-        return None
-    if isinstance(state, tuple):
-        return [s.detach().float().cpu() for s in state]
-    return state.detach().float().cpu()
-
-
-def hidden_from_plain(data, device) -> State | None:
-    """The carried state on `device`, float32 (checkpoints before that stored an fp16 run's in
-    fp16, which a float32 model refuses)."""
-    if data is None:
-        return None
-    if isinstance(data, list):
-        return tuple(s.to(device=device, dtype=torch.float32) for s in data)
-    return data.to(device=device, dtype=torch.float32)
 
 
 def resolve_resume(given: dict, resume: str) -> tuple[TrainConfig, dict]:

@@ -34,7 +34,8 @@ from charlm.errors import CharlmError, warn
 from charlm.inference.loading import model_from_checkpoint
 from charlm.inference.sample import SampleSettings, generate
 from charlm.model.config import large_vocab_note, resolve_impl
-from charlm.model.lm import CharLM, State, detach_state
+from charlm.model.lm import CharLM
+from charlm.model.state import State, detach_state, from_plain, to_plain
 from charlm.system.threads import ThreadChooser, use_threads
 from charlm.training import distributed, finetune, runtime, tensorboard, validation
 from charlm.training.display import RunInfo, TrainDisplay, run_summary
@@ -43,8 +44,7 @@ from charlm.training.divergence import checkpoints_left, unsavable
 from charlm.training.limits import Limits
 from charlm.training.optim import LRSchedule, load_optimizer_state, make_optimizer
 from charlm.training.signals import Abandoned, Interrupted, StopRequests, stop_requests
-from charlm.training.state import (LogWindow, LoopState, hidden_from_plain, hidden_to_plain,
-                                   rng_state, set_rng_state)
+from charlm.training.state import LogWindow, LoopState, rng_state, set_rng_state
 
 
 class Trainer:
@@ -122,7 +122,7 @@ class Trainer:
         sequential = self.cfg.sampling == "sequential"
         rng = rng_state(self.device)
         hidden, ranks = distributed.gather_state(
-            self.group, hidden_to_plain(self.hidden) if sequential else None, rng)
+            self.group, to_plain(self.hidden) if sequential else None, rng)
         return {
             "model_config": self.model_config.to_dict(),
             "vocab": self.data.vocab.to_dict(),
@@ -154,7 +154,7 @@ class Trainer:
             self.ema.load_state_dict(ckpt["ema"], self.where)
         self.batches.load_state_dict(ckpt["iterator"])
         hidden, rng = distributed.rank_state(self.group, ckpt, self.cfg.batch_size)
-        self.hidden = hidden_from_plain(hidden, self.device)
+        self.hidden = from_plain(hidden, self.device)
         self.loop.load_state_dict(ckpt)
         note = set_rng_state(rng, self.device, needed=self.model_config.stochastic)
         if note and self.group.is_main:

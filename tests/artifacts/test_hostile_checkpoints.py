@@ -302,8 +302,11 @@ STATE_EDITS = {
     "rng-device-state-a-string": (lambda ckpt: ckpt["rng"].update(device="cuda", device_rng="x"),
                                   "'rng' entry does not hold its device's generator state"),
     "eval-pending-a-number": (_set("eval_pending", 1),
-                              "'eval_pending' entry is 1, not false, 'periodic' or 'whole' "
-                              "(older files: true)"),
+                              "'eval_pending' entry is 1, not false, 'periodic' or 'whole'"),
+    "eval-pending-true": (_set("eval_pending", True),
+                          "'eval_pending' entry is True, not false, 'periodic' or 'whole'"),
+    "eval-pending-missing": (_set("eval_pending", KeyError),
+                             "'eval_pending' entry is missing, not false, 'periodic' or 'whole'"),
     "rng-python-position-past-the-end": (lambda ckpt: ckpt["rng"]["python"].__setitem__(-1, 625),
                                          "'rng' entry does not hold Python's generator state"),
 }
@@ -319,22 +322,21 @@ def test_a_damaged_training_state_is_one_line_before_any_file_is_written(
                                        f"{DAMAGED}\n")
 
 
-def test_a_checkpoint_of_an_older_batch_order_is_not_resumed_mid_epoch(tiny_run, tmp_path,
-                                                                      monkeypatch):
-    """An older charlm's iterator state (no "layout") lays out its epochs otherwise: resumed in
-    the middle of one, it would repeat or skip windows. One line, nothing written."""
+def test_a_checkpoint_of_another_batch_order_is_not_resumed(tiny_run, tmp_path, monkeypatch):
+    """An iterator state without this batch order's "layout" would repeat or skip windows. One
+    line, nothing written."""
     run = edited_run(tiny_run, tmp_path, _set("iterator/layout", KeyError))
-    ckpt = plain(tiny_run)
-    it = ckpt["iterator"]
-    per_epoch = (ckpt["corpus"]["splits"]["train"] - it["num_steps"]) // (
-        it["batch_size"] * it["num_steps"])
-    assert 0 < it["position"] < per_epoch  # the tiny run stopped mid-epoch
     code, out, err = refused("resume", run, tiny_run, tmp_path, monkeypatch)
-    assert (code, out, err) == (1, "", (
-        f"charlm: error: cannot resume: the checkpoint stopped in the middle of epoch "
-        f"{it['epoch']} (after batch {it['position']} of {per_epoch}) and was written by an "
-        "older charlm, whose batch order differs, so the rest of the epoch would repeat or skip "
-        "text; start a new run, or resume it with the charlm that wrote it\n"))
+    assert (code, out, err) == (1, "", "charlm: error: invalid batch iterator state: layout None, "
+                                       "not 3\n")
+
+
+def test_a_model_config_without_every_key_is_not_loaded(tiny_run, tmp_path, monkeypatch):
+    """A missing key would load with today's default: another model than the one trained."""
+    run = edited_run(tiny_run, tmp_path, lambda ckpt: ckpt["model_config"].pop("layers"))
+    code, out, err = refused("resume", run, tiny_run, tmp_path, monkeypatch)
+    assert (code, out, err) == (1, "", "charlm: error: checkpoint's model config lacks "
+                                       "['layers']; the file is damaged\n")
 
 
 @pytest.mark.parametrize("edit", ["weights-near-float32-max", "weights-complex", "weights-integer"])

@@ -179,7 +179,7 @@ def test_names_a_user_gives_are_echoed_escaped(args, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("toml, shown_part", [
-    ('cell = "\\u001b]0;pwned\\u0007"', "must be one of rnn, gru, lstm; got '\\x1b]0;pwned\\x07'"),
+    ('cell = "\\u001b]0;pwned\\u0007"', "must be one of rnn, gru, lstm, mingru, minlstm; got '\\x1b]0;pwned\\x07'"),
     ('"\\u001b[2J" = 1', "unknown key '\\x1b[2J' in config file"),
     ('hidden = "' + "9" * 5000 + '"', "key 'hidden' in config file"),
     ("hidden = " + "9" * 5000, "holds a value charlm cannot read: Exceeds the limit (4300 "

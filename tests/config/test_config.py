@@ -221,7 +221,7 @@ def test_values_are_checked_with_one_wording_naming_where_the_value_came_from(tm
 
 
 @pytest.mark.parametrize("args, line", [
-    (["--cell", "gur"], "--cell must be one of rnn, gru, lstm; got 'gur' (did you mean gru?)"),
+    (["--cell", "gur"], "--cell must be one of rnn, gru, lstm, mingru, minlstm; got 'gur' (did you mean gru?)"),
     (["--impl", "fuse"],
      "--impl must be one of auto, fused, scratch, fast; got 'fuse' (did you mean fused?)"),
     (["--optimizer", "lbfgs"], "--optimizer must be one of sgd, adam, adamw; got 'lbfgs'"),
@@ -241,7 +241,7 @@ def test_a_config_files_value_names_the_file_and_key(tmp_path):
     with pytest.raises(UsageError) as err:
         load_config_file(path)
     assert str(err.value) == (f"key 'model.cell' in config file {path} must be one of rnn, gru, "
-                              "lstm; got 'lsmt' (did you mean lstm?)")
+                              "lstm, mingru, minlstm; got 'lsmt' (did you mean lstm?)")
     path.write_text('time_budget = "soon"\n', encoding="utf-8")
     with pytest.raises(UsageError) as err:
         load_config_file(path)

@@ -376,6 +376,8 @@ FOLDER_EDITS = {
     "newer-key": (lambda f: edit_config(f, lambda c: c["model"].update(tie_magic=True)),
                   "{c}: its model has unknown keys ['tie_magic']; it was written by a newer charlm: "
                   "upgrade charlm to load it"),
+    "key-missing": (lambda f: edit_config(f, lambda c: c["model"].pop("layers")),
+                    "{c}: its model lacks ['layers']; the folder is damaged"),
     "newer-version": (lambda f: edit_config(f, lambda c: c.update(version=2)),
                       "{c} is model folder format version 2, newer than this charlm reads (1); "
                       "upgrade charlm"),

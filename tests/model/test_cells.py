@@ -172,8 +172,9 @@ def test_gru_step_reset_placement_with_zero_state():
     torch.manual_seed(0)
     w_ih, w_hh, b_ih, b_hh = torch.randn(9, 2), torch.randn(9, 3), torch.randn(9), torch.randn(9)
     x, h = torch.randn(4, 2), torch.zeros(4, 3)
-    a = gru_step(x, h, w_ih, w_hh, b_ih, b_hh, reset="after")
-    b = gru_step(x, h, w_ih, w_hh, b_ih, b_hh, reset="before")
+    x_proj = x @ w_ih.T + b_ih  # the input's share, which the caller computes
+    a = gru_step(x_proj, h, w_hh, b_hh, reset="after")
+    b = gru_step(x_proj, h, w_hh, b_hh, reset="before")
     # after: R * b_hn; before: b_hn -> equal only if R == 1, so compare against the formula.
     r = torch.sigmoid(x @ w_ih[:3].T + b_ih[:3] + b_hh[:3])
     z = torch.sigmoid(x @ w_ih[3:6].T + b_ih[3:6] + b_hh[3:6])

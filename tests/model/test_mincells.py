@@ -288,7 +288,7 @@ def test_a_model_config_with_weight_drop_is_refused_for_the_min_cells():
 
 def test_the_cards_model_line_names_the_stack():
     model = ModelConfig(vocab_size=66, cell="mingru", hidden=384, layers=3, embed=64,
-                        norm="rms", ffn=2).to_dict()
+                        norm="rms", ffn=2, dropout=0.0).to_dict()
     assert _model_line(model, 1000) == (
         "3-layer minGRU, 384 hidden units, residual connections, RMSNorm, feed-forward blocks 2x "
         "wide, a 64-dimensional embedding, dropout 0.0, 66 output characters; 1,000 parameters")

@@ -20,7 +20,8 @@ from charlm.model.config import ModelConfig
 from charlm.model.fused import FusedGRU, FusedLSTM, fused_layer
 from charlm.model.lm import CharLM
 from charlm.training import runtime
-from charlm.training.state import hidden_from_plain, hidden_to_plain, rng_state, set_rng_state
+from charlm.model.state import from_plain, to_plain
+from charlm.training.state import rng_state, set_rng_state
 from helpers import invoke, no_float64
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -108,13 +109,6 @@ def test_the_checkpoint_holds_the_training_devices_own_generator(monkeypatch):
     assert [(i, s.tolist()) for i, s in fake.set_calls] == [(0, [1] * 16)]
 
 
-def test_old_checkpoints_restore_the_training_devices_entry(monkeypatch):
-    fake = FakeCuda(monkeypatch)
-    old = {"torch": torch.get_rng_state(), "cuda": [fake.states[0], fake.states[1]]}
-    assert set_rng_state(old, torch.device("cuda", 1)) is None
-    assert [(i, s[0].item()) for i, s in fake.set_calls] == [(1, 1)]
-
-
 def test_a_state_that_cannot_be_restored_says_so_in_one_line(monkeypatch):
     FakeCuda(monkeypatch)
     cpu_run = rng_state(torch.device("cpu"))
@@ -149,10 +143,10 @@ def test_resuming_a_gpu_runs_checkpoint_on_the_cpu_warns_once(tiny_run, tmp_path
 
 def test_the_carried_state_is_saved_and_restored_in_float32():
     h = torch.randn(2, 3, 4).to(torch.float16)
-    assert hidden_to_plain(h).dtype == torch.float32
-    assert all(t.dtype == torch.float32 for t in hidden_to_plain((h, h.bfloat16())))
-    assert hidden_from_plain(h, "cpu").dtype == torch.float32  # an older fp16 checkpoint's
-    assert all(t.dtype == torch.float32 for t in hidden_from_plain([h, h], "cpu"))
+    assert to_plain(h).dtype == torch.float32
+    assert all(t.dtype == torch.float32 for t in to_plain((h, h.bfloat16())))
+    assert from_plain(h, "cpu").dtype == torch.float32  # an older fp16 checkpoint's
+    assert all(t.dtype == torch.float32 for t in from_plain([h, h], "cpu"))
 
 
 def test_a_checkpoint_with_a_half_precision_state_resumes_in_fp32(tiny_run, tmp_path):

@@ -197,11 +197,11 @@ def test_a_stop_during_the_final_exact_evaluation_resumes_to_that_one_alone(tmp_
     assert a["scheduler"] == b["scheduler"] and a["eval_pending"] is False
 
 
-def test_an_older_checkpoints_pending_evaluation_is_the_periodic_one():
+def test_the_pending_evaluation_round_trips_through_the_checkpoint():
     from charlm.training.state import LoopState
 
     counters = {"step": 6, "tokens_seen": 192, "elapsed": 1.0, "best_val_loss": 4.0}
-    for saved, pending in [(True, "periodic"), (False, None), ("whole", "whole")]:
+    for saved, pending in [(False, None), ("periodic", "periodic"), ("whole", "whole")]:
         loop = LoopState()
         loop.load_state_dict({**counters, "eval_pending": saved})
         assert loop.eval_pending == pending

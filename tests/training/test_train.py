@@ -19,7 +19,8 @@ from charlm.cli.app import app
 from charlm.config.train import TrainConfig
 from charlm.config.build import build_config
 from charlm.model.config import ModelConfig
-from charlm.model.lm import CharLM, detach_state
+from charlm.model.lm import CharLM
+from charlm.model.state import detach_state
 from charlm.training.trainer import Trainer
 from helpers import pydoc_text
 
