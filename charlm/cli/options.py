@@ -1,10 +1,12 @@
-"""Options that several commands take alike (generate, eval perplexity)."""
+"""Options that several commands take alike (generate, eval perplexity, export)."""
+
+import sys
 
 import typer
 
 from charlm.checks import Rule
 from charlm.config.train import OPTIONS
-from charlm.model.config import WEIGHTS
+from charlm.model.config import IMPLS, WEIGHTS
 
 CheckpointOpt = typer.Option(
     None, "--checkpoint",
@@ -12,14 +14,25 @@ CheckpointOpt = typer.Option(
          "Default: the latest run's best.pt (runs root: $CHARLM_RUNS_DIR or ./runs).",
     show_default=False,
 )
-DeviceOpt = typer.Option("auto", "--device", help=OPTIONS["device"].help)  # train's own words
+DEVICES = "[auto|cpu|cuda|cuda:N|mps]"
+DeviceOpt = typer.Option("auto", "--device", help=OPTIONS["device"].help,  # train's own words
+                         metavar=DEVICES)
 ImplOpt = typer.Option(
-    None, "--impl",
+    None, "--impl", metavar=f"[{'|'.join(('auto', *IMPLS))}]",
     help="Load with another implementation: auto, fused, scratch or fast (GRU on CPU). "
          "Default: the checkpoint's own. Parameters are laid out alike in all of them.",
     show_default=False,
 )
 JsonOpt = typer.Option(False, "--json", help="Print JSON on stdout instead of text.")
+QuietOpt = typer.Option(False, "--quiet", "-q",
+                        help="Say nothing on stderr but errors and warnings (not even which model "
+                             "is used).")
+
+
+def say(line: str) -> None:
+    """A line for the person at the terminal, on stderr (stdout stays the command's output)."""
+    sys.stderr.write(f"charlm: {line}\n")
+    sys.stderr.flush()
 
 
 def _check_weights(value: str) -> str:
