@@ -91,7 +91,7 @@ def test_repr_and_attributes(runs):
     assert (model.config.cell, model.config.layers, model.config.hidden) == ("gru", 2, 16)
     assert len(model.vocab) == model.config.vocab_size
     assert repr(model) == (
-        f"<charlm.Model gru 2x16 ({model.parameters:,} parameters), corpus small.txt, vocabulary "
+        f"<charlm.Model gru 2x16 ({model.parameters:,} parameters), corpus small, vocabulary "
         f"{model.config.vocab_size}, on cpu, from {runs['gru'] / 'best.pt'}>")
 
 
@@ -113,7 +113,7 @@ def test_perplexity_of_a_file_and_of_a_string(runs, tmp_path):
                       "--chunk", "7")
     model = charlm.load(runs["gru"], device="cpu")
     from_file = model.perplexity(text=text, chunk=7)
-    from_string = model.perplexity(text.read_text(encoding="utf-8"))
+    from_string = model.perplexity(text.read_text(encoding="utf-8"), chunk=7)
     assert from_file.to_dict() == {k: report[k] for k in from_file.to_dict()}
     assert abs(from_string.perplexity - report["perplexity"]) <= 1e-9
     assert (from_string.text, from_file.text) == (None, str(text))
@@ -254,7 +254,8 @@ def test_train_takes_a_config_file_or_dict_under_the_options(runs, tmp_path):
 
 @pytest.mark.parametrize("options, message", [
     (dict(hiden=32), "unknown option 'hiden' for charlm.train; did you mean hidden?"),
-    (dict(max_step=3), "unknown option 'max_step' for charlm.train; did you mean max_steps?"),
+    (dict(max_step=3), "unknown option 'max_step' for charlm.train; did you mean max_steps or "
+                         "num_steps or max_tokens?"),
     (dict(wibble=1), "unknown option 'wibble' for charlm.train; the options are charlm "
                      "train's, with - written as _ (charlm train --help)"),
     (dict(hidden="32"), "option hidden for charlm.train must be an integer, got '32'"),

@@ -11,7 +11,7 @@ import typer
 
 from charlm.cli.options import (CheckpointOpt, DeviceOpt, ImplOpt, JsonOpt, QuietOpt, WeightsOpt,
                                 say)
-from charlm.errors import warn
+from charlm.errors import UsageError, warn
 
 SPLITS = ("train", "val", "test")  # charlm.inference.model.SPLITS: --help imports no torch
 
@@ -54,7 +54,9 @@ def eval_perplexity(
     """
     from charlm.inference.model import Model, check_evaluation
 
-    if batch_size is not None:
+    if batch_size is not None:  # the old name: its errors name it
+        if batch_size < 1:
+            raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
         chunk = batch_size
     options = dict(text=text, split=split, chunk=chunk, threads=threads, dynamic=dynamic,
                    dynamic_lr=dynamic_lr, dynamic_decay=dynamic_decay,
