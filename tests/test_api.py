@@ -278,3 +278,29 @@ def test_train_shows_progress_unless_quiet(runs, tmp_path, capsys):
     assert "100%" in err and "val ppl" in err
     charlm.train(text=runs["text"], out=tmp_path / "quiet", quiet=True, **OPTIONS)
     assert capsys.readouterr() == ("", "")
+
+
+def test_load_without_runs_says_how_to_name_one(tmp_path, monkeypatch):
+    from charlm.errors import CharlmError
+
+    monkeypatch.setenv("CHARLM_RUNS_DIR", str(tmp_path / "none"))
+    with pytest.raises(CharlmError) as info:
+        charlm.load()
+    assert str(info.value) == (f"no runs yet in {tmp_path / 'none'}/: train one first with "
+                               "`charlm train`, or give charlm.load a checkpoint, a run folder "
+                               "or an exported folder")
+
+
+def test_the_quality_script_evaluates_through_the_api_with_evals_figures(runs):
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import quality
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    report = cli_json("eval", "perplexity", "--checkpoint", str(runs["gru"]), "--split", "val",
+                      "--dynamic", "--dynamic-window", "20")
+    figures = quality.eval_perplexity(runs["gru"], None, dict(os.environ),
+                                      ["--dynamic-window", "20"])
+    assert figures == {k: report[k] for k in figures}
+    assert quality.result_figures({}, figures)["dynamic_perplexity"] == report["dynamic"][
+        "perplexity"]

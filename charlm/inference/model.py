@@ -385,7 +385,9 @@ def check_evaluation(text: str | os.PathLike | None = None, split: str | None = 
 def load(path_or_run: str | os.PathLike | None = None, device: str = "auto",
          impl: str | None = None, weights: str = "auto") -> Model:
     """`charlm.load`: see `Model.load`."""
-    return Model.load(path_or_run, device, impl, weights)
+    return Model.load(path_or_run, device, impl, weights,
+                      how_to_name="give charlm.load a checkpoint, a run folder or an exported "
+                                  "folder")
 
 
 __all__ = ["Model", "Drawn", "Evaluation", "EvalRequest", "check_evaluation", "check_settings",
