@@ -26,7 +26,8 @@ import torch
 
 from charlm.data.text import preprocess, read_text, readable
 from charlm.errors import CharlmError, UsageError, warn
-from charlm.inference.evaluate import Perplexity, perplexity_of
+from charlm.inference import evaluate as scoring  # scoring.perplexity_of: one name to patch
+from charlm.inference.evaluate import Perplexity
 from charlm.inference.loading import Loaded, describe, load_model, model_info, weights_used
 from charlm.inference.sample import SampleSettings, draw_steps, generate as draw
 from charlm.model.lm import count_parameters
@@ -269,7 +270,8 @@ class Model:
         settings = request.dynamic
         train = self._training_split(data) if settings else None  # checked before any scoring
         result = Evaluation.of(
-            perplexity_of(self.module, tokens, window=request.chunk, threads=request.threads),
+            scoring.perplexity_of(self.module, tokens, window=request.chunk,
+                                  threads=request.threads),
             split=split, text=str(file) if file is not None else None)
         if settings is not None:
             from charlm.inference.dynamic import adaptable, dynamic_perplexity, gradient_rms

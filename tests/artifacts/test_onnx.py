@@ -87,7 +87,7 @@ def test_the_sampler_writes_greedy_generates_text_without_torch(folder, prefix):
     done = sampler([str(out), "--prefix", prefix, "--greedy", "--length", "150"])
     assert (done.returncode, done.stderr) == (0, "")
     code, stdout, err = run_main(["generate", "--checkpoint", str(out), "--prefix", prefix,
-                                  "--greedy", "--length", "150"])
+                                  "--greedy", "--length", "150", "-q"])
     assert (code, err) == (0, "")
     assert done.stdout == stdout
 
@@ -105,7 +105,7 @@ def test_the_sampler_reads_and_writes_a_byte_level_model_as_generate_does(tmp_pa
     done = sampler([str(out), "--prefix", prefix, "--greedy", "--length", "120"])
     assert (done.returncode, done.stderr) == (0, "")
     code, stdout, err = run_main(["generate", "--checkpoint", str(out), "--prefix", prefix,
-                                  "--greedy", "--length", "120"])
+                                  "--greedy", "--length", "120", "-q"])
     assert (code, err) == (0, "charlm: warning: 3 prefix bytes not in the model's vocabulary, "
                               "read as <unk>: 0xc3, 0xa9, 0xaf\n")  # UTF-8 of \u00e9 and \u00ef
     assert done.stdout == stdout
