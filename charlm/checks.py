@@ -7,15 +7,21 @@ checkpoint) and the same words describe it in `--help` and in errors::
     cell     Rule(choices=("rnn", "gru", "lstm"))   "cell must be one of rnn, gru, lstm; got 'x'"
     hidden   Rule(int, low=1)                       "hidden must be an integer >= 1, got 0"
     dropout  Rule(float, low=0, high=1, high_open)  "dropout must be in [0, 1), got 1.0"
+
+The key names where the value came from: the field's name for a checkpoint or the Python API,
+`--cell` for the command line, "key 'model.cell' in config file run.toml" for a file. A choice
+that is a near miss is named: "--cell must be one of rnn, gru, lstm; got 'gur' (did you mean gru?)".
 """
 
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import dataclass, fields
 from typing import Any
 
 from charlm.errors import UsageError
+from charlm.text_safety import quoted, shown
 
 
 @dataclass(frozen=True)
@@ -70,9 +76,15 @@ class Rule:
         if self.ok(value):
             return
         if self.choices:
-            raise UsageError(f"{key} must be {self.describe()}; got {value!r}")
-        shown = value if isinstance(value, (int, float)) and not isinstance(value, bool) else repr(value)
-        raise UsageError(f"{key} must be {self.describe()}, got {shown}")
+            raise UsageError(f"{key} must be {self.describe()}; got {quoted(value)}{self.hint(value)}")
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        raise UsageError(f"{key} must be {self.describe()}, got "
+                         f"{shown(value) if number else quoted(value)}")
+
+    def hint(self, value: Any) -> str:
+        """' (did you mean gru?)' for a near miss of a choice ('gur'), else ''."""
+        near = difflib.get_close_matches(str(value).lower(), self.choices, n=1, cutoff=0.6)
+        return f" (did you mean {near[0]}?)" if near else ""
 
 
 def _num(x: float) -> str:

@@ -6,6 +6,8 @@ warning is one line on stderr (`charlm: warning: ...`) and the command goes on.
 
 import sys
 
+from charlm.text_safety import one_line
+
 
 class CharlmError(Exception):
     """A problem with the user's input, files or environment: message says what and what to do."""
@@ -21,6 +23,6 @@ class UsageError(CharlmError):
 
 def warn(message: str) -> None:
     """One warning line on stderr, printed literally (no markup, no wrapping)."""
-    message = " ".join(str(message).split())
+    message = one_line(message)  # control characters a file or a peer put there, escaped
     sys.stderr.write(f"charlm: warning: {message}\n")
     sys.stderr.flush()

@@ -71,13 +71,14 @@ def main(argv=None) -> int:
             eval_s = sum(r.get("eval_s", 0.0) for r in evals)
             rows.append({
                 "corpus": corpus, "budget": budget, "device": opts.device,
-                "test_bpc": test["bits_per_char"], "test_characters": test["characters"],
-                "steps": summary["steps"], "tokens_per_s": summary["tokens_per_s"],
+                # enwik8's papers' "bits per character" are per byte
+                "test_bpc": test["bits_per_byte"] if test.get("unit") == "byte" else test["bits_per_char"], "test_characters": test["characters"],
+                "steps": summary["steps"], "tokens_per_s": summary["mean_tokens_per_s"],
                 "train_s": summary["wall_time_s"], "eval_s": round(eval_s, 1),
                 "eval_share": eval_s / (eval_s + summary["wall_time_s"]),
-                "final_val_bpc": (summary["final_val_loss"] or float("nan")) / 0.6931471805599453,
+                "final_val_bpc": (summary["val_loss"] or float("nan")) / 0.6931471805599453,
                 "run": str(out)})
-            print(f"{corpus} {budget}: test {test['bits_per_char']:.3f} bpc", file=sys.stderr)
+            print(f"{corpus} {budget}: test {rows[-1]['test_bpc']:.3f} bpc", file=sys.stderr)
     machine = {"cpu": cpu_name(), "cores": os.cpu_count(),
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     if opts.json:

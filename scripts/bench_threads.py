@@ -86,7 +86,7 @@ def child(config: str, variant: str, seconds: float) -> dict:
 
     from charlm.system.threads import threads_for, use_threads
     from charlm.inference.evaluate import corpus_nll
-    from charlm.config.train import build_config
+    from charlm.config.build import build_config
     from charlm.config.file import load_config_file
     from charlm.system.threads import ThreadChooser
     from charlm.training.trainer import Trainer

@@ -95,7 +95,7 @@ class Side:
     def __init__(self, base: dict, impl: str, steps: int, warmup: int, root: Path):
         import torch
 
-        from charlm.config.train import build_config
+        from charlm.config.build import build_config
         from charlm.training.optim import make_optimizer
         from charlm.training.trainer import Trainer
 
@@ -160,7 +160,7 @@ class Side:
         slices, so both see the same machine load."""
         from rich.console import Console
 
-        from charlm.config.train import build_config
+        from charlm.config.build import build_config
         from charlm.training.display import TrainDisplay
         from charlm.training.trainer import Trainer
 
@@ -204,7 +204,7 @@ class Side:
         # the trainer's own clock (loop.elapsed = tokens / its tokens_per_s) ran on through the
         # hook, so the time spent in there is taken off
         seen = summary["steps"] * self.batch_tokens
-        own_elapsed = seen / summary["tokens_per_s"] - clock["in_hook"]
+        own_elapsed = seen / summary["mean_tokens_per_s"] - clock["in_hook"]
         return {
             "trainer_tps": len(pairs) * tokens / t_sum,
             "bare_tps": len(pairs) * tokens / b_sum,

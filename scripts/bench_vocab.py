@@ -93,11 +93,11 @@ def main(argv=None) -> int:
             warning = next((line for line in done.stderr.splitlines()
                             if line.startswith("charlm: warning:")), "")
             rows.append({
-                "way": way, "tokens_per_s": summary["tokens_per_s"],
-                "chars_per_s": summary["tokens_per_s"] / per_char,
-                "val_bpc": (summary["final_val_loss"] or math.nan) * per_char / math.log(2),
+                "way": way, "tokens_per_s": summary["mean_tokens_per_s"],
+                "chars_per_s": summary["mean_tokens_per_s"] / per_char,
+                "val_bpc": (summary["val_loss"] or math.nan) * per_char / math.log(2),
                 "wall_s": round(time.perf_counter() - began, 1), "warning": warning})
-            print(f"{way}: {summary['tokens_per_s']:,.0f} tokens/s", file=sys.stderr)
+            print(f"{way}: {summary['mean_tokens_per_s']:,.0f} tokens/s", file=sys.stderr)
     machine = {"cpu": cpu_name(), "cores": os.cpu_count(), "load": os.getloadavg()[0],
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     if opts.json:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The path a new user takes, walked from nothing: a fresh virtual environment, the README's first
-# install command exactly as written (no extras), then the first commands a user runs. CI runs
+# install command exactly as written (no extras), then the first commands a user runs; then the
+# same from the wheel that `python -m build` makes, installed in its place. CI runs
 # it after the test suite (.ci/run); run it yourself the same way:
 #
 #     bash scripts/smoke.sh [WORK_DIR]      # default: a new folder under ${TMPDIR:-/tmp}
@@ -104,11 +105,45 @@ fi
 step eval-json 0 bash -c 'charlm eval perplexity --checkpoint runs/one --json > eval.json &&
   python3 -c "import json; r = json.load(open(\"eval.json\")); assert r[\"perplexity\"] > 1, r"'
 step plot-without-extra 1 charlm plot
-refusal="charlm: error: charlm plot needs matplotlib: pip install 'charlm[plot]'"
+refusal="charlm: error: charlm plot needs matplotlib: pip install 'charlm-rnn[plot]'"
 if [ "$(cat "$last.err")" != "$refusal" ]; then
   failures=$((failures + 1))
   echo "smoke: FAIL plot-without-extra: stderr is not the one line naming the extra: $(head -c 300 "$last.err")"
 fi
+
+# The package as built for others: `python -m build` makes an sdist and, from it, a wheel (of a
+# copy of the checkout, so nothing is written into it); the wheel replaces the editable install,
+# and the user path runs again from what it installed (package data: corpora.toml, the C kernel).
+if git -C "$repo" rev-parse --git-dir >/dev/null 2>&1; then
+  mkdir -p "$work/src"
+  (cd "$repo" && git ls-files -z -co --exclude-standard | xargs -0 tar cf -) | tar xf - -C "$work/src"
+else
+  cp -a "$repo/." "$work/src"
+fi
+step build 0 bash -c "python3 -m pip install -q build && python3 -m build --outdir '$work/dist' '$work/src'"
+step sdist-contents 0 python3 - "$work/dist" <<'PY'
+import glob, sys, tarfile
+[sdist] = glob.glob(f"{sys.argv[1]}/*.tar.gz")
+names = {n.split("/", 1)[1] for n in tarfile.open(sdist).getnames() if "/" in n}
+need = {"charlm/data/corpora.toml", "charlm/model/fastgru_kernel.c", "configs/timemachine-gru.toml",
+        "tests/conftest.py", "tests/helpers.py", "scripts/smoke.sh", "README.md", "pyproject.toml"}
+assert need <= names, f"{sdist} lacks {sorted(need - names)}"
+PY
+step install-wheel 0 bash -c "python3 -m pip uninstall -q -y charlm-rnn && python3 -m pip install -q '$work'/dist/*.whl"
+step wheel-files 0 python3 - <<'PY'
+import shutil
+from pathlib import Path
+import charlm
+from charlm.model import ckernel
+home = Path(charlm.__file__).parent
+assert "site-packages" in home.parts, f"charlm imported from {home}, not the installed wheel"
+for name in ("data/corpora.toml", "model/fastgru_kernel.c"):
+    assert (home / name).is_file(), f"the wheel lacks charlm/{name}"
+if shutil.which("cc") or shutil.which("gcc"):
+    assert ckernel.status() == "compiled C loops + MKL packed GEMM", ckernel.status()
+PY
+step wheel-train 0 charlm train "${small[@]}" --max-steps 10 --out "$work/runs/wheel"
+step wheel-generate 0 charlm generate --checkpoint "$work/runs/wheel" --prefix "The " --length 50 --seed 1
 
 if [ "$failures" -ne 0 ]; then
   echo "smoke: $failures step(s) failed; everything is kept in $work"

@@ -1,8 +1,12 @@
 """Shared fixtures.
 
-Every test runs with its own empty corpus cache (CHARLM_DATA_DIR), no CHARLM_MIRROR, and the
-registry's URLs pointed at a refused loopback port: no test can touch the real home cache or reach
-the real corpus servers, and a default corpus that is not cached falls back to python-docs at once.
+Every test runs with its own empty runs root (CHARLM_RUNS_DIR) and corpus cache
+(CHARLM_DATA_DIR) in its tmp_path, the session's own kernel folder (CHARLM_KERNEL_DIR), no
+CHARLM_MIRROR, and the registry's URLs pointed at a refused loopback port: no test, nor a
+`charlm` process it starts from any cwd, can touch the user's runs/ or home cache or reach the
+real corpus servers, and a default corpus that is not cached falls back to python-docs at once.
+The session fails if anything outside version control in the repository changed while it ran
+(tests/isolation.py).
 """
 
 from __future__ import annotations
@@ -20,16 +24,44 @@ from urllib.parse import unquote
 
 import pytest
 
+import isolation
 from helpers import SHARED_DATA, refused_port, train_runs
+
+REPO = Path(__file__).resolve().parents[1]
+_SESSION_ENV = ("CHARLM_RUNS_DIR", "CHARLM_DATA_DIR")
 
 
 def pytest_configure(config):
     """FastGRU's compiled loops are built once per test session into a temporary folder (and
-    subprocesses inherit it), never into the user's ~/.cache."""
+    subprocesses inherit it), never into the user's ~/.cache. Runs and corpora made outside a
+    test (module fixtures, collection) go to a session folder: each test gets its own below."""
     if not os.environ.get("CHARLM_KERNEL_DIR"):
         config._charlm_kernel_dir = tempfile.mkdtemp(prefix="charlm-kernels-")
         os.environ["CHARLM_KERNEL_DIR"] = config._charlm_kernel_dir
+    config._charlm_session_dir = tempfile.mkdtemp(prefix="charlm-session-")
+    config._charlm_env_before = {name: os.environ.get(name) for name in _SESSION_ENV}
+    os.environ["CHARLM_RUNS_DIR"] = os.path.join(config._charlm_session_dir, "runs")
+    os.environ["CHARLM_DATA_DIR"] = os.path.join(config._charlm_session_dir, "cache")
     _pin_to_cpu()
+
+
+def pytest_sessionstart(session):
+    session.config._charlm_tree = isolation.tree_state(REPO)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """No test may leave a trace in the repository (a run, runs/latest, a cache, a kernel)."""
+    before = getattr(session.config, "_charlm_tree", None)
+    if before is None:
+        return
+    changed = isolation.changes(before, isolation.tree_state(REPO))
+    if changed:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_sep("=", f"a test wrote outside its tmp_path, into {REPO}", red=True)
+            for line in changed:
+                reporter.write_line(line)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 _REAL: dict = {}  # torch's own device queries and CUDA_VISIBLE_DEVICES, for cuda-marked tests
@@ -98,6 +130,13 @@ def cpu_only_unless_marked_cuda(request, monkeypatch):
 
 def pytest_unconfigure(config):
     _unpin()
+    for name, value in getattr(config, "_charlm_env_before", {}).items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    if getattr(config, "_charlm_session_dir", None):
+        shutil.rmtree(config._charlm_session_dir, ignore_errors=True)
     folder = getattr(config, "_charlm_kernel_dir", None)
     if folder:
         shutil.rmtree(folder, ignore_errors=True)
@@ -116,6 +155,15 @@ def shared_data() -> Path:
 @pytest.fixture
 def refused_url() -> str:
     return f"http://127.0.0.1:{refused_port()}"
+
+
+@pytest.fixture(autouse=True)
+def isolated_runs(tmp_path, monkeypatch) -> Path:
+    """A fresh CHARLM_RUNS_DIR per test: training from any cwd, in process or in a `charlm`
+    process started with this environment, never writes runs/ or runs/latest elsewhere."""
+    runs = tmp_path / "runs"
+    monkeypatch.setenv("CHARLM_RUNS_DIR", str(runs))
+    return runs
 
 
 @pytest.fixture(autouse=True)

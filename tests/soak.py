@@ -8,7 +8,7 @@ must finish and its weights must equal those of the uninterrupted run, tensor fo
 
     python scripts/soak.py                       # 20 kills of a 1000-step run, ~2 minutes
     python scripts/soak.py --kills 50 --max-steps 3000 --max-gap 50 --seed 7
-    python scripts/soak.py --fork                # charlm forked from a warm python: ~0.1 s starts
+    python scripts/soak.py --fork                # charlm forked from a warm python (tests/forkserver.py)
 
 Prints one line per kill and a final verdict; exits 1 on any failure. Not run in CI:
 tests/artifacts/test_crash_safety.py runs a short version of the same loop with these functions.
@@ -21,13 +21,14 @@ import json
 import os
 import random
 import re
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from forkserver import ForkServer
 
 RUN_FILES = {"config.toml", "metrics.jsonl", "samples.txt", "last.pt", "best.pt", "run.lock"}
 TEMP = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp$")  # as charlm.system.files.atomic_write names them
@@ -70,96 +71,6 @@ class Subprocesses:
 
     def close(self) -> None:
         pass
-
-
-# A warm Python with charlm imported that forks a `python -m charlm ARGS` child per request and
-# reports on it: {"start": args, "stderr": path} -> pid; {"wait": pid, "block": bool} -> status.
-FORK_SERVER = r"""
-import json, os, runpy, sys, traceback
-import charlm.cli.app  # torch, typer, rich: imported once, here
-import torch._dynamo  # torch.optim imports it when the first optimizer is made
-
-for line in sys.stdin:
-    req = json.loads(line)
-    if "wait" in req:
-        pid, status = os.waitpid(req["wait"], 0 if req["block"] else os.WNOHANG)
-        answer = os.waitstatus_to_exitcode(status) if pid else None
-    else:
-        answer = pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                for fd, name, flags in ((0, os.devnull, os.O_RDONLY), (1, os.devnull, os.O_WRONLY),
-                                        (2, req["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)):
-                    os.dup2(os.open(name, flags, 0o644), fd)
-                sys.argv = [sys.executable, *req["start"]]
-                try:
-                    runpy.run_module("charlm", run_name="__main__", alter_sys=True)
-                    code = 0
-                except SystemExit as exc:
-                    code = exc.code if isinstance(exc.code, int) else (exc.code is not None)
-                except BaseException:
-                    traceback.print_exc()
-                sys.stderr.flush()
-            finally:
-                os._exit(code)
-    print(json.dumps(answer), flush=True)
-"""
-
-
-class ForkedProcess:
-    """The part of Popen the kill loop uses, for a child of the fork server."""
-
-    def __init__(self, server: "ForkServer", pid: int, stderr: Path):
-        self.server, self.pid, self.stderr_path = server, pid, stderr
-        self.returncode: int | None = None
-
-    def poll(self) -> int | None:
-        if self.returncode is None:
-            self.returncode = self.server.ask({"wait": self.pid, "block": False})
-        return self.returncode
-
-    def kill(self) -> None:
-        if self.returncode is None:
-            os.kill(self.pid, signal.SIGKILL)
-
-    def wait(self, timeout: float | None = None) -> int:
-        if self.returncode is None:
-            self.returncode = self.server.ask({"wait": self.pid, "block": True})
-        return self.returncode
-
-    def communicate(self) -> tuple[None, str]:
-        self.wait()
-        return None, self.stderr_path.read_text(encoding="utf-8", errors="replace")
-
-
-class ForkServer:
-    """Each `charlm` a child forked from one warm Python that has charlm and torch imported:
-    the same code as `python -m charlm`, started in ~0.1 s instead of seconds."""
-
-    def __init__(self, env: dict, scratch: Path):
-        self.scratch, self.count = scratch, 0
-        self.proc = subprocess.Popen([sys.executable, "-c", FORK_SERVER], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, env=env,
-                                     start_new_session=True)
-
-    def ask(self, request: dict):
-        self.proc.stdin.write(json.dumps(request) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError("the fork server died")
-        return json.loads(line)
-
-    def start(self, args: list[str]) -> ForkedProcess:
-        self.count += 1
-        stderr = self.scratch / f"stderr-{self.count}.txt"
-        return ForkedProcess(self, self.ask({"start": args, "stderr": str(stderr)}), stderr)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
 
 
 def run_to_end(launcher, args: list[str]) -> tuple[int, str]:
@@ -398,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"FAIL: {work} already holds a soak; give an empty --workdir")
             return 1
         env = env_for(work / "runs")
-        launcher = ForkServer(env, Path(scratch)) if args.fork else Subprocesses(env)
+        launcher = ForkServer(Path(scratch), env) if args.fork else Subprocesses(env)
         try:
             problems = soak(launcher, work, args.kills, args.max_steps, args.seed, args.max_gap,
                             args.max_jitter)

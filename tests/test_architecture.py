@@ -10,11 +10,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_imports_flow_one_way():
-    """`lint-imports` checks the layers of pyproject.toml's [tool.importlinter] contracts."""
+def test_imports_flow_one_way(tmp_path):
+    """`lint-imports` checks the layers of pyproject.toml's [tool.importlinter] contracts (its
+    cache in tmp_path: by default it writes .import_linter_cache into the current folder)."""
     from importlinter.cli import lint_imports
 
-    assert lint_imports(config_filename=str(REPO / "pyproject.toml")) == 0
+    assert lint_imports(config_filename=str(REPO / "pyproject.toml"), cache_dir=str(tmp_path)) == 0
 
 
 def test_no_module_is_much_over_400_lines():

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 class CardFacts:
     config: dict  # config.json's content
     parameters: int
-    evaluation: dict | None  # {"split", "perplexity", "nats_per_char", "bits_per_char", ...}
+    evaluation: dict | None  # {"split", "perplexity", "nats_per_char", "bits_per_char", ...}:
+    # `charlm.inference.evaluate.Perplexity`'s; a byte-level model's also "bits_per_byte"
     sample: str  # prefix + continuation
     prefix: str
     sample_length: int
@@ -75,11 +76,23 @@ def _header(facts: CardFacts) -> str:
             "    dataset:", f"      name: {_q(description)}", f"      type: {_q(name)}",
             "      split: validation", "    metrics:",
             "    - type: perplexity", f"      value: {ev['perplexity']!r}",
-            f"      name: {_q('Validation perplexity (per character)')}",
+            f"      name: {_q(f'Validation perplexity (per {_unit(ev)})')}",
             "    - type: bpc", f"      value: {ev['bits_per_char']!r}",
             f"      name: {_q('Validation bits per character')}",
         ]
+        if _unit(ev) == "byte":
+            lines += ["    - type: bits_per_byte", f"      value: {ev['bits_per_byte']!r}",
+                      f"      name: {_q('Validation bits per byte')}"]
     return "\n".join(lines + ["---", ""])
+
+
+def _unit(ev: dict) -> str:
+    """What a token is: "char", or "byte" for a byte-level model."""
+    return ev.get("unit") or "char"
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
 def _duration(seconds: float | None) -> str:
@@ -113,7 +126,8 @@ def _training_rows(config: dict, parameters: int) -> list[tuple[str, str]]:
     splits = corpus.get("splits") or {}
     rows = [("corpus", description),
             ("preprocessing", f"`{config['preprocessing']}`"),
-            ("characters", f"{corpus.get('num_tokens', 0):,} (train {splits.get('train', 0):,}, "
+            ("bytes" if config["preprocessing"] == "bytes" else "characters",
+             f"{corpus.get('num_tokens', 0):,} (train {splits.get('train', 0):,}, "
                            f"validation {splits.get('val', 0):,}, test {splits.get('test', 0):,})"),
             ("vocabulary", f"{len(config['vocab']['tokens'])} symbols, `<unk>` included"),
             ("model", _model_line(config["model"], parameters))]
@@ -128,14 +142,25 @@ def _training_rows(config: dict, parameters: int) -> list[tuple[str, str]]:
         ]
     best = training.get("best_val_loss")
     rows += [
-        ("steps", f"{training.get('step', 0):,} ({training.get('tokens_seen', 0):,} characters "
-                  f"seen, {training.get('epoch', 0)} full epochs)"),
+        ("steps", f"{training.get('step', 0):,} ({training.get('tokens_seen', 0):,} "
+                  f"{'bytes' if config['preprocessing'] == 'bytes' else 'characters'} seen, "
+                  f"{_plural(training.get('epoch', 0), 'full epoch')})"),
         ("training time", _duration(training.get("elapsed"))),
         ("best validation loss (trainer's estimate)",
-         f"{best:.4f} nats/char" if isinstance(best, (int, float)) else "not measured"),
+         f"{best:.4f} nats/{'byte' if config['preprocessing'] == 'bytes' else 'char'}"
+         if isinstance(best, (int, float)) else "not measured"),
         ("trained with", f"charlm {training.get('charlm_version', '?')}"),
     ]
     return rows
+
+
+def _byte_table(ev: dict) -> str:
+    """A byte-level model's figures: per byte (perplexity, bits), and per character (the same
+    nats over the characters the bytes decode to)."""
+    return ("| split | bytes | characters | perplexity (per byte) | bits / byte | bits / char |\n"
+            "|---|---|---|---|---|---|\n"
+            f"| validation | {ev['bytes']:,} | {ev['characters']:,} | {ev['perplexity']:.4f} | "
+            f"{ev['bits_per_byte']:.4f} | {ev['bits_per_char']:.4f} |\n")
 
 
 def model_card(facts: CardFacts) -> str:
@@ -155,10 +180,11 @@ def model_card(facts: CardFacts) -> str:
             "Exact figures on the held-out validation split: one stream over every character, "
             "each predicted from all of the text before it (the hidden state carried), as "
             f"`charlm eval perplexity --checkpoint {shlex.quote(name)}` prints them.\n\n"
-            "| split | characters | perplexity | bits / char | nats / char | `<unk>` share |\n"
-            "|---|---|---|---|---|---|\n"
-            f"| validation | {ev['characters']:,} | {ev['perplexity']:.4f} | "
-            f"{ev['bits_per_char']:.4f} | {ev['nats_per_char']:.4f} | {ev['unk_share']:.4%} |\n")
+            + (_byte_table(ev) if _unit(ev) == "byte" else
+               "| split | characters | perplexity | bits / char | nats / char | `<unk>` share |\n"
+               "|---|---|---|---|---|---|\n"
+               f"| validation | {ev['characters']:,} | {ev['perplexity']:.4f} | "
+               f"{ev['bits_per_char']:.4f} | {ev['nats_per_char']:.4f} | {ev['unk_share']:.4%} |\n"))
     else:
         parts.append("Not measured when this folder was made"
                      + "".join(f": {n}" for n in facts.notes[:1]) + ". Measure it on a text with "

@@ -35,7 +35,7 @@ import torch
 
 from charlm.artifacts.fields import check_fields
 from charlm.artifacts.folder import is_model_folder
-from charlm.artifacts.rundir import latest_run, runs_root
+from charlm.artifacts.rundir import require_latest_run
 from charlm.errors import CharlmError
 from charlm.system.files import atomic_write
 
@@ -124,11 +124,7 @@ def find_checkpoint(target: str | Path | None, prefer: str = "best.pt",
     `how_to_name` ends the error when there is no run yet: how this command takes a path.
     """
     if target is None:
-        target = latest_run()
-        if target is None:
-            raise CharlmError(
-                f"no runs yet in {runs_root()}/: train one first with `charlm train`, or {how_to_name}"
-            )
+        target = require_latest_run(how_to_name)
     target = Path(target)
     if is_model_folder(target):
         if exported:

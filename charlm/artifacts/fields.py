@@ -27,7 +27,8 @@ from typing import Any
 
 import torch
 
-from charlm.config.train import TYPES, type_ok
+from charlm.config.train import TYPES
+from charlm.config.build import type_ok
 from charlm.errors import CharlmError
 
 # Trained weights and states stay within about 100; past this bound float32 products overflow

@@ -39,6 +39,7 @@ CONFIG, WEIGHTS, ONNX, CARD = "config.json", "model.safetensors", "model.onnx", 
 FILES = (CONFIG, WEIGHTS, ONNX, CARD)
 # ModelConfig fields that say how to run the weights, not what they are
 RUNTIME_FIELDS = ("impl",)
+MAX_DEPTH = 32  # config.json nests 4 deep; a folder deeper than this was not written by charlm
 
 
 def is_model_folder(path: Path) -> bool:
@@ -106,8 +107,14 @@ def read_config(path: Path) -> dict:
         raise CharlmError(f"{path} does not exist; export the model again") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CharlmError(f"{path} is not valid JSON ({exc}); the folder is damaged") from None
+    except RecursionError:  # the decoder recurses once per nested array or object
+        raise CharlmError(f"{path} nests arrays or objects too deeply; the folder is damaged") \
+            from None
     except OSError as exc:
         raise CharlmError(f"cannot read {path}: {exc.strerror}") from None
+    if _depth(config) > MAX_DEPTH:  # every later walk of it (checks, printing) stays shallow
+        raise CharlmError(f"{path} nests arrays or objects more than {MAX_DEPTH} deep; the "
+                          "folder is damaged")
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise CharlmError(f"{path} is not a charlm model config (no \"format\": \"{FORMAT}\")")
     version = config.get("version")
@@ -130,6 +137,17 @@ def read_config(path: Path) -> dict:
         if training.get(key) is not None and not isinstance(training[key], dict):
             raise CharlmError(f"{path}: its training '{key}' is not a table; the folder is damaged")
     return config
+
+
+def _depth(value: Any) -> int:
+    """How deeply `value`'s lists and dicts nest (0 for a number or string), without recursion."""
+    deepest, todo = 0, [(value, 0)]
+    while todo:
+        item, depth = todo.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth + 1)
+            todo += [(v, depth + 1) for v in (item.values() if isinstance(item, dict) else item)]
+    return deepest
 
 
 def _model_config(config: dict, path: Path) -> ModelConfig:

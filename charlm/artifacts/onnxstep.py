@@ -27,10 +27,11 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from charlm.about import install_extra
 from charlm.errors import CharlmError
 from charlm.model.lm import CharLM
 
-EXTRA = "onnx"  # pip install 'charlm[onnx]': onnx and onnxscript export, onnxruntime checks
+EXTRA = "onnx"  # pip install 'charlm-rnn[onnx]': onnx and onnxscript export, onnxruntime checks
 OPSET = 18
 
 
@@ -61,7 +62,7 @@ def require_extra() -> None:
     missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
     if missing:
         raise CharlmError(f"--format onnx needs {', '.join(missing)}: install the onnx extra with "
-                          f"pip install 'charlm[{EXTRA}]'")
+                          f"{install_extra(EXTRA)}")
 
 
 def scratch_copy(model: CharLM) -> CharLM:

@@ -130,6 +130,16 @@ class MetricsLog:
         self.fh.close()
 
 
+class _NoMetrics:
+    """What ranks other than 0 write metrics to."""
+
+    def write(self, row: dict) -> None:
+        pass
+
+
+NO_METRICS = _NoMetrics()
+
+
 def _step_of(row: dict) -> float:
     step = row.get("step", 0)
     return step if isinstance(step, (int, float)) and not isinstance(step, bool) else math.inf
@@ -176,7 +186,7 @@ def read_metrics(path: Path) -> list[dict]:
     for line in Path(path).read_bytes().decode("utf-8", "replace").splitlines():
         try:
             row = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: arrays nested thousands deep
             continue
         if isinstance(row, dict):
             rows.append(row)
@@ -186,15 +196,63 @@ def read_metrics(path: Path) -> list[dict]:
 def latest_run(root: Path | None = None) -> Path | None:
     """The run directory `runs/latest` names, if it still exists."""
     pointer = (root if root is not None else runs_root()) / "latest"
-    try:  # a path in the file system's own bytes (any encoding), and never more than a path
-        with open(pointer, "rb") as fh:
-            named = os.fsdecode(fh.read(1 << 16).strip())
-    except (OSError, ValueError):
-        return None
+    named = _named(pointer)
     if not named:
         return None
     run = Path(named) if Path(named).is_absolute() else pointer.parent / named
     return run if run.is_dir() else None
+
+
+def _named(pointer: Path) -> str:
+    """What a `latest` pointer says ('' when it is missing or unreadable)."""
+    try:  # a path in the file system's own bytes (any encoding), and never more than a path
+        with open(pointer, "rb") as fh:
+            return os.fsdecode(fh.read(1 << 16).strip())
+    except (OSError, ValueError):
+        return ""
+
+
+RUN_FILES = ("metrics.jsonl", "last.pt", "best.pt")  # a directory holding one is a run
+
+
+def newest_run(root: Path) -> Path | None:
+    """The run directory in `root` written to last (its metrics or checkpoints), if any."""
+    newest, when = None, -math.inf
+    try:
+        folders = [p for p in root.iterdir() if p.is_dir()]
+    except OSError:
+        return None
+    for folder in folders:
+        for name in RUN_FILES:
+            try:
+                mtime = (folder / name).stat().st_mtime
+            except OSError:
+                continue
+            if mtime > when:
+                newest, when = folder, mtime
+    return newest
+
+
+def require_latest_run(how_to_name: str, pointer: Path | None = None) -> Path:
+    """The run `latest` names, or an error that says why there is none: no runs yet, or the
+    pointer names a run that is gone (or is missing); then it names the newest run there is.
+    `how_to_name` ends the error: how this command takes a path (e.g. "pass --checkpoint PATH")."""
+    pointer = pointer if pointer is not None else runs_root() / "latest"
+    root = pointer.parent
+    run = latest_run(root)
+    if run is not None:
+        return run
+    named = _named(pointer)
+    newest = newest_run(root)
+    if not named and newest is None:
+        raise CharlmError(f"no runs yet in {root}/: train one first with `charlm train`, or "
+                          f"{how_to_name}")
+    said = (f"{pointer} names {named}, which no longer exists" if named
+            else f"{pointer} is missing")
+    if newest is None:
+        raise CharlmError(f"{said}, and {root}/ holds no other run: train one with `charlm "
+                          f"train`, or {how_to_name}")
+    raise CharlmError(f"{said}; the newest run in {root}/ is {newest}: {how_to_name}")
 
 
 def point_latest(run_dir: Path) -> None:

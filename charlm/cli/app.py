@@ -25,6 +25,7 @@ import typer
 
 from charlm.about import __version__
 from charlm.errors import CharlmError
+from charlm.text_safety import one_line
 
 F = TypeVar("F", bound=Callable)
 
@@ -66,7 +67,7 @@ def debug_enabled() -> bool:
 
 def error_line(message: str) -> None:
     """Print one error line on stderr (never a traceback)."""
-    message = " ".join(str(message).split())  # one line, whatever the message held
+    message = one_line(message)  # one line, whatever the message held, control characters escaped
     try:
         sys.stderr.write(f"charlm: error: {message}\n")
         sys.stderr.flush()
@@ -110,17 +111,18 @@ eval_app = typer.Typer(
 
 def _register_commands() -> None:
     from charlm.cli import data, eval, export, generate, plot, train
+    from charlm.cli.command import Command
 
     app.command("train", no_args_is_help=False, cls=train.TrainCommand)(handle_errors(train.train))
-    app.command("generate")(handle_errors(generate.generate))
+    app.command("generate", cls=Command)(handle_errors(generate.generate))
     app.add_typer(eval_app, name="eval")
-    eval_app.command("perplexity")(handle_errors(eval.eval_perplexity))
+    eval_app.command("perplexity", cls=Command)(handle_errors(eval.eval_perplexity))
     app.add_typer(data_app, name="data")
     for name, command in (("list", data.data_list), ("download", data.data_download),
                           ("add", data.data_add), ("info", data.data_info)):
-        data_app.command(name)(handle_errors(command))
-    app.command("plot")(handle_errors(plot.plot_command))
-    app.command("export")(handle_errors(export.export))
+        data_app.command(name, cls=Command)(handle_errors(command))
+    app.command("plot", cls=Command)(handle_errors(plot.plot_command))
+    app.command("export", cls=Command)(handle_errors(export.export))
 
 
 _register_commands()

@@ -96,6 +96,7 @@ def corpus_stats(c: corpus.CorpusSource, top: int = 10) -> dict:
     from charlm.data.encode import SymbolCounter  # torch: only when needed
     from charlm.data.stream import Preprocessor, raw_chunks
     from charlm.data.text import PREPROCESSING
+    from charlm.data.vocab import Vocab
 
     counters = {mode: SymbolCounter() for mode in PREPROCESSING}
     steps = {mode: Preprocessor(mode) for mode in ("d2l", "lower")}
@@ -109,6 +110,7 @@ def corpus_stats(c: corpus.CorpusSource, top: int = 10) -> dict:
     for mode, step in steps.items():
         counters[mode].add(step.flush())
     vocabs = {mode: counter.vocab() for mode, counter in counters.items()}
+    vocabs["bytes"] = Vocab.of_bytes(counters["bytes"].counts)  # every byte, seen or not
     raw = vocabs["raw"]  # most frequent first
     return {
         "name": c.name,

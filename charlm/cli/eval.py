@@ -90,6 +90,14 @@ def eval_perplexity(
     table.add_row("nats / char", f"{result.nats_per_char:.4f}")
     table.add_row("bits / char", f"{result.bits_per_char:.4f}")
     table.add_row("characters evaluated", f"{result.characters:,}")
+    if result.unit == "byte":  # a byte-level model: the figures above are per character
+        table.add_row("perplexity is per", "byte")
+        table.add_row("bits / byte", f"{result.bits_per_byte:.4f}")
+        table.add_row("bytes evaluated", f"{result.bytes:,}")
+    if result.unit == "byte":  # a byte-level model: the figures above are per character
+        table.add_row("perplexity is per", "byte")
+        table.add_row("bits / byte", f"{result.bits_per_byte:.4f}")
+        table.add_row("bytes evaluated", f"{result.bytes:,}")
     table.add_row("<unk> share", f"{result.unk_share:.4%} ({result.unk_characters:,})")
     if adapted is not None:
         table.add_row("dynamic perplexity", f"{adapted['perplexity']:.4f}")

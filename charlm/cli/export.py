@@ -15,7 +15,7 @@ from charlm.cli.options import DeviceOpt, JsonOpt, QuietOpt, WeightsOpt, say
 def export(
     target: Optional[str] = typer.Argument(None, metavar="[RUN_DIR|CHECKPOINT]", help="The run directory (its best.pt) or checkpoint to export. Default: the latest run's best.pt.", show_default=False),
     out: Path = typer.Option(..., "--out", "-o", help="The folder to write (new or empty; an earlier export there is replaced only with --force).", show_default=False),
-    fmt: str = typer.Option("safetensors", "--format", metavar="[safetensors|onnx]", help="safetensors: model.safetensors + config.json + README.md; onnx: also model.onnx, the one-character step for ONNX runtimes (needs pip install 'charlm[onnx]')."),
+    fmt: str = typer.Option("safetensors", "--format", metavar="[safetensors|onnx]", help="safetensors: model.safetensors + config.json + README.md; onnx: also model.onnx, the one-character step for ONNX runtimes (needs pip install 'charlm-rnn[onnx]')."),
     force: bool = typer.Option(False, "--force", help="Replace an earlier export in --out."),
     prefix: Optional[str] = typer.Option(None, "--prefix", help="Prompt of the card's sample. Default: the run's --sample-prefix, else its corpus's prompt.", show_default=False),
     sample_length: int = typer.Option(300, "--sample-length", help="Characters in the card's sample."),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Optional
@@ -24,7 +23,7 @@ def generate(
     greedy: bool = typer.Option(False, "--greedy", help="Always take the likeliest character (d2l's predict_ch8); ignores temperature, top-k, top-p and seed."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed: the same seed gives the same text. Default: a fresh one (shown by --json)."),
     num_samples: int = typer.Option(1, "--num-samples", help="Draw this many samples as one batch; printed after drawing, separated by a blank line."),
-    beam: Optional[int] = typer.Option(None, "--beam", help="Beam search with N beams instead of drawing: the likeliest continuation by log-probability per character (--beam 1 is --greedy); with --num-samples K, the K best beams. Ignores temperature, top-k, top-p and seed.", show_default=False),
+    beam: Optional[int] = typer.Option(None, "--beam", help="Beam search with N beams instead of drawing: the likeliest continuations, scored by log-probability (natural log, per character; <unk> excluded and the other characters' probabilities renormalised, as when drawing). --beam 1 is --greedy; with --num-samples K, the K best beams. Ignores temperature, top-k, top-p and seed.", show_default=False),
     checkpoint: Optional[str] = CheckpointOpt,
     impl: Optional[str] = ImplOpt,
     device: str = DeviceOpt,
@@ -65,15 +64,22 @@ def generate(
         out.write("\n")
         out.flush()
         return
-    drawn = model.draw(raw, **options)
-    if json_out:
-        payload = {"prefix": drawn.prefix, "samples": drawn.samples,
-                   "settings": drawn.settings.to_dict(), "checkpoint": str(model.path)}
-        if drawn.scores is not None:
-            payload["settings"]["beam"] = beam
-            payload["scores"] = drawn.scores
-        payload["model"] = model.info()
-        sys.stdout.write(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
-    else:
-        sys.stdout.write("\n\n".join(drawn.texts) + "\n")
+    # several samples, a beam, or --json: drawn into a file, printed once all are done
+    from charlm.cli.samples_out import write_json, write_text
+    from charlm.system.spool import IdSpool
+
+    mode, decode = model.preprocessing, model.vocab.decode
+    with IdSpool(beam if beam is not None else num_samples) as spool:
+        drawn = model.draw(raw, **options, spool=spool)
+        columns = [spool.column(k) for k in range(num_samples)]
+        if json_out:
+            payload = {"prefix": drawn.prefix, "samples": None,
+                       "settings": drawn.settings.to_dict(), "checkpoint": str(model.path)}
+            if drawn.scores is not None:
+                payload["settings"]["beam"] = beam
+                payload["scores"] = drawn.scores
+            payload["model"] = model.info()
+            write_json(sys.stdout, payload, columns, decode, mode)
+        else:
+            write_text(sys.stdout, drawn.text, columns, decode, mode)
     sys.stdout.flush()

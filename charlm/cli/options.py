@@ -14,14 +14,29 @@ CheckpointOpt = typer.Option(
          "Default: the latest run's best.pt (runs root: $CHARLM_RUNS_DIR or ./runs).",
     show_default=False,
 )
-DEVICES = "[auto|cpu|cuda|cuda:N|mps]"
 DeviceOpt = typer.Option("auto", "--device", help=OPTIONS["device"].help,  # train's own words
-                         metavar=DEVICES)
+                         metavar="[auto|cpu|cuda|cuda:N|mps]")
+
+
+def choices(flag: str, allowed: tuple[str, ...]) -> dict:
+    """The Typer settings of an option that takes one of `allowed`: the choices as its metavar
+    in --help, and the value checked (case ignored) as it is parsed, with the Rule's wording
+    (before any checkpoint is read or torch is imported)."""
+    rule = Rule(choices=allowed)
+
+    def check(value):
+        if value is None or rule.ok(value.lower()):
+            return value and value.lower()
+        rule.check(flag, value)
+
+    return {"callback": check, "metavar": f"[{'|'.join(allowed)}]"}
+
+
 ImplOpt = typer.Option(
-    None, "--impl", metavar=f"[{'|'.join(('auto', *IMPLS))}]",
+    None, "--impl",
     help="Load with another implementation: auto, fused, scratch or fast (GRU on CPU). "
          "Default: the checkpoint's own. Parameters are laid out alike in all of them.",
-    show_default=False,
+    show_default=False, **choices("--impl", ("auto", *IMPLS)),
 )
 JsonOpt = typer.Option(False, "--json", help="Print JSON on stdout instead of text.")
 QuietOpt = typer.Option(False, "--quiet", "-q",
@@ -35,13 +50,7 @@ def say(line: str) -> None:
     sys.stderr.flush()
 
 
-def _check_weights(value: str) -> str:
-    """--weights is checked as it is parsed, before any checkpoint is read."""
-    Rule(choices=WEIGHTS).check("--weights", value)
-    return value
-
-
 WeightsOpt = typer.Option(
-    "auto", "--weights", callback=_check_weights, metavar=f"[{'|'.join(WEIGHTS)}]",
+    "auto", "--weights", **choices("--weights", WEIGHTS),
     help="auto: a run trained with --ema uses its averaged weights, else the raw ones; ema; raw.",
 )

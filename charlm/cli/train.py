@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from typer.core import TyperCommand
 
+from charlm.cli.command import Command
 from charlm.config.train import MODEL, OPTIONS, RUN, base_type, default_of
+from charlm.config.build import check_typed
 from charlm.errors import CharlmError, UsageError
 
 
@@ -46,7 +47,7 @@ def options() -> list[inspect.Parameter]:
         help_text = meta.help
         if meta.rule is not None and not meta.choices and meta.rule.kind not in (None, bool):
             help_text = f"{help_text} ({meta.rule.describe()})"
-        metavar = f"[{'|'.join(meta.choices)}]" if meta.choices else None
+        metavar = f"[{'|'.join(meta.choices)}]" if meta.choices else meta.metavar
         if meta.bare is not None:
             metavar = "[DIR]"
         info = typer.Option(
@@ -71,7 +72,7 @@ def bare_values(args: list[str]) -> list[str]:
     return out
 
 
-class TrainCommand(TyperCommand):
+class TrainCommand(Command):
     def parse_args(self, ctx, args: list[str]) -> list[str]:
         return super().parse_args(ctx, bare_values(args))
 
@@ -108,6 +109,9 @@ def train(
             "asked to predict, so it cannot be a language model"
         )
     given = typed(ctx, values)
+    check_typed(given)
+    if not resume and "WORLD_SIZE" not in os.environ:
+        configure(config, given, resume, target)  # every value checked before torch loads
     if nproc is not None and nproc != 1:
         if nproc < 1:
             raise UsageError(f"--nproc must be >= 1, got {nproc}")
@@ -175,23 +179,29 @@ def _meant(target: str) -> str:
     return f"to continue a run use --resume {shlex.quote(target)}"
 
 
+def configure(config, given: dict, resume: bool, target) -> tuple:
+    """The run's checked config and, with --resume, the checkpoint it continues
+    (`charlm.training.run.configure`, which `charlm.train` uses too). A new run's needs no torch
+    (resume's reads the checkpoint)."""
+    from charlm.training.run import configure as configure_run
+
+    if target is not None and not resume:
+        if config:
+            from charlm.config.file import load_config_file
+
+            load_config_file(config)  # a bad config file is the first thing to say
+        raise UsageError(f"unexpected argument {target!r}; {_meant(target)}")
+    return configure_run(given, config, resume=(target or "latest") if resume else None)
+
+
 def _train(group, given: dict, config, resume: bool, target, json_out: bool, quiet: bool) -> None:
     """`charlm train` over `charlm.training.run`, the core `charlm.train` runs too: here the
     process group, the messages and the exit codes."""
     from charlm.training.display import TrainDisplay, summary_table
-    from charlm.training.run import configure, run_training
+    from charlm.training.run import run_training
     from charlm.training.signals import Interrupted
 
-    def configured():
-        if target is not None and not resume:
-            if config:
-                load_config_file(config)  # a bad config file is the first thing to say
-            raise UsageError(f"unexpected argument {target!r}; {_meant(target)}")
-        return configure(given, config, resume=(target or "latest") if resume else None)
-
-    from charlm.config.file import load_config_file
-
-    cfg, resumed = group.together(configured)
+    cfg, resumed = group.together(lambda: configure(config, given, resume, target))
     display = TrainDisplay(enabled=not quiet and group.is_main)  # one voice: rank 0's
     try:
         summary = run_training(cfg, resumed, display, group)

@@ -15,8 +15,10 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from charlm.config.train import OPTIONS, TrainConfig, applies, base_type, default_of, type_ok
+from charlm.config.train import OPTIONS, TrainConfig, base_type, default_of
+from charlm.config.build import applies, check_value, type_ok
 from charlm.errors import UsageError
+from charlm.text_safety import quoted, shown
 
 
 def type_name(name: str) -> str:
@@ -27,7 +29,8 @@ def type_name(name: str) -> str:
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a TOML config into a flat {key: value} dict, rejecting unknown keys and wrong types."""
+    """Read a TOML config into a flat {key: value} dict, rejecting unknown keys, wrong types and
+    values out of range (each error names the file and the key)."""
     path = Path(path)
     try:
         with open(path, "rb") as fh:  # at most a MiB: <(...) works, /dev/zero cannot hang us
@@ -45,7 +48,13 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise UsageError(f"config file {path} is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
-        raise UsageError(f"config file {path} is not valid TOML: {exc}") from None
+        raise UsageError(f"config file {path} is not valid TOML: {shown(exc)}") from None
+    except ValueError as exc:  # tomllib's int() of a number past Python's 4300 digits
+        raise UsageError(f"config file {path} holds a value charlm cannot read: {shown(exc)}") \
+            from None
+    except RecursionError:  # tomllib recurses once per nested array or inline table
+        raise UsageError(f"config file {path} nests arrays or tables too deeply; a config file "
+                         "is a few lines of TOML") from None
     flat: dict[str, Any] = {}
     for key, value in raw.items():
         items = value.items() if isinstance(value, dict) else [(key, value)]
@@ -53,13 +62,14 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
             where = f"{key}.{name}" if isinstance(value, dict) else name
             if name not in OPTIONS:
                 raise UsageError(
-                    f"unknown key '{where}' in config file {path}; see 'charlm train --help' "
+                    f"unknown key '{shown(where)}' in config file {path}; see 'charlm train --help' "
                     "for the keys (option names with - written as _)"
                 )
             if not type_ok(name, item):
                 raise UsageError(
-                    f"key '{where}' in config file {path} must be {type_name(name)}, got {item!r}"
+                    f"key '{where}' in config file {path} must be {type_name(name)}, got {quoted(item)}"
                 )
+            check_value(name, item, f"key '{where}' in config file {path}")
             flat[name] = item
     return flat
 

@@ -5,7 +5,7 @@ help panel, choices or range (a `charlm.checks.Rule`; the model's options take t
 `ModelConfig`) and whether a resumed run may change it. Everything else is made from that:
 
     the `charlm train` options, their --help, defaults and choices   charlm.cli.train
-    types and ranges, precedence and the checks across options    build_config, validate
+    types and ranges, precedence and the checks across options    charlm.config.build
     config files, a run's config.toml, the README's options table  charlm.config.file
     what --resume refuses to change                                fixed_on_resume()
 
@@ -17,18 +17,16 @@ for reading. No torch here: `charlm train --help` imports this module.
 
 from __future__ import annotations
 
-import math
-import re
 import types
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from charlm.about import install_extra
 from charlm.checks import Rule, rule_of
 from charlm.data.text import PREPROCESSING
-from charlm.errors import UsageError
-from charlm.model.config import IMPLS, ModelConfig, check_combination, check_tying
+from charlm.model.config import IMPLS, ModelConfig
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("none", "cosine", "plateau")
@@ -50,6 +48,7 @@ class Option:
     default_text: str | None = None  # what --help says for a default of None
     bare: str | None = None  # the value of the option given alone (`--tensorboard`)
     cells: tuple[str, ...] = ()  # the cells it applies to (all when empty)
+    metavar: str | None = None  # what --help calls the value, where its type says too little
 
     @property
     def choices(self) -> tuple[str, ...]:
@@ -59,13 +58,13 @@ class Option:
 def option(default: Any, help: str, panel: str, *, rule: Rule | None = None, fixed: bool = False,
            short: str | None = None, default_text: str | None = None, model: bool = False,
            choices: tuple[str, ...] = (), bare: str | None = None,
-           cells: tuple[str, ...] = ()) -> Any:
+           cells: tuple[str, ...] = (), metavar: str | None = None) -> Any:
     """A TrainConfig field. `model=True` takes the rule of ModelConfig's field of the same name
     (filled in below, once the field's name is known); `choices` is shorthand for a Rule; `bare`
     lets the option be given without a value, meaning that one; `cells`: the cells the option
     means something for (another cell refuses other values)."""
     meta = Option(help, panel, Rule(choices=choices) if choices else rule, fixed, short,
-                  default_text, bare, cells)
+                  default_text, bare, cells, metavar)
     kwargs = {"default_factory": list} if isinstance(default, list) else {"default": default}
     return field(metadata={"option": meta, "model_rule": model}, **kwargs)
 
@@ -84,14 +83,17 @@ class TrainConfig:
     corpus: str | None = option(
         None, "A named corpus (see charlm data list): timemachine, tinyshakespeare, enwik8, text8, "
         "python-docs.",
-        DATA, fixed=True, default_text="timemachine, else python-docs")
+        DATA, fixed=True, default_text="timemachine, else python-docs", metavar="<name>")
     text: list[str] = option(
-        [], "Train on local UTF-8 file(s) instead (repeatable).", DATA, fixed=True)
-    url: str | None = option(None, "Train on a text downloaded from this URL.", DATA, fixed=True)
+        [], "Train on local UTF-8 file(s) instead (repeatable).", DATA, fixed=True,
+        metavar="<file>")
+    url: str | None = option(None, "Train on a text downloaded from this URL.", DATA, fixed=True,
+                             metavar="<url>")
     sha256: str | None = option(None, "Expected sha256 of --url (64 hex digits).", DATA)
     data_dir: str | None = option(
         None, "Corpus cache directory.", DATA,
-        default_text="$CHARLM_DATA_DIR, else ~/.cache/charlm")
+        default_text="$CHARLM_DATA_DIR, else $XDG_CACHE_HOME/charlm, else ~/.cache/charlm",
+        metavar="<dir>")
     download_timeout: float = option(
         1800.0, "Give up on a download URL after this many seconds, retries included (0: "
         "never); the next URL is tried.", DATA, rule=_float(0))
@@ -146,6 +148,11 @@ class TrainConfig:
     tie_weights: bool = option(
         False, "The output layer shares the embedding's weight (through a projection when "
         "--embed is not --hidden).", MODEL, model=True, fixed=True)
+    init_from: str | None = option(
+        None, "Fine-tune: start from the weights of this run directory (its best.pt), checkpoint "
+        "or exported folder; the model's sizes and preprocessing are its own, its vocabulary is "
+        "extended by the new text's characters, the optimizer starts fresh.", MODEL, fixed=True,
+        default_text="a new model")
     # -- optimisation --------------------------------------------------------------------------
     batch_size: int = option(64, "Sequences per batch (the global batch with --nproc).", OPTIM,
                              rule=_int(1), fixed=True, short="-b")
@@ -172,13 +179,16 @@ class TrainConfig:
                          rule=_float(0, text=">= 0 (0 disables clipping)"))
     ema: float = option(
         0.0, "Average the weights: an exponential moving average with this decay (e.g. 0.999), "
-        "used for validation, best.pt, generate and eval (0: off).", OPTIM,
+        "used for validation, best.pt, generate and eval (0: off). After step t the decay is "
+        "min(--ema, (1+t)/(10+t)), a warm-up ramp: the first steps do not carry the random "
+        "initial weights along.", OPTIM,
         rule=_float(0, high=1, high_open=True))
     # -- stopping: whichever comes first; 0 disables a limit -------------------------------------
     epochs: int = option(0, "Stop after this many epochs (0: no limit).", STOP, rule=_int(0))
     max_steps: int = option(0, "Stop after this many steps (0: no limit).", STOP, rule=_int(0))
     time_budget: str = option(
-        "2m", "Stop after this much training time, e.g. 90s, 5m, 1h ('0': no limit).", STOP)
+        "2m", "Stop after this much training time, e.g. 90s, 5m, 1h ('0': no limit).", STOP,
+        metavar="<duration>")
     # -- runtime -------------------------------------------------------------------------------
     device: str = option(
         "auto", "auto (CUDA, then MPS but not for a GRU, then CPU), cpu, cuda, cuda:N or mps.", RUN)
@@ -195,20 +205,20 @@ class TrainConfig:
     log_every: int = option(50, "Steps between progress lines.", RUN, rule=_int(1))
     eval_every: int = option(500, "Steps between validation + sample.", RUN, rule=_int(1))
     eval_tokens: int = option(250_000, "Validation tokens per evaluation while training: the "
-                              "same first part of the split each time (0: all); the end of a "
-                              "run evaluates all of it.", RUN, rule=_int(0))
+                              "same first part of the split each time (0: all), an estimate; "
+                              "the end of a run scores best.pt on all of it exactly.", RUN, rule=_int(0))
     checkpoint_every: int = option(500, "Steps between saves of last.pt.", RUN, rule=_int(1))
     sample_prefix: str | None = option(
         None, "Prompt for the samples shown at each evaluation.", RUN,
         default_text="the corpus's own")
     sample_length: int = option(200, "Characters per sample.", RUN, rule=_int(1))
     out: str | None = option(None, "Run directory.", RUN, short="-o",
-                             default_text="runs/<time>-<cell>-<corpus>")
+                             default_text="runs/<time>-<cell>-<corpus>", metavar="<dir>")
     tensorboard: str | None = option(
         None, "Also log losses, perplexity, bits/char, learning rate, tokens/s, gradient norm and "
         "the samples for TensorBoard, in DIR (RUN_DIR/... is inside the run directory); alone: "
-        "RUN_DIR/tensorboard; off: none (a resumed run logs where it logged). Needs pip install "
-        "'charlm[tensorboard]'.", RUN, default_text="off",
+        "RUN_DIR/tensorboard; off: none (a resumed run logs where it logged). Needs "
+        f"{install_extra('tensorboard')}.", RUN, default_text="off",
         bare="RUN_DIR/tensorboard")
 
     def to_dict(self) -> dict[str, Any]:
@@ -278,119 +288,3 @@ def absolute_files(files: list[str]) -> list[str]:
 def fixed_on_resume() -> tuple[str, ...]:
     """Options that define the model or its data: a resumed run must keep them."""
     return tuple(name for name, meta in OPTIONS.items() if meta.fixed)
-
-
-# -- reading and checking ---------------------------------------------------------------------
-
-
-def parse_duration(value: str | int | float | None) -> float:
-    """'90', '90s', '5m', '1.5h', '1h30m' -> seconds; '' / None / 0 -> 0 (no limit)."""
-    if value in (None, "", 0):
-        return 0.0
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        seconds = float(value)
-    else:
-        text = str(value).strip().lower()
-        parts = re.findall(r"(\d+(?:\.\d+)?)\s*([smhd]?)", text)
-        if not parts or re.sub(r"(\d+(?:\.\d+)?)\s*([smhd]?)", "", text).strip():
-            raise UsageError(
-                f"time_budget must look like 90s, 5m, 1.5h or 1h30m; got {value!r}"
-            )
-        unit = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
-        seconds = sum(float(n) * unit[u] for n, u in parts)
-    if not math.isfinite(seconds) or seconds < 0:
-        raise UsageError(f"time_budget must be a non-negative duration; got {value!r}")
-    return seconds
-
-
-def type_ok(name: str, value: Any) -> bool:
-    """Whether `value` has the type of option `name` (a config file's or a checkpoint's value)."""
-    if value is None:
-        return optional(name)
-    base = base_type(name)
-    if typing.get_origin(base) is list:
-        return isinstance(value, list) and all(isinstance(v, str) for v in value)
-    if base is bool:
-        return isinstance(value, bool)
-    if base is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if base is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if name == "time_budget":
-        return isinstance(value, (str, int, float)) and not isinstance(value, bool)
-    return isinstance(value, base)
-
-
-SOURCES = ("corpus", "text", "url")  # where the text comes from: one of them
-LIMITS = ("epochs", "max_steps", "time_budget")  # when a run stops: the first one reached
-
-
-def build_config(file_values: dict[str, Any], overrides: dict[str, Any]) -> TrainConfig:
-    """Defaults < file values < command-line overrides (None means 'not given'), checked.
-
-    Two groups of options are taken whole rather than key by key:
-      * the text: a source named on the command line (--corpus, --text or --url) replaces the
-        file's source (and its sha256), so `--config d2l-gru.toml --text notes.txt` trains on
-        notes.txt;
-      * the limits: once a file or the command line names any stopping limit, the defaults'
-        limits (time_budget 2m) no longer apply; the limits named there do.
-    """
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    if any(k in overrides for k in SOURCES):
-        file_values = {k: v for k, v in file_values.items() if k not in (*SOURCES, "sha256")}
-    values = TrainConfig().to_dict()
-    if any(k in file_values or k in overrides for k in LIMITS):
-        values.update(epochs=0, max_steps=0, time_budget="0")
-    values.update(file_values)
-    values.update(overrides)
-    for name, value in values.items():
-        if base_type(name) is float and isinstance(value, int) and not isinstance(value, bool):
-            values[name] = float(value)
-        else:
-            values[name] = canonical(name, value)
-    if isinstance(values.get("time_budget"), (int, float)):
-        values["time_budget"] = f"{values['time_budget']}s"
-    cfg = TrainConfig(**values)
-    validate(cfg)
-    return cfg
-
-
-def validate(cfg: TrainConfig) -> None:
-    """Every option's rule (naming the key), then the checks across options; checks that need
-    the corpus happen when it is loaded."""
-    for name, meta in OPTIONS.items():
-        value = getattr(cfg, name)
-        if meta.rule is not None and not (value is None and optional(name)):
-            meta.rule.check(name, value)
-    if (cfg.val_fraction or 0.0) + (cfg.test_fraction or 0.0) >= 1.0:
-        raise UsageError("val_fraction + test_fraction must leave some text for training")
-    check_cell_options(cfg)
-    check_combination(cfg.cell, cfg.impl, cfg.gru_reset)
-    check_tying(cfg.tie_weights, cfg.embed)
-    parse_duration(cfg.time_budget)
-    from charlm.data.corpus import check_source
-
-    check_source(cfg.corpus, cfg.text, cfg.url, cfg.sha256)
-
-
-def applies(name: str, cell: str) -> bool:
-    """Whether option `name` means something for `cell` (--nonlinearity: the RNN only)."""
-    return not OPTIONS[name].cells or cell in OPTIONS[name].cells
-
-
-def check_cell_options(cfg: TrainConfig) -> None:
-    """Options that do not apply to the cell are refused, naming them, when a file or the command
-    line gave them a value (a value other than the default: the default tanh is not an RNN
-    setting a GRU run asked for)."""
-    misplaced = [name for name in OPTIONS
-                 if not applies(name, cfg.cell) and getattr(cfg, name) != default_of(name)]
-    if misplaced:
-        said = " and ".join(f"--{n.replace('_', '-')} {getattr(cfg, n)} applies only to --cell "
-                            f"{' or '.join(OPTIONS[n].cells)}" for n in misplaced)
-        raise UsageError(f"{said}, not --cell {cfg.cell}; drop it or choose that cell")
-
-
-def model_config(cfg: TrainConfig, vocab_size: int, impl: str) -> ModelConfig:
-    """The ModelConfig a run of `cfg` trains, with `impl` resolved for its device."""
-    values = {f.name: getattr(cfg, f.name) for f in fields(ModelConfig) if hasattr(cfg, f.name)}
-    return ModelConfig(**{**values, "vocab_size": vocab_size, "impl": impl}).validate()

@@ -27,6 +27,7 @@ from typing import BinaryIO
 
 from charlm.data.download import CHUNK, checksum_mismatch
 from charlm.errors import CharlmError
+from charlm.text_safety import shown
 
 
 def _copy_checked(src: BinaryIO, dest: Path, what: str, size: int | None,
@@ -57,7 +58,7 @@ def _copy_checked(src: BinaryIO, dest: Path, what: str, size: int | None,
         raise CharlmError(f"cannot write {dest}: {exc.strerror or exc}; nothing was written") \
             from None
     except (zipfile.BadZipFile, zlib.error, EOFError) as exc:  # damage found while inflating
-        raise CharlmError(f"{what} is damaged ({exc}); nothing was written") from None
+        raise CharlmError(f"{what} is damaged ({shown(exc)}); nothing was written") from None
     finally:
         tmp.unlink(missing_ok=True)
     return dest
@@ -70,14 +71,14 @@ def extract(archive: Path, member: str, dest: Path, *, size: int | None = None,
     try:
         zf = zipfile.ZipFile(archive)
     except (zipfile.BadZipFile, OSError) as exc:
-        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        why = shown(exc.strerror if isinstance(exc, OSError) and exc.strerror else exc)
         raise CharlmError(f"{archive} is not a readable zip archive ({why}); "
                           "nothing was written") from None
     with zf:
         try:
             info = zf.getinfo(member)
         except KeyError:
-            held = ", ".join(zf.namelist()[:5]) or "nothing"
+            held = ", ".join(shown(name, 60) for name in zf.namelist()[:5]) or "nothing"
             raise CharlmError(f"{archive} holds no file named {member} (it holds: {held}); "
                               "nothing was written") from None
         if size is not None and info.file_size != size:
@@ -86,7 +87,7 @@ def extract(archive: Path, member: str, dest: Path, *, size: int | None = None,
         try:
             src = zf.open(info)
         except (zipfile.BadZipFile, NotImplementedError, RuntimeError) as exc:
-            raise CharlmError(f"{archive} cannot be unpacked ({exc}); nothing was written") \
+            raise CharlmError(f"{archive} cannot be unpacked ({shown(exc)}); nothing was written") \
                 from None
         with src:
             return _copy_checked(src, Path(dest), f"{member} in {archive}", size,

@@ -15,12 +15,14 @@ lie before the offset and after the range::
     epoch offset o in [0, S]:   [ o tokens | usable range: U tokens ........ | S - o | last ]
                                   unused     inputs (targets: one later)      unused  target only
 
-The offsets go round in cycles of 2 * num_steps epochs: in each cycle every phase p < num_steps
-starts one epoch at o = p (the slack at the end) and one at o = S - p (the slack at the start),
-in an order drawn per cycle. So the cut points between BPTT windows move from epoch to epoch,
-and every position of the training split is used in every cycle: no token is left out for good,
-as a slack kept at one end would leave it (d2l's random iterator draws its start the same way,
-from one end). Offsets and orders come from generators seeded by (seed, cycle) and (seed,
+The offsets go round in cycles of 2 * num_steps epochs, taken two at a time: epochs 2k and
+2k + 1 of a cycle start at o = p_k (the slack at the end) and at o = S - p_k (the slack at the
+start), in an order drawn per pair, and p_0 = 0: the first two epochs of every cycle start at
+both ends of the split, so from the second epoch on the first token has been an input and the
+last a target (d2l draws its offset from [0, num_steps), which includes 0, but never reaches
+the end). The other phases p < num_steps follow in an order drawn per cycle, so the cut points
+between BPTT windows move from epoch to epoch and every position of the training split is used
+in every cycle. Offsets and orders come from generators seeded by (seed, cycle) and (seed,
 epoch): batches are a pure function of (seed, epoch, position).
 """
 
@@ -36,10 +38,11 @@ from charlm.errors import CharlmError, UsageError
 Tensor = torch.Tensor
 
 _STATE_KEYS = ("epoch", "position", "seed", "batch_size", "num_steps", "num_tokens")
-# The batch order's version, saved in the state: 2 since the offsets spread over both ends of
-# the slack (the module docstring). A state without it (1) is an older charlm's, whose epochs are
-# laid out otherwise: resumable at an epoch boundary only.
-LAYOUT = 2
+# The batch order's version, saved in the state: 3 since each cycle's first two epochs start at
+# the two ends of the split (2: the offsets spread over both ends of the slack in one drawn
+# order; a state without it, 1, is older still). Another version's epochs are laid out
+# otherwise: resumable at an epoch boundary only.
+LAYOUT = 3
 
 
 def split_tokens(tokens: Tensor, fractions=(0.9, 0.1, 0.0)) -> tuple[Tensor, Tensor, Tensor]:
@@ -141,12 +144,16 @@ class _EpochBatches:
 
     def epoch_offset(self, epoch: int) -> int:
         """Where the epoch's usable range starts, in [0, slack]: phase p at the start of the
-        slack or S - p at its end, each once per cycle of 2 * num_steps epochs."""
+        slack or S - p at its end, the two in consecutive epochs; phase 0 first in each cycle
+        of 2 * num_steps epochs, the other phases in an order drawn per cycle."""
         cycle, k = divmod(epoch, 2 * self.num_steps)
-        order = torch.randperm(2 * self.num_steps, generator=_epoch_generator(
-            self.seed, cycle, salt=0x3C6EF372FE94F82B))
-        pick = int(order[k])
-        return pick if pick < self.num_steps else self.slack - (pick - self.num_steps)
+        gen = _epoch_generator(self.seed, cycle, salt=0x3C6EF372FE94F82B)
+        phases = torch.cat([torch.zeros(1, dtype=torch.long),
+                            1 + torch.randperm(self.num_steps - 1, generator=gen)])
+        ends_first = torch.randint(2, (self.num_steps,), generator=gen)
+        pair, side = divmod(k, 2)
+        p = int(phases[pair])
+        return p if side == int(ends_first[pair]) else self.slack - p
 
     def _prepare(self, epoch: int) -> None:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -27,6 +27,7 @@ from importlib import resources
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlparse
 
+from charlm.checks import Rule
 from charlm.data import archive, stream
 from charlm.data.download import (DownloadError, checksum_mismatch, download, exclusive, install,
                                   mirror_urls)
@@ -99,7 +100,7 @@ def entry(name: str, otherwise: str = "or give a text file or URL") -> Entry:
     except KeyError:
         raise UsageError(
             f"unknown corpus {name!r}: choose one of {', '.join(corpus_names())}"
-            + (f", {otherwise}" if otherwise else "")
+            + (f", {otherwise}" if otherwise else "") + Rule(choices=tuple(corpus_names())).hint(name)
         ) from None
 
 
@@ -303,10 +304,13 @@ def _from_url(url: str, sha256: str | None, data_dir: Path | None, progress: boo
 
 
 def check_source(name: str | None, texts, url: str | None, sha256: str | None) -> None:
-    """At most one source of text, and --sha256 only with --url."""
+    """At most one source of text, a corpus name that is registered, and --sha256 only with
+    --url."""
     given = [what for what, value in (("a corpus name", name), ("--text", texts), ("--url", url)) if value]
     if len(given) > 1:
         raise UsageError(f"give one corpus source, not {' and '.join(given)}")
+    if name:
+        entry(name)
     if sha256 and not url:
         raise UsageError("--sha256 checks a --url download; give --url too")
     if sha256 and not re.fullmatch(r"[0-9A-Fa-f]{64}", sha256):
@@ -345,7 +349,9 @@ def locate_corpus(
     except DownloadError as exc:
         warn(
             f"{DEFAULT_CORPUS} is not cached and cannot be downloaded, so the built-in "
-            f"{FALLBACK_CORPUS} corpus is used instead ({exc})"
+            f"{FALLBACK_CORPUS} corpus is used instead: a model trained on it writes Python's "
+            "documentation, not The Time Machine, whatever the prompt ('time traveller' too) "
+            f"({exc})"
         )
         return _from_entry(entry(FALLBACK_CORPUS), data_dir, progress)
 

@@ -19,7 +19,7 @@ import torch
 
 from charlm.data.batches import split_tokens
 from charlm.data.corpus import locate_corpus
-from charlm.data.encode import encode_chunks
+from charlm.data.encode import encode_chunks, token_dtype
 from charlm.data.text import preprocess
 from charlm.data.vocab import Vocab
 from charlm.errors import UsageError
@@ -69,14 +69,26 @@ def token_digest(*parts: torch.Tensor, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def _renumbered(tokens: torch.Tensor, remap: torch.Tensor, dtype: torch.dtype,
+                chunk: int = 1 << 22) -> torch.Tensor:
+    """remap[tokens] in `dtype`, a chunk at a time (no int64 copy of a whole corpus)."""
+    out = torch.empty(tokens.numel(), dtype=dtype)
+    for start in range(0, tokens.numel(), chunk):
+        ids = tokens[start : start + chunk].to(torch.int64)
+        out[start : start + chunk] = remap.index_select(0, ids).to(dtype)
+    return out
+
+
 def load_dataset(*, corpus: str | None = None, text: list[str] = (), url: str | None = None,
                  sha256: str | None = None, data_dir: str | None = None,
                  download_timeout: float = 1800.0, download_min_rate: int = 1024,
                  preprocessing: str | None = None, min_freq: int = 1, max_vocab: int = 0,
                  max_tokens: int = 0, val_fraction: float | None = None,
                  test_fraction: float | None = None, vocab: dict | None = None,
-                 device: torch.device | str = "cpu", progress: bool = True) -> Dataset:
-    """Load, preprocess, encode and split; `vocab` (a checkpoint's) is reused when resuming.
+                 extend: dict | None = None, device: torch.device | str = "cpu",
+                 progress: bool = True) -> Dataset:
+    """Load, preprocess, encode and split; `vocab` (a checkpoint's) is reused when resuming;
+    `extend` (a checkpoint's, when fine-tuning) is kept and extended by the text's characters.
 
     The keywords are the data options of `charlm train` (`TrainConfig.section(DATA)`); None
     means the corpus's own (preprocessing, split fractions)."""
@@ -85,9 +97,16 @@ def load_dataset(*, corpus: str | None = None, text: list[str] = (), url: str | 
                            progress=progress, preprocessing=preprocessing,
                            network={"deadline": download_timeout, "min_rate": download_min_rate})
     mode = preprocessing or source.preprocessing
+    if mode == "bytes" and vocab is None and (min_freq != 1 or max_vocab):
+        raise UsageError(f"--{'min-freq' if min_freq != 1 else 'max-vocab'} does not apply to "
+                         "--preprocessing bytes, whose vocabulary is every byte (no <unk>); "
+                         "drop it, or choose another --preprocessing")
     voc, tokens = encode_chunks(
         source.chunks(mode), source.capacity(), Vocab.from_dict(vocab) if vocab is not None else None,
-        min_freq=min_freq, max_vocab=max_vocab, max_tokens=max_tokens)
+        min_freq=min_freq, max_vocab=max_vocab, max_tokens=max_tokens, all_bytes=mode == "bytes")
+    if extend is not None:
+        voc, remap = Vocab.from_dict(extend).extended(voc)
+        tokens = _renumbered(tokens, remap, token_dtype(len(voc)))
     val_fraction = source.val_fraction if val_fraction is None else val_fraction
     test_fraction = source.test_fraction if test_fraction is None else test_fraction
     if val_fraction + test_fraction >= 1.0:

@@ -76,17 +76,18 @@ class _Output:
 
 
 def encode_chunks(chunks: Iterable[str | bytes], capacity: int, vocab: Vocab | None = None, *,
-                  min_freq: int = 1, max_vocab: int = 0,
-                  max_tokens: int = 0) -> tuple[Vocab, torch.Tensor]:
+                  min_freq: int = 1, max_vocab: int = 0, max_tokens: int = 0,
+                  all_bytes: bool = False) -> tuple[Vocab, torch.Tensor]:
     """(vocabulary, ids) of the text the chunks make up; `capacity` bounds the token count.
 
     `vocab` given: encode with it (unknown symbols -> 0, <unk>). Otherwise build one as
-    `Vocab.build` would from the whole text. `max_tokens` > 0 keeps only the first ones."""
+    `Vocab.build` would from the whole text, or with `all_bytes` (byte chunks) `Vocab.of_bytes`:
+    every byte. `max_tokens` > 0 keeps only the first ones."""
     room = min(capacity, max_tokens) if max_tokens else capacity
     with one_thread():
         if vocab is not None:
             return vocab, _encode_with(vocab, chunks, room)
-        return _build(chunks, room, min_freq, max_vocab or None)
+        return _build(chunks, room, min_freq, max_vocab or None, all_bytes)
 
 
 def _encode_with(vocab: Vocab, chunks: Iterable[str | bytes], room: int) -> torch.Tensor:
@@ -100,7 +101,7 @@ def _encode_with(vocab: Vocab, chunks: Iterable[str | bytes], room: int) -> torc
 
 
 def _build(chunks: Iterable[str | bytes], room: int, min_freq: int,
-           max_size: int | None) -> tuple[Vocab, torch.Tensor]:
+           max_size: int | None, all_bytes: bool = False) -> tuple[Vocab, torch.Tensor]:
     provisional = torch.full((0,), -1, dtype=torch.int32)  # code point -> provisional id
     counts = torch.zeros(0, dtype=torch.int64)  # code point -> occurrences
     known = 0  # provisional ids given so far
@@ -129,13 +130,20 @@ def _build(chunks: Iterable[str | bytes], room: int, min_freq: int,
                 out.to_dtype(wanted)
             take = cps[: room - out.size]
             out.write(provisional.index_select(0, take))
-    present = torch.nonzero(counts).flatten()
-    vocab = Vocab.from_counts(present, counts[present], min_freq, max_size)
+    if all_bytes:
+        vocab = Vocab.of_bytes(counts)
+    else:
+        present = torch.nonzero(counts).flatten()
+        vocab = Vocab.from_counts(present, counts[present], min_freq, max_size)
     # provisional id -> final id; symbols left out of the vocabulary -> 0 (<unk>)
     final = torch.zeros(max(known, 1), dtype=torch.int32)
     kept = torch.tensor([ord(t) for t in vocab.tokens[1:]], dtype=torch.int64)
-    if kept.numel():
-        final[provisional[kept].long()] = torch.arange(1, len(vocab), dtype=torch.int32)
+    ids = torch.arange(1, len(vocab), dtype=torch.int32)
+    seen = kept < provisional.numel()  # all_bytes keeps bytes the text never had
+    kept, ids = kept[seen], ids[seen]
+    seen = provisional[kept] >= 0
+    if seen.any():
+        final[provisional[kept[seen]].long()] = ids[seen]
     out.to_dtype(token_dtype(len(vocab)), final)
     return vocab, out.tensor()
 

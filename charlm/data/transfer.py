@@ -24,6 +24,7 @@ import urllib3.exceptions
 from tqdm import tqdm
 
 from charlm.about import __version__
+from charlm.text_safety import shown
 
 CHUNK = 1 << 16
 MAX_BYTES = 2 << 30  # a file of unknown size: no character-level corpus is larger (enwik9: 1e9)
@@ -120,16 +121,16 @@ def _network_failure(exc: Exception, url: str, timeout: tuple[float, float]) -> 
     if isinstance(exc, requests.TooManyRedirects):
         return Failed("too many redirects (a redirect loop)", retry=False)
     if any(isinstance(e, _PERMANENT) for e in chain):
-        return Failed(f"not a valid URL ({str(exc).splitlines()[0] if str(exc) else '?'})",
+        return Failed(f"not a valid URL ({shown(str(exc).splitlines()[0]) if str(exc) else '?'})",
                        retry=False)
     for e in chain:  # a handshake fails the same way every time: no retries
         if isinstance(e, ssl.SSLCertVerificationError):
             why = e.verify_message or e.reason or "unknown reason"
-            return Failed(f"certificate verify failed ({why})", retry=False)
+            return Failed(f"certificate verify failed ({shown(why)})", retry=False)
     for e in chain:
         if isinstance(e, ssl.SSLError):
             why = (e.reason or str(e)).lower().replace("_", " ")
-            return Failed(f"TLS handshake failed ({why})", retry=False)
+            return Failed(f"TLS handshake failed ({shown(why)})", retry=False)
     if isinstance(exc, requests.ConnectTimeout):
         return Failed(f"no connection within {timeout[0]:g} s (connect timeout)", retry=True)
     if any(isinstance(e, (requests.ReadTimeout, urllib3.exceptions.ReadTimeoutError)) for e in chain):
@@ -141,8 +142,8 @@ def _network_failure(exc: Exception, url: str, timeout: tuple[float, float]) -> 
         return Failed(f"cannot resolve host {urlparse(url).hostname}", retry=False)
     for e in reversed(chain):
         if isinstance(e, OSError) and e.strerror:
-            return Failed(e.strerror.lower(), retry=True)
-    return Failed(f"{type(exc).__name__}: {public_url(str(exc))}", retry=True)
+            return Failed(shown(e.strerror.lower()), retry=True)
+    return Failed(f"{type(exc).__name__}: {shown(public_url(str(exc)))}", retry=True)
 
 
 class Session(requests.Session):
@@ -154,10 +155,10 @@ class Session(requests.Session):
             new = urljoin(resp.url, target)
             scheme = urlparse(new).scheme.lower()
             if scheme not in ("http", "https"):
-                raise Failed(f"redirected to {public_url(new)}, which is not an http(s) URL",
+                raise Failed(f"redirected to {shown(public_url(new))}, which is not an http(s) URL",
                               retry=False)
             if urlparse(resp.url).scheme.lower() == "https" and scheme == "http":
-                raise Failed(f"redirected from https to plain http ({public_url(new)}); "
+                raise Failed(f"redirected from https to plain http ({shown(public_url(new))}); "
                               "refused", retry=False)
         return target
 
@@ -188,7 +189,7 @@ def fetch_http(session: requests.Session, url: str, part: Path, timeout: tuple[f
                 return fetch_http(session, url, part, timeout, show, bounds)
             if start is None:
                 transient = r.status_code >= 500 or r.status_code in (408, 429)
-                raise Failed(f"HTTP {r.status_code} {r.reason}".rstrip(), retry=transient)
+                raise Failed(f"HTTP {r.status_code} {shown(r.reason or '')}".rstrip(), retry=transient)
             kind = r.headers.get("Content-Type", "").split(";")[0].strip().lower()
             if bounds.refuse_html and kind in _HTML:
                 raise Failed("the server sent an HTML page, not a text file (give the URL of "

@@ -75,6 +75,7 @@ class Vocab:
     """
 
     UNK = "<unk>"
+    BYTES = range(1, 256)  # what a text's bytes can be: NUL is refused in every text
 
     def __init__(self, tokens: list[str], counts: list[int] | None = None):
         self.tokens = list(tokens)
@@ -102,6 +103,17 @@ class Vocab:
         return cls.from_counts(present, by_code_point[present], min_freq, max_size)
 
     @classmethod
+    def of_bytes(cls, counts: torch.Tensor) -> Vocab:
+        """A byte-level model's vocabulary: every byte a text can hold, whether the training
+        text had it or not (a byte is never <unk>), most frequent first; `counts` by byte value.
+        With <unk>, 256 ids: one byte per token still."""
+        full = torch.zeros(256, dtype=torch.int64)
+        full[: min(counts.numel(), 256)] = counts[:256]
+        order = torch.sort(full[1:], descending=True, stable=True).indices + 1
+        return cls([cls.UNK] + [chr(b) for b in order.tolist()],
+                   [int(full[0])] + full[order].tolist())
+
+    @classmethod
     def from_counts(cls, code_points: torch.Tensor, counts: torch.Tensor, min_freq: int = 1,
                     max_size: int | None = None) -> Vocab:
         """`build`'s vocabulary from counts: `counts[i]` occurrences of code point
@@ -122,6 +134,15 @@ class Vocab:
         kept_counts = counts[order].tolist()
         unknown = total - sum(kept_counts)
         return cls([cls.UNK] + [chr(c) for c in kept_cps], [unknown] + kept_counts)
+
+    def extended(self, other: Vocab) -> tuple[Vocab, torch.Tensor]:
+        """This vocabulary with the tokens of `other` it lacks after its own (in `other`'s
+        order), so every id of this one keeps its token; and the map from `other`'s ids to the
+        new ones (int32, `other`'s <unk> to <unk>). Counts are `other`'s."""
+        tokens = self.tokens + [t for t in other.tokens[1:] if t not in self._index]
+        have = dict(zip(other.tokens, other.counts)) if other.counts else None
+        grown = Vocab(tokens, [have.get(t, 0) for t in tokens] if have else None)
+        return grown, torch.tensor([grown.index(t) for t in other.tokens], dtype=torch.int32)
 
     def __len__(self) -> int:
         return len(self.tokens)

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 
 from charlm.inference.sample import without_unk
 from charlm.model.lm import CharLM, State
+from charlm.system import spool as spooling
+from charlm.system.spool import IdSpool
 
 
 @dataclass
@@ -40,8 +42,11 @@ def _select(state: State, rows: torch.Tensor) -> State:
 
 
 @torch.inference_mode()
-def beam_search(model: CharLM, prefix_ids: list[int], beam: int, length: int) -> list[Hypothesis]:
-    """The `beam` best continuations of `length` characters, best first."""
+def beam_search(model: CharLM, prefix_ids: list[int], beam: int, length: int,
+                spool: IdSpool | None = None) -> list[Hypothesis]:
+    """The `beam` best continuations of `length` characters, best first. With a `spool`
+    (width `beam`), their ids go there, column k the k-th best, and each Hypothesis's ids are
+    []: memory stays flat in the length (charlm.system.spool)."""
     if beam < 1 or length < 1:
         raise ValueError(f"beam and length must be >= 1, got {beam} and {length}")
     was_training = model.training
@@ -58,7 +63,8 @@ def beam_search(model: CharLM, prefix_ids: list[int], beam: int, length: int) ->
         # the ranking runs on the host in float64 (exact sums of many log-probabilities; MPS
         # has no float64): one (N, V) copy per step, as small as the model's own output
         scores = torch.zeros(1, dtype=torch.float64)
-        paths = torch.empty(1, 0, dtype=torch.long)
+        # each step's (parents, chars), on disk; the paths are read back from the end
+        pointers = IdSpool(2 * beam)
         for step in range(length):
             # <unk> is never a continuation, as in sampling (so --beam 1 is --greedy)
             log_probs = F.log_softmax(without_unk(logits).cpu().double(), -1)
@@ -66,12 +72,40 @@ def beam_search(model: CharLM, prefix_ids: list[int], beam: int, length: int) ->
             best = torch.sort(candidates, descending=True, stable=True).indices[:beam]
             parents, chars = best // vocab, best % vocab
             scores = candidates[best]
-            paths = torch.cat([paths[parents], chars[:, None]], 1)
+            pointers.append(torch.cat([_padded(parents, beam), _padded(chars, beam)]))
             if step == length - 1:
                 break
             logits, state = model(chars[:, None].to(device), _select(state, parents.to(device)))
             logits = logits[:, -1]
-        return [Hypothesis(ids, lp, lp / length)
-                for ids, lp in zip(paths.tolist(), scores.tolist())]
+        out = spool if spool is not None else IdSpool(scores.numel())
+        if out.width != scores.numel():
+            raise ValueError(f"the spool has {out.width} columns for {scores.numel()} beams")
+        _backtrack(pointers, out, scores.numel())
+        paths = out.lists() if spool is None else [[] for _ in range(scores.numel())]
+        if spool is None:
+            out.close()
+        pointers.close()
+        return [Hypothesis(ids, lp, lp / length) for ids, lp in zip(paths, scores.tolist())]
     finally:
         model.train(was_training)
+
+
+def _padded(row: torch.Tensor, width: int) -> torch.Tensor:
+    """A step keeps fewer than `beam` hypotheses while N * V < beam: pad its row."""
+    return row if row.numel() == width else torch.cat([row, row.new_zeros(width - row.numel())])
+
+
+def _backtrack(pointers: IdSpool, out: IdSpool, kept: int) -> None:
+    """Follow the parents from the last step to the first, writing each kept hypothesis's
+    characters to `out` (row t: the characters of step t), a block of steps at a time."""
+    pointers.flush()
+    beam = pointers.width // 2
+    rows = torch.arange(kept)
+    for stop in range(pointers.steps, 0, -spooling.READ_STEPS):
+        start = max(0, stop - spooling.READ_STEPS)
+        block = pointers.rows(start, stop)
+        chars = torch.empty(stop - start, kept, dtype=torch.long)
+        for t in range(stop - start - 1, -1, -1):
+            chars[t] = block[t, beam:][rows]
+            rows = block[t, :beam][rows]
+        out.write_rows(start, chars)

@@ -23,12 +23,18 @@ from contextlib import nullcontext
 import torch
 
 from charlm.data.batches import eval_windows
-from charlm.inference.evaluate import Perplexity, WindowSums
+from charlm.errors import CharlmError, warn
+from charlm.inference.evaluate import Perplexity, WindowSums, figures, utf8_characters
 from charlm.model.lm import CharLM, detach_state
 from charlm.system.threads import ThreadChooser, threads_within
 
+MAX_NATS = 700.0  # exp(709.8) overflows float64: a perplexity beyond this cannot be printed
 EPS = 1e-5  # keeps g / (rms + eps) finite for weights whose training gradient was ~0
 STATS_STREAMS = 16  # streams read in parallel while measuring rms
+# A step moves each weight by about lr times its typical training gradient (g / rms ~ 1): at
+# lr 1 a window already moves the weights by as much as their own gradient scale, so anything
+# larger only destroys the model (Krause et al. tune lr around 1e-4..1e-2)
+MAX_LR = 1.0
 
 
 @dataclasses.dataclass
@@ -73,9 +79,12 @@ def gradient_rms(model: CharLM, tokens: torch.Tensor, window: int, max_tokens: i
 
 
 def dynamic_perplexity(model: CharLM, tokens: torch.Tensor, settings: DynamicSettings,
-                       rms: list, threads: int = 0) -> Perplexity:
+                       rms: list, threads: int = 0, byte_vocab=None) -> Perplexity:
     """Score `tokens` while adapting `model` (an `adaptable` copy: its weights change);
-    `threads` > 0 fixes the CPU threads."""
+    `threads` > 0 fixes the CPU threads; `byte_vocab` as for `perplexity_of`."""
+    if not 0 <= settings.lr <= MAX_LR or not 0 <= settings.decay <= 1:
+        raise ValueError(f"lr must be in [0, {MAX_LR:g}] and decay in [0, 1], got "
+                         f"{settings.lr} and {settings.decay}")
     params = list(model.parameters())
     device = model.head.weight.device
     tokens = tokens.to(device)
@@ -105,6 +114,18 @@ def dynamic_perplexity(model: CharLM, tokens: torch.Tensor, settings: DynamicSet
                     torch._foreach_mul_(back, pull)
                     torch._foreach_add_(params, back)
     nats = sums.total() / sums.count
+    if not nats < MAX_NATS:  # NaN, infinite, or a perplexity past float64's range
+        raise CharlmError(f"dynamic evaluation diverged: the adapted model's loss became "
+                          f"{'NaN' if math.isnan(nats) else 'too large to report'} with "
+                          f"--dynamic-lr {settings.lr:g} and --dynamic-decay {settings.decay:g}; "
+                          "use a smaller --dynamic-lr (the default is 1e-4) or a larger "
+                          "--dynamic-decay")
+    uniform = math.log(model.config.vocab_size)  # nats per character of a uniform guess
+    if nats > 2 * uniform:  # adapting wrecked the model rather than tuned it
+        warn(f"dynamic evaluation made the model far worse than a uniform guess ({nats:.4g} "
+             f"nats per character, against {uniform:.4g}): --dynamic-lr {settings.lr:g} is "
+             "too large; try a smaller one (the default is 1e-4)")
     unk = int((tokens[1:] == 0).sum().item())
-    return Perplexity(math.exp(nats), nats, nats / math.log(2), sums.count, unk, unk / sums.count)
+    chars = utf8_characters(tokens[1:], byte_vocab) if byte_vocab is not None else None
+    return figures(sums.total(), sums.count, unk, chars)
 

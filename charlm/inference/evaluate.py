@@ -1,7 +1,9 @@
 """Perplexity: the summed negative log-likelihood of every target position given its left context.
 
 perplexity = exp(sum of -log p(target) / number of targets); nats and bits per character are the
-same sum divided by the count (and by ln 2). The window layout comes from
+same sum divided by the count (and by ln 2). For a byte-level model a target is a byte: the
+perplexity and bits per byte are per target, the figures per character divide the same sum by
+the characters the bytes decode to as UTF-8. The window layout comes from
 `charlm.data.batches.eval_windows`.
 
 Only one stream is exact: with batch_size B > 1 the text is cut into B streams that each start
@@ -85,20 +87,55 @@ class WindowSums:
 
 @dataclass
 class Perplexity:
-    perplexity: float
+    """One evaluation's figures. For a character-level model a token is a character. For a
+    byte-level one (`--preprocessing bytes`) a token is a byte: `perplexity` is per byte, and
+    the figures per character divide the same nats by the characters the bytes decode to."""
+
+    perplexity: float  # per token: per character, or per byte (`unit`)
     nats_per_char: float
     bits_per_char: float
-    characters: int  # targets evaluated: every character but the first
-    unk_characters: int  # of those, how many were <unk> (id 0)
-    unk_share: float
+    characters: int  # characters predicted: the targets (every token but the first), as text
+    unk_characters: int  # targets that were <unk> (id 0)
+    unk_share: float  # of the targets
+    unit: str = "char"  # what a token is: "char", or "byte" for a byte-level model
+    bytes: int | None = None  # a byte-level model's targets
+    bits_per_byte: float | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The figures; a byte-level model's with `unit`, `bytes` and `bits_per_byte`."""
+        d = asdict(self)
+        if self.unit == "char":
+            for key in ("unit", "bytes", "bits_per_byte"):
+                del d[key]
+        return d
+
+
+def utf8_characters(tokens: torch.Tensor, vocab) -> int:
+    """How many characters the bytes a byte-level `vocab` gives `tokens` decode to as UTF-8 (a
+    byte that starts no valid sequence counts as one, as U+FFFD; <unk> as one)."""
+    values = torch.tensor([ord(t) if len(t) == 1 else 0x3F for t in vocab.tokens],
+                          dtype=torch.uint8)
+    raw = values[tokens.to("cpu", torch.int64)].numpy().tobytes()
+    return len(raw.decode("utf-8", errors="replace"))
+
+
+def figures(nats: float, count: int, unk: int, characters: int | None = None) -> Perplexity:
+    """The figures of `nats` summed over `count` targets; `characters` given: the targets are
+    bytes that decode to that many characters."""
+    per_token = nats / count
+    if characters is None:
+        return Perplexity(math.exp(per_token), per_token, per_token / math.log(2), count, unk,
+                          unk / count)
+    per_char = nats / max(characters, 1)
+    return Perplexity(math.exp(per_token), per_char, per_char / math.log(2), characters, unk,
+                      unk / count, "byte", count, per_token / math.log(2))
 
 
 def perplexity_of(model: CharLM, tokens: torch.Tensor, window: int = 512,
-                  threads: int = 0) -> Perplexity:
+                  threads: int = 0, byte_vocab=None) -> Perplexity:
     """Exact: one stream, `window` characters per forward pass, the state carried throughout.
+    `byte_vocab`: the vocabulary of a byte-level model (`tokens` are bytes): figures per byte
+    and per character.
 
     On the CPU the windows' threads are timed (`ThreadChooser.for_stream`): two threads run a
     256-unit model's windows 1.4-1.6x faster than one on an idle machine, while beside busy
@@ -106,6 +143,6 @@ def perplexity_of(model: CharLM, tokens: torch.Tensor, window: int = 512,
     characters/s with one). `threads` > 0 fixes the count (eval perplexity --threads)."""
     chooser = ThreadChooser.for_stream(model.head.weight.device, model.config.hidden, threads)
     nll, count = corpus_nll(model, tokens, 1, window, threads=chooser)
-    nats = nll / count
     unk = int((tokens[1:] == 0).sum().item())
-    return Perplexity(math.exp(nats), nats, nats / math.log(2), count, unk, unk / count)
+    chars = utf8_characters(tokens[1:], byte_vocab) if byte_vocab is not None else None
+    return figures(nll, count, unk, chars)

@@ -239,7 +239,8 @@ def _evaluate(cpu: Loaded, device: str, say: Callable[[str], None], weights: str
         return None, [note], run_prefix
     say(f"evaluating on the validation split ({data.val.numel() - 1:,} characters)")
     set_tf32(False)  # exact float32, as `charlm eval perplexity` computes it
-    result = perplexity_of(loaded.model, data.val)
+    result = perplexity_of(loaded.model, data.val,
+                           byte_vocab=loaded.vocab if loaded.preprocessing == "bytes" else None)
     return {"split": "val", **result.to_dict()}, [], run_prefix
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import codecs
 import os
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
@@ -35,6 +35,7 @@ from charlm.model.lm import count_parameters
 if TYPE_CHECKING:
     from charlm.data.vocab import Vocab
     from charlm.inference.export import Exported
+    from charlm.system.spool import IdSpool
     from charlm.model.config import ModelConfig
 
 SPLITS = ("train", "val", "test")
@@ -50,6 +51,7 @@ class Drawn:
     settings: SampleSettings
     beam: int | None = None
     scores: list[dict] | None = None
+    text: str = ""  # the prefix as the model read it (for a byte-level model: its bytes)
 
     @property
     def texts(self) -> list[str]:
@@ -57,30 +59,23 @@ class Drawn:
 
 
 @dataclass
-class Evaluation:
-    """`charlm eval perplexity`'s figures: the exact perplexity, nats and bits per character, the
-    characters evaluated and the share that were <unk>; `dynamic`, with dynamic=True, the
-    dynamically evaluated figures and their settings."""
+class Evaluation(Perplexity):
+    """`charlm eval perplexity`'s figures (`Perplexity`'s: the exact perplexity, nats and bits
+    per character, the characters evaluated and the share that were <unk>; a byte-level model's
+    per byte too), what was evaluated, and `dynamic`, with dynamic=True, the dynamically
+    evaluated figures and their settings."""
 
-    perplexity: float
-    nats_per_char: float
-    bits_per_char: float
-    characters: int
-    unk_characters: int
-    unk_share: float
     split: str | None = None  # the split evaluated, or None for a text
     text: str | None = None  # the file evaluated (None: a split, or a string given in Python)
     dynamic: dict | None = None
 
     @classmethod
     def of(cls, result: Perplexity, **where: Any) -> "Evaluation":
-        return cls(**result.to_dict(), **where)
+        return cls(**{f.name: getattr(result, f.name) for f in fields(Perplexity)}, **where)
 
     def to_dict(self) -> dict:
-        out = {"split": self.split, "text": self.text, "perplexity": self.perplexity,
-               "nats_per_char": self.nats_per_char, "bits_per_char": self.bits_per_char,
-               "characters": self.characters, "unk_characters": self.unk_characters,
-               "unk_share": self.unk_share}
+        figures = Perplexity(**{f.name: getattr(self, f.name) for f in fields(Perplexity)})
+        out = {"split": self.split, "text": self.text, **figures.to_dict()}
         return {**out, "dynamic": self.dynamic} if self.dynamic is not None else out
 
 
@@ -173,9 +168,12 @@ class Model:
 
     def draw(self, prefix: str = "", length: int = 200, temperature: float = 1.0,
              top_k: int | None = None, top_p: float = 1.0, beam: int | None = None,
-             seed: int | None = None, num_samples: int = 1, greedy: bool = False) -> Drawn:
+             seed: int | None = None, num_samples: int = 1, greedy: bool = False,
+             spool: "IdSpool | None" = None) -> Drawn:
         """`generate` with everything it decided: the prefix as read, each continuation, the
-        settings (the seed drawn), beam scores (what `charlm generate --json` prints)."""
+        settings (the seed drawn), beam scores (what `charlm generate --json` prints). With a
+        `spool` (charlm.system.spool, `beam` or `num_samples` wide) the ids go there, column k
+        the k-th sample, and `samples` is None: memory stays flat in the length."""
         settings = self.settings(length, temperature, top_k, top_p, beam, seed, num_samples,
                                  greedy)
         text, ids = self.encode(prefix)
@@ -183,14 +181,15 @@ class Model:
         if beam is not None:
             from charlm.inference.beam import beam_search
 
-            best = beam_search(self.module, ids, beam, length)[:num_samples]
+            best = beam_search(self.module, ids, beam, length, spool=spool)[:num_samples]
             drawn = [h.ids for h in best]
             scores = [{"log_prob": h.log_prob, "nats_per_char": -h.score} for h in best]
         else:
-            drawn = draw(self.module, ids, settings)
+            drawn = draw(self.module, ids, settings, spool=spool, keep=spool is None)
         mode = self.preprocessing
-        return Drawn(readable(text, mode), [readable(self.vocab.decode(row), mode) for row in drawn],
-                     settings, beam, scores)
+        samples = None if spool is not None else [readable(self.vocab.decode(row), mode)
+                                                   for row in drawn]
+        return Drawn(readable(text, mode), samples, settings, beam, scores, text)
 
     def generate(self, prefix: str = "", length: int = 200, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float = 1.0, beam: int | None = None,
@@ -269,16 +268,18 @@ class Model:
                 "before it, so at least 2 are needed)")
         settings = request.dynamic
         train = self._training_split(data) if settings else None  # checked before any scoring
+        byte_vocab = self.vocab if self.preprocessing == "bytes" else None
         result = Evaluation.of(
             scoring.perplexity_of(self.module, tokens, window=request.chunk,
-                                  threads=request.threads),
+                                  threads=request.threads, byte_vocab=byte_vocab),
             split=split, text=str(file) if file is not None else None)
         if settings is not None:
             from charlm.inference.dynamic import adaptable, dynamic_perplexity, gradient_rms
 
             model = adaptable(self.module)
             rms = gradient_rms(model, train, settings.window, settings.stats_tokens)
-            adapted = dynamic_perplexity(model, tokens, settings, rms, request.threads)
+            adapted = dynamic_perplexity(model, tokens, settings, rms, request.threads,
+                                         byte_vocab)
             result.dynamic = {**adapted.to_dict(), **settings.to_dict(),
                               "gain_nats_per_char": result.nats_per_char - adapted.nats_per_char}
         return result
@@ -370,9 +371,9 @@ def check_evaluation(text: str | os.PathLike | None = None, split: str | None = 
     settings = None
     if dynamic:
         from charlm.checks import Rule
-        from charlm.inference.dynamic import DynamicSettings
+        from charlm.inference.dynamic import MAX_LR, DynamicSettings
 
-        Rule(kind=float, low=0).check("--dynamic-lr", dynamic_lr)
+        Rule(kind=float, low=0, high=MAX_LR).check("--dynamic-lr", dynamic_lr)
         Rule(kind=float, low=0, high=1).check("--dynamic-decay", dynamic_decay)
         Rule(kind=int, low=1).check("--dynamic-window", dynamic_window)
         settings = DynamicSettings(lr=dynamic_lr, decay=dynamic_decay, window=dynamic_window)

@@ -34,6 +34,7 @@ import torch
 from charlm.errors import UsageError
 from charlm.model.lm import CharLM, State
 from charlm.system.threads import threads_for, threads_within
+from charlm.system.spool import IdSpool
 
 NOISE_BLOCK_STEPS = 64  # noise drawn per block: (steps, samples, vocab)
 NOISE_BLOCK_NUMBERS = 1 << 22  # ... but at most this many numbers (16 MB) per block
@@ -185,6 +186,7 @@ class _Stepper:
         return torch.addmm(self.head_b, below, self.head_w)
 
 
+@torch.inference_mode()
 def generate(
     model: CharLM,
     prefix_ids: list[int],
@@ -192,22 +194,29 @@ def generate(
     on_step: Callable[[list[int]], None] | None = None,
     generator: torch.Generator | None = None,
     keep: bool = True,
+    spool: IdSpool | None = None,
 ) -> list[list[int]]:
     """Token ids drawn after `prefix_ids`, one list per sample (the prefix is not included).
 
     `on_step` receives the ids drawn at each step (one per sample), for streaming output (it
     costs one host sync per step); with `keep` False nothing else is kept (memory does not grow
-    with the length) and the result is []. An empty prefix starts from the zero state, the first
+    with the length) and the result is []; with a `spool`, each step's ids go to it instead
+    (one host copy per block of steps, memory flat in the length) and the result is []. An
+    empty prefix starts from the zero state, the first
     character drawn from the output layer's bias alone. With `greedy`, each step takes the
     argmax (d2l's predict_ch8) and temperature, top-k, top-p and the generator play no part.
     """
     drawn = []
     for nxt in draw_steps(model, prefix_ids, settings, generator):
-        if keep:
+        if spool is not None:
+            spool.append(nxt)
+        elif keep:
             drawn.append(nxt)
         if on_step is not None:
             on_step(nxt.tolist())
-    return torch.stack(drawn, 1).tolist() if keep else []
+    if spool is not None:
+        spool.flush()
+    return torch.stack(drawn, 1).tolist() if keep and spool is None else []
 
 
 @torch.inference_mode()

@@ -16,7 +16,8 @@ FRACTION_OPTION = {"val": "--val-fraction", "test": "--test-fraction"}
 
 def run_data(loaded: Loaded, split: str) -> Dataset:
     """The run's dataset rebuilt, refused where `split` was not held out or the text changed."""
-    from charlm.config.train import DATA, OPTIONS, build_config
+    from charlm.config.train import DATA, OPTIONS
+    from charlm.config.build import build_config
 
     ckpt, path = loaded.ckpt, loaded.path
     saved = ckpt.get("train_config")

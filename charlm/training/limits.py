@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from charlm.config.train import TrainConfig, parse_duration
+from charlm.config.train import TrainConfig
+from charlm.config.build import parse_duration
 from charlm.errors import UsageError
 
 

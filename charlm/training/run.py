@@ -22,12 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
+from charlm.config.build import build_config, type_ok
 from charlm.config.file import load_config_file, type_name
-from charlm.config.train import OPTIONS, TrainConfig, base_type, build_config, type_ok
+from charlm.config.train import OPTIONS, TrainConfig, base_type
 from charlm.errors import UsageError
 from charlm.training.display import TrainDisplay
 from charlm.training.signals import Interrupted
-from charlm.training.state import resolve_resume
 
 if TYPE_CHECKING:
     from charlm.inference.model import Model
@@ -138,7 +138,9 @@ def configure(options: Mapping[str, Any], config_file: str | os.PathLike | None 
     values = dict(file_values or {})
     if config_file is not None:
         values.update(load_config_file(config_file))
-    if resume is not None:
+    if resume is not None:  # (the checkpoint is read: torch comes in; a new run's needs none)
+        from charlm.training.state import resolve_resume
+
         if "out" in options:
             raise UsageError("--out cannot be combined with --resume (a run resumes in its own "
                              "directory)")

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from charlm.artifacts.checkpoint import find_checkpoint, load_checkpoint
-from charlm.config.train import (LIMITS, OPTIONS, TrainConfig, absolute_files, build_config,
-                                 canonical, fixed_on_resume)
+from charlm.config.build import LIMITS, build_config
+from charlm.config.train import OPTIONS, TrainConfig, absolute_files, canonical, fixed_on_resume
 from charlm.data.transfer import public_url
 from charlm.errors import CharlmError, UsageError
 from charlm.model.lm import State
@@ -34,7 +34,7 @@ class LoopState:
     elapsed: float = 0.0
     best_val_loss: float = math.inf
     eval_pending: str | None = None  # the evaluation of this step a stop request cut short:
-    # "periodic" (over --eval-tokens, with its sample) or "whole" (the end's, all of the split)
+    # "periodic" (over --eval-tokens, with its sample) or "whole" (the end's exact pass of best.pt)
     last_val_loss: float = math.nan  # of this process's latest evaluation; not saved
     evaluated_at: int = -1  # the step of that evaluation; not saved
 

@@ -4,8 +4,11 @@ The rows the trainer writes to metrics.jsonl become scalars, at their step:
 
     train row   loss/train  perplexity/train  bits_per_char/train  learning_rate  tokens_per_s
                 grad_norm (the last step's, before clipping)
-    val row     loss/val    perplexity/val    bits_per_char/val      (over --eval-tokens)
-                loss/val_whole  perplexity/val_whole  bits_per_char/val_whole  (the end of a run)
+    val row     loss/val_estimate  perplexity/val_estimate  bits_per_char/val_estimate
+                    (the periodic estimates: charlm.training.validation)
+                loss/val_exact  perplexity/val_exact  bits_per_char/val_exact  (the end of a run:
+                    best.pt, as `charlm eval perplexity` scores it)
+                a byte-level model's rows also bits_per_byte/val_estimate, .../val_exact
     sample      text "sample" (preformatted), at each evaluation; text "config" once, at the start
 
 `tensorboard --logdir runs` then shows every run that logged inside its run directory. A resumed
@@ -22,6 +25,7 @@ import os
 from contextlib import ExitStack, closing
 from pathlib import Path
 
+from charlm.about import install_extra
 from charlm.errors import CharlmError
 
 EXTRA = "tensorboard"
@@ -29,15 +33,17 @@ RUN_DIR = "RUN_DIR"  # a value that starts with it names a folder inside the run
 OFF = "off"  # no logs: what a resumed run of a logging run passes to stop logging
 TRAIN = {"loss": "loss/train", "ppl": "perplexity/train", "lr": "learning_rate",
          "tokens_per_s": "tokens_per_s", "grad_norm": "grad_norm"}
-VAL = {"loss": "loss/val", "ppl": "perplexity/val", "bpc": "bits_per_char/val"}
-VAL_WHOLE = {key: f"{tag}_whole" for key, tag in VAL.items()}  # all of the split, at the end
+VAL = {"loss": "loss/val", "ppl": "perplexity/val", "bpc": "bits_per_char/val",
+       "bits_per_byte": "bits_per_byte/val"}
+VAL_KINDS = {kind: {key: f"{tag}_{kind}" for key, tag in VAL.items()}
+             for kind in ("estimate", "exact")}
 
 
 def require(value: str | None) -> None:
     """Refuse --tensorboard, before anything is written, where the tensorboard package is not."""
     if value not in (None, OFF) and importlib.util.find_spec("tensorboard") is None:
         raise CharlmError(f"--tensorboard needs the tensorboard package: install the "
-                          f"{EXTRA} extra with pip install 'charlm[{EXTRA}]' (or log nothing: "
+                          f"{EXTRA} extra with {install_extra(EXTRA)} (or log nothing: "
                           f"--tensorboard {OFF})")
 
 
@@ -88,7 +94,7 @@ class Board:
 
     def write(self, row: dict) -> None:
         """A metrics.jsonl row ("train" or "val") as scalars."""
-        names = {"train": TRAIN, "val": VAL_WHOLE if row.get("whole_split") else VAL}.get(
+        names = {"train": TRAIN, "val": VAL_KINDS[row.get("val_kind", "estimate")]}.get(
             row.get("kind"), {})
         values = {tag: row.get(key) for key, tag in names.items()}
         if row.get("kind") == "train" and row.get("loss") is not None:

@@ -24,7 +24,8 @@ from charlm.artifacts import rundir
 from charlm.artifacts.checkpoint import save_checkpoint
 from charlm.artifacts.fields import check_resumable, corpus_changed
 from charlm.config.file import run_config_toml
-from charlm.config.train import DATA, TrainConfig, model_config
+from charlm.config.train import DATA, TrainConfig
+from charlm.config.build import model_config
 from charlm.data.batches import RandomBatches, SequentialBatches
 from charlm.data.dataset import Dataset, load_dataset
 from charlm.data.text import readable
@@ -35,21 +36,15 @@ from charlm.inference.sample import SampleSettings, generate
 from charlm.model.config import large_vocab_note, resolve_impl
 from charlm.model.lm import CharLM, State, detach_state
 from charlm.system.threads import ThreadChooser, use_threads
-from charlm.training import distributed, runtime, tensorboard
+from charlm.training import distributed, finetune, runtime, tensorboard, validation
 from charlm.training.display import RunInfo, TrainDisplay, run_summary
 from charlm.training.ema import WeightAverage
+from charlm.training.divergence import checkpoints_left, unsavable
 from charlm.training.limits import Limits
 from charlm.training.optim import LRSchedule, load_optimizer_state, make_optimizer
 from charlm.training.signals import Abandoned, Interrupted, StopRequests, stop_requests
 from charlm.training.state import (LogWindow, LoopState, hidden_from_plain, hidden_to_plain,
                                    rng_state, set_rng_state)
-
-
-class _NoMetrics:
-    """What ranks other than 0 write metrics to."""
-
-    def write(self, row: dict) -> None:
-        pass
 
 
 class Trainer:
@@ -65,8 +60,11 @@ class Trainer:
         ckpt = resume["ckpt"] if resume else None
         self.where = str(resume.get("path") or "checkpoint") if resume else "checkpoint"
         self.device = g.together(lambda: runtime.setup_device(cfg, g, ckpt))
+        self.source = g.together(lambda: finetune.start(cfg)) if (  # --init-from's weights,
+            cfg.init_from and not ckpt) else None  # cfg given their model
         self.data: Dataset = g.local_first(lambda: load_dataset(
-            **cfg.section(DATA), vocab=ckpt["vocab"] if ckpt else None, device=self.device))
+            **cfg.section(DATA), vocab=ckpt["vocab"] if ckpt else None,
+            extend=self.source.vocab if self.source else None, device=self.device))
         cfg.record_source(self.data.name, self.data.preprocessing, self.data.default_prefix,
                           public_url(cfg.url) if cfg.url else None)
         self.model, self.optimizer, self.schedule, self.batches, self.scaler = g.together(
@@ -99,6 +97,8 @@ class Trainer:
         random.seed(cfg.seed)
         if ckpt is None:
             model = CharLM(wanted).to(self.device)
+            if self.source:  # new characters' rows as initialised just now, the rest trained
+                finetune.load_weights(model, self.source)
         else:  # the file checked first (a damaged vocabulary also changes the tokens' digest)
             model = model_from_checkpoint(ckpt, self.where, impl, self.device, wanted).model.train()
             if change := corpus_changed(ckpt.get("corpus"), self.data):
@@ -162,6 +162,8 @@ class Trainer:
 
     def save(self, name: str) -> Path:
         state, path = self.state_dict(), self.run_dir / name
+        if problem := unsavable(state, path, self.loop.step):  # never what charlm would refuse
+            self._diverged(problem)
         self.group.on_main(lambda: save_checkpoint(state, path))
         return path
 
@@ -205,11 +207,10 @@ class Trainer:
             self.ema.update()
         return loss.detach(), state
 
-    def evaluate(self, whole: bool = False) -> float:
-        """Mean NLL per character over the validation split's first --eval-tokens (`whole`: all
-        of it), in --batch-size streams, the state carried."""
-        val = self.data.val if whole or not self.cfg.eval_tokens else self.data.val[
-            : self.cfg.eval_tokens]
+    def evaluate(self) -> float:
+        """The estimate (`charlm.training.validation`): mean NLL per token over the validation
+        split's first --eval-tokens, in --batch-size streams, the state carried."""
+        val = self.data.val[: self.cfg.eval_tokens] if self.cfg.eval_tokens else self.data.val
         if val.numel() < 2:
             return math.nan
         nll, count = distributed.validation_nll(self.group, self.model, val, self.cfg.batch_size,
@@ -239,7 +240,7 @@ class Trainer:
                 stack.callback(use_threads, torch.get_num_threads())
                 use_threads(self.threads.best)
             metrics = self.group.on_main(lambda: self._open_run_dir(stack, resuming))
-            return self._loop(metrics or _NoMetrics(), resuming)
+            return self._loop(metrics or rundir.NO_METRICS, resuming)
 
     def _open_run_dir(self, stack: ExitStack, resuming: bool) -> rundir.MetricsLog:
         config, resumed_at = run_config_toml(self.cfg), self.loop.step if resuming else None
@@ -259,12 +260,13 @@ class Trainer:
         self.display.start(info)
         self._window = LogWindow(self.device)
         self._mark, self._clock = time.perf_counter(), loop.elapsed  # this process's; elapsed: agreed
-        batches, partial = self._batches(), 0 < cfg.eval_tokens < self.data.val.numel()
+        batches = self._batches()
+        self._units = validation.EstimateUnits(self.data, cfg.eval_tokens or self.data.val.numel())
         self.net.train()
         try:
             with stop_requests(self.requests):
-                if loop.eval_pending == "whole" and partial:  # cut short at the end: its periodic
-                    loop.evaluated_at = loop.step  # one was done, the whole one follows below
+                if loop.eval_pending == "whole":  # the exact pass was cut short: the estimate
+                    loop.evaluated_at = loop.step  # of this step was done, the exact one follows
                 elif loop.eval_pending:  # the evaluation a stop request cut short, done now
                     self._evaluate_and_sample(metrics)
                     self._restart_clock()
@@ -282,10 +284,9 @@ class Trainer:
                     if self._window.steps:  # the steps since the last log line: logged, checked
                         self._log(lr, metrics)
                     self.display.stop()  # its last line: the final step, 100%
-                    final_val = (loop.last_val_loss if loop.evaluated_at == loop.step
-                                 else self._evaluate_and_sample(metrics))
-                    if partial:  # the figure to report: all of the validation split
-                        final_val = self._evaluate_and_sample(metrics, whole=True)
+                    if loop.evaluated_at != loop.step:  # the last estimate: it may pick best.pt
+                        self._evaluate_and_sample(metrics)
+                    final = validation.exact_evaluation(self, metrics)
         except Abandoned:  # a stop request during an evaluation: the steps so far are saved
             self.agreed_stop = self.stop_signal[0]
         except KeyboardInterrupt:  # a second Ctrl-C mid-step: the step is torn, so save nothing
@@ -297,7 +298,7 @@ class Trainer:
             self.display.stop()
             raise Interrupted(path, self.agreed_stop, loop.step)
         self.save("last.pt")
-        summary = run_summary(info, stop, loop, final_val)
+        summary = run_summary(info, stop, loop, final)
         metrics.write({"kind": "summary", "step": loop.step, **summary})
         return summary
 
@@ -331,7 +332,7 @@ class Trainer:
         self._mark = now
         if not self.group.active:  # a process group agrees on it at the next stop check
             loop.elapsed = self._clock
-        self.display.tick(loop.step, self.batches.epoch, self.fraction_done(), self._eta())
+        self.display.tick(loop.step, self._epochs_done(), self.fraction_done(), self._eta())
         if loop.step % cfg.log_every == 0:
             self._log(lr, metrics)
         if loop.step % cfg.eval_every == 0:
@@ -362,7 +363,7 @@ class Trainer:
             row["grad_norm"] = self.grad_norm.item()  # the last step's, before clipping
         metrics.write(row)
         self.board.write(row)
-        self.display.log(row, self.fraction_done(), self._eta())
+        self.display.log(row, self.fraction_done(), self._eta(), self._epochs_done())
         window.reset()
 
     def _mean_loss(self) -> float:
@@ -372,40 +373,35 @@ class Trainer:
 
     def _check_finite(self, mean_loss: float) -> None:
         if not math.isfinite(mean_loss):
-            last = self.run_dir / "last.pt"
-            kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was saved"
-            self.display.stop()
-            error = CharlmError(
-                f"loss became {mean_loss} by step {self.loop.step}; training stopped and {kept}; "
-                "try a lower --lr or --clip 1"
-            )
-            raise distributed.shared(error) if self.group.active else error
+            self._diverged(f"loss became {mean_loss} by step {self.loop.step}")
 
-    def _evaluate_and_sample(self, metrics, whole: bool = False) -> float:
-        """A periodic evaluation and a sample; `whole`: the final one over all of the validation split, which
-        is reported but not compared with the others (they cover --eval-tokens).
+    def _diverged(self, what: str) -> None:
+        self.display.stop()
+        error = CharlmError(f"{what}; training stopped; {checkpoints_left(self.run_dir)}; "
+                            "try a lower --lr or --clip 1")
+        raise distributed.shared(error) if self.group.active else error
+
+    def _evaluate_and_sample(self, metrics) -> float:
+        """A periodic evaluation (an estimate: `charlm.training.validation`) and a sample.
         A stop request may abandon them (not in a process group, where they are collectives),
         and then the run resumes by doing them first."""
         loop, g = self.loop, self.group
         began = time.perf_counter()
-        loop.eval_pending = "whole" if whole else "periodic"
+        loop.eval_pending = "periodic"
         with (self.ema.applied() if self.ema else nullcontext(),  # validation sees the average
               self.requests.abandonable(allowed=not g.active)):  # (its copies never cut short)
-            val = self.evaluate(whole)
-            sample = self.sample_text() if g.is_main and not whole else None
+            val = self.evaluate()
+            sample = self.sample_text() if g.is_main else None
         loop.eval_pending, loop.evaluated_at = None, loop.step
         self.model.train()
         loop.last_val_loss = val
-        improved = not whole and math.isfinite(val) and val < loop.best_val_loss
+        improved = math.isfinite(val) and val < loop.best_val_loss
         if improved:
             loop.best_val_loss = val
-        if math.isfinite(val) and not whole:
+        if math.isfinite(val):
             self.schedule.observe(val)
-        row = {"kind": "val", "step": loop.step, "epoch": self.batches.epoch,
-               "tokens": loop.tokens_seen, "time": round(loop.elapsed, 3), "loss": val,
-               "ppl": math.exp(min(val, 50)) if math.isfinite(val) else None,
-               "bpc": val / math.log(2) if math.isfinite(val) else None, "whole_split": whole,
-               "eval_s": round(time.perf_counter() - began, 3)}
+        row = {**validation.row(self, val), **self._units.figures(val), "whole_split": False,
+               "val_kind": "estimate", "eval_s": round(time.perf_counter() - began, 3)}
         metrics.write(row)
         self.board.write(row)
         if sample is not None:  # rank 0's periodic evaluations
@@ -414,7 +410,7 @@ class Trainer:
                       errors="backslashreplace") as fh:  # a prompt's bytes need not be UTF-8
                 fh.write(f"--- step {loop.step}\n{sample}\n")
         self.display.evaluation(row, sample, improved)
-        if g.broadcast(improved or not (self.run_dir / "best.pt").exists()):  # rank 0 decides
+        first = not (self.run_dir / "best.pt").exists() and math.isfinite(val)
+        if g.broadcast(improved or first):  # rank 0 decides
             self.save("best.pt")
         return val
-

@@ -95,6 +95,40 @@ def test_no_target_means_the_latest_run(tiny_run, tmp_path, runs_dir):
     assert latest_run() is None
 
 
+def test_a_dangling_latest_names_its_target_and_the_newest_run_there_is(tmp_path, runs_dir):
+    """runs/latest naming a deleted run is not 'no runs yet' when runs/ holds runs: the error
+    names what latest pointed to and the newest run that is there."""
+    import os
+
+    older, newer = runs_dir / "older", runs_dir / "newer"
+    for i, run in enumerate((older, newer, runs_dir / "gone")):
+        run.mkdir(parents=True)
+        (run / "metrics.jsonl").write_text("{}\n")
+        os.utime(run / "metrics.jsonl", (1000 + i, 1000 + i))
+    (older / "last.pt").write_bytes(b"")
+    os.utime(older / "last.pt", (500, 500))  # older's newest file is still older than newer's
+    point_latest(runs_dir / "gone")
+    shutil.rmtree(runs_dir / "gone")
+    gone = (runs_dir / "gone").resolve()
+    with pytest.raises(CharlmError) as err:
+        find_checkpoint(None)
+    assert str(err.value) == (f"{runs_dir / 'latest'} names {gone}, which no longer exists; the "
+                              f"newest run in {runs_dir}/ is {newer}: pass --checkpoint PATH")
+    (runs_dir / "latest").unlink()
+    with pytest.raises(CharlmError) as err:
+        find_checkpoint(None)
+    assert str(err.value) == (f"{runs_dir / 'latest'} is missing; the newest run in {runs_dir}/ "
+                              f"is {newer}: pass --checkpoint PATH")
+    point_latest(runs_dir / "gone")
+    shutil.rmtree(older)
+    shutil.rmtree(newer)
+    with pytest.raises(CharlmError) as err:
+        find_checkpoint(None)
+    assert str(err.value) == (f"{runs_dir / 'latest'} names {gone}, which no longer exists, and "
+                              f"{runs_dir}/ holds no other run: train one with `charlm train`, or "
+                              "pass --checkpoint PATH")
+
+
 def test_load_model_rebuilds_the_trained_model_in_any_implementation(tiny_run):
     ckpt = plain(tiny_run)
     loaded = load_model(str(tiny_run / "run" / "last.pt"), None, "cpu")

@@ -5,9 +5,9 @@ temp file, which the next trainer on the run deletes; `charlm train --resume RUN
 ends bit-identical to a run never interrupted (CPU, one thread, same seed); a failed save leaves
 the previous checkpoint byte for byte as it was.
 
-The SIGKILL loop is scripts/soak.py's, run short: its `charlm train` processes are forked from a
-warm Python with charlm imported (soak.ForkServer), so each of the 12 restarts costs ~0.1 s, not
-2-4 s of imports. The runs that get SIGINT/SIGTERM are plain `python -m charlm` subprocesses;
+The SIGKILL loop is tests/soak.py's (scripts/soak.py runs it long), run short: its `charlm train`
+processes are forked from a warm Python with charlm imported (tests/forkserver.py), so each of
+the 12 restarts costs ~0.1 s, not 2-4 s of imports. The runs that get SIGINT/SIGTERM are plain `python -m charlm` subprocesses;
 the resumed and the reference runs are forked again (all of them on one thread, so their
 arithmetic is the same).
 """
@@ -33,6 +33,7 @@ from charlm.artifacts.checkpoint import load_checkpoint, save_checkpoint
 from charlm.errors import CharlmError
 
 import soak
+from forkserver import ForkServer
 from soak import SEED, python_m_charlm, wait_for_rows
 
 REPO = Path(__file__).resolve().parents[2]
@@ -48,10 +49,11 @@ def corpus(tmp_path_factory) -> Path:
 # --- SIGKILL ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_ends_bit_identical(corpus, tmp_path):
     max_steps, kills = 200, 12  # at most ~12 x 11 steps go by in the kill loop
     run, reference = tmp_path / "killed", tmp_path / "uninterrupted"
-    server = soak.ForkServer(soak.env_for(tmp_path / "runs"), tmp_path)
+    server = ForkServer(tmp_path, soak.env_for(tmp_path / "runs"))
     try:
         uninterrupted = server.start(soak.train_args(corpus, reference, max_steps, SEED))
         lines: list[str] = []
@@ -87,7 +89,7 @@ def test_sigkill_at_random_moments_then_resume_ends_bit_identical(corpus, tmp_pa
 @pytest.fixture(scope="module")
 def fork_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("fork-server")
-    server = soak.ForkServer(soak.env_for(root / "runs"), root)
+    server = ForkServer(root, soak.env_for(root / "runs"))
     yield server
     server.close()
 
@@ -101,6 +103,7 @@ def uninterrupted_60(corpus, fork_server, tmp_path_factory) -> Path:
     return run / "last.pt"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_saves_exits_130_and_the_resumed_run_ends_bit_identical(
         sig, corpus, fork_server, uninterrupted_60, tmp_path):

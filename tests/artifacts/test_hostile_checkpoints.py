@@ -132,6 +132,7 @@ DECLARED = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("field, command", [
     pytest.param(f, c, id=f"{c}-{f}") for f in DECLARED for c in COMMANDS
     if c == "resume" or f == "weight"])
@@ -187,6 +188,7 @@ OPTIMIZER_EDITS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("edit", list(OPTIMIZER_EDITS))
 def test_optimizer_state_is_checked_against_its_parameters_before_a_step(
         edit, tiny_run, tmp_path, monkeypatch, fork_server):

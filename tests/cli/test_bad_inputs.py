@@ -30,7 +30,8 @@ import pytest
 
 from forkserver import ForkServer
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+# Slow (the whole table of bad inputs, each in a process of its own): left out of `pytest -m "not slow"`.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 import torch
 
 TIMEOUT = 120  # seconds per subprocess: a wrongly accepted input still ends in a few
@@ -62,26 +63,26 @@ def train_on(*text: str) -> tuple[str, ...]:
 CASES = [
     # options: exit 2
     Case("unknown-cell", train("--cell", "transformer"), 2,
-         "cell must be one of rnn, gru, lstm; got 'transformer'"),
+         "--cell must be one of rnn, gru, lstm; got 'transformer'"),
     Case("bidirectional", train("--bidirectional"), 2,
          "--bidirectional is not supported: a bidirectional layer reads the characters it is "
          "asked to predict, so it cannot be a language model"),
-    Case("hidden-zero", train("--hidden", "0"), 2, "hidden must be an integer in [1, 16777216], got 0"),
-    Case("layers-negative", train("--layers", "-1"), 2, "layers must be an integer in [1, 1024], got -1"),
-    Case("batch-zero", train("--batch-size", "0"), 2, "batch_size must be an integer >= 1, got 0"),
-    Case("num-steps-negative", train("--num-steps", "-5"), 2, "num_steps must be an integer >= 1, got -5"),
-    Case("dropout-one", train("--dropout", "1"), 2, "dropout must be in [0, 1), got 1.0"),
-    Case("dropout-negative", train("--dropout", "-0.1"), 2, "dropout must be in [0, 1), got -0.1"),
-    Case("lr-zero", train("--lr", "0"), 2, "lr must be a positive number, got 0.0"),
-    Case("lr-negative", train("--lr", "-1"), 2, "lr must be a positive number, got -1.0"),
+    Case("hidden-zero", train("--hidden", "0"), 2, "--hidden must be an integer in [1, 16777216], got 0"),
+    Case("layers-negative", train("--layers", "-1"), 2, "--layers must be an integer in [1, 1024], got -1"),
+    Case("batch-zero", train("--batch-size", "0"), 2, "--batch-size must be an integer >= 1, got 0"),
+    Case("num-steps-negative", train("--num-steps", "-5"), 2, "--num-steps must be an integer >= 1, got -5"),
+    Case("dropout-one", train("--dropout", "1"), 2, "--dropout must be in [0, 1), got 1.0"),
+    Case("dropout-negative", train("--dropout", "-0.1"), 2, "--dropout must be in [0, 1), got -0.1"),
+    Case("lr-zero", train("--lr", "0"), 2, "--lr must be a positive number, got 0.0"),
+    Case("lr-negative", train("--lr", "-1"), 2, "--lr must be a positive number, got -1.0"),
     Case("unknown-optimizer", train("--optimizer", "lbfgs"), 2,
-         "optimizer must be one of sgd, adam, adamw; got 'lbfgs'"),
+         "--optimizer must be one of sgd, adam, adamw; got 'lbfgs'"),
     Case("unknown-schedule", train("--schedule", "exp"), 2,
-         "schedule must be one of none, cosine, plateau; got 'exp'"),
+         "--schedule must be one of none, cosine, plateau; got 'exp'"),
     Case("unknown-corpus", ("train", *FAST, "--corpus", "nosuch", "--out", "new"), 2,
          "unknown corpus 'nosuch': choose one of enwik8, python-docs, text8, timemachine, tinyshakespeare, "
          "or give a text file or URL"),
-    Case("seed-out-of-range", train("--seed", str(10**23)), 2, r"seed must be .+", regex=True),
+    Case("seed-out-of-range", train("--seed", str(10**23)), 2, r"--seed must be .+", regex=True),
     Case("resume-with-out", ("train", "--resume", "run", "--out", "elsewhere"), 2,
          "--out cannot be combined with --resume (a run resumes in its own directory)"),
     Case("resume-other-cell", ("train", "--resume", "run", "--cell", "lstm"), 2,
@@ -186,17 +187,18 @@ CASES = [
          "config file /dev/zero is larger than 1 MiB; a config file is a few lines of TOML"),
     # numbers at their extremes, typed or in a config file: exit 2, never an overflow in C++
     Case("hidden-2-to-the-62", train("--hidden", str(2**62)), 2,
-         f"hidden must be an integer in [1, 16777216], got {2**62}"),
+         f"--hidden must be an integer in [1, 16777216], got {2**62}"),
     Case("embed-2-to-the-62", train("--embed", str(2**62)), 2,
-         f"embed must be an integer in [0, 16777216], got {2**62}"),
+         f"--embed must be an integer in [0, 16777216], got {2**62}"),
     Case("layers-2-to-the-62", train("--layers", str(2**62)), 2,
-         f"layers must be an integer in [1, 1024], got {2**62}"),
+         f"--layers must be an integer in [1, 1024], got {2**62}"),
     Case("config-seed-beyond-64-bits", train("--config", "bigseed.toml"), 2,
-         f"seed must be an integer in [0, 2**63), got {2**64}"),
+         f"key 'run.seed' in config file bigseed.toml must be an integer in [0, 2**63), got {2**64}"),
     Case("config-hidden-int64-max", ("train", "--text", "{small}", "--max-steps", "1", "-q",
                                      "--out", "new", "--config", "bighidden.toml"), 2,
-         f"hidden must be an integer in [1, 16777216], got {2**63 - 1}"),
-    Case("lr-beyond-float64", train("--lr", "1e309"), 2, "lr must be a positive number, got inf"),
+         f"key 'hidden' in config file bighidden.toml must be an integer in [1, 16777216], "
+         f"got {2**63 - 1}"),
+    Case("lr-beyond-float64", train("--lr", "1e309"), 2, "--lr must be a positive number, got inf"),
     Case("generate-seed-beyond-64-bits", ("generate", "--checkpoint", "model.pt", "--seed",
                                           str(2**64)), 2,
          f"--seed must be an integer in [0, 2**63), got {2**64}"),

@@ -27,6 +27,56 @@ def test_a_bare_command_prints_its_help(args):
     assert "\nCommands:\n" in out
 
 
+COMMANDS = [["train"], ["generate"], ["eval", "perplexity"], ["export"], ["plot"],
+            ["data", "list"], ["data", "download"], ["data", "add"], ["data", "info"]]
+
+
+@pytest.mark.parametrize("args", COMMANDS, ids=" ".join)
+def test_help_names_values_as_a_user_reads_them(args):
+    """No Python types (`<list[str]>`, `<list[Path]>`) and no Typer notation (`{name}`) in any
+    command's help; arguments are named in capitals, as usage lines name them."""
+    code, out, err = run_main([*args, "--help"])
+    assert (code, err) == (0, "")
+    assert not re.findall(r"<list\[|\{\w+\}|\[\[", out), out
+    usage = out.splitlines()[0]
+    assert re.fullmatch(rf"Usage: charlm {' '.join(args)} \[OPTIONS\]( [A-Z_|\[\].]+)*", usage)
+
+
+@pytest.mark.parametrize("args, shown", [
+    (["data", "add"], "Usage: charlm data add [OPTIONS] NAME FILE"),
+    (["data", "download"], "Usage: charlm data download [OPTIONS] NAME"),
+    (["plot"], "Usage: charlm plot [OPTIONS] [RUN_DIR]..."),
+    (["train"], "Usage: charlm train [OPTIONS] [RUN_DIR|CHECKPOINT]"),
+    (["plot"], "\n  RUN_DIR...  Run directories to overlay"),
+    (["train"], "\n  --text <file> "),
+    (["train"], "\n  --time-budget <duration> "),
+    (["generate"], "\n  --impl [auto|fused|scratch|fast]"),
+    (["eval", "perplexity"], "\n  --weights [auto|ema|raw]"),
+])
+def test_help_shows_choices_and_what_a_value_is(args, shown):
+    assert shown in run_main([*args, "--help"])[1]
+
+
+def test_help_and_readme_say_what_ema_and_beam_compute():
+    """The semantics tests/model/test_regularisation.py (the EMA's ramp) and
+    tests/inference/test_beam.py (scores over the characters less <unk>, renormalised) check
+    are said where a user reads them."""
+    def said(args):  # help wraps lines, at spaces and after hyphens
+        return "".join(run_main([*args, "--help"])[1].split())
+
+    def bare(text):
+        return "".join(text.split())
+
+    readme = " ".join((REPO / "README.md").read_text(encoding="utf-8").split())
+    assert bare("After step t the decay is min(--ema, (1+t)/(10+t)), a warm-up ramp") in said(["train"])
+    assert "`d = min(DECAY, (1 + t) / (10 + t))`: a warm-up ramp" in readme
+    beam = ("scored by log-probability (natural log, per character; <unk> excluded and the other "
+            "characters' probabilities renormalised, as when drawing)")
+    assert bare(beam) in said(["generate"])
+    assert ("Scores are natural logs of the model's probabilities with `<unk>` excluded and the "
+            "other characters' probabilities renormalised") in readme
+
+
 def test_version():
     from charlm.about import __version__
 
@@ -87,6 +137,7 @@ def charlm(*args: str, stdout=subprocess.PIPE, env: dict | None = None):
                           env={**os.environ, **(env or {})})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [
     ["--help"], ["data", "list"], ["data", "info", "python-docs"], ["eval", "perplexity", "--json"],
     ["generate", "--length", "5", "--num-samples", "2"],
@@ -105,6 +156,7 @@ def test_a_closed_pipe_is_a_normal_end(args, tiny_checkpoint, tmp_path):
     assert (proc.returncode, proc.stderr) == (0, "")
 
 
+@pytest.mark.slow
 def test_a_closed_pipe_ends_training_normally_after_it_finished(tmp_path):
     text = tmp_path / "small.txt"
     text.write_text("the time machine " * 400, encoding="utf-8")
@@ -129,6 +181,7 @@ def test_numpy_is_declared():
     assert "numpy" in names
 
 
+@pytest.mark.slow
 def test_library_warnings_stay_off_stderr(tiny_checkpoint, tmp_path):
     """Without numpy, `import torch` warns "Failed to initialize NumPy" on stderr: a library's
     line in a normal run, which charlm keeps off a user's stderr (-q or not); CHARLM_DEBUG=1

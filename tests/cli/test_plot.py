@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from charlm.cli import plot
 from charlm.artifacts import rundir
 from charlm.cli.app import app
-from charlm.config.train import build_config
+from charlm.config.build import build_config
 from charlm.training.trainer import Trainer
 from helpers import pydoc_text
 
@@ -28,10 +28,10 @@ try:
 except ImportError:
     HAVE_MATPLOTLIB = False
 needs_matplotlib = pytest.mark.skipif(
-    not HAVE_MATPLOTLIB, reason="matplotlib is not installed (pip install 'charlm[plot]')")
+    not HAVE_MATPLOTLIB, reason="matplotlib is not installed (pip install 'charlm-rnn[plot]')")
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-WIDTH, HEIGHT = 1200, 450  # figsize 12 x 4.5 inches at 100 dpi
+WIDTH, HEIGHT = 1200, 550  # figsize 12 x 5.5 inches at 100 dpi
 C0, C1 = (0x1F, 0x77, 0xB4), (0xFF, 0x7F, 0x0E)  # matplotlib's first two cycle colours
 
 
@@ -83,7 +83,7 @@ def test_curves_are_the_metrics_rows(runs):
     curves = plot.read_curves(runs["a"], "a")
     rows = rundir.read_metrics(runs["a"] / "metrics.jsonl")
     train = [r for r in rows if r["kind"] == "train"]
-    val = [r for r in rows if r["kind"] == "val"]
+    val = [r for r in rows if r["kind"] == "val" and r["val_kind"] == "estimate"]
     assert [p[0] for p in curves.train] == [5, 10, 15, 20]
     assert [p[0] for p in curves.val] == [10, 20]
     assert curves.train == [(r["step"], r["time"], r["ppl"]) for r in train]
@@ -93,6 +93,73 @@ def test_curves_are_the_metrics_rows(runs):
         assert ppl == pytest.approx(math.exp(loss), rel=1e-12)
     times = [p[1] for p in curves.train]
     assert times == sorted(times) and times[0] > 0
+
+
+def without_exact_rows(run: Path, to: Path) -> Path:
+    """A copy of `run` without the exact validation row its end wrote: only estimates."""
+    import shutil
+
+    shutil.copytree(run, to)
+    rows = [r for r in rundir.read_metrics(to / "metrics.jsonl") if r.get("val_kind") != "exact"]
+    (to / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return to
+
+
+def test_exact_validation_rows_are_a_curve_of_their_own(runs):
+    """A run's end writes the exact figure (val_kind "exact") after its estimates: plot draws it
+    apart from the estimates' curve."""
+    val = [r for r in rundir.read_metrics(runs["a"] / "metrics.jsonl") if r["kind"] == "val"]
+    exact = [r for r in val if r.get("val_kind") == "exact"]
+    estimates = [r for r in val if r.get("val_kind") == "estimate"]
+    assert len(exact) == 1 and estimates and len(exact) + len(estimates) == len(val)
+    curves = plot.read_curves(runs["a"], "a")
+    assert curves.exact == [(r["step"], r["time"], r["ppl"]) for r in exact]
+    assert curves.val == [(r["step"], r["time"], r["ppl"]) for r in estimates]
+
+
+def test_labels_name_the_run_its_model_and_what_differs(runs):
+    curves = [plot.read_curves(runs[n], n) for n in ("a", "b")]
+    options = [plot.run_options(runs[n]) for n in ("a", "b")]
+    plot.label_runs(curves, options)
+    size = curves[0].parameters
+    assert size == curves[1].parameters and 500 < size < 5000
+    model = f"GRU 1\u00d716, {size / 1e3:.1f}k parameters"
+    assert [c.label for c in curves] == [f"a ({model}), lr 0.01", f"b ({model}), lr 0.003"]
+    assert plot.title_of(curves, options) == "Perplexity of 2 runs on small.txt"
+    assert plot.title_of(curves[:1], options[:1]) == f"Perplexity of a ({model}), lr 0.01 on small.txt"
+
+
+@needs_matplotlib
+def test_the_figure_reads_at_a_glance(runs, tmp_path):
+    """Log perplexity axis, train and validation in a light and a dark shade of the run's colour
+    (validation with dots), exact figures as stars apart from the line, a key and the runs
+    named in legends, a title."""
+    from matplotlib.colors import to_hex
+
+    a, b = runs["a"], without_exact_rows(runs["b"], tmp_path / "b")
+    curves = [plot.read_curves(a, "a"), plot.read_curves(b, "b")]
+    options = [plot.run_options(r) for r in (a, b)]
+    plot.label_runs(curves, options)
+    fig = plot.figure(curves, title=plot.title_of(curves, options))
+    by_step, by_time = fig.axes
+    assert fig.get_suptitle() == "Perplexity of 2 runs on small.txt"
+    for ax in (by_step, by_time):
+        assert ax.get_yscale() == "log"
+        lines = ax.get_lines()
+        styles = [(to_hex(l.get_color()), l.get_marker(), l.get_linestyle()) for l in lines]
+        assert styles == [("#aec7e8", "None", "-"), ("#1f77b4", "o", "-"), ("#1f77b4", "*", "None"),
+                          ("#ffbb78", "None", "-"), ("#ff7f0e", "o", "-")]
+        assert [list(y) for y in (lines[1].get_ydata(), lines[2].get_ydata())] == [
+            [p[2] for p in curves[0].val], [p[2] for p in curves[0].exact]]
+    assert by_time.get_xlabel() == "training time (s, evaluations excluded)"
+    key, named = ([t.get_text() for t in legend.get_texts()] for legend in fig.legends)
+    assert key == ["train (mean over each log interval)",
+                   "validation, estimate (first --eval-tokens of the split)",
+                   "validation, exact (whole split, as eval perplexity)"]
+    assert named == [c.label for c in curves]
+    linear = plot.figure(curves, log_y=False)
+    assert [ax.get_yscale() for ax in linear.axes] == ["linear", "linear"]
+    assert len(plot.figure(curves[1:]).legends) == 1  # one run: the title names it
 
 
 @needs_matplotlib
@@ -112,7 +179,7 @@ def test_default_is_the_latest_run(runs, monkeypatch):
 @needs_matplotlib
 def test_two_runs_overlaid(runs, tmp_path):
     out = tmp_path / "compare.png"
-    result = invoke(str(runs["a"]), str(runs["b"]), "--out", str(out), "--log-y")
+    result = invoke(str(runs["a"]), str(runs["b"]), "--out", str(out))
     assert result.exit_code == 0, result.output
     assert result.stdout == f"wrote {out} (2 runs)\n"
     assert png_size(out) == (WIDTH, HEIGHT)
@@ -150,7 +217,7 @@ def test_missing_matplotlib_names_the_extra(runs, tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     result = invoke(str(runs["a"]), "--out", str(tmp_path / "x.png"))
     assert result.exit_code == 1
-    assert result.stderr == "charlm: error: charlm plot needs matplotlib: pip install 'charlm[plot]'\n"
+    assert result.stderr == "charlm: error: charlm plot needs matplotlib: pip install 'charlm-rnn[plot]'\n"
     assert result.stdout == ""
     assert list(tmp_path.iterdir()) == []
 
@@ -164,14 +231,21 @@ def test_no_runs_yet(tmp_path):
     )
 
 
-def test_latest_pointing_at_a_deleted_run_is_no_runs(tmp_path, monkeypatch):
+def test_latest_pointing_at_a_deleted_run_names_it_and_the_newest_run(runs, tmp_path, monkeypatch):
+    import shutil
+
     root = tmp_path / "runs"
-    root.mkdir()
+    for name in ("a", "b"):  # b was written last; copies keep the times
+        shutil.copytree(runs[name], root / name)
     (root / "latest").write_text(str(tmp_path / "gone") + "\n", encoding="utf-8")
     monkeypatch.setenv("CHARLM_RUNS_DIR", str(root))
+    newest = root / "b"
+    line = (f"charlm: error: {root / 'latest'} names {tmp_path / 'gone'}, which no longer exists; "
+            f"the newest run in {root}/ is {newest}: pass RUN_DIR\n")
     result = invoke()
-    assert result.exit_code == 1
-    assert result.stderr.startswith(f"charlm: error: no runs yet in {root}/:")
+    assert (result.exit_code, result.stderr) == (1, line)
+    result = invoke(str(root / "latest"))  # the pointer named as the run to plot
+    assert (result.exit_code, result.stderr) == (1, line)
 
 
 def test_directory_without_metrics(tmp_path):

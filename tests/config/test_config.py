@@ -12,8 +12,8 @@ import pytest
 from charlm.checks import Rule
 from charlm.cli.train import launch_args, typed
 from charlm.errors import UsageError
-from charlm.config.train import (OPTIONS, PRECISIONS, TrainConfig, build_config, default_of,
-                                    fixed_on_resume)
+from charlm.config.train import OPTIONS, PRECISIONS, TrainConfig, default_of, fixed_on_resume
+from charlm.config.build import build_config
 from charlm.config.file import load_config_file, options_markdown, run_config_toml
 from helpers import invoke
 
@@ -158,7 +158,8 @@ def test_fixed_on_resume_are_the_options_that_define_the_model_or_its_data():
     assert set(fixed_on_resume()) == {
         "cell", "hidden", "layers", "embed", "nonlinearity", "gru_reset", "corpus", "text", "url",
         "preprocessing", "min_freq", "max_vocab", "max_tokens", "val_fraction", "test_fraction",
-        "batch_size", "num_steps", "sampling", "optimizer", "seed", "tie_weights"}
+        "batch_size", "num_steps", "sampling", "optimizer", "seed", "tie_weights",
+        "init_from"}  # where a fine-tuned run started: its weights, not the resumed ones
 
 
 def test_train_help_shows_every_option_with_its_default_and_choices():
@@ -199,16 +200,83 @@ def test_choices_ignore_case(value):
     assert build_config({}, {"cell": value}).cell == "gru"
 
 
-def test_values_are_checked_with_one_wording_from_a_file_or_the_command_line(tmp_path):
+def test_values_are_checked_with_one_wording_naming_where_the_value_came_from(tmp_path):
+    """One wording (the Rule's), and the error names what the user wrote: the option typed, the
+    config file's key and path, or (the Python API, a checkpoint) the field."""
+    rule = "must be an integer in [1, 16777216], got 0"
     path = tmp_path / "c.toml"
     path.write_text("[model]\nhidden = 0\n", encoding="utf-8")
-    with pytest.raises(UsageError, match=r"^hidden must be an integer in \[1, 16777216\], got 0$"):
-        build_config(load_config_file(path), {})
-    with pytest.raises(UsageError, match=r"^hidden must be an integer in \[1, 16777216\], got 0$"):
+    with pytest.raises(UsageError) as err:
+        load_config_file(path)
+    assert str(err.value) == f"key 'model.hidden' in config file {path} {rule}"
+    with pytest.raises(UsageError) as err:
         build_config({}, {"hidden": 0})
+    assert str(err.value) == f"hidden {rule}"
     result = invoke("train", "--hidden", "0", "--out", str(tmp_path / "r"))
+    assert (result.exit_code, result.stderr) == (2, f"charlm: error: --hidden {rule}\n")
+    result = invoke("train", "--config", str(path), "--out", str(tmp_path / "r"))
     assert (result.exit_code, result.stderr) == (
-        2, "charlm: error: hidden must be an integer in [1, 16777216], got 0\n")
+        2, f"charlm: error: key 'model.hidden' in config file {path} {rule}\n")
+
+
+@pytest.mark.parametrize("args, line", [
+    (["--cell", "gur"], "--cell must be one of rnn, gru, lstm; got 'gur' (did you mean gru?)"),
+    (["--impl", "fuse"],
+     "--impl must be one of auto, fused, scratch, fast; got 'fuse' (did you mean fused?)"),
+    (["--optimizer", "lbfgs"], "--optimizer must be one of sgd, adam, adamw; got 'lbfgs'"),
+    (["--time-budget", "soon"], "--time-budget must look like 90s, 5m, 1.5h or 1h30m; got 'soon'"),
+    (["--corpus", "tinyshakspeare"],
+     "unknown corpus 'tinyshakspeare': choose one of enwik8, python-docs, text8, timemachine, "
+     "tinyshakespeare, or give a text file or URL (did you mean tinyshakespeare?)"),
+])
+def test_a_mistyped_option_is_named_with_the_choice_it_was_near(args, line, tmp_path):
+    result = invoke("train", *args, "--out", str(tmp_path / "r"))
+    assert (result.exit_code, result.stderr) == (2, f"charlm: error: {line}\n")
+
+
+def test_a_config_files_value_names_the_file_and_key(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('[model]\ncell = "lsmt"\n[run]\ntime_budget = "soon"\n', encoding="utf-8")
+    with pytest.raises(UsageError) as err:
+        load_config_file(path)
+    assert str(err.value) == (f"key 'model.cell' in config file {path} must be one of rnn, gru, "
+                              "lstm; got 'lsmt' (did you mean lstm?)")
+    path.write_text('time_budget = "soon"\n', encoding="utf-8")
+    with pytest.raises(UsageError) as err:
+        load_config_file(path)
+    assert str(err.value) == (f"key 'time_budget' in config file {path} must look like 90s, 5m, "
+                              "1.5h or 1h30m; got 'soon'")
+
+
+BAD_VALUES = [
+    ["train", "--cell", "gur"],
+    ["train", "--hidden", "0"],
+    ["train", "--time-budget", "soon"],
+    ["train", "--corpus", "nosuch"],
+    ["train", "--config", "{file}"],
+    ["train", "run.toml"],
+    ["generate", "--impl", "foo"],
+    ["eval", "perplexity", "--impl", "foo"],
+    ["generate", "--weights", "best"],
+]
+
+
+@pytest.mark.parametrize("args", BAD_VALUES, ids=lambda a: " ".join(a))
+def test_a_bad_value_is_told_before_torch_is_imported(args, tmp_path):
+    """What the command line says wrong is told at once: the error path never imports torch
+    (which takes seconds), in a process of its own."""
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text("hidden = -1\n", encoding="utf-8")
+    args = [a.replace("{file}", str(bad)) for a in args]
+    probe = ("import sys\nfrom charlm.cli.app import main\ntry:\n    main(sys.argv[1:])\n"
+             "except SystemExit as exc:\n    print(exc.code, 'torch' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120)
+    assert done.stderr.startswith("charlm: error: ") and done.stderr.count("\n") == 1, done.stderr
+    assert done.stdout == "2 False\n"
 
 
 @pytest.mark.parametrize("rule, value, message", [
@@ -220,6 +288,8 @@ def test_values_are_checked_with_one_wording_from_a_file_or_the_command_line(tmp
     (Rule(kind=float, low=0, low_open=True), float("inf"), "x must be a positive number, got inf"),
     (Rule(kind=float, low=0, high=1, low_open=True, high_open=True), 1, "x must be in (0, 1), got 1"),
     (Rule(choices=("a", "b")), "c", "x must be one of a, b; got 'c'"),
+    (Rule(choices=("rnn", "gru", "lstm")), "GUR", "x must be one of rnn, gru, lstm; got 'GUR' "
+                                               "(did you mean gru?)"),
 ])
 def test_rules_say_what_they_allow(rule, value, message):
     with pytest.raises(UsageError) as err:

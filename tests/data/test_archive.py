@@ -247,11 +247,13 @@ def test_train_on_enwik8_with_its_standard_split_and_eval_the_test_split(small_e
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     n = len(body)
-    assert report["characters"] == n - (n - round(0.05 * n)) - 1  # the last 5%, less its first
+    test = body[n - round(0.05 * n) + 1:]  # the last 5%, less its first
+    assert (report["unit"], report["bytes"]) == ("byte", len(test))
+    assert report["characters"] == len(bytes(test).decode("utf-8", errors="replace"))
     from charlm.artifacts.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(run / "last.pt")
     assert ckpt["preprocessing"] == "bytes"
     assert ckpt["corpus"]["splits"] == {"train": n - 2 * round(0.05 * n), "val": round(0.05 * n),
                                         "test": round(0.05 * n)}
-    assert sorted(ord(t) for t in ckpt["vocab"]["tokens"][1:]) == sorted(set(body))
+    assert sorted(ord(t) for t in ckpt["vocab"]["tokens"][1:]) == list(range(1, 256))

@@ -114,12 +114,34 @@ def test_every_position_is_used_within_each_cycle_of_epochs(cls, n, batch_size, 
         assert inputs[: n - 1].all() and targets[1:].all(), cycle
 
 
+@pytest.mark.parametrize("cls", ITERATORS)
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_the_first_token_is_an_input_and_the_last_a_target_from_the_second_epoch_on(cls, seed):
+    """d2l's iterators never reach one end of the split (its random offset includes 0 but the
+    slack's end is never drawn): here, after any two or more epochs, every position of the
+    training split has been an input and every position after the first a target."""
+    n = 10_000
+    it = cls(corpus(n), 32, 35, seed=seed)
+    inputs, targets = torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
+    for epoch in range(5):
+        for x, y in one_epoch(it):
+            inputs[x.flatten()] = True
+            targets[y.flatten()] = True
+        if epoch >= 1:
+            assert inputs[: n - 1].all() and not inputs[n - 1], epoch
+            assert targets[1:].all() and not targets[0], epoch
+
+
 def test_offsets_take_each_phase_at_both_ends_of_the_slack_once_per_cycle():
     it = SequentialBatches(corpus(10_000), 32, 35, seed=3)
     assert it.slack == 10_000 - 1 - 8 * 32 * 35  # 1,039
     for cycle in range(3):
         offsets = [it.epoch_offset(70 * cycle + k) for k in range(70)]
         assert sorted(offsets) == list(range(35)) + [it.slack - p for p in range(34, -1, -1)]
+        assert sorted(offsets[:2]) == [0, it.slack]  # both ends first
+        # then each phase at one end and the other in consecutive epochs
+        assert all(min(a, b) + max(a, b) == it.slack and min(a, b) < 35
+                   for a, b in zip(offsets[::2], offsets[1::2]))
     first, second = ([it.epoch_offset(70 * c + k) for k in range(70)] for c in (0, 1))
     assert first != second  # a new order every cycle
     assert [it.epoch_offset(e) for e in range(70)] == first  # a pure function of the epoch
@@ -238,10 +260,11 @@ def test_a_state_of_another_batch_order_resumes_at_an_epoch_boundary_only(cls):
     mid-epoch would repeat or skip windows: refused. At an epoch boundary nothing of the old
     order is left, so it goes on with this one."""
     it = cls(corpus(1000), 4, 10, seed=3)
-    assert it.state_dict()["layout"] == LAYOUT == 2
+    assert it.state_dict()["layout"] == LAYOUT == 3
     old = {k: v for k, v in it.state_dict().items() if k != "layout"}
     for state, who in [({**old, "epoch": 2, "position": 5}, "an older"),
-                       ({**old, "epoch": 2, "position": 5, "layout": 3}, "a newer")]:
+                       ({**old, "epoch": 2, "position": 5, "layout": 2}, "an older"),
+                       ({**old, "epoch": 2, "position": 5, "layout": 4}, "a newer")]:
         with pytest.raises(CharlmError) as err:
             it.load_state_dict(state)
         assert str(err.value) == (

@@ -163,6 +163,7 @@ def test_a_body_without_length_is_cut_at_the_known_size_or_the_url_limit(
 # --- two downloads of one file at once ------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_two_downloads_of_one_file_at_once_fetch_it_once(tmp_path, http_server, capfd):
     text = b"the time traveller (for so it will be convenient to speak of him)\n"
     server = http_server(served(tmp_path, "tm.txt", text), "trickle")  # ~3.4 s

@@ -133,7 +133,7 @@ def test_sources_are_mutually_exclusive_and_names_are_checked(tmp_path):
         load_corpus("timemachin")
     assert str(err.value) == (
         "unknown corpus 'timemachin': choose one of enwik8, python-docs, text8, timemachine, tinyshakespeare, "
-        "or give a text file or URL"
+        "or give a text file or URL (did you mean timemachine?)"
     )
 
 
@@ -186,7 +186,9 @@ def test_default_falls_back_to_python_docs_with_one_warning_line(monkeypatch, tm
     err = capsys.readouterr().err
     assert err == (
         "charlm: warning: timemachine is not cached and cannot be downloaded, so the built-in "
-        "python-docs corpus is used instead (could not download timemachine.txt: "
+        "python-docs corpus is used instead: a model trained on it writes Python's "
+        "documentation, not The Time Machine, whatever the prompt ('time traveller' too) "
+        "(could not download timemachine.txt: "
         f"{(empty / 'timemachine.txt').as_uri()}: file not found; {dead_url('timemachine')}: "
         f"connection refused (after 2 attempts); check that CHARLM_MIRROR ({empty}) holds "
         "timemachine.txt, or add a copy you have with 'charlm data add timemachine FILE')\n"

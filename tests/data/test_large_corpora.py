@@ -24,31 +24,35 @@ def rows(run) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_eval_tokens_is_a_fixed_part_and_the_end_evaluates_the_whole_split(tmp_path,
-                                                                         monkeypatch):
+def test_eval_tokens_is_a_fixed_part_and_the_end_scores_the_whole_split_exactly(tmp_path,
+                                                                                monkeypatch):
     monkeypatch.setenv("CHARLM_RUNS_DIR", str(tmp_path / "runs"))
     text = pydoc_text(tmp_path / "t.txt", 40_000)
     run = tmp_path / "run"
     code, out, err = run_main(["train", "--text", str(text), *TINY[:-1], "--eval-tokens", "700",
                                "--out", str(run)])
     assert code == 0, err
-    assert "train 36,000 / val 4,000 (the first 700 at each evaluation, all at the end);" in err
+    assert ("train 36,000 / val 4,000 (estimates on the first 700, the exact figure on all of "
+            "it at the end);") in err
     vals = [r for r in rows(run) if r["kind"] == "val"]
-    assert [(r["step"], r["whole_split"]) for r in vals] == [(10, False), (20, False), (20, True)]
+    assert [(r["step"], r["whole_split"], r["val_kind"]) for r in vals] == [
+        (10, False, "estimate"), (20, False, "estimate"), (20, True, "exact")]
     assert all(r["eval_s"] >= 0 for r in vals)
-    assert [line.startswith("[step 20] val ppl ") for line in err.splitlines()
-            if line.endswith("bits/char (all of the validation split)")] == [True]
-    # recompute both figures of the final model independently
-    ckpt = load_checkpoint(run / "last.pt")
-    model = model_from_checkpoint(ckpt).model
-    val = torch.tensor(model_vocab_ids(ckpt, text)[36_000:])
-    part = corpus_nll(model, val[:700], 4, 8)
-    whole = corpus_nll(model, val, 4, 8)
+    assert [line for line in err.splitlines() if "(exact: " in line] == [
+        f"[step 20] val ppl {vals[2]['ppl']:.4f}, {vals[2]['bpc']:.4f} bits/char (exact: "
+        "best.pt, all 3,999 characters of the validation split, one stream, float32)"]
+    # recompute the figures independently: the estimate of the final model over the first 700
+    # in 4 streams, the exact one of best.pt over all of the split in one
+    last, best = load_checkpoint(run / "last.pt"), load_checkpoint(run / "best.pt")
+    val = torch.tensor(model_vocab_ids(last, text)[36_000:])
+    part = corpus_nll(model_from_checkpoint(last).model, val[:700], 4, 8)
+    whole = corpus_nll(model_from_checkpoint(best).model, val, 1, 8)
     assert vals[1]["loss"] == pytest.approx(part[0] / part[1], rel=1e-6)
     assert vals[2]["loss"] == pytest.approx(whole[0] / whole[1], rel=1e-6)
     summary = [r for r in rows(run) if r["kind"] == "summary"][0]
-    assert summary["final_val_loss"] == vals[2]["loss"]  # what the run reports: the whole split
-    assert summary["best_val_loss"] == min(vals[0]["loss"], vals[1]["loss"])  # like with like
+    assert summary["val_loss"] == vals[2]["loss"]  # what the run reports: the exact figure
+    assert summary["val_checkpoint"] == str(run / "best.pt")
+    assert summary["best_val_loss_estimate"] == min(vals[0]["loss"], vals[1]["loss"])
 
 
 def model_vocab_ids(ckpt: dict, path) -> list[int]:
@@ -65,9 +69,11 @@ def test_eval_tokens_0_or_a_small_split_evaluate_everything_once(tmp_path, monke
                                  "--out", str(tmp_path / name)])
         assert code == 0, err
         vals = [r for r in rows(tmp_path / name) if r["kind"] == "val"]
-        assert [(r["step"], r["whole_split"]) for r in vals] == [(10, False), (20, False)]
+        assert [(r["step"], r["val_kind"]) for r in vals] == [
+            (10, "estimate"), (20, "estimate"), (20, "exact")]
 
 
+@pytest.mark.slow
 def test_a_large_vocabulary_is_named_in_the_first_line_with_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setenv("CHARLM_RUNS_DIR", str(tmp_path / "runs"))
     rng = random.Random(0)
@@ -103,7 +109,9 @@ def test_a_byte_level_model_reads_and_writes_any_script(tmp_path, monkeypatch):
     assert code == 0, err
     ckpt = load_checkpoint(run / "last.pt")
     assert ckpt["preprocessing"] == "bytes"
-    assert {ord(t) for t in ckpt["vocab"]["tokens"][1:]} == set(text.read_bytes())
+    assert {ord(t) for t in ckpt["vocab"]["tokens"][1:]} == set(range(1, 256))  # every byte
+    seen = len(set(text.read_bytes()))  # the text's bytes first, by frequency
+    assert {ord(t) for t in ckpt["vocab"]["tokens"][1 : 1 + seen]} == set(text.read_bytes())
     samples = (run / "samples.txt").read_text("utf-8")
     assert "\\x" not in samples and "Ã" not in samples  # decoded text, not byte soup
     args = ["generate", "--checkpoint", str(run), "--prefix", "Über", "--length", "80",
@@ -118,5 +126,7 @@ def test_a_byte_level_model_reads_and_writes_any_script(tmp_path, monkeypatch):
     assert streamed == drawn["prefix"] + drawn["samples"][0] + "\n"
     code, out, err = run_main(["eval", "perplexity", "--checkpoint", str(run), "--json"])
     report = json.loads(out)
-    assert code == 0 and report["characters"] == round(0.1 * len(text.read_bytes())) - 1
+    val = text.read_bytes()[-round(0.1 * len(text.read_bytes())) + 1:]  # its targets
+    assert code == 0 and report["bytes"] == len(val)
+    assert report["characters"] == len(val.decode("utf-8", errors="replace"))
     assert math.isfinite(report["bits_per_char"])

@@ -42,6 +42,7 @@ def charlm(args: list, cwd: Path) -> subprocess.CompletedProcess:
                           capture_output=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_a_run_named_in_another_encoding_trains_resumes_and_is_read_back(tmp_path):
     name = {k: os.fsdecode(v) for k, v in NAMES.items()}  # what Python makes of those bytes
     pydoc_text(tmp_path / name["text"], 6000)
@@ -71,6 +72,7 @@ def test_a_run_named_in_another_encoding_trains_resumes_and_is_read_back(tmp_pat
     assert (rerun.returncode, rerun.stderr) == (0, b"")
 
 
+@pytest.mark.slow
 def test_a_run_named_in_another_encoding_plots(tmp_path):
     pytest.importorskip("matplotlib")
     run = tmp_path / os.fsdecode(NAMES["out"])

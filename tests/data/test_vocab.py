@@ -178,3 +178,37 @@ def test_from_dict_rejects_malformed(bad, message):
     with pytest.raises(CharlmError) as err:
         Vocab.from_dict(bad)
     assert str(err.value) == message
+
+
+def test_a_byte_level_vocabulary_holds_every_byte_so_none_is_unk(tmp_path):
+    """The README promises no <unk> in bytes mode, yet a byte the training text lacked (the
+    first byte of "€" in an ASCII text) encoded as <unk>: the vocabulary held only the bytes
+    seen. Now it holds every byte a text can hold (1..255; NUL is refused), the seen ones
+    first by frequency, in one byte per token."""
+    from charlm.data.dataset import load_dataset
+
+    text = tmp_path / "ascii.txt"
+    text.write_text("abracadabra " * 50, encoding="utf-8")
+    data = load_dataset(text=[str(text)], preprocessing="bytes", progress=False)
+    vocab = data.vocab
+    assert len(vocab) == 256 and data.train.dtype == torch.uint8
+    assert vocab.tokens[:6] == ["<unk>", "a", "b", "r", " ", "c"]  # by count, then by byte
+    assert vocab.counts[:7] == [0, 250, 100, 100, 50, 50, 50]
+    assert sorted(ord(t) for t in vocab.tokens[1:]) == list(range(1, 256))
+    unseen = vocab.encode(preprocess("€ 東京", "bytes"))
+    assert (unseen != 0).all() and unseen.numel() == 10
+    assert readable(vocab.decode(unseen), "bytes") == "€ 東京"
+    assert torch.equal(data.train[:4].long(), vocab.encode("abra").long())
+
+
+def test_min_freq_and_max_vocab_do_not_apply_to_bytes(tmp_path):
+    from helpers import run_main
+
+    text = tmp_path / "t.txt"
+    text.write_text("abc " * 100, encoding="utf-8")
+    for option, value in (("--max-vocab", "10"), ("--min-freq", "2")):
+        code, out, err = run_main(["train", "--text", str(text), "--preprocessing", "bytes",
+                                   option, value, "--out", str(tmp_path / "run")])
+        assert (code, out, err) == (2, "", (
+            f"charlm: error: {option} does not apply to --preprocessing bytes, whose vocabulary "
+            "is every byte (no <unk>); drop it, or choose another --preprocessing\n"))

@@ -79,6 +79,7 @@ def test_gradient_rms_is_the_root_mean_square_of_window_gradients():
         torch.testing.assert_close(r, p.grad.abs())
 
 
+@pytest.mark.slow
 def test_adapting_pays_on_text_that_repeats_and_uses_no_float64():
     model = model_of()
     once = torch.randint(12, (20,), generator=torch.Generator().manual_seed(4))
@@ -120,7 +121,7 @@ def test_eval_dynamic_reports_both_figures_and_never_changes_the_checkpoint(tiny
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--dynamic-lr", "-1"], "--dynamic-lr must be >= 0, got -1.0"),
+    (["--dynamic-lr", "-1"], "--dynamic-lr must be in [0, 1], got -1.0"),
     (["--dynamic-decay", "2"], "--dynamic-decay must be in [0, 1], got 2.0"),
     (["--dynamic-window", "0"], "--dynamic-window must be an integer >= 1, got 0"),
 ])

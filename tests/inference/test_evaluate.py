@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 
 from charlm.artifacts.checkpoint import load_checkpoint, save_checkpoint
 from charlm.cli.app import app
-from charlm.config.train import DATA, build_config
+from charlm.config.train import DATA
+from charlm.config.build import build_config
 from charlm.data.dataset import load_dataset
 from charlm.model.config import ModelConfig
 from charlm.model.lm import CharLM
@@ -117,6 +118,7 @@ def test_chunk_does_not_change_the_result(runs):
         assert r["characters"] == reports[0]["characters"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("run, trained_with, impl", [
     ("gru", "fast", "fused"), ("gru", "fast", "scratch"), ("gru-scratch", "scratch", "fused"),
     ("gru-scratch", "scratch", "fast"), ("lstm", "fused", "scratch")])
@@ -240,6 +242,7 @@ def test_changed_corpus_is_refused(runs, tmp_path):
                "file with --text FILE\n")
 
 
+@pytest.mark.slow
 def test_subprocess_split_of_size_zero(runs):
     env = {**os.environ, "CHARLM_RUNS_DIR": str(runs["root"] / "runs"), "OMP_NUM_THREADS": "1"}
     env.pop("CHARLM_DEBUG", None)

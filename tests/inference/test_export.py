@@ -20,7 +20,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 import charlm
-from helpers import run_main, train_runs
+from helpers import TINY, run_main, train_runs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -153,6 +153,7 @@ def test_eval_gives_the_same_figures_and_the_card_holds_them(runs, exported, run
     assert text[0]["perplexity"] == text[1]["perplexity"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("run", ["gru", "lstm", "awd"])
 @pytest.mark.parametrize("args", [
     ["--prefix", "the ", "--length", "40", "--seed", "5"],
@@ -200,6 +201,47 @@ def test_the_card_header_is_hugging_face_metadata_with_the_exact_figures(runs, e
         assert f"\n{section}\n" in body
 
 
+def test_the_card_counts_epochs_in_the_singular_and_plural(exported):
+    """The card said "1 full epochs"."""
+    from charlm.artifacts.card import CardFacts, model_card
+
+    config = json.loads((exported["gru"][0] / "config.json").read_text())
+    for epochs, words in ((0, "0 full epochs"), (1, "1 full epoch"), (2, "2 full epochs")):
+        config["training"]["epoch"] = epochs
+        card = model_card(CardFacts(config=config, parameters=1, evaluation=None, sample="x",
+                                    prefix="", sample_length=1, seed=0, onnx=False,
+                                    weights_bytes=1))
+        assert f" characters seen, {words}) |" in card
+
+
+def test_a_byte_level_models_card_gives_bits_per_byte_and_per_character(tmp_path, monkeypatch):
+    """A byte-level model's figures were labelled per character but were per byte."""
+    monkeypatch.setenv("CHARLM_RUNS_DIR", str(tmp_path / "runs"))
+    text = tmp_path / "mixed.txt"
+    text.write_text("Grüße aus Köln, 東京 und Zürich: naïve café — " * 150, encoding="utf-8")
+    run, out = tmp_path / "bytes", tmp_path / "share"
+    code, _, err = run_main(["train", "--text", str(text), *TINY, "--layers", "1",
+                             "--preprocessing", "bytes", "--out", str(run)])
+    assert code == 0, err
+    code, _, err = run_main(["export", str(run), "--out", str(out), "--sample-length", "10"])
+    assert code == 0, err
+    ev = json.loads((out / "config.json").read_text())["evaluation"]
+    assert ev["unit"] == "byte" and ev["bytes"] >= ev["characters"]
+    code, stdout, err = run_main(["eval", "perplexity", "--checkpoint", str(out), "--json"])
+    assert code == 0, err
+    assert {k: v for k, v in json.loads(stdout).items() if k in ev} == ev
+    meta, body = card_parts(out)
+    [results] = meta["model-index"][0]["results"]
+    assert {m["type"]: m["value"] for m in results["metrics"]} == {
+        "perplexity": ev["perplexity"], "bpc": ev["bits_per_char"],
+        "bits_per_byte": ev["bits_per_byte"]}
+    assert ("| split | bytes | characters | perplexity (per byte) | bits / byte | bits / char |"
+            in body)
+    assert (f"| validation | {ev['bytes']:,} | {ev['characters']:,} | {ev['perplexity']:.4f} | "
+            f"{ev['bits_per_byte']:.4f} | {ev['bits_per_char']:.4f} |") in body
+    assert "| bytes | " in body and " bytes seen, 0 full epochs) |" in body
+
+
 @pytest.mark.parametrize("run", ["gru", "lstm"])
 def test_the_cards_command_draws_the_cards_sample(runs, exported, run, monkeypatch):
     folder, result, _ = exported[run]
@@ -221,7 +263,8 @@ def test_a_run_without_a_validation_split_is_exported_with_a_warning(runs, tmp_p
     code, stdout, err = run_main(["export", str(made["noval"]), "--out", str(out),
                                   "--sample-length", "10"])
     assert code == 0, err
-    reason = (f"no validation figures: the run of {made['noval'] / 'best.pt'} held out no val split "
+    # no validation, so no best.pt: the run's last.pt is what export takes
+    reason = (f"no validation figures: the run of {made['noval'] / 'last.pt'} held out no val split "
               "(val_fraction 0): train with --val-fraction 0.1 (for example) to get one, or "
               "evaluate a file with --text FILE")
     assert f"charlm: warning: {reason}\n" in err
@@ -351,6 +394,7 @@ FOLDER_EDITS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("edit", FOLDER_EDITS)
 @pytest.mark.parametrize("command", [
     ["generate", "--length", "5", "--seed", "1", "--checkpoint", "{f}"],

@@ -302,6 +302,7 @@ def run_cli(*args: str, runs_dir: Path) -> subprocess.CompletedProcess:
                           env=env, cwd=REPO, timeout=120)
 
 
+@pytest.mark.slow
 def test_subprocess_no_runs_yet_and_not_a_checkpoint(tmp_path):
     p = run_cli("generate", "--prefix", "a", runs_dir=tmp_path / "empty")
     assert (p.returncode, p.stdout) == (1, "")
@@ -317,6 +318,7 @@ def test_subprocess_no_runs_yet_and_not_a_checkpoint(tmp_path):
     assert p.stderr.startswith(f"charlm: error: {junk} ")
 
 
+@pytest.mark.slow
 def test_subprocess_streams_and_stops_quietly_when_the_reader_leaves(runs):
     """The first characters arrive while the process is still drawing; closing the pipe ends it
     with exit 0 and nothing on stderr."""
@@ -348,6 +350,7 @@ def test_a_temperature_or_nucleus_too_small_to_sample_draws_the_likeliest(runs, 
     assert greedy.stdout.count("<unk>") < 40  # so "<unk> every time" could not pass for it
 
 
+@pytest.mark.slow
 def test_streaming_keeps_nothing_of_what_it_drew(runs):
     """While characters stream out, generate keeps none of them: its memory does not grow with
     --length (here: 20,000 steps allocate no more Python objects than 10 do)."""

@@ -197,7 +197,7 @@ def test_train_impl_fast_on_a_gpu_says_the_c_loops_are_cpu_only():
 
 
 def test_mixed_precision_on_a_small_model_gets_a_warning():
-    from charlm.config.train import build_config
+    from charlm.config.build import build_config
 
     note = runtime.precision_note(build_config({}, {"precision": "fp16"}))
     assert note.startswith("--precision fp16 was measured slower than fp32 for the 2x256 GRU")
@@ -227,7 +227,7 @@ def test_auto_passes_over_mps_for_a_gru_and_says_so(monkeypatch):
     assert devices.select_device("auto", "gru") == torch.device("cpu")
     assert devices.select_device("auto", "lstm") == torch.device("mps")
     assert devices.select_device("mps", "gru") == torch.device("mps")  # asked for: used
-    from charlm.config.train import build_config
+    from charlm.config.build import build_config
 
     text = runtime.device_text(build_config({}, {}), torch.device("cpu"))
     assert text.endswith("; auto skipped MPS for the GRU: slower than the CPU and NaN in "
@@ -288,6 +288,7 @@ def test_eval_perplexity_turns_tf32_off_and_training_records_its_choice(tiny_run
 
 # -- scripts/gpu_check.sh ----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_gpu_check_starts_and_prints_its_table_with_the_gpu_rows_skipped(tmp_path):
     """What CI can check of the GPU script on a machine without a GPU (the suite hides the GPUs
     from the processes it starts): it runs, says what it found, skips the rest, exits 0."""

@@ -17,7 +17,7 @@ import torch
 from charlm.system.devices import set_tf32
 from charlm.model.cells import recurrent_layer
 from charlm.artifacts.checkpoint import load_checkpoint
-from charlm.config.train import build_config
+from charlm.config.build import build_config
 from charlm.training.trainer import Trainer
 from helpers import invoke, pydoc_text
 
@@ -82,7 +82,7 @@ def test_mixed_precision_trains(small_text, tmp_path, precision):
                            dropout=0.0, lr=0.01)).run()
     rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     train = [r["loss"] for r in rows if r["kind"] == "train"]
-    assert train[-1] < train[0] - 0.3 and summary["best_val_loss"] is not None
+    assert train[-1] < train[0] - 0.3 and summary["val_loss"] is not None
     ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
     assert ckpt["hidden"].dtype == torch.float32  # resumable under any precision, anywhere
     assert all(t.dtype == torch.float32 for t in ckpt["model"].values())

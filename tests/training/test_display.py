@@ -12,7 +12,7 @@ import pytest
 from rich.console import Console
 
 from charlm.system.console import console
-from charlm.config.train import build_config
+from charlm.config.build import build_config
 from charlm.training.display import TrainDisplay, clock
 from charlm.training.limits import Limits
 from charlm.training.trainer import Trainer
@@ -50,12 +50,14 @@ def test_the_live_line_moves_every_step_and_ends_on_the_last_one_at_100_percent(
 
     trainer.step_hook = look
     trainer.run()
-    assert [head for head, _, _ in seen] == [f"epoch 1 step {i}" for i in range(1, 8)]
+    per_epoch = len(trainer.batches)  # "epochs": epochs done, as in the summary
+    assert [head for head, _, _ in seen] == [f"epochs {i / per_epoch:.2f} step {i}"
+                                             for i in range(1, 8)]
     assert [done for _, done, _ in seen] == pytest.approx([i / 7 * 1000 for i in range(1, 8)])
     assert all(re.fullmatch(r"\d+:\d\d:\d\d", eta) for _, _, eta in seen)
     assert seen[-1][2] == "0:00:00"
-    last = [line for line in re.split(r"[\r\n]", out.getvalue()) if "epoch 1 step" in line][-1]
-    assert "epoch 1 step 7" in last and "100%" in last and last.rstrip().endswith("ETA 0:00:00")
+    last = [line for line in re.split(r"[\r\n]", out.getvalue()) if " step " in line][-1]
+    assert f"epochs {7 / per_epoch:.2f} step 7" in last and "100%" in last and last.rstrip().endswith("ETA 0:00:00")
 
 
 def test_off_a_terminal_one_line_per_log_point_and_one_for_the_last_steps(small_text, tmp_path):
@@ -63,12 +65,39 @@ def test_off_a_terminal_one_line_per_log_point_and_one_for_the_last_steps(small_
     trainer = Trainer(tiny(small_text, tmp_path / "run", log_every=3),
                       display=TrainDisplay(console=console(file=out)))
     trainer.run()
-    lines = [line for line in out.getvalue().splitlines() if line.startswith("epoch ")]
+    lines = [line for line in out.getvalue().splitlines() if line.startswith("epochs ")]
+    per_epoch = len(trainer.batches)
     assert [line.split(" | ")[0] for line in lines] == [
-        "epoch 1 step 3", "epoch 1 step 6", "epoch 1 step 7"]
+        f"epochs {i / per_epoch:.2f} step {i}" for i in (3, 6, 7)]
     assert lines[-1].endswith(" | 100% | ETA 0:00:00")
     rows = [json.loads(row) for row in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["kind"] == "train"] == [3, 6, 7]
+
+
+def test_off_a_terminal_only_the_last_line_says_100_percent():
+    """A log point at 99.5% printed "100%" and the end's line a second one: shares round down."""
+    out = io.StringIO()
+    display = TrainDisplay(console=console(file=out))
+    row = {"step": 200, "epoch": 0, "loss": 1.0, "ppl": 2.718, "tokens_per_s": 1000.0,
+           "lr": 1e-3}
+    for progress in (200 / 201, 0.29, 1.0):  # 0.29 * 100 is 28.999999999999996
+        display.log(row, progress, 0.0, epochs=0.5)
+    assert [line.split(" | ")[3] for line in out.getvalue().splitlines()] == ["99%", "29%",
+                                                                              "100%"]
+
+
+def test_the_summary_labels_its_figures():
+    """The summary says which figure is exact and which an estimate, that its tokens/s is the
+    run's mean and its epochs the epochs done (a fraction, as the live line counts them)."""
+    from charlm.training.display import summary_table
+
+    out = io.StringIO()
+    console(file=out).print(summary_table({
+        "epochs": 2.931, "val_ppl": 3.5677, "val_checkpoint": "runs/x/best.pt",
+        "best_val_ppl_estimate": 3.5943, "mean_tokens_per_s": 61234.5}))
+    labels = [line.split("│")[1].strip() for line in out.getvalue().splitlines() if "│" in line]
+    assert labels == ["epochs (done)", "val ppl (exact)", "scored checkpoint",
+                      "best val ppl (estimate)", "tokens/s (mean over the run)"]
 
 
 @pytest.mark.parametrize("limits, at, eta", [
@@ -106,7 +135,7 @@ def test_user_strings_print_literally_and_nothing_wraps_off_a_terminal(small_tex
     assert result.exit_code == 0, result.output
     assert "\ncorpus notes[v2]: " in result.stderr
     assert f"\nrun directory: {run}\n" in result.stderr
-    assert "epoch 1 step 3 | loss " in result.stderr
+    assert " step 3 | loss " in result.stderr
     summary = result.stdout.splitlines()
     assert any(f" {run / 'best.pt'} " in line for line in summary), result.stdout
     assert len(max(summary, key=len)) > 120  # one line per row, however wide

@@ -106,6 +106,7 @@ def _assert_close(a: dict, b: dict) -> None:
         assert torch.allclose(a[key], b[key], atol=1e-5, rtol=0), key
 
 
+@pytest.mark.slow
 def test_two_ranks_train_the_model_one_process_trains(work, two_ranks, tmp_path, monkeypatch):
     monkeypatch.setenv("CHARLM_RUNS_DIR", str(tmp_path / "runs"))
     result = CliRunner().invoke(app, [*_args(work, tmp_path / "one6", 6), "--quiet"])
@@ -130,6 +131,7 @@ def test_two_ranks_train_the_model_one_process_trains(work, two_ranks, tmp_path,
     assert two_ranks.stderr.count("run directory:") == 1
 
 
+@pytest.mark.slow
 def test_two_rank_checkpoint_resumes_on_two_ranks(work, two_ranks, tmp_path):
     shutil.copytree(work / "two6", tmp_path / "part")
     resumed = _run(work, "charlm", "train", "--nproc", "2", "--resume", str(tmp_path / "part"),
@@ -147,6 +149,7 @@ def test_two_rank_checkpoint_resumes_on_two_ranks(work, two_ranks, tmp_path):
         assert torch.allclose(h1, h2, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_ctrl_c_reaches_every_rank_once_and_saves(work, tmp_path):
     """SIGINT to the `--nproc` launcher: the ranks finish the same step, rank 0 saves and says
     how to resume, nothing else is printed, and the launcher exits 130."""
@@ -171,6 +174,7 @@ def test_ctrl_c_reaches_every_rank_once_and_saves(work, tmp_path):
     assert stdout == ""
 
 
+@pytest.mark.slow
 def test_resume_on_another_world_size_is_one_line(work, two_ranks, tmp_path, monkeypatch):
     monkeypatch.setenv("CHARLM_RUNS_DIR", str(tmp_path / "runs"))
     shutil.copytree(work / "two6", tmp_path / "part")
@@ -182,6 +186,7 @@ def test_resume_on_another_world_size_is_one_line(work, two_ranks, tmp_path, mon
     assert load_checkpoint(tmp_path / "part" / "last.pt")["step"] == 6
 
 
+@pytest.mark.slow
 def test_indivisible_global_batch_is_one_line_from_rank_0(work):
     args = _args(work, work / "bad", 6)
     args[args.index("--batch-size") + 1] = "3"
@@ -212,6 +217,7 @@ print(json.dumps(seen))
 """
 
 
+@pytest.mark.slow
 def test_the_stop_agreement_runs_one_step_behind(work):
     """Each check starts this step's reduction and reads the previous one's (the first check
     agrees at once): every rank gets the same answers, one step late, without waiting a step."""
@@ -231,6 +237,7 @@ def test_the_stop_agreement_runs_one_step_behind(work):
     assert answers[0] == answers[1] == [[10.0, None], [10.0, None], [11.0, None], [12.0, "SIGINT"]]
 
 
+@pytest.mark.slow
 def test_two_ranks_with_every_regulariser_and_averaging_resume_exactly(work, tmp_path):
     every = ["--dropout", "0.3", "--input-dropout", "0.2", "--embed-dropout", "0.1",
              "--weight-drop", "0.3", "--locked-dropout", "--tie-weights", "--embed", "24",

@@ -18,16 +18,19 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+# Slow (signals sent to real `charlm train` processes): left out of `pytest -m "not slow"`.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 import torch
 
 from charlm.artifacts import rundir
 from charlm.artifacts.checkpoint import load_checkpoint
-from charlm.config.train import build_config
+from charlm.config.build import build_config
+from charlm.training import validation
 from charlm.training.state import resolve_resume
 from charlm.training.trainer import Interrupted, Trainer
 from helpers import pydoc_text, run_main
 import soak
+from forkserver import ForkServer
 from soak import SEED, python_m_charlm, wait_for_rows
 
 LONG_SAMPLE = ("--sample-length", "100000000")  # hours of drawing: only a stop request ends it
@@ -119,7 +122,8 @@ def test_a_stop_during_the_final_sample_saves_the_run_and_the_resume_finishes_it
     assert code == 0, err
     ckpt = load_checkpoint(run / "last.pt")
     assert ckpt["step"] == 4 and ckpt["eval_pending"] is False
-    assert [r["step"] for r in rundir.read_metrics(run / "metrics.jsonl") if r["kind"] == "val"] == [4]
+    assert [(r["step"], r["val_kind"]) for r in rundir.read_metrics(run / "metrics.jsonl")
+            if r["kind"] == "val"] == [(4, "estimate"), (4, "exact")]
     assert (run / "best.pt").exists()
 
 
@@ -150,10 +154,10 @@ def test_a_stop_during_a_mid_run_sample_cuts_it_short_and_resumes_exactly(corpus
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
-def test_a_stop_during_the_final_whole_split_evaluation_resumes_to_that_one_alone(tmp_path,
-                                                                                 monkeypatch):
-    """--eval-tokens covers part of the split, so the end of the run evaluates it whole after the
-    periodic evaluation of the last step. A stop there leaves only the whole one to do: the
+def test_a_stop_during_the_final_exact_evaluation_resumes_to_that_one_alone(tmp_path,
+                                                                           monkeypatch):
+    """The end of the run scores best.pt exactly (all of the split, one stream) after the
+    periodic estimate of the last step. A stop there leaves only the exact one to do: the
     resumed run adds no second periodic row, sample or plateau observation."""
     text = pydoc_text(tmp_path / "small.txt", 20_000)
     monkeypatch.setenv("CHARLM_RUNS_DIR", str(tmp_path / "runs"))
@@ -167,27 +171,27 @@ def test_a_stop_during_the_final_whole_split_evaluation_resumes_to_that_one_alon
     reference, run = tmp_path / "reference", tmp_path / "run"
     Trainer(config(reference)).run()
     trainer = Trainer(config(run))
-    evaluate = trainer.evaluate
+    exact = validation.exact
 
-    def stopped_when_whole(whole: bool = False) -> float:
-        if whole:  # as a Ctrl-C does there: inside abandonable(), so Abandoned at once
-            trainer.requests.on_signal(signal.SIGINT, None)
-        return evaluate(whole)
+    def stopped(*args):  # as a Ctrl-C does there: inside abandonable(), so Abandoned at once
+        trainer.requests.on_signal(signal.SIGINT, None)
+        return exact(*args)
 
-    trainer.evaluate = stopped_when_whole
-    with pytest.raises(Interrupted):
-        trainer.run()
+    with monkeypatch.context() as patched:
+        patched.setattr(validation, "exact", stopped)
+        with pytest.raises(Interrupted):
+            trainer.run()
     assert load_checkpoint(run / "last.pt")["eval_pending"] == "whole"
     again, resumed = resolve_resume({}, str(run))
     Trainer(again, resume=resumed).run()
 
     def rows(folder: Path) -> list[tuple]:
-        return [(r["kind"], r["step"], r.get("whole_split"), r["loss"])
+        return [(r["kind"], r["step"], r.get("val_kind"), r["loss"])
                 for r in rundir.read_metrics(folder / "metrics.jsonl") if r["kind"] != "summary"]
 
     assert rows(run) == rows(reference)
-    assert [r[:3] for r in rows(run) if r[0] == "val"] == [("val", 3, False), ("val", 6, False),
-                                                            ("val", 6, True)]
+    assert [r[:3] for r in rows(run) if r[0] == "val"] == [
+        ("val", 3, "estimate"), ("val", 6, "estimate"), ("val", 6, "exact")]
     assert (run / "samples.txt").read_text() == (reference / "samples.txt").read_text()
     a, b = load_checkpoint(run / "last.pt"), load_checkpoint(reference / "last.pt")
     assert a["scheduler"] == b["scheduler"] and a["eval_pending"] is False
@@ -207,7 +211,7 @@ def test_an_older_checkpoints_pending_evaluation_is_the_periodic_one():
 @pytest.fixture(scope="module")
 def fork_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("fork-server")
-    server = soak.ForkServer(soak.env_for(root / "runs"), root)
+    server = ForkServer(root, soak.env_for(root / "runs"))
     yield server
     server.close()
 

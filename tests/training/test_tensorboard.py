@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("tensorboard", reason="the tensorboard extra: pip install 'charlm[tensorboard]'")
+pytest.importorskip("tensorboard", reason="the tensorboard extra: pip install 'charlm-rnn[tensorboard]'")
 
 from charlm.cli.train import bare_values  # noqa: E402
 from charlm.artifacts.rundir import read_metrics  # noqa: E402
@@ -54,7 +54,7 @@ def test_the_event_files_hold_the_metrics_and_the_samples(runs):
     rows = read_metrics(run / "metrics.jsonl")
     train = [r for r in rows if r["kind"] == "train"]
     val = [r for r in rows if r["kind"] == "val"]
-    assert [r["step"] for r in train] == [5, 10, 15, 20] and [r["step"] for r in val] == [10, 20]
+    assert [r["step"] for r in train] == [5, 10, 15, 20] and [r["step"] for r in val] == [10, 20, 20]
     assert scalars(reader, "loss/train") == approx_rows(train, "loss")
     assert scalars(reader, "perplexity/train") == approx_rows(train, "ppl")
     assert scalars(reader, "bits_per_char/train") == approx_rows(train, "loss", 1 / math.log(2))
@@ -62,9 +62,12 @@ def test_the_event_files_hold_the_metrics_and_the_samples(runs):
     assert scalars(reader, "tokens_per_s") == approx_rows(train, "tokens_per_s")
     assert scalars(reader, "grad_norm") == approx_rows(train, "grad_norm")
     assert all(r["grad_norm"] > 0 for r in train)
-    assert scalars(reader, "loss/val") == approx_rows(val, "loss")
-    assert scalars(reader, "perplexity/val") == approx_rows(val, "ppl")
-    assert scalars(reader, "bits_per_char/val") == approx_rows(val, "bpc")
+    estimates = [r for r in val if r["val_kind"] == "estimate"]
+    [exact] = [r for r in val if r["val_kind"] == "exact"]
+    for kind, rows in (("estimate", estimates), ("exact", [exact])):
+        assert scalars(reader, f"loss/val_{kind}") == approx_rows(rows, "loss")
+        assert scalars(reader, f"perplexity/val_{kind}") == approx_rows(rows, "ppl")
+        assert scalars(reader, f"bits_per_char/val_{kind}") == approx_rows(rows, "bpc")
     samples = (run / "samples.txt").read_text(encoding="utf-8").split("--- step ")[1:]
     expected = []
     for block in samples:
@@ -116,7 +119,7 @@ def test_a_missing_extra_is_one_line_before_any_work(tmp_path, monkeypatch):
     text.write_text("some text to train on " * 50)
     assert run_main(["train", "--text", str(text), "--tensorboard", "--out", str(tmp_path / "r")]) == (
         1, "", "charlm: error: --tensorboard needs the tensorboard package: install the "
-               "tensorboard extra with pip install 'charlm[tensorboard]' (or log nothing: "
+               "tensorboard extra with pip install 'charlm-rnn[tensorboard]' (or log nothing: "
                "--tensorboard off)\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["small.txt"]  # no run, no runs/
     code, _, err = run_main(["train", "--text", str(text), "--tensorboard", "off", "--max-steps",
@@ -161,7 +164,7 @@ def test_tensorboard_alone_takes_its_bare_value(args, expected):
 def test_the_option_is_in_help_and_in_a_config_file(tmp_path):
     code, out, _ = run_main(["train", "--help"])
     assert code == 0 and "--tensorboard [DIR]" in out
-    from charlm.config.train import build_config
+    from charlm.config.build import build_config
     from charlm.config.file import load_config_file
 
     (tmp_path / "c.toml").write_text('[run]\ntensorboard = "RUN_DIR/tb"\n')
