@@ -222,7 +222,12 @@ def test_train_returns_the_run_its_figures_and_rows(runs, tmp_path):
     assert [r["kind"] for r in rows].count("train") == 4
     assert [r["step"] for r in rows if r["kind"] == "val"][:2] == [10, 20]
     best = min(r["loss"] for r in rows if r["kind"] == "val" and not r.get("whole_split"))
-    assert run.summary["best_val_loss"] == best
+    assert run.summary["best_val_loss_estimate"] == best
+    [exact] = [r for r in rows if r.get("val_kind") == "exact"]
+    assert (run.summary["val_loss"], run.summary["val_ppl"]) == (exact["loss"], exact["ppl"])
+    # the summary's exact figure is what charlm.load(...).perplexity gives for its checkpoint
+    assert abs(run.load(device="cpu").perplexity(split="val").perplexity
+               - run.summary["val_ppl"]) <= 1e-9
     assert run.config.hidden == 16 and run.config.text == [str(runs["text"].resolve())]
     model = run.load(device="cpu")
     assert model.path == run.best_checkpoint and isinstance(model, charlm.Model)
@@ -236,7 +241,7 @@ def test_train_is_charlm_train(runs, tmp_path):
                     "--json", "-q")
     assert result.exit_code == 0, result.output
     cli = json.loads(result.stdout)
-    keys = ("steps", "epochs", "best_val_loss", "final_val_loss", "parameters", "impl")
+    keys = ("steps", "epochs", "best_val_loss_estimate", "val_loss", "parameters", "impl")
     assert {k: api.summary[k] for k in keys} == {k: cli[k] for k in keys}
     assert (tmp_path / "api" / "samples.txt").read_text() == (
         tmp_path / "cli" / "samples.txt").read_text()

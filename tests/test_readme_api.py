@@ -45,7 +45,7 @@ def test_the_readme_python_blocks_run(tmp_path, monkeypatch):
         r for r in run.metrics() if r["kind"] != "summary"]
     result = model.perplexity(split="val")
     assert out.getvalue() == "\n".join([
-        f"{run.run_dir} 30 {round(run.summary['best_val_ppl'], 2)}",
+        f"{run.run_dir} 30 {round(run.summary['val_ppl'], 2)}",
         repr(model),
         model.generate("the ", length=80, temperature=0.8, seed=1),
         model.generate("for ", length=40, seed=1),

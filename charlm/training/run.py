@@ -9,8 +9,8 @@ The options are `charlm train`'s, declared once in `charlm.config.train.TrainCon
 same precedence (defaults < `config`, a TOML file or a dict < the keyword options) and checks
 (`build_config`); a name that is no option is refused, with the closest ones. Progress shows as a
 tqdm bar (tqdm.auto: a widget in a notebook, text in a terminal), or not at all with quiet=True;
-`callback(row)` gets each metrics row (a log point's "train" row, an evaluation's "val" row) as
-it is written to metrics.jsonl.
+`callback(row)` gets each metrics row (a log point's "train" row, an evaluation's "val" row, the
+end's exact figure) as it is written to metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -71,8 +71,8 @@ class RunResult:
 
     def __repr__(self) -> str:
         s = self.summary
-        ppl = s.get("best_val_ppl")
-        return (f"<charlm.RunResult {self.run_dir}: {s.get('steps')} steps, best val ppl "
+        ppl = s.get("val_ppl")
+        return (f"<charlm.RunResult {self.run_dir}: {s.get('steps')} steps, val ppl "
                 f"{ppl:.4f}>" if isinstance(ppl, float) else
                 f"<charlm.RunResult {self.run_dir}: {s.get('steps')} steps>")
 
@@ -106,22 +106,28 @@ class NotebookDisplay(TrainDisplay):
         if self.bar is not None:
             self.bar.update(max(0, min(1000, int(progress * 1000)) - self.bar.n))
 
-    def tick(self, step: int, epoch: int, progress: float, eta: float | None) -> None:
+    def tick(self, step: int, epochs: float, progress: float, eta: float | None) -> None:
         if self.bar is not None:
-            self.bar.set_description(f"epoch {epoch + 1} step {step}", refresh=False)
+            self.bar.set_description(f"epochs {epochs:.2f} step {step}", refresh=False)
         self._advance(progress)
 
-    def log(self, row: dict, progress: float, eta: float | None = None) -> None:
-        if self.callback is not None:
+    def _row(self, row: dict | None) -> None:
+        if self.callback is not None and row is not None:
             self.callback(dict(row))
+
+    def log(self, row: dict, progress: float, *args, **kwargs) -> None:
+        self._row(row)
         if self.bar is not None:
             self.bar.set_postfix_str(f"ppl {row['ppl']:.3f}, lr {row['lr']:.2e}", refresh=False)
         self._advance(progress)
 
-    def evaluation(self, row: dict, sample: str | None, improved: bool) -> None:
-        if self.callback is not None:
-            self.callback(dict(row))
-        super().evaluation(row, sample, improved)
+    def evaluation(self, row: dict, *args, **kwargs) -> None:
+        self._row(row)
+        super().evaluation(row, *args, **kwargs)
+
+    def exact(self, row: dict | None) -> None:
+        self._row(row)
+        super().exact(row)
 
     def stop(self) -> None:
         if self.bar is not None:
