@@ -16,8 +16,8 @@ Variants: a thread count (`torch.set_num_threads(N)`) or `auto` (what charlm doe
 ThreadChooser times 1 and one-per-core during the training steps and keeps the faster; the
 trainer's validation then uses that count; eval-1 times both counts over its windows the same way), optionally with settings for the OpenMP runtime after a
 colon, e.g. `2:GOMP_SPINCOUNT=0;OMP_PROC_BIND=true`. Every variant runs with charlm's own
-OpenMP setting (GOMP_SPINCOUNT=1000, what `charlm` sets when the environment names none) unless
-it gives one: `2:GOMP_SPINCOUNT=300000` is torch's default behaviour.
+OpenMP setting (charlm.system.openmp: GOMP_SPINCOUNT=1000 where another task wants a CPU as the
+child starts, libgomp's own 300,000 on a quiet machine) unless it gives one: `2:GOMP_SPINCOUNT=300000` is torch's default behaviour.
 
 Loads: `quiet` is the machine as it is (run it on a quiet machine: nothing else running);
 `busy` starts one busy process per core (a pure-Python loop, at normal priority) for the length
@@ -46,7 +46,7 @@ from pathlib import Path
 from benchlib import cpu_name  # scripts/, beside this file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from charlm.cli.app import OPENMP_SPINS  # noqa: E402  (no torch: cheap)
+from charlm.system import openmp  # noqa: E402  (no torch: cheap)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CHARLM_SHARED_DATA") or REPO.parent / "shared" / "data")
@@ -156,8 +156,9 @@ def child(config: str, variant: str, seconds: float) -> dict:
 def run_child(config: str, variant: str, seconds: float) -> dict:
     env = dict(os.environ, PYTHONPATH=str(REPO))
     env.setdefault("CHARLM_MIRROR", str(SHARED))
-    if "OMP_WAIT_POLICY" not in env:  # as `charlm` itself runs (charlm.cli.app)
-        env.setdefault("GOMP_SPINCOUNT", OPENMP_SPINS)
+    spins = openmp.spin_count(env)  # as `charlm` itself decides (charlm.cli.app), now
+    if spins is not None:
+        env["GOMP_SPINCOUNT"] = spins
     for setting in (variant.split(":", 1)[1].split(";") if ":" in variant else []):
         key, _, value = setting.partition("=")
         env[key] = value

@@ -171,6 +171,10 @@ def weights_header(path: Path) -> tuple[dict, int]:
     return header, 8 + length
 
 
+# the gate rows per hidden unit of a min cell layer (its only weight matrix): z, h~ / f, i, h~
+MIN_CELL_GATES = {"mingru": 2, "minlstm": 3}
+
+
 def check_sizes(config: dict, header: dict, path: Path) -> None:
     """hidden, layers and vocab_size as the weights hold them, before any buffer is sized."""
     model = config["model"]
@@ -180,12 +184,15 @@ def check_sizes(config: dict, header: dict, path: Path) -> None:
                       "config.json; the files do not belong together")
     if layers > len(header):
         raise Refused(f"config.json says {layers} layers but {path} holds {len(header)} tensors")
+    gates = MIN_CELL_GATES.get(model.get("cell"))  # a min cell has no recurrent weights
     for k in range(layers):
-        shape = header.get(f"rnn.weight_hh_l{k}", {}).get("shape")
-        if not shape or len(shape) != 2 or shape[1] != hidden:
+        name = f"rnn.blocks.{k}.gates.weight" if gates else f"rnn.weight_hh_l{k}"
+        shape = header.get(name, {}).get("shape")
+        fits = (shape[0] == gates * hidden) if gates else (shape[1] == hidden) if shape else False
+        if not shape or len(shape) != 2 or not fits:
+            what = f"{gates * hidden} rows" if gates else f"{hidden} columns"
             raise Refused(f"config.json says {layers} layers of {hidden} but {path} holds no "
-                          f"rnn.weight_hh_l{k} of {hidden} columns; the files do not belong "
-                          "together")
+                          f"{name} of {what}; the files do not belong together")
 
 
 def read_bias(path: Path, header: dict, data_start: int) -> list[float]:

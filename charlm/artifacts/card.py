@@ -39,7 +39,7 @@ class CardFacts:
     notes: list[str] = field(default_factory=list)
 
 
-CELL_NAMES = {"rnn": "RNN", "gru": "GRU", "lstm": "LSTM"}
+CELL_NAMES = {"rnn": "RNN", "gru": "GRU", "lstm": "LSTM", "mingru": "minGRU", "minlstm": "minLSTM"}
 
 
 def _q(text: str) -> str:
@@ -113,6 +113,12 @@ def _model_line(model: dict, parameters: int) -> str:
         extra = (", reset gate after the recurrent product (as torch.nn.GRU)"
                  if model["gru_reset"] == "after" else
                  ", reset gate before the recurrent product (Cho et al., d2l)")
+    elif model["cell"] in ("mingru", "minlstm"):  # absent keys: ModelConfig's defaults
+        norm = {"layer": "LayerNorm", "rms": "RMSNorm"}.get(model.get("norm", "layer"),
+                                                            "no normalisation")
+        extra = f", {'' if model.get('residual', True) else 'no '}residual connections, {norm}"
+        if model.get("ffn"):
+            extra += f", feed-forward blocks {model['ffn']}x wide"
     return (f"{model['layers']}-layer {cell}, {model['hidden']} hidden units{extra}, {inputs}, "
             f"dropout {model['dropout']}, {model['vocab_size']} output characters; "
             f"{parameters:,} parameters")

@@ -188,7 +188,7 @@ def _check_hidden(data: dict, path) -> None:
     tc = data.get("train_config") or {}
     layers, size, batch = tc.get("layers"), tc.get("hidden"), tc.get("batch_size")
     cell = tc.get("cell")
-    if cell in ("rnn", "gru", "lstm") and len(parts) != (2 if cell == "lstm" else 1):
+    if cell in ("rnn", "gru", "lstm", "mingru", "minlstm") and len(parts) != (2 if cell == "lstm" else 1):
         raise damaged(path, "hidden", f"holds {len(parts)} state tensor(s), but a {cell} "
                       f"carries {2 if cell == 'lstm' else 1}")
     for part in parts:
@@ -304,12 +304,33 @@ def check_vocab_size(where: str, tokens: int, said: object) -> None:
                           f"{said}; the file is damaged")
 
 
-def check_parameters(where: str, model: torch.nn.Module, saved: object) -> None:
-    """Refuse, naming the parameter, saved weights whose names, shapes or values do not fit
-    ``model`` (one-line CharlmErrors that start with ``where``, e.g. the checkpoint's path)."""
+def expected_shapes(model_config) -> dict[str, tuple[int, ...]]:
+    """Each weight's name and shape for `model_config` (a checked ModelConfig), from a model
+    built on the meta device: no memory used, whatever sizes a hostile file names. All
+    implementations name and shape their weights alike, so torch's own stands for each (scratch
+    where only it has the variant)."""
+    from charlm.model.config import ModelConfig
+    from charlm.model.lm import CharLM
+
+    impl = "scratch" if model_config.gru_reset == "before" else "fused"
+    with torch.device("meta"):
+        model = CharLM(ModelConfig(**{**model_config.to_dict(), "impl": impl}))
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def check_parameters(where: str, expected: dict[str, tuple[int, ...]] | torch.nn.Module,
+                     saved: object) -> None:
+    """Refuse, naming the parameter, saved weights whose names, shapes or values do not fit the
+    model: ``expected`` is its weights' shapes (`expected_shapes`: call this before building a
+    model from a saved config) or the model itself. One-line CharlmErrors that start with
+    ``where``, e.g. the checkpoint's path.
+
+    With step 1 (every saved tensor holds the elements it declares), equal names and shapes bound
+    the model a config may ask for by what the file holds: its element count is the file's."""
+    if isinstance(expected, torch.nn.Module):
+        expected = {name: tuple(t.shape) for name, t in expected.state_dict().items()}
     if not isinstance(saved, dict):
         raise CharlmError(f"{where}: its 'model' entry is not a table of tensors; the file is damaged")
-    expected = model.state_dict()
     missing = [k for k in expected if k not in saved]
     unexpected = [k for k in saved if k not in expected]
     if missing or unexpected:
@@ -321,11 +342,11 @@ def check_parameters(where: str, model: torch.nn.Module, saved: object) -> None:
         )
     for name, want in expected.items():
         got = saved[name]
-        if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+        if not isinstance(got, torch.Tensor) or tuple(got.shape) != want:
             shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
             raise CharlmError(
                 f"{where}: parameter {name} is {shape} but its model config gives "
-                f"{tuple(want.shape)}; the file is damaged"
+                f"{want}; the file is damaged"
             )
         problem = tensor_problem(got) or (
             None if got.is_floating_point()

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from charlm.artifacts.fields import expected_shapes
 from charlm.data.text import PREPROCESSING
 from charlm.data.vocab import Vocab
 from charlm.errors import CharlmError, UsageError
@@ -87,7 +88,7 @@ def weights_bytes(state_dict: dict[str, torch.Tensor]) -> bytes:
 
 
 def read_model_folder(folder: Path) -> dict:
-    """The folder as a checkpoint's plain dict: model_config (impl "fused": a placeholder, the
+    """The folder as a checkpoint's plain dict: model_config (its impl a placeholder, the
     caller picks one), vocab, preprocessing, model (the weights), train_config, corpus, and the
     folder's own `exported` config. One-line CharlmErrors name the file and what is wrong."""
     config = read_config(folder / CONFIG)
@@ -159,7 +160,10 @@ def _model_config(config: dict, path: Path) -> ModelConfig:
         raise CharlmError(f"{path}: its model has unknown keys {unknown}; it was written by a "
                           "newer charlm: upgrade charlm to load it")
     try:
-        model_config = ModelConfig(**{**model, "impl": "fused"}).validate()
+        # a placeholder impl (the caller picks one): torch's own, or scratch, the one that has
+        # the reset gate before W_hh
+        impl = "scratch" if model.get("gru_reset") == "before" else "fused"
+        model_config = ModelConfig(**{**model, "impl": impl}).validate()
     except TypeError as exc:
         raise CharlmError(f"{path}: its model is incomplete ({exc}); the folder is damaged") from None
     except UsageError as exc:
@@ -173,16 +177,6 @@ def _model_config(config: dict, path: Path) -> ModelConfig:
                           f"vocab_size {model_config.vocab_size}; the folder is damaged or was "
                           "edited")
     return model_config
-
-
-def expected_shapes(model_config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Each weight's name and shape, from a model built on the meta device (no memory used,
-    whatever sizes a hostile config.json names)."""
-    from charlm.model.lm import CharLM
-
-    with torch.device("meta"):
-        model = CharLM(ModelConfig(**{**model_config.to_dict(), "impl": "fused"}))
-    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
 def _read_weights(path: Path, model_config: ModelConfig) -> dict[str, torch.Tensor]:

@@ -24,6 +24,7 @@ from typing import Callable, TypeVar
 import typer
 
 from charlm.about import __version__
+from charlm.system import openmp
 from charlm.errors import CharlmError
 from charlm.text_safety import one_line
 
@@ -181,17 +182,19 @@ def _names_as_bytes() -> None:
             stream.reconfigure(errors="charlm-names")
 
 
-OPENMP_SPINS = "1000"  # libgomp's own count when it sees more threads than CPUs is 100
+OPENMP_SPINS = openmp.BUSY_SPINS
 
 
 def _bounded_openmp_waits() -> None:
     """A thread of torch's OpenMP team that waits for another spins 300,000 times (~ms) before
     sleeping. When another process holds the other core, every op of a step waits like that
-    for a descheduled thread: 10-40x slower. A short spin keeps the idle machine's speed and
-    yields the core quickly on a busy one (docs/BENCHMARKS.md, threads). Set before torch
-    loads libgomp; OMP_WAIT_POLICY or GOMP_SPINCOUNT in the environment take precedence."""
-    if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
-        os.environ["GOMP_SPINCOUNT"] = OPENMP_SPINS
+    for a descheduled thread: 10-40x slower; on an idle machine the long spin is the faster
+    (charlm.system.openmp). So the spin is bounded where another task wants a CPU at start-up. Set
+    before torch loads libgomp; OMP_WAIT_POLICY or GOMP_SPINCOUNT in the environment take
+    precedence."""
+    spins = openmp.spin_count()
+    if spins is not None:
+        os.environ["GOMP_SPINCOUNT"] = spins
 
 
 def _end_rank(code) -> None:

@@ -127,6 +127,13 @@ def applies(name: str, cell: str) -> bool:
     return not OPTIONS[name].cells or cell in OPTIONS[name].cells
 
 
+def given(name: str, value: Any) -> str:
+    """An option as typed: --norm rms, --no-residual."""
+    flag = name.replace("_", "-")
+    return (f"--{'' if value else 'no-'}{flag}" if isinstance(value, bool)
+            else f"--{flag} {value}")
+
+
 def check_cell_options(cfg: TrainConfig) -> None:
     """Options that do not apply to the cell are refused, naming them, when a file or the command
     line gave them a value (a value other than the default: the default tanh is not an RNN
@@ -134,7 +141,7 @@ def check_cell_options(cfg: TrainConfig) -> None:
     misplaced = [name for name in OPTIONS
                  if not applies(name, cfg.cell) and getattr(cfg, name) != default_of(name)]
     if misplaced:
-        said = " and ".join(f"--{n.replace('_', '-')} {getattr(cfg, n)} applies only to --cell "
+        said = " and ".join(f"{given(n, getattr(cfg, n))} applies only to --cell "
                             f"{' or '.join(OPTIONS[n].cells)}" for n in misplaced)
         raise UsageError(f"{said}, not --cell {cfg.cell}; drop it or choose that cell")
 

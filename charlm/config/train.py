@@ -26,7 +26,7 @@ from typing import Any
 from charlm.about import install_extra
 from charlm.checks import Rule, rule_of
 from charlm.data.text import PREPROCESSING
-from charlm.model.config import IMPLS, ModelConfig
+from charlm.model.config import IMPLS, MIN_CELLS, ModelConfig
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("none", "cosine", "plateau")
@@ -117,7 +117,9 @@ class TrainConfig:
         None, "Share of the corpus (the very end) held out for test.", DATA, fixed=True,
         rule=_float(0, high=1, high_open=True), default_text="0 (enwik8, text8: 0.05)")
     # -- model ---------------------------------------------------------------------------------
-    cell: str = option("gru", "The recurrent cell.", MODEL, model=True, fixed=True)
+    cell: str = option("gru", "The recurrent cell; mingru and minlstm (Feng et al. 2024) gate on "
+                       "the input only and train in parallel over time.", MODEL, model=True,
+                       fixed=True)
     hidden: int = option(256, "Hidden units per layer.", MODEL, model=True, fixed=True)
     layers: int = option(2, "Recurrent layers.", MODEL, model=True, fixed=True)
     embed: int = option(32, "Embedding size; 0: one-hot inputs, as in d2l.", MODEL, model=True,
@@ -127,9 +129,10 @@ class TrainConfig:
     nonlinearity: str = option("tanh", "The RNN's nonlinearity (--cell rnn only).", MODEL,
                                model=True, fixed=True, cells=("rnn",))
     impl: str = option(
-        "auto", "auto: fast for the GRU on the CPU, scratch for --gru-reset before, else fused; "
-        "fused: torch/cuDNN; scratch: cells from the gate equations; fast: CPU GRU with its own "
-        "backward and C time loops (~2x fused).", MODEL, choices=("auto", *IMPLS))
+        "auto", "auto: fast for the GRU and min cells on the CPU, scratch for --gru-reset "
+        "before, else fused; fused: torch/cuDNN, for min cells the parallel scan; scratch: cells "
+        "from the gate equations; fast: the CPU's, with its own backward (GRU: C time loops, ~2x "
+        "fused).", MODEL, choices=("auto", *IMPLS))
     gru_reset: str = option(
         "after", "GRU reset gate after (PyTorch) or before (Cho et al., d2l) the recurrent "
         "product; before needs --impl scratch.", MODEL, model=True, fixed=True, cells=("gru",))
@@ -141,7 +144,7 @@ class TrainConfig:
         model=True)
     weight_drop: float = option(
         0.0, "DropConnect on the recurrent weights W_hh, one mask per batch (AWD-LSTM).", MODEL,
-        model=True)
+        model=True, cells=("rnn", "gru", "lstm"))
     locked_dropout: bool = option(
         False, "Locked (variational) dropout: --dropout and --input-dropout draw one mask per "
         "sequence, the same at every step.", MODEL, model=True)
@@ -153,6 +156,15 @@ class TrainConfig:
         "or exported folder; the model's sizes and preprocessing are its own, its vocabulary is "
         "extended by the new text's characters, the optimizer starts fresh.", MODEL, fixed=True,
         default_text="a new model")
+    residual: bool = option(
+        True, "Add each layer's output to its input where their widths agree (min cells only).",
+        MODEL, model=True, fixed=True, cells=MIN_CELLS)
+    norm: str = option(
+        "layer", "Normalise each layer's input and the last layer's output: layer (LayerNorm), "
+        "rms (RMSNorm) or none (min cells only).", MODEL, model=True, fixed=True, cells=MIN_CELLS)
+    ffn: int = option(
+        0, "A feed-forward block after each layer, N x --hidden wide (0: none; min cells "
+        "only).", MODEL, model=True, fixed=True, cells=MIN_CELLS)
     # -- optimisation --------------------------------------------------------------------------
     batch_size: int = option(64, "Sequences per batch (the global batch with --nproc).", OPTIM,
                              rule=_int(1), fixed=True, short="-b")

@@ -119,16 +119,25 @@ def utf8_characters(tokens: torch.Tensor, vocab) -> int:
     return len(raw.decode("utf-8", errors="replace"))
 
 
+def perplexity_from(nats: float) -> float:
+    """exp(nats), or inf where that overflows float64 (past about 709.8 nats): weights within
+    the checks' bounds can still give a loss of thousands of nats, reported, not a crash."""
+    try:
+        return math.exp(nats)
+    except OverflowError:
+        return math.inf
+
+
 def figures(nats: float, count: int, unk: int, characters: int | None = None) -> Perplexity:
     """The figures of `nats` summed over `count` targets; `characters` given: the targets are
     bytes that decode to that many characters."""
     per_token = nats / count
     if characters is None:
-        return Perplexity(math.exp(per_token), per_token, per_token / math.log(2), count, unk,
-                          unk / count)
+        return Perplexity(perplexity_from(per_token), per_token, per_token / math.log(2), count,
+                          unk, unk / count)
     per_char = nats / max(characters, 1)
-    return Perplexity(math.exp(per_token), per_char, per_char / math.log(2), characters, unk,
-                      unk / count, "byte", count, per_token / math.log(2))
+    return Perplexity(perplexity_from(per_token), per_char, per_char / math.log(2), characters,
+                      unk, unk / count, "byte", count, per_token / math.log(2))
 
 
 def perplexity_of(model: CharLM, tokens: torch.Tensor, window: int = 512,

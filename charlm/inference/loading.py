@@ -6,7 +6,9 @@ tests (`load_model` finds and reads the file first)::
     ckpt["model_config"]   -> ModelConfig, checked            -> CharLM in the implementation asked for
     ckpt["vocab"]          -> Vocab, checked; its size must be model_config.vocab_size
     ckpt["preprocessing"]  -> one of d2l, lower, raw
-    ckpt["model"]          -> names and shapes those of the model, values finite -> load_state_dict
+    ckpt["model"]          -> names and shapes those the config implies (a model on the meta device:
+                              nothing is allocated before they match), values finite
+                              -> the model built, load_state_dict
     ckpt["ema"]["model"]   -> the same for the averaged weights of a run trained with --ema, which
                               generate and eval use unless asked for the raw ones
 
@@ -24,7 +26,8 @@ from typing import Any
 import torch
 
 from charlm.artifacts.checkpoint import find_checkpoint, load_checkpoint
-from charlm.artifacts.fields import check_parameters, check_train_config, check_vocab_size
+from charlm.artifacts.fields import (check_parameters, check_train_config, check_vocab_size,
+                                    expected_shapes)
 from charlm.artifacts.folder import CONFIG, read_model_folder
 from charlm.data.text import PREPROCESSING
 from charlm.data.vocab import Vocab
@@ -75,9 +78,16 @@ def model_from_checkpoint(ckpt: dict, where: str = "checkpoint", impl: str | Non
     config.impl = impl_for(config.impl, impl, config.cell, torch.device(device).type,
                            config.gru_reset)
     config.validate()
+    # The saved weights against the shapes the config implies, computed on the meta device,
+    # before a byte of the model is allocated: a small file cannot make the real device build
+    # a model of gigabytes (the averaged weights too, which a resumed run loads later).
+    shapes = expected_shapes(config)
+    check_parameters(where, shapes, ckpt.get("model"))
+    ema = ckpt.get("ema")
+    if isinstance(ema, dict) and isinstance(ema.get("model"), dict):
+        check_parameters(f"{where} (its averaged weights)", shapes, ema["model"])
+    state = averaged_weights(ckpt, where, weights) or ckpt["model"]
     model = CharLM(config)
-    state = averaged_weights(ckpt, where, weights) or ckpt.get("model")
-    check_parameters(where, model, state)
     model.load_state_dict(state)
     return Restored(model.to(device).eval(), vocab, preprocessing)
 

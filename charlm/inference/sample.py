@@ -32,9 +32,11 @@ from typing import Callable, Iterator
 import torch
 
 from charlm.errors import UsageError
+from charlm.model.config import MIN_CELLS
 from charlm.model.lm import CharLM, State
 from charlm.system.threads import threads_for, threads_within
 from charlm.system.spool import IdSpool
+from charlm.model.mincells import MinStepper
 
 NOISE_BLOCK_STEPS = 64  # noise drawn per block: (steps, samples, vocab)
 NOISE_BLOCK_NUMBERS = 1 << 22  # ... but at most this many numbers (16 MB) per block
@@ -132,18 +134,22 @@ class _Stepper:
             return getattr(rnn, f"{name}_l{k}").detach()
 
         vocab_ids = torch.arange(cfg.vocab_size, device=model.head.weight.device)[None]
+        self.head_w = (model.output_weight().detach().t() * scale).contiguous()
+        self.head_b = without_unk(model.head.bias.detach() * scale)
+        self.min = MinStepper(rnn, model.inputs(vocab_ids)[0]) if cfg.cell in MIN_CELLS else None
+        if self.min is not None:  # the min cells' own step (charlm.model.mincells)
+            return
         self.table = torch.addmm(p("bias_ih", 0), model.inputs(vocab_ids)[0], p("weight_ih", 0).t())
         self.w_ih = [None] + [p("weight_ih", k).t().contiguous() for k in range(1, cfg.layers)]
         self.b_ih = [None] + [p("bias_ih", k) for k in range(1, cfg.layers)]
         self.w_hh = [p("weight_hh", k).t().contiguous() for k in range(cfg.layers)]
         self.b_hh = [p("bias_hh", k) for k in range(cfg.layers)]
-        self.head_w = (model.output_weight().detach().t() * scale).contiguous()
-        self.head_b = without_unk(model.head.bias.detach() * scale)
 
     @staticmethod
     def supports(model: CharLM) -> bool:
-        return all(hasattr(model.rnn, f"{n}_l{k}") for k in range(model.config.layers)
-                   for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+        return model.config.cell in MIN_CELLS or all(
+            hasattr(model.rnn, f"{n}_l{k}") for k in range(model.config.layers)
+            for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
 
     def split(self, state: State) -> list:
         """(layers, B, H) [or (h, c)] -> per-layer h [or (h, c)] rows."""
@@ -153,6 +159,8 @@ class _Stepper:
 
     def step(self, x: torch.Tensor, states: list) -> torch.Tensor:
         """x (B,) ids; updates `states` in place (per layer) and returns the scaled logits (B, V)."""
+        if self.min is not None:
+            return torch.addmm(self.head_b, self.min.step(x, states), self.head_w)
         H = self.H
         below = None
         for k in range(self.layers):

@@ -63,23 +63,24 @@ def _cpu_id() -> str:
         return platform.processor()
 
 
-def _build(cc: str) -> Path:
-    """Compile the kernel into the cache (unless there already) and return the .so path."""
-    src = SOURCE.read_bytes()
+def _build(cc: str, source: Path = SOURCE, stem: str = "fastgru") -> Path:
+    """Compile a kernel (this one, or `source`: charlm.model.minkernel's) into the cache (unless
+    there already) and return the .so path."""
+    src = source.read_bytes()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256(b"\0".join(
         [src, " ".join(FLAGS).encode(), version.encode(), platform.machine().encode(), _cpu_id().encode()]
     )).hexdigest()[:16]
-    out = kernel_dir() / f"fastgru-{key}.so"
+    out = kernel_dir() / f"{stem}-{key}.so"
     out.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     _check_trusted(out.parent, folder=True)
     if out.is_file():
         _check_trusted(out)
         return out
-    fd, tmp = tempfile.mkstemp(prefix=".fastgru-", suffix=".so", dir=out.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{stem}-", suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"],
+        done = subprocess.run([cc, *FLAGS, str(source), "-o", tmp, "-lm"],
                               capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             raise RuntimeError(f"{cc} failed: {done.stderr.strip().splitlines()[-1:] or ['?']}")

@@ -12,12 +12,15 @@ from dataclasses import asdict, dataclass, field, fields
 from charlm.checks import Rule, check_fields
 from charlm.errors import CharlmError, UsageError
 
-CELLS = ("rnn", "gru", "lstm")
+CELLS = ("rnn", "gru", "lstm", "mingru", "minlstm")
+MIN_GATES = {"mingru": 2, "minlstm": 3}  # cells whose gates read the input only (model/mincells)
+MIN_CELLS = tuple(MIN_GATES)
+NORMS = ("layer", "rms", "none")  # a min-cell stack's normalisation: LayerNorm, RMSNorm
 NONLINEARITIES = ("tanh", "relu")
 GRU_RESETS = ("after", "before")  # the GRU's reset gate after (PyTorch, cuDNN) or before W_hh
 IMPLS = ("fused", "scratch", "fast")  # the concrete implementations; "auto" picks one
 MODES = ("rnn_tanh", "rnn_relu", "gru", "lstm")  # what the layer factory takes: cell + nonlinearity
-FAST_MODES = ("gru",)  # the cells `fast` exists for
+FAST_MODES = ("gru", *MIN_CELLS)  # the cells `fast` exists for
 # --weights of generate and eval: auto (the averaged weights where a run has them), ema, raw
 WEIGHTS = ("auto", "ema", "raw")
 
@@ -54,6 +57,10 @@ class ModelConfig:
     locked_dropout: bool = field(default=False, metadata=_rule(kind=bool))
     # the output layer shares the embedding's weight (through a projection when embed != hidden)
     tie_weights: bool = field(default=False, metadata=_rule(kind=bool))
+    # the min cells' stack (charlm.model.mincells); other cells ignore these
+    residual: bool = field(default=True, metadata=_rule(kind=bool))
+    norm: str = field(default="layer", metadata=_rule(choices=NORMS))
+    ffn: int = field(default=0, metadata=_rule(kind=int, low=0, high=64))
 
     @property
     def mode(self) -> str:
@@ -70,6 +77,9 @@ class ModelConfig:
         check_fields(self)
         check_combination(self.cell, self.impl, self.gru_reset)
         check_tying(self.tie_weights, self.embed)
+        if self.cell in MIN_CELLS and self.weight_drop:
+            raise UsageError(f"--weight-drop masks recurrent weights, which --cell {self.cell} has "
+                             "none of; drop it")
         return self
 
     def to_dict(self) -> dict:
@@ -122,7 +132,7 @@ def resolve_impl(impl: str, cell: str, device_type: str, gru_reset: str = "after
     Rule (from scripts/bench_cells.py, docs/BENCHMARKS.md):
       * ``--gru-reset before``                 -> scratch (the only implementation that has it)
       * CUDA (any cell)                        -> fused (cuDNN)
-      * CPU, a cell in FAST_MODES (gru)        -> fast
+      * CPU, a cell in FAST_MODES (gru, the min cells) -> fast
       * CPU, any other cell                    -> fused
     """
     if impl != "auto":
@@ -142,7 +152,7 @@ def large_vocab_note(config: ModelConfig) -> str | None:
     layer) do vocab_size x hidden multiply-adds per character, against the recurrent layers'
     gates x hidden x (input + hidden). A character-level text has 30-300 symbols; a text with
     CJK in it has tens of thousands, and training slows by the ratio."""
-    gates = {"rnn": 1, "gru": 3, "lstm": 4}[config.cell]
+    gates = {"rnn": 1, "gru": 3, "lstm": 4, **MIN_GATES}[config.cell]
     vocab, hidden = config.vocab_size, config.hidden
     one_hot = config.embed == 0
     per_vocab = hidden * vocab + (gates * hidden * vocab if one_hot else 0)

@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from charlm.model.cells import recurrent_layer
-from charlm.model.config import ModelConfig
+from charlm.model.config import MIN_CELLS, ModelConfig
 from charlm.model.dropout import dropout, row_scale
+from charlm.model.mincells import MinStack
 
 State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
@@ -36,10 +37,15 @@ class CharLM(nn.Module):
         self.embedding = nn.Embedding(vocab, config.embed) if config.embed > 0 else None
         input_size = config.embed if config.embed > 0 else vocab
         between = config.dropout if config.layers > 1 else 0.0
-        self.rnn = recurrent_layer(
-            config.impl, config.mode, input_size, hidden, config.layers, between, config.gru_reset,
-            config.locked_dropout, config.weight_drop
-        )
+        if config.cell in MIN_CELLS:
+            self.rnn = MinStack(config.cell, config.impl, input_size, hidden, config.layers,
+                                between, config.locked_dropout, config.residual, config.norm,
+                                config.ffn)
+        else:
+            self.rnn = recurrent_layer(
+                config.impl, config.mode, input_size, hidden, config.layers, between,
+                config.gru_reset, config.locked_dropout, config.weight_drop
+            )
         tied = config.tie_weights
         self.proj = nn.Linear(hidden, config.embed, bias=False) if tied and config.embed != hidden else None
         self.head = nn.Linear(config.embed if tied else hidden, vocab)

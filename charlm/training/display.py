@@ -192,6 +192,8 @@ def run_summary(run: RunInfo, reason: str, loop, exact: dict | None) -> dict:
     row, `charlm.training.validation`): what --json prints, the summary row of metrics.jsonl,
     and what summary_table shows. `val_*` are the exact figures of best.pt, `*_estimate` the
     best of the periodic estimates."""
+    from charlm.inference.evaluate import perplexity_from  # (torch: not for `train --help`)
+
     best = loop.best_val_loss
     finite = math.isfinite(best)
     per_epoch = run.batches_per_epoch * run.batch_size * run.num_steps
@@ -208,7 +210,7 @@ def run_summary(run: RunInfo, reason: str, loop, exact: dict | None) -> dict:
         "epochs": round(loop.tokens_seen / max(1, per_epoch), 3),
         **figures,
         "best_val_loss_estimate": best if finite else None,
-        "best_val_ppl_estimate": math.exp(best) if finite else None,
+        "best_val_ppl_estimate": perplexity_from(best) if finite else None,  # may be inf
         bits: best / math.log(2) if finite else None,
         "mean_tokens_per_s": loop.tokens_seen / max(loop.elapsed, 1e-9),
         "wall_time_s": round(loop.elapsed, 2),

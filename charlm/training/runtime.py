@@ -87,6 +87,10 @@ def impl_text(mc: ModelConfig, device: torch.device) -> str:
     """Which implementation runs, and for `fast` which time loops."""
     if mc.impl != "fast":
         return mc.impl
+    if mc.cell != "gru":  # the min cells' loops (charlm.model.minkernel)
+        from charlm.model import minkernel
+
+        return f"fast: {minkernel.status() if device.type == 'cpu' else 'torch loops'}"
     if device.type != "cpu":
         return (f"fast: TorchScript loops on {device.type}; the C loops are CPU-only, and "
                 "--impl fused (cuDNN) is faster here")

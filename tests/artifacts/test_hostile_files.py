@@ -176,7 +176,7 @@ MODEL_EDITS = [
     ("config-hidden-a-bool", _set("model_config.hidden", True),
      "checkpoint's model config is invalid: hidden must be an integer in [1, 16777216], got True"),
     ("config-unknown-cell", _set("model_config.cell", "transformer"),
-     "checkpoint's model config is invalid: cell must be one of rnn, gru, lstm; got 'transformer'"),
+     "checkpoint's model config is invalid: cell must be one of rnn, gru, lstm, mingru, minlstm; got 'transformer'"),
     ("config-dropout-one", _set("model_config.dropout", 1.0),
      "checkpoint's model config is invalid: dropout must be in [0, 1), got 1.0"),
     ("config-vocab-size-zero", _set("model_config.vocab_size", 0),

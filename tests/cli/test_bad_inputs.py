@@ -63,7 +63,7 @@ def train_on(*text: str) -> tuple[str, ...]:
 CASES = [
     # options: exit 2
     Case("unknown-cell", train("--cell", "transformer"), 2,
-         "--cell must be one of rnn, gru, lstm; got 'transformer'"),
+         "--cell must be one of rnn, gru, lstm, mingru, minlstm; got 'transformer'"),
     Case("bidirectional", train("--bidirectional"), 2,
          "--bidirectional is not supported: a bidirectional layer reads the characters it is "
          "asked to predict, so it cannot be a language model"),

@@ -86,10 +86,11 @@ def tmp_round_trip(cfg: TrainConfig) -> TrainConfig:
 
 def test_a_runs_config_file_leaves_out_the_run_directory_and_what_the_cell_ignores():
     """A rerun makes its own run directory (the old one is a finished run: refused as busy);
-    a GRU has no nonlinearity to set, an LSTM no reset placement."""
-    for cell, absent in (("gru", {"out", "nonlinearity"}),
-                         ("lstm", {"out", "nonlinearity", "gru_reset"}),
-                         ("rnn", {"out", "gru_reset"})):
+    a GRU has no nonlinearity to set, an LSTM no reset placement, none the min cells' stack."""
+    stack = {"residual", "norm", "ffn"}
+    for cell, absent in (("gru", {"out", "nonlinearity", *stack}),
+                         ("lstm", {"out", "nonlinearity", "gru_reset", *stack}),
+                         ("rnn", {"out", "gru_reset", *stack})):
         cfg = build_config({}, {"cell": cell, "out": "runs/old"})
         keys = {k for table in tomllib.loads(run_config_toml(cfg)).values() for k in table}
         unset = {k for k in OPTIONS if getattr(cfg, k) is None}  # None: the default, left out
@@ -158,7 +159,7 @@ def test_fixed_on_resume_are_the_options_that_define_the_model_or_its_data():
     assert set(fixed_on_resume()) == {
         "cell", "hidden", "layers", "embed", "nonlinearity", "gru_reset", "corpus", "text", "url",
         "preprocessing", "min_freq", "max_vocab", "max_tokens", "val_fraction", "test_fraction",
-        "batch_size", "num_steps", "sampling", "optimizer", "seed", "tie_weights",
+        "batch_size", "num_steps", "sampling", "optimizer", "seed", "tie_weights", "residual", "norm", "ffn",
         "init_from"}  # where a fine-tuned run started: its weights, not the resumed ones
 
 

@@ -208,8 +208,8 @@ def test_option_errors(runs, tmp_path):
         2, "", "charlm: error: --split must be one of train, val, test; got 'dev'\n")
     assert fail("--chunk", "0") == (2, "", "charlm: error: --chunk must be >= 1, got 0\n")
     assert fail("--checkpoint", str(runs["lstm"]), "--impl", "fast") == (
-        2, "", "charlm: error: --impl fast exists only for gru, not lstm; use --impl fused or "
-               "--impl scratch\n")
+        2, "", "charlm: error: --impl fast exists only for gru, mingru, minlstm, not lstm; use "
+               "--impl fused or --impl scratch\n")
 
 
 def test_damaged_checkpoints_are_refused_before_use(runs, tmp_path):
@@ -260,3 +260,30 @@ def test_no_runs_yet(tmp_path, monkeypatch):
     assert fail() == (
         1, "", f"charlm: error: no runs yet in {tmp_path / 'none'}/: train one first with "
                "`charlm train`, or pass --checkpoint PATH\n")
+
+
+def loud_run(tiny_run: Path, tmp_path: Path) -> Path:
+    """A copy of the tiny run whose output weights are of magnitude 1e5 (within what a checkpoint
+    may hold): its loss is tens of thousands of nats, whose exp overflows float64."""
+    run = tmp_path / "run"
+    run.mkdir()
+    ckpt = torch.load(tiny_run / "run" / "last.pt", weights_only=True)
+    head = ckpt["model"]["head.weight"]
+    loud = torch.randn(head.shape, generator=torch.Generator().manual_seed(0)) * 1e5
+    ckpt["model"]["head.weight"] = loud
+    ckpt["best_val_loss"] = math.inf
+    torch.save(ckpt, run / "last.pt")
+    return run
+
+
+def test_a_loss_past_floats_range_is_an_infinite_perplexity_not_a_crash(tiny_run, tmp_path):
+    run = loud_run(tiny_run, tmp_path)
+    result = invoke("eval", "perplexity", "--checkpoint", str(run / "last.pt"), "--text",
+                    str(tiny_run / "small.txt"), "--json")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["nats_per_char"] > 1000 and payload["perplexity"] == math.inf
+    plain = invoke("eval", "perplexity", "--checkpoint", str(run / "last.pt"), "--text",
+                   str(tiny_run / "small.txt"))
+    row = next(line for line in plain.stdout.splitlines() if "perplexity " in line)
+    assert plain.exit_code == 0 and row.split("│")[2].strip() == "inf", plain.stdout

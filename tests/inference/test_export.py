@@ -376,7 +376,7 @@ FOLDER_EDITS = {
                      "{c}: its vocabulary has {V-1} tokens but its model says vocab_size {V}; the "
                      "folder is damaged or was edited"),
     "cell-unknown": (lambda f: edit_config(f, lambda c: c["model"].update(cell="transformer")),
-                     "{c}: its model is invalid: cell must be one of rnn, gru, lstm; got 'transformer'"),
+                     "{c}: its model is invalid: cell must be one of rnn, gru, lstm, mingru, minlstm; got 'transformer'"),
     "newer-key": (lambda f: edit_config(f, lambda c: c["model"].update(tie_magic=True)),
                   "{c}: its model has unknown keys ['tie_magic']; it was written by a newer charlm: "
                   "upgrade charlm to load it"),
@@ -488,3 +488,16 @@ def test_no_runs_yet_and_bad_options(tmp_path, monkeypatch):
         "charlm: error: --format must be one of safetensors, onnx; got 'gguf'\n"))
     code, _, err = run_main(["export"])
     assert code == 2 and "Missing option '--out'" in err and len(err.splitlines()) == 1
+
+
+def test_a_gru_with_the_reset_gate_before_exports_and_generates_the_same_text(tmp_path):
+    """--gru-reset before exists in the scratch implementation only: the folder's model config
+    is read with it (and its weights shaped by it), not refused as a fused model."""
+    made = train_runs(tmp_path, {"before": ["--layers", "1", "--gru-reset", "before",
+                                            "--max-steps", "4"]})
+    folder = tmp_path / "share"
+    code, _, err = run_main(["export", str(made["before"]), "--out", str(folder)])
+    assert code == 0, err
+    from_ckpt, from_folder = both(["generate", "--prefix", "the ", "--length", "30", "--greedy"],
+                                  made["before"], folder)
+    assert from_folder["samples"] == from_ckpt["samples"]

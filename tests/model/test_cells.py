@@ -258,7 +258,8 @@ def test_fast_for_unsupported_cell_is_a_usage_error(mode):
         recurrent_layer("fast", mode, 2, 3, 1, 0.0)
     cell = "rnn" if mode.startswith("rnn") else mode
     assert str(err.value) == (
-        f"--impl fast exists only for gru, not {cell}; use --impl fused or --impl scratch"
+        f"--impl fast exists only for gru, mingru, minlstm, not {cell}; use --impl fused or "
+        "--impl scratch"
     )
 
 

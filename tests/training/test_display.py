@@ -144,3 +144,29 @@ def test_user_strings_print_literally_and_nothing_wraps_off_a_terminal(small_tex
     rows = evaluated.stdout.splitlines()
     assert any(f" {run / 'best.pt'} " in line for line in rows), evaluated.stdout
     assert any(f" {notes} " in line for line in rows)
+
+
+def test_a_best_loss_past_floats_range_shows_an_infinite_perplexity(tiny_run, tmp_path,
+                                                                    monkeypatch):
+    """A resumed run whose best validation loss is thousands of nats (weights of magnitude 1e5,
+    within what a checkpoint may hold) ends with its summary, perplexity inf, not a crash."""
+    import math
+
+    import torch
+
+    run = tmp_path / "run"
+    run.mkdir()
+    ckpt = torch.load(tiny_run / "run" / "last.pt", weights_only=True)
+    head = ckpt["model"]["head.weight"]
+    loud = torch.randn(head.shape, generator=torch.Generator().manual_seed(0)) * 1e5
+    ckpt["model"]["head.weight"] = loud
+    ckpt["best_val_loss"] = math.inf  # no validation yet: the resumed run's own becomes the best
+    torch.save(ckpt, run / "last.pt")
+    monkeypatch.setenv("CHARLM_RUNS_DIR", str(tmp_path / "runs"))
+    result = invoke("train", "--resume", str(run), "--max-steps", str(ckpt["step"] + 1), "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    best = summary["best_val_loss_estimate"]
+    assert best > 1000 and summary["best_val_ppl_estimate"] == math.inf
+    assert summary["best_val_bpc_estimate"] == pytest.approx(best / math.log(2))
+    assert summary["val_loss"] > 1000 and summary["val_ppl"] == math.inf

@@ -335,7 +335,7 @@ def test_cli_resume_continues_to_the_new_limit(small_text, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--bidirectional"], "--bidirectional is not supported: a bidirectional layer reads the "
                           "characters it is asked to predict, so it cannot be a language model"),
-    (["--cell", "transformer"], "--cell must be one of rnn, gru, lstm; got 'transformer'"),
+    (["--cell", "transformer"], "--cell must be one of rnn, gru, lstm, mingru, minlstm; got 'transformer'"),
     (["--hidden", "-3"], "--hidden must be an integer in [1, 16777216], got -3"),
     (["--dropout", "1.0"], "--dropout must be in [0, 1), got 1.0"),
     (["--lr", "0"], "--lr must be a positive number, got 0.0"),
