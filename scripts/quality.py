@@ -5,13 +5,15 @@ then measure the exact validation perplexity of the best checkpoint, static and 
         [--seeds 0,1,2] [--no-dynamic] [--out-dir runs/quality] [--config ROW=FILE]
         [--quiet] [--json]
 
-Per row and seed, as a user would, in subprocesses:
+Per row and seed, training in a subprocess (its own process, so its time budget and threads
+are a user's), then the evaluation through the Python API, which gives `charlm eval perplexity`'s
+figures (the tests hold them equal):
 
     charlm train --config FILE --time-budget B --seed S --out DIR --json
-    charlm eval perplexity --checkpoint DIR --split val --dynamic --json    (DIR's best.pt)
+    charlm.load(DIR, device).perplexity(split="val", dynamic=True)          (DIR's best.pt)
 
-The second command gives both figures: the static one and dynamic evaluation's (Krause et al.
-2018, `--dynamic`; its default settings unless --dynamic-args says otherwise). With several
+The second gives both figures: the static one and dynamic evaluation's (Krause et al. 2018,
+`--dynamic`; its default settings unless --dynamic-args says otherwise). With several
 seeds the table gives each figure's mean and spread (sample standard deviation) over the seeds:
 single runs of one config differ by up to 0.1 on a 2-core CPU.
 
@@ -32,10 +34,13 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from benchlib import cpu_name  # scripts/, beside this file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # charlm from this checkout
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -160,16 +165,48 @@ def charlm(args: list[str], env: dict, quiet: bool) -> dict:
     return json.loads(done.stdout)
 
 
+DYNAMIC_ARGS = {"--dynamic-lr": ("dynamic_lr", float), "--dynamic-decay": ("dynamic_decay", float),
+                "--dynamic-window": ("dynamic_window", int)}
+
+
+def dynamic_options(words: list[str]) -> dict:
+    """`eval perplexity`'s --dynamic-* options ("--dynamic-lr 0.002", "--dynamic-lr=0.002") as
+    `Model.perplexity` keywords."""
+    words = [part for word in words for part in word.split("=", 1)]
+    if len(words) % 2 or any(w not in DYNAMIC_ARGS for w in words[::2]):
+        raise SystemExit(f"--dynamic-args takes {', '.join(DYNAMIC_ARGS)} with values; got "
+                         f"{' '.join(words)!r}")
+    return {DYNAMIC_ARGS[k][0]: DYNAMIC_ARGS[k][1](v) for k, v in zip(words[::2], words[1::2])}
+
+
+@contextmanager
+def environment(env: dict):
+    """os.environ as `env` says (the corpora's mirror) while inside."""
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 def eval_perplexity(run_dir: Path, device: str | None, env: dict,
                     dynamic: list[str] | None = None) -> dict:
-    """Exact val perplexity of the run's best checkpoint, by the CLI (as a user would); with
-    `dynamic` (extra options, maybe none) also dynamic evaluation's figure."""
-    args = ["eval", "perplexity", "--checkpoint", str(run_dir), "--split", "val", "--json"]
-    if device:
-        args += ["--device", device]
-    if dynamic is not None:
-        args += ["--dynamic", *dynamic]
-    return charlm(args, env, quiet=True)  # stderr kept for the error line
+    """Exact val perplexity of the run's best checkpoint (`charlm eval perplexity --json`'s
+    figures, through charlm.load); with `dynamic` (extra options, maybe none) also dynamic
+    evaluation's figure."""
+    import charlm
+    from charlm.errors import CharlmError
+
+    options = {"dynamic": True, **dynamic_options(dynamic)} if dynamic is not None else {}
+    try:
+        with environment(env):
+            model = charlm.load(run_dir, device=device or "auto")
+            return model.perplexity(split="val", **options).to_dict()
+    except CharlmError as exc:
+        raise RuntimeError(f"evaluating {run_dir}: {exc}") from None
 
 
 def train_and_evaluate(name: str, row: Row, config: str, seed: int, options: list[str], args,

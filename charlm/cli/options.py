@@ -1,4 +1,6 @@
-"""Options that several commands take alike (generate, eval perplexity)."""
+"""Options that several commands take alike (generate, eval perplexity, export)."""
+
+import sys
 
 import typer
 
@@ -12,7 +14,8 @@ CheckpointOpt = typer.Option(
          "Default: the latest run's best.pt (runs root: $CHARLM_RUNS_DIR or ./runs).",
     show_default=False,
 )
-DeviceOpt = typer.Option("auto", "--device", help=OPTIONS["device"].help)  # train's own words
+DeviceOpt = typer.Option("auto", "--device", help=OPTIONS["device"].help,  # train's own words
+                         metavar="[auto|cpu|cuda|cuda:N|mps]")
 
 
 def choices(flag: str, allowed: tuple[str, ...]) -> dict:
@@ -36,6 +39,15 @@ ImplOpt = typer.Option(
     show_default=False, **choices("--impl", ("auto", *IMPLS)),
 )
 JsonOpt = typer.Option(False, "--json", help="Print JSON on stdout instead of text.")
+QuietOpt = typer.Option(False, "--quiet", "-q",
+                        help="Say nothing on stderr but errors and warnings (not even which model "
+                             "is used).")
+
+
+def say(line: str) -> None:
+    """A line for the person at the terminal, on stderr (stdout stays the command's output)."""
+    sys.stderr.write(f"charlm: {line}\n")
+    sys.stderr.flush()
 
 
 WeightsOpt = typer.Option(

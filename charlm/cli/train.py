@@ -180,40 +180,40 @@ def _meant(target: str) -> str:
 
 
 def configure(config, given: dict, resume: bool, target) -> tuple:
-    """The run's checked config and, with --resume, the checkpoint it continues. A new run's
-    needs no torch (resume's reads the checkpoint)."""
-    from charlm.config.file import load_config_file
-    from charlm.config.build import build_config
+    """The run's checked config and, with --resume, the checkpoint it continues
+    (`charlm.training.run.configure`, which `charlm.train` uses too). A new run's needs no torch
+    (resume's reads the checkpoint)."""
+    from charlm.training.run import configure as configure_run
 
-    file_values = load_config_file(config) if config else {}
     if target is not None and not resume:
-        raise UsageError(f"unexpected argument {target!r}; {_meant(target)}")
-    if resume:
-        from charlm.training.state import resolve_resume
+        if config:
+            from charlm.config.file import load_config_file
 
-        if "out" in given:
-            raise UsageError("--out cannot be combined with --resume (a run resumes in its own directory)")
-        return resolve_resume({**file_values, **given}, target or "latest")
-    return build_config(file_values, given), None
+            load_config_file(config)  # a bad config file is the first thing to say
+        raise UsageError(f"unexpected argument {target!r}; {_meant(target)}")
+    return configure_run(given, config, resume=(target or "latest") if resume else None)
 
 
 def _train(group, given: dict, config, resume: bool, target, json_out: bool, quiet: bool) -> None:
+    """`charlm train` over `charlm.training.run`, the core `charlm.train` runs too: here the
+    process group, the messages and the exit codes."""
     from charlm.training.display import TrainDisplay, summary_table
-    from charlm.training.trainer import Interrupted, Trainer
+    from charlm.training.run import run_training
+    from charlm.training.signals import Interrupted
 
     cfg, resumed = group.together(lambda: configure(config, given, resume, target))
     display = TrainDisplay(enabled=not quiet and group.is_main)  # one voice: rank 0's
-    trainer = Trainer(cfg, resume=resumed, display=display, group=group)
     try:
-        summary = trainer.run()
+        summary = run_training(cfg, resumed, display, group)
     except Interrupted as exc:
         if not group.is_main:
             raise typer.Exit(130) from None
         again = "charlm train" + (f" --nproc {group.world_size}" if group.active else "")
-        again += f" --resume {shlex.quote(str(trainer.run_dir))}"
         if exc.checkpoint is None:
             sys.stderr.write(f"charlm: {exc.signame}: stopped before any checkpoint was saved\n")
-        elif exc.signame.endswith("(twice)"):
+            raise typer.Exit(130) from None
+        again += f" --resume {shlex.quote(str(exc.checkpoint.parent))}"
+        if exc.signame.endswith("(twice)"):
             sys.stderr.write(
                 f"charlm: {exc.signame}: stopped mid-step without saving; the last checkpoint is "
                 f"{exc.checkpoint}; resume with: {again}\n"

@@ -27,7 +27,8 @@ from charlm.artifacts.card import CardFacts, model_card
 from charlm.data.text import preprocess, readable
 from charlm.errors import CharlmError, UsageError, warn
 from charlm.inference.evaluate import perplexity_of
-from charlm.inference.loading import Loaded, load_model, model_from_checkpoint
+from charlm.inference.loading import (Loaded, describe, load_model, model_from_checkpoint,
+                                      model_info)
 from charlm.inference.sample import SampleSettings, generate
 from charlm.inference.splits import run_data
 from charlm.model.lm import count_parameters
@@ -49,17 +50,48 @@ class Exported:
     sample: str
     onnx_difference: float | None = None
     notes: list[str] = field(default_factory=list)
+    model: dict | None = None  # which model was exported (`model_info`)
 
     def to_dict(self) -> dict:
         return {"folder": str(self.folder), "files": self.files, "source": self.source,
                 "evaluation": self.evaluation, "sample": self.sample,
-                "onnx_max_abs_difference": self.onnx_difference}
+                "onnx_max_abs_difference": self.onnx_difference, "model": self.model}
 
 
-def export_model(target: str | None, out: Path, fmt: str = "safetensors", device: str = "auto",
+def export_model(target: str | Loaded | None, out: Path, fmt: str = "safetensors", device: str = "auto",
                  force: bool = False, prefix: str | None = None, sample_length: int = 300,
-                 seed: int = 0, say: Callable[[str], None] = lambda line: None) -> Exported:
-    """Write the folder `out` for the checkpoint at `target` (None: the latest run's best.pt)."""
+                 seed: int = 0, say: Callable[[str], None] = lambda line: None,
+                 weights: str = "auto") -> Exported:
+    """Write the folder `out` for the checkpoint at `target` (None: the latest run's best.pt;
+    or a model loaded on the CPU in implementation auto); `weights` (auto, ema, raw) as
+    generate and eval take them."""
+    out = Path(out)
+    replacing = check_export(out, fmt, force, sample_length)
+    where = out.resolve()  # `--out .` or `x/..` have no name of their own
+    # the model as the folder will give it on a CPU
+    cpu = target if isinstance(target, Loaded) else load_model(
+        target, "auto", "cpu", weights, how_to_name="name one: charlm export RUN_DIR --out DIR")
+    say(f"exporting {describe(model_info(cpu, weights))}")
+    staging = temp_path(where)
+    try:
+        staging.parent.mkdir(parents=True, exist_ok=True)
+        staging.mkdir()
+    except OSError as exc:
+        raise CharlmError(f"cannot create {out}: {exc.strerror or exc}; choose another --out") from None
+    try:
+        result = _write(cpu, staging, where.name, fmt, device, prefix, sample_length, seed, say,
+                        weights)
+        _swap(staging, where, replacing)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    result.folder, result.model = out, model_info(cpu, weights)
+    return result
+
+
+def check_export(out: Path, fmt: str, force: bool, sample_length: int) -> bool:
+    """The options checked before any checkpoint is read; whether `out` holds an earlier export
+    that --force replaces."""
     if fmt not in FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}; got {fmt!r}")
     if sample_length < 1:
@@ -68,32 +100,7 @@ def export_model(target: str | None, out: Path, fmt: str = "safetensors", device
         from charlm.artifacts.onnxstep import require_extra
 
         require_extra()
-    out = Path(out)
-    replacing = _check_out(out, force)
-    where = out.resolve()  # `--out .` or `x/..` have no name of their own
-    # the model as the folder will give it on a CPU
-    cpu = load_model(target, "auto", "cpu", how_to_name="name one: charlm export RUN_DIR --out DIR")
-    say(f"exporting {cpu.path}: {_describe(cpu)}")
-    staging = temp_path(where)
-    try:
-        staging.parent.mkdir(parents=True, exist_ok=True)
-        staging.mkdir()
-    except OSError as exc:
-        raise CharlmError(f"cannot create {out}: {exc.strerror or exc}; choose another --out") from None
-    try:
-        result = _write(cpu, staging, where.name, fmt, device, prefix, sample_length, seed, say)
-        _swap(staging, where, replacing)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    result.folder = out
-    return result
-
-
-def _describe(loaded: Loaded) -> str:
-    mc = loaded.model.config
-    return (f"{mc.cell} {mc.layers}x{mc.hidden}, {count_parameters(loaded.model):,} parameters, "
-            f"vocabulary {mc.vocab_size}")
+    return _check_out(Path(out), force)
 
 
 def _check_out(out: Path, force: bool) -> bool:
@@ -135,7 +142,7 @@ def _swap(staging: Path, out: Path, replacing: bool) -> None:
 
 
 def _write(cpu: Loaded, staging: Path, name: str, fmt: str, device: str, prefix: str | None,
-           sample_length: int, seed: int, say: Callable[[str], None]) -> Exported:
+           sample_length: int, seed: int, say: Callable[[str], None], weights: str) -> Exported:
     model, ckpt = cpu.model, cpu.ckpt
     training = {k: ckpt[k] for k in TRAINING_KEYS if k in ckpt}
     exported = ckpt.get("exported") or {}  # a folder exported again keeps its history
@@ -166,7 +173,7 @@ def _write(cpu: Loaded, staging: Path, name: str, fmt: str, device: str, prefix:
         atomic_write(staging / file, lambda fh, data=data: fh.write(data))
     _check_round_trip(staging, cpu)
 
-    evaluation, notes, run_prefix = _evaluate(cpu, device, say)
+    evaluation, notes, run_prefix = _evaluate(cpu, device, say, weights)
     text_prefix = (run_prefix if prefix is None and run_prefix is not None
                    else _sample_prefix(ckpt, cpu.preprocessing, prefix))
     settings = SampleSettings(length=sample_length, seed=seed)
@@ -212,12 +219,12 @@ def _check_tokens(ckpt: dict, cpu: Loaded, steps: int) -> list[int]:
     return ids[:steps]
 
 
-def _evaluate(cpu: Loaded, device: str, say: Callable[[str], None]
+def _evaluate(cpu: Loaded, device: str, say: Callable[[str], None], weights: str
               ) -> tuple[dict | None, list[str], str | None]:
     """`charlm eval perplexity`'s figures on the run's validation split, or why there are none;
     and the run's own sample prompt, which its corpus (read for the split) gives."""
     same = select_device(device) == cpu.device
-    loaded = cpu if same else load_model(cpu.path, "auto", device)
+    loaded = cpu if same else load_model(cpu.path, "auto", device, weights)
     try:
         data = run_data(loaded, "val")
     except CharlmError as exc:

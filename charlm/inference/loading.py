@@ -18,6 +18,7 @@ into any of them. Errors are one line, starting with `where` (the checkpoint's p
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -143,3 +144,45 @@ def load_model(target: str | Path | None, impl: str | None, device_spec: str,
     device = select_device(device_spec, cell if isinstance(cell, str) else None)
     restored = model_from_checkpoint(ckpt, str(path), impl, device, weights=weights)
     return Loaded(path, ckpt, restored.model, restored.vocab, restored.preprocessing, device)
+
+
+def weights_used(loaded: Loaded, asked: str) -> str:
+    """Which weights `asked` (auto, ema, raw) runs for this checkpoint: "ema" or "raw"."""
+    return "ema" if asked == "ema" or (asked == "auto" and loaded.ckpt.get("ema")) else "raw"
+
+
+def model_info(loaded: Loaded, weights: str = "auto") -> dict:
+    """Which model this is (what generate, eval and export say before they use it, and their
+    --json "model"): its file, cell and size, corpus, how far it was trained and when saved
+    (the file's time: a checkpoint records none)."""
+    exported = loaded.ckpt.get("exported")
+    training = (exported or {}).get("training") or loaded.ckpt
+    step = training.get("step")
+    file = loaded.path / "model.safetensors" if exported else loaded.path
+    try:
+        saved = datetime.datetime.fromtimestamp(file.stat().st_mtime).astimezone()
+    except OSError:
+        saved = None
+    corpus = loaded.ckpt.get("corpus")
+    mc = loaded.model.config
+    return {"path": str(loaded.path), "exported": exported is not None, "cell": mc.cell,
+            "layers": mc.layers, "hidden": mc.hidden,
+            "parameters": sum(p.numel() for p in loaded.model.parameters()),
+            "vocab_size": mc.vocab_size,
+            "corpus": corpus.get("name") if isinstance(corpus, dict) else None,
+            "step": step if isinstance(step, int) and not isinstance(step, bool) else None,
+            "saved": saved.isoformat(timespec="seconds") if saved else None,
+            "weights": weights_used(loaded, weights)}
+
+
+def describe(info: dict) -> str:
+    """`model_info` as one line: PATH: gru 2x256, N parameters, corpus C, trained to step S, saved
+    DATE."""
+    when = [f"step {info['step']:,}"] if info["step"] is not None else []
+    if info["saved"]:
+        when.append(("exported " if info["exported"] else "saved ")
+                    + info["saved"][:16].replace("T", " "))
+    return (f"{info['path']}: {info['cell']} {info['layers']}x{info['hidden']}, "
+            f"{info['parameters']:,} parameters, corpus {info['corpus'] or 'unknown'}"
+            + (f", trained to {', '.join(when)}" if when else "")
+            + (", averaged weights (--ema)" if info["weights"] == "ema" else ""))

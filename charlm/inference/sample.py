@@ -46,7 +46,8 @@ NOISE_BLOCK_STEPS = 64  # noise drawn per block: (steps, samples, vocab)
 NOISE_BLOCK_NUMBERS = 1 << 22  # ... but at most this many numbers (16 MB) per block
 # Below this temperature a draw is the likeliest character anyway: logits / T then differ by more
 # than the Gumbel noise can span (-5..88) wherever float32 logits differ at all. Such draws are
-# made greedily, since logits / T overflows float32 (and degenerates to <unk>) for smaller T.
+# made greedily, since logits / T overflows float32 (and degenerates to <unk>) for smaller T;
+# temperature 0 is greedy by definition (the limit T -> 0).
 MIN_TEMPERATURE = 1e-8
 UNK_ID = 0  # <unk> in every charlm vocabulary (charlm.data.vocab.Vocab)
 
@@ -64,14 +65,15 @@ class SampleSettings:
     def validate(self) -> "SampleSettings":
         if isinstance(self.length, bool) or not isinstance(self.length, int) or self.length <= 0:
             raise UsageError(f"--length must be a positive integer, got {self.length}")
-        if not self.temperature > 0 or self.temperature == float("inf"):
-            raise UsageError(f"--temperature must be a positive number, got {self.temperature}")
+        if not self.temperature >= 0 or self.temperature == float("inf"):
+            raise UsageError(f"--temperature must be a number >= 0 (0: greedy), got "
+                             f"{self.temperature}")
         if self.temperature < MIN_TEMPERATURE:
             self.greedy = True  # what sampling at this temperature amounts to (see above)
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise UsageError(f"--seed must be an integer in [0, 2**63), got {self.seed}")
         if self.top_k < 0:
-            raise UsageError(f"--top-k must be >= 1 (or 0 for off), got {self.top_k}")
+            raise UsageError(f"--top-k must be >= 0 (0: off), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise UsageError(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.num_samples < 1:
@@ -180,6 +182,24 @@ def generate(
     character drawn from the output layer's bias alone. With `greedy`, each step takes the
     argmax (d2l's predict_ch8) and temperature, top-k, top-p and the generator play no part.
     """
+    drawn = []
+    for nxt in draw_steps(model, prefix_ids, settings, generator):
+        if spool is not None:
+            spool.append(nxt)
+        elif keep:
+            drawn.append(nxt)
+        if on_step is not None:
+            on_step(nxt.tolist())
+    if spool is not None:
+        spool.flush()
+    return torch.stack(drawn, 1).tolist() if keep and spool is None else []
+
+
+@torch.inference_mode()
+def draw_steps(model: CharLM, prefix_ids: list[int], settings: SampleSettings,
+               generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+    """`generate`'s draws as they come: the ids of each step (n,), on the model's device, for a
+    caller that pulls them (`charlm.inference.model.Model.stream`)."""
     settings.validate()
     was_training = model.training
     model.eval()
@@ -209,7 +229,6 @@ def generate(
         # last microseconds, a second thread gains nothing (equal speed on an idle machine), and
         # on a busy one every op may wait at a barrier for it
         single = device.type == "cpu" and n <= 16
-        drawn = []
         with threads_within(threads_for("stream", model.config.hidden, n)) if single \
                 else nullcontext():
             for step in range(length):
@@ -218,12 +237,7 @@ def generate(
                         logits = filter_logits(logits, settings.top_k, settings.top_p)
                     logits = logits + next(noise)
                 nxt = logits.argmax(-1)
-                if spool is not None:
-                    spool.append(nxt)
-                elif keep:
-                    drawn.append(nxt)
-                if on_step is not None:
-                    on_step(nxt.tolist())
+                yield nxt
                 if step == length - 1:
                     break  # no model step for a character nobody will draw after
                 if fast:
@@ -231,8 +245,5 @@ def generate(
                 else:
                     logits, state = model(nxt[:, None], state)
                     logits = without_unk(logits[:, -1] * scale)
-        if spool is not None:
-            spool.flush()
-        return torch.stack(drawn, 1).tolist() if keep and spool is None else []
     finally:
         model.train(was_training)

@@ -386,7 +386,7 @@ def test_a_text_replaced_by_another_of_the_same_length_is_refused(tiny_run, tmp_
     monkeypatch.setenv("CHARLM_RUNS_DIR", str(tmp_path / "runs"))
     before = contents(run)
 
-    code, out, err = run_main(["eval", "perplexity", "--checkpoint", str(run / "last.pt")])
+    code, out, err = run_main(["eval", "perplexity", "--checkpoint", str(run / "last.pt"), "-q"])
     now = err.split("hashes to sha256 ")[1].split()[0] if "sha256" in err else "?"
     assert now != trained and len(now) == 64
     assert (code, out, err) == (1, "", (

@@ -88,7 +88,7 @@ def test_the_sampler_writes_greedy_generates_text_without_torch(folder, prefix):
     done = sampler([str(out), "--prefix", prefix, "--greedy", "--length", "150"])
     assert (done.returncode, done.stderr) == (0, "")
     code, stdout, err = run_main(["generate", "--checkpoint", str(out), "--prefix", prefix,
-                                  "--greedy", "--length", "150"])
+                                  "--greedy", "--length", "150", "-q"])
     assert (code, err) == (0, "")
     assert done.stdout == stdout
 
@@ -107,7 +107,7 @@ def test_the_sampler_reads_and_writes_a_byte_level_model_as_generate_does(tmp_pa
     done = sampler([str(out), "--prefix", prefix, "--greedy", "--length", "120"])
     assert (done.returncode, done.stderr) == (0, "")
     code, stdout, err = run_main(["generate", "--checkpoint", str(out), "--prefix", prefix,
-                                  "--greedy", "--length", "120"])
+                                  "--greedy", "--length", "120", "-q"])
     assert (code, err) == (0, "")  # no <unk>: é and ï are bytes the text never had
     assert done.stdout == stdout
     assert done.stdout.startswith(prefix)

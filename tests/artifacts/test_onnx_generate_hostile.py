@@ -172,5 +172,6 @@ def test_a_folder_that_is_not_there_is_a_usage_error(tmp_path):
 def test_the_untouched_folder_still_samples(folder):
     done = sampler([str(folder), "--length", "40", "--greedy"])
     assert (done.returncode, done.stderr) == (0, "")
-    code, out, err = run_main(["generate", "--checkpoint", str(folder), "--greedy", "--length", "40"])
+    code, out, err = run_main(["generate", "--checkpoint", str(folder), "--greedy", "--length", "40",
+                               "-q"])
     assert (code, err) == (0, "") and done.stdout == out

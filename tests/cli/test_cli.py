@@ -145,8 +145,8 @@ def charlm(*args: str, stdout=subprocess.PIPE, env: dict | None = None):
 def test_a_closed_pipe_is_a_normal_end(args, tiny_checkpoint, tmp_path):
     """`charlm data info x | head -2`: the reader leaves; charlm ends quietly with 0, whoever
     was writing (`generate | head` while it streams: tests/inference/test_generate.py)."""
-    if args[0] in ("eval", "generate"):
-        args = [*args, "--checkpoint", str(tiny_checkpoint)]
+    if args[0] in ("eval", "generate"):  # -q: not the line naming the model on stderr
+        args = [*args, "--checkpoint", str(tiny_checkpoint), "-q"]
     read, write = os.pipe()
     os.close(read)  # a reader that is already gone: the first write fails (EPIPE)
     try:
@@ -191,7 +191,7 @@ def test_library_warnings_stay_off_stderr(tiny_checkpoint, tmp_path):
     (hidden / "__init__.py").write_text(
         "raise ModuleNotFoundError('hidden by the test', name='numpy')\n")
     env = {"PYTHONPATH": os.pathsep.join([str(hidden.parent), os.environ.get("PYTHONPATH", "")])}
-    ckpt = ["--checkpoint", str(tiny_checkpoint)]
+    ckpt = ["--checkpoint", str(tiny_checkpoint), "-q"]  # -q: not the line naming the model
     proc = charlm("generate", "--length", "5", *ckpt, env=env)
     assert (proc.returncode, proc.stderr) == (0, "")
     text = tmp_path / "small.txt"

@@ -272,7 +272,8 @@ def test_a_dynamic_lr_out_of_range_is_refused_before_anything_runs(tiny_run, lr,
 
 def test_a_rate_that_wrecks_the_model_is_a_warning_and_the_figures_stand(tiny_run):
     code, out, err = run_main(["eval", "perplexity", "--checkpoint", str(tiny_run / "run" / "best.pt"),
-                               "--dynamic", "--dynamic-lr", "1", "--dynamic-decay", "0", "--json"])
+                               "--dynamic", "--dynamic-lr", "1", "--dynamic-decay", "0", "--json",
+                               "-q"])
     assert code == 0, err
     assert err.startswith("charlm: warning: dynamic evaluation made the model far worse than a "
                           "uniform guess (") and err.count("\n") == 1

@@ -59,8 +59,8 @@ def test_a_run_named_in_another_encoding_trains_resumes_and_is_read_back(tmp_pat
 
     resumed = charlm(["train", "--resume", "--max-steps", "8", *TINY], tmp_path)  # via latest
     assert (resumed.returncode, resumed.stderr) == (0, b"")
-    generated = charlm(["generate", "--prefix", name["prefix"], "--length", "5", "--seed", "1"],
-                       tmp_path)
+    generated = charlm(["generate", "--prefix", name["prefix"], "--length", "5", "--seed", "1",
+                        "-q"], tmp_path)
     assert generated.returncode == 0
     assert generated.stdout.startswith(NAMES["prefix"])  # printed as the bytes it was given
     assert generated.stderr == (b"charlm: warning: 1 prefix character not in the model's "

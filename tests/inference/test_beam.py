@@ -93,7 +93,7 @@ def test_a_narrow_beam_equals_a_plainly_written_beam_search(beam):
 
 def test_beam_one_is_greedy_and_a_beam_finds_likelier_text(tiny_run):
     run = str(tiny_run / "run")
-    args = ["generate", "--checkpoint", run, "--prefix", "the ", "--length", "80"]
+    args = ["generate", "--checkpoint", run, "--prefix", "the ", "--length", "80", "-q"]
     greedy, beam1 = run_main([*args, "--greedy"]), run_main([*args, "--beam", "1"])
     assert greedy[0] == 0 and greedy == beam1
     code, out, err = run_main([*args, "--beam", "6", "--num-samples", "3", "--json"])
@@ -134,6 +134,6 @@ def test_bad_beams_are_one_line_usage_errors(tiny_run, args, message):
     def filled(text):
         return text.replace("{V+1}", str(usable + 1)).replace("{V}", str(usable))
 
-    code, out, err = run_main(["generate", "--checkpoint", str(tiny_run / "run"),
+    code, out, err = run_main(["generate", "--checkpoint", str(tiny_run / "run"), "-q",
                                *map(filled, args)])
     assert (code, out, err) == (2, "", f"charlm: error: {filled(message)}\n")

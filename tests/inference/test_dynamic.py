@@ -166,7 +166,7 @@ def test_dynamic_needs_the_runs_training_text(tiny_run, tmp_path, monkeypatch):
     save_checkpoint({k: v for k, v in ckpt.items() if k not in ("format", "version")},
                     tmp_path / "bare.pt")
     result = invoke("eval", "perplexity", "--checkpoint", str(tmp_path / "bare.pt"), "--dynamic",
-                    "--text", str(tiny_run / "small.txt"))
+                    "--text", str(tiny_run / "small.txt"), "-q")
     assert result.exit_code == 1
     assert result.stderr == (
         "charlm: error: --dynamic needs the run's training text (for its gradient statistics) "

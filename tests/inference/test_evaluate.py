@@ -1,5 +1,5 @@
 """`charlm eval perplexity`: exact (equal to a plain per-character loop, state carried), the same
-whatever --batch-size, honest about <unk>, and one-line errors. Real checkpoints from tiny runs of
+whatever --chunk, honest about <unk>, and one-line errors. Real checkpoints from tiny runs of
 the real trainer, made once for this module."""
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def runs_env(runs, monkeypatch):
 
 
 def evaluate(*args: str) -> dict:
-    result = CliRunner().invoke(app, ["eval", "perplexity", *args, "--json"])
+    result = CliRunner().invoke(app, ["eval", "perplexity", *args, "--json", "-q"])
     assert result.exit_code == 0, result.output
     assert result.stderr == ""
     return json.loads(result.stdout)
@@ -110,8 +110,8 @@ def test_test_split_of_a_two_layer_lstm(runs):
     assert report["split"] == "test"
 
 
-def test_batch_size_does_not_change_the_result(runs):
-    reports = [evaluate("--checkpoint", str(runs["lstm"]), "--batch-size", b) for b in ("1", "3", "7")]
+def test_chunk_does_not_change_the_result(runs):
+    reports = [evaluate("--checkpoint", str(runs["lstm"]), "--chunk", b) for b in ("1", "3", "7")]
     for r in reports[1:]:
         for key in ("perplexity", "nats_per_char", "bits_per_char"):
             assert r[key] == pytest.approx(reports[0][key], rel=1e-6)
@@ -175,7 +175,7 @@ def test_table_output(runs):
 
 
 def fail(*args: str):
-    result = invoke("eval", "perplexity", *args)
+    result = invoke("eval", "perplexity", *args, "-q")
     return result.exit_code, result.stdout, result.stderr
 
 
@@ -206,7 +206,7 @@ def test_option_errors(runs, tmp_path):
         2, "", "charlm: error: give --split or --text, not both\n")
     assert fail("--split", "dev") == (
         2, "", "charlm: error: --split must be one of train, val, test; got 'dev'\n")
-    assert fail("--batch-size", "0") == (2, "", "charlm: error: --batch-size must be >= 1, got 0\n")
+    assert fail("--chunk", "0") == (2, "", "charlm: error: --chunk must be >= 1, got 0\n")
     assert fail("--checkpoint", str(runs["lstm"]), "--impl", "fast") == (
         2, "", "charlm: error: --impl fast exists only for gru, mingru, minlstm, not lstm; use "
                "--impl fused or --impl scratch\n")
@@ -246,7 +246,8 @@ def test_changed_corpus_is_refused(runs, tmp_path):
 def test_subprocess_split_of_size_zero(runs):
     env = {**os.environ, "CHARLM_RUNS_DIR": str(runs["root"] / "runs"), "OMP_NUM_THREADS": "1"}
     env.pop("CHARLM_DEBUG", None)
-    p = subprocess.run([sys.executable, "-m", "charlm", "eval", "perplexity", "--split", "test"],
+    p = subprocess.run([sys.executable, "-m", "charlm", "eval", "perplexity", "--split", "test",
+                        "-q"],
                        capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
     assert (p.returncode, p.stdout, p.stderr) == (
         1, "", f"charlm: error: the run of {runs['gru'] / 'best.pt'} held out no test split "

@@ -5,6 +5,7 @@ behind. The runs are real: tiny runs of the real trainer, made once for this mod
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import pathlib
@@ -18,6 +19,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+import charlm
 from helpers import TINY, run_main, train_runs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -102,11 +104,12 @@ def test_the_folder_holds_plain_weights_and_the_models_facts(runs, exported, run
     characters = ckpt["corpus"]["splits"]["val"] - 1
     tied = {"head.weight"} if ckpt["model_config"].get("tie_weights") else set()  # the embedding
     parameters = sum(v.numel() for k, v in ckpt["model"].items() if k not in tied)
+    saved = datetime.datetime.fromtimestamp((runs[run] / "best.pt").stat().st_mtime)
     assert err.splitlines() == [
         f"charlm: exporting {runs[run] / 'best.pt'}: {ckpt['model_config']['cell']} "
         f"{ckpt['model_config']['layers']}x16, "
-        f"{parameters:,} parameters, vocabulary "
-        f"{ckpt['model_config']['vocab_size']}",
+        f"{parameters:,} parameters, corpus small, trained to step 20, saved "
+        f"{saved:%Y-%m-%d %H:%M}" + (", averaged weights (--ema)" if run == "awd" else ""),
         f"charlm: evaluating on the validation split ({characters:,} characters)",
     ]
 
@@ -129,7 +132,7 @@ def both(args: list[str], run: Path, folder: Path) -> tuple[dict, dict]:
     """A command's --json output with the checkpoint, then with the exported folder."""
     outputs = []
     for where in (run, folder):
-        code, stdout, err = run_main([*args, "--checkpoint", str(where), "--json"])
+        code, stdout, err = run_main([*args, "--checkpoint", str(where), "--json", "-q"])
         assert (code, err) == (0, ""), err
         outputs.append(json.loads(stdout))
     return outputs[0], outputs[1]
@@ -139,7 +142,8 @@ def both(args: list[str], run: Path, folder: Path) -> tuple[dict, dict]:
 def test_eval_gives_the_same_figures_and_the_card_holds_them(runs, exported, run):
     folder, result, _ = exported[run]
     from_ckpt, from_folder = both(["eval", "perplexity"], runs[run], folder)
-    drop = ("checkpoint", "weights")  # a folder holds one set of weights: the run's average, if any
+    # a folder holds one set of weights (the run's average, if any); "model" names the file
+    drop = ("checkpoint", "weights", "model")
     assert {k: v for k, v in from_folder.items() if k not in drop} == {
         k: v for k, v in from_ckpt.items() if k not in drop}
     figures = {k: from_ckpt[k] for k in ("perplexity", "nats_per_char", "bits_per_char",
@@ -249,7 +253,7 @@ def test_the_cards_command_draws_the_cards_sample(runs, exported, run, monkeypat
                  if line.startswith(f"charlm generate --checkpoint {run} ") and "--seed" in line]
     monkeypatch.chdir(folder.parent)
     code, stdout, err = run_main(shlex.split(command)[1:])
-    assert (code, err) == (0, "")
+    assert (code, err) == (0, f"charlm: using {charlm.load(run, device='cpu').describe()}\n")
     assert stdout == sample + "\n"
 
 

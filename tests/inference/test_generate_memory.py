@@ -114,7 +114,8 @@ def test_printed_from_the_spool_is_what_the_library_draws(tiny_run, extra, monke
     monkeypatch.setattr(spool_module, "READ_STEPS", 100)  # the text crosses many chunks
     loaded = load_model(str(tiny_run / "run" / "best.pt"), None, "cpu", "auto")
     code, out, err = run_main(["generate", "--checkpoint", str(tiny_run / "run" / "best.pt"),
-                               "--prefix", "the ", "--length", "1000", "--seed", "9", *extra])
+                               "--prefix", "the ", "--length", "1000", "--seed", "9", "-q",
+                               *extra])
     assert (code, err) == (0, "")
     prefix = loaded.vocab.encode("the ").tolist()
     if "--beam" in extra:

@@ -55,7 +55,7 @@ def test_eval_perplexity_threads_fixes_the_count(tmp_path, monkeypatch):
     results = []
     for threads in ("1", "2"):
         code, out, err = run_main(["eval", "perplexity", "--checkpoint", str(made["run"]),
-                                   "--threads", threads, "--json"])
+                                   "--threads", threads, "--json", "-q"])
         assert (code, err) == (0, "")
         results.append(json.loads(out)["nats_per_char"])
     assert used == [(1,), (2,)] and results[0] == results[1]
