@@ -89,7 +89,9 @@ def crafted(tiny_run: Path, tmp_path: Path, key: str, value: int) -> Path:
     return run
 
 
-@pytest.mark.parametrize("case", HOSTILE)
+# a million-token vocabulary takes seconds to read: in the full suite only
+@pytest.mark.parametrize("case", [pytest.param(k, marks=pytest.mark.slow) if k == "vocab_size" else k
+                                  for k in HOSTILE])
 @pytest.mark.parametrize("command", COMMANDS)
 def test_a_config_larger_than_its_tensors_is_refused_before_any_model_is_built(
         command, case, tiny_run, tmp_path, monkeypatch, no_real_model):

@@ -58,6 +58,7 @@ def growth_bytes(args: list[str]) -> int:
     return int(done.stderr.splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [["--num-samples", "2"], ["--num-samples", "3", "--json"],
                                    ["--json"]], ids=["two", "three-json", "one-json"])
 def test_python_allocations_do_not_grow_while_drawing(tiny_run, extra):

@@ -244,6 +244,7 @@ def test_a_tiny_model_learns(runs, tmp_path):
     assert train[-1] < train[0] - 0.5 and summary["steps"] == 80
 
 
+@pytest.mark.slow
 def test_two_ranks_train_the_model_one_process_trains(tmp_path):
     pydoc_text(tmp_path / "small.txt", 30_000)
     args = ["train", "--text", str(tmp_path / "small.txt"), "--cell", "minlstm", "--hidden", "16",
