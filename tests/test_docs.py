@@ -126,5 +126,4 @@ def test_the_char_rnn_and_d2l_table_names_real_options():
         for param in command.params:
             taken |= {o.split("/")[0] for o in (*param.opts, *param.secondary_opts)}
     assert len(named) >= 20
-    pending = {"--init-from"} - taken  # fine-tuning (issue 27), added on another branch
-    assert sorted(named - taken - pending) == []
+    assert sorted(named - taken) == []

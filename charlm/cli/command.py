@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 
-import click
+from typer import Context
 from typer.core import TyperArgument, TyperCommand, TyperOption
 
 
@@ -30,12 +30,12 @@ class Argument(TyperArgument):
     def _rich_display_name(self) -> str:
         return self._shown() + ("..." if self.nargs != 1 else "")
 
-    def display_type(self, ctx: click.Context) -> str:
+    def display_type(self, ctx: Context) -> str:
         return ""
 
 
 class Option(TyperOption):
-    def display_type(self, ctx: click.Context) -> str:
+    def display_type(self, ctx: Context) -> str:
         return re.sub(r"<list\[(\w+)\]>", lambda m: f"<{m[1].lower()}>", super().display_type(ctx))
 
 
