@@ -115,7 +115,9 @@ class Version:
                              f"{shlex.join(cmd)}\n{err.strip()[-2000:]}")
         summary = json.loads(out[out.index("{"):])
         shutil.rmtree(self.cwd / "runs", ignore_errors=True)
-        return {"wall_s": wall, "tokens_per_s": summary["tokens_per_s"]}
+        # the summary's mean rate: `mean_tokens_per_s`, `tokens_per_s` in revisions before 27a
+        tps = summary.get("mean_tokens_per_s", summary.get("tokens_per_s"))
+        return {"wall_s": wall, "tokens_per_s": tps}
 
 
 def timed(version: Version, config: str | None, steps: int) -> dict:

@@ -171,7 +171,8 @@ def charlm_run(name: str, args, env: dict, cwd: Path) -> float:
     done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"bench_baselines: charlm failed: {done.stderr.strip()[-2000:]}")
-    return json.loads(done.stdout[done.stdout.index("{"):])["tokens_per_s"]
+    summary = json.loads(done.stdout[done.stdout.index("{"):])
+    return summary.get("mean_tokens_per_s", summary.get("tokens_per_s"))
 
 
 def worker_run(kind: str, name: str, args, env: dict) -> float:
