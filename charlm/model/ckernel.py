@@ -33,8 +33,6 @@ FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-fPIC", "-shar
 ABI = 6
 _BLAS = ("cblas_sgemm_pack_get_size", "cblas_sgemm_pack", "cblas_sgemm_compute", "MKL_Set_Num_Threads_Local")
 
-_lock = threading.Lock()
-_state: dict = {}  # "lib": CDLL | None, "why": str
 
 
 def kernel_dir() -> Path:
@@ -107,25 +105,65 @@ def _check_trusted(path: Path, folder: bool = False) -> None:
         raise Untrusted(f"{path} is writable by other users")
 
 
-def _load():
+def compile_library(source: Path, stem: str, abi_function: str, abi: int,
+                    missing: str | None = None) -> tuple[ctypes.CDLL | None, str]:
+    """(the library built from `source` and opened, "") or (None, why not): CHARLM_KERNEL=0, not
+    Linux, `missing` (a requirement the caller found absent), no compiler, an untrusted cache, a
+    failed build, or a cached library of another ABI. The one way a kernel of charlm's is had."""
     if os.environ.get("CHARLM_KERNEL", "1") == "0":
         return None, "disabled by CHARLM_KERNEL=0"
     if not sys.platform.startswith("linux"):
         return None, f"not built on {sys.platform} (Linux only)"
-    blas = _torch_blas()
-    if blas is None:
-        return None, "this torch exports no MKL packed GEMM (cblas_sgemm_pack)"
+    if missing:
+        return None, missing
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
         return None, "no C compiler (set CC, or install gcc)"
     try:
-        lib = ctypes.CDLL(str(_build(cc)))
-        if lib.charlm_gru_abi() != ABI:
+        lib = ctypes.CDLL(str(_build(cc, source, stem)))
+        if getattr(lib, abi_function)() != abi:
             return None, "stale kernel in the cache"
     except Untrusted as e:
         return None, f"not loaded: {e}"
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         return None, f"build failed: {e}"
+    return lib, ""
+
+
+class LazyLibrary:
+    """A kernel opened once per process, on first use, by `opener` (-> (library or None, a few
+    words on which loops run)); `fallback` names the loops used without it."""
+
+    def __init__(self, opener, fallback: str):
+        self._opener, self._fallback = opener, fallback
+        self._lock = threading.Lock()
+        self._state: dict = {}  # "lib": CDLL | None, "why": str
+
+    def load(self):
+        """The kernel library, or None where it cannot be had (see ``status``)."""
+        with self._lock:
+            if "lib" not in self._state:
+                self._state["lib"], self._state["why"] = self._opener()
+            return self._state["lib"]
+
+    def status(self) -> str:
+        """A few words on the loops used in this process."""
+        lib = self.load()
+        why = self._state["why"]
+        return why if lib is not None else f"{self._fallback} ({why})"
+
+    def reset(self) -> None:
+        """Forget the loaded state (tests; the next ``load`` looks again)."""
+        with self._lock:
+            self._state.clear()
+
+
+def _load():
+    blas = _torch_blas()
+    lib, why = compile_library(SOURCE, "fastgru", "charlm_gru_abi", ABI, missing=None if blas else
+                               "this torch exports no MKL packed GEMM (cblas_sgemm_pack)")
+    if lib is None:
+        return None, why
     P, I64 = ctypes.c_void_p, ctypes.c_int64
     I32 = ctypes.c_int
     lib.charlm_gru_init.argtypes = [P, P, P, P]
@@ -137,24 +175,8 @@ def _load():
     return lib, "compiled C loops + MKL packed GEMM"
 
 
-def load():
-    """The kernel library, or None where it cannot be had (see ``status``)."""
-    with _lock:
-        if "lib" not in _state:
-            _state["lib"], _state["why"] = _load()
-        return _state["lib"]
-
-
-def status() -> str:
-    """A few words on the loops FastGRU uses in this process."""
-    lib = load()
-    return _state["why"] if lib is not None else f"TorchScript loops ({_state['why']})"
-
-
-def reset() -> None:
-    """Forget the loaded state (tests; the next ``load`` looks again)."""
-    with _lock:
-        _state.clear()
+_library = LazyLibrary(_load, "TorchScript loops")
+load, status, reset = _library.load, _library.status, _library.reset
 
 
 def usable(*tensors: torch.Tensor) -> bool:

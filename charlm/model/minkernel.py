@@ -13,40 +13,19 @@ slower. ``status()`` says which, and why.
 from __future__ import annotations
 
 import ctypes
-import os
-import shutil
-import subprocess
-import sys
-import threading
 from pathlib import Path
 
 import torch
 
-from charlm.model import ckernel
+from charlm.model.ckernel import LazyLibrary, compile_library
 
 SOURCE = Path(__file__).with_name("mincells_kernel.c")
 ABI = 1
 
-_lock = threading.Lock()
-_state: dict = {}
-
-
 def _load():
-    if os.environ.get("CHARLM_KERNEL", "1") == "0":
-        return None, "disabled by CHARLM_KERNEL=0"
-    if not sys.platform.startswith("linux"):
-        return None, f"not built on {sys.platform} (Linux only)"
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not cc:
-        return None, "no C compiler (set CC, or install gcc)"
-    try:
-        lib = ctypes.CDLL(str(ckernel._build(cc, SOURCE, "mincells")))
-        if lib.charlm_min_abi() != ABI:
-            return None, "stale kernel in the cache"
-    except ckernel.Untrusted as e:
-        return None, f"not loaded: {e}"
-    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        return None, f"build failed: {e}"
+    lib, why = compile_library(SOURCE, "mincells", "charlm_min_abi", ABI)
+    if lib is None:
+        return None, why
     P, I64, I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.charlm_min_forward.argtypes = [I64, I64, I64, I32, P, P, P, I32]
     lib.charlm_min_backward.argtypes = [I64, I64, I64, I32, P, P, P, P, P, P, I32]
@@ -54,23 +33,8 @@ def _load():
     return lib, "compiled C loops"
 
 
-def load():
-    """The kernel library, or None where it cannot be had (see ``status``)."""
-    with _lock:
-        if "lib" not in _state:
-            _state["lib"], _state["why"] = _load()
-        return _state["lib"]
-
-
-def status() -> str:
-    lib = load()
-    return _state["why"] if lib is not None else f"torch loops ({_state['why']})"
-
-
-def reset() -> None:
-    """Forget the loaded state (tests; the next ``load`` looks again)."""
-    with _lock:
-        _state.clear()
+_library = LazyLibrary(_load, "torch loops")
+load, status, reset = _library.load, _library.status, _library.reset
 
 
 def usable(*tensors: torch.Tensor) -> bool:
