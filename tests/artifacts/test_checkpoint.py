@@ -18,12 +18,6 @@ from charlm.artifacts.rundir import latest_run, point_latest
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(autouse=True)
-def runs_dir(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setenv("CHARLM_RUNS_DIR", str(tmp_path / "runs"))
-    return tmp_path / "runs"
-
-
 def plain(tiny_run: Path) -> dict:
     return torch.load(tiny_run / "run" / "last.pt", weights_only=True)
 
@@ -80,52 +74,52 @@ def test_a_run_directory_gives_best_then_last(tiny_run, tmp_path):
     assert str(err.value) == f"checkpoint or run directory {tmp_path / 'nope'} does not exist"
 
 
-def test_no_target_means_the_latest_run(tiny_run, tmp_path, runs_dir):
+def test_no_target_means_the_latest_run(tiny_run, tmp_path, isolated_runs):
     with pytest.raises(CharlmError) as err:
         find_checkpoint(None)
-    assert str(err.value) == (f"no runs yet in {runs_dir}/: train one first with `charlm train`, "
+    assert str(err.value) == (f"no runs yet in {isolated_runs}/: train one first with `charlm train`, "
                               "or pass --checkpoint PATH")
     run = tmp_path / "run"
     shutil.copytree(tiny_run / "run", run)
     point_latest(run)
-    assert (runs_dir / "latest").read_text() == f"{run.resolve()}\n"
+    assert (isolated_runs / "latest").read_text() == f"{run.resolve()}\n"
     assert latest_run() == run.resolve()
     assert find_checkpoint(None) == run.resolve() / "best.pt"
     shutil.rmtree(run)  # a pointer to a deleted run is no run
     assert latest_run() is None
 
 
-def test_a_dangling_latest_names_its_target_and_the_newest_run_there_is(tmp_path, runs_dir):
+def test_a_dangling_latest_names_its_target_and_the_newest_run_there_is(tmp_path, isolated_runs):
     """runs/latest naming a deleted run is not 'no runs yet' when runs/ holds runs: the error
     names what latest pointed to and the newest run that is there."""
     import os
 
-    older, newer = runs_dir / "older", runs_dir / "newer"
-    for i, run in enumerate((older, newer, runs_dir / "gone")):
+    older, newer = isolated_runs / "older", isolated_runs / "newer"
+    for i, run in enumerate((older, newer, isolated_runs / "gone")):
         run.mkdir(parents=True)
         (run / "metrics.jsonl").write_text("{}\n")
         os.utime(run / "metrics.jsonl", (1000 + i, 1000 + i))
     (older / "last.pt").write_bytes(b"")
     os.utime(older / "last.pt", (500, 500))  # older's newest file is still older than newer's
-    point_latest(runs_dir / "gone")
-    shutil.rmtree(runs_dir / "gone")
-    gone = (runs_dir / "gone").resolve()
+    point_latest(isolated_runs / "gone")
+    shutil.rmtree(isolated_runs / "gone")
+    gone = (isolated_runs / "gone").resolve()
     with pytest.raises(CharlmError) as err:
         find_checkpoint(None)
-    assert str(err.value) == (f"{runs_dir / 'latest'} names {gone}, which no longer exists; the "
-                              f"newest run in {runs_dir}/ is {newer}: pass --checkpoint PATH")
-    (runs_dir / "latest").unlink()
+    assert str(err.value) == (f"{isolated_runs / 'latest'} names {gone}, which no longer exists; the "
+                              f"newest run in {isolated_runs}/ is {newer}: pass --checkpoint PATH")
+    (isolated_runs / "latest").unlink()
     with pytest.raises(CharlmError) as err:
         find_checkpoint(None)
-    assert str(err.value) == (f"{runs_dir / 'latest'} is missing; the newest run in {runs_dir}/ "
+    assert str(err.value) == (f"{isolated_runs / 'latest'} is missing; the newest run in {isolated_runs}/ "
                               f"is {newer}: pass --checkpoint PATH")
-    point_latest(runs_dir / "gone")
+    point_latest(isolated_runs / "gone")
     shutil.rmtree(older)
     shutil.rmtree(newer)
     with pytest.raises(CharlmError) as err:
         find_checkpoint(None)
-    assert str(err.value) == (f"{runs_dir / 'latest'} names {gone}, which no longer exists, and "
-                              f"{runs_dir}/ holds no other run: train one with `charlm train`, or "
+    assert str(err.value) == (f"{isolated_runs / 'latest'} names {gone}, which no longer exists, and "
+                              f"{isolated_runs}/ holds no other run: train one with `charlm train`, or "
                               "pass --checkpoint PATH")
 
 

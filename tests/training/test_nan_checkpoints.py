@@ -20,12 +20,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 TAIL = "; try a lower --lr or --clip 1"
 
 
-@pytest.fixture(autouse=True)
-def runs_dir(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setenv("CHARLM_RUNS_DIR", str(tmp_path / "runs"))
-    return tmp_path / "runs"
-
-
 @pytest.fixture(scope="module")
 def small_text(tmp_path_factory) -> Path:
     return pydoc_text(tmp_path_factory.mktemp("corpus") / "small.txt", 20_000)

@@ -27,12 +27,6 @@ from helpers import pydoc_text
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True)
-def runs_dir(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setenv("CHARLM_RUNS_DIR", str(tmp_path / "runs"))
-    return tmp_path / "runs"
-
-
 @pytest.fixture(scope="module")
 def small_text(tmp_path_factory) -> Path:
     """About 30K characters of English prose and code from the stdlib's own docs (offline)."""
@@ -301,14 +295,14 @@ def _cli_args(small_text: Path, out: Path, *extra: str) -> list[str]:
             "--out", str(out), *extra]
 
 
-def test_cli_train_writes_a_complete_run_directory(small_text, tmp_path, runs_dir):
+def test_cli_train_writes_a_complete_run_directory(small_text, tmp_path, isolated_runs):
     result = CliRunner().invoke(app, _cli_args(small_text, tmp_path / "run", "--json"))
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout[result.stdout.index("{"):])
     assert summary["steps"] == 12 and summary["run_dir"] == str(tmp_path / "run")
     names = {p.name for p in (tmp_path / "run").iterdir()}
     assert {"config.toml", "metrics.jsonl", "last.pt", "best.pt", "samples.txt"} <= names
-    assert (runs_dir / "latest").read_text().strip() == str((tmp_path / "run").resolve())
+    assert (isolated_runs / "latest").read_text().strip() == str((tmp_path / "run").resolve())
     from charlm.config.file import load_config_file
 
     saved = load_config_file(tmp_path / "run" / "config.toml")
@@ -392,7 +386,7 @@ def test_resume_with_no_runs_says_how_to_name_one(tmp_path, monkeypatch):
     (["--impl", "scratch"], "scratch", "after"),
     (["--gru-reset", "before"], "scratch", "before"),  # auto picks the one implementation that has it
 ])
-def test_scratch_and_reset_before_train_end_to_end(small_text, tmp_path, runs_dir, extra, impl, reset):
+def test_scratch_and_reset_before_train_end_to_end(small_text, tmp_path, isolated_runs, extra, impl, reset):
     run = tmp_path / "run"
     result = CliRunner().invoke(app, _cli_args(small_text, run, "--cell", "gru", *extra, "--json"))
     assert result.exit_code == 0, result.output
@@ -404,7 +398,7 @@ def test_scratch_and_reset_before_train_end_to_end(small_text, tmp_path, runs_di
     assert json.loads(evaluated.stdout)["impl"] == impl
 
 
-def test_a_runs_config_toml_reruns_the_same_run(tmp_path, runs_dir):
+def test_a_runs_config_toml_reruns_the_same_run(tmp_path, isolated_runs):
     """`charlm train --config RUN/config.toml` trains the same run again: no `out` (the old run
     directory would be refused as busy), the corpus that was actually used (here the python-docs
     fallback for an unreachable default), and any sample prefix, control characters included."""
@@ -425,7 +419,7 @@ def test_a_runs_config_toml_reruns_the_same_run(tmp_path, runs_dir):
                                      "-q", "--json"])
     assert again.exit_code == 0, again.output
     second = Path(json.loads(again.stdout)["run_dir"])
-    assert second.parent == runs_dir and second != tmp_path / "first"
+    assert second.parent == isolated_runs and second != tmp_path / "first"
     a, b = load_checkpoint(tmp_path / "first" / "last.pt"), load_checkpoint(second / "last.pt")
     assert a["corpus"] == b["corpus"] and a["corpus"]["name"] == "python-docs"
     assert {**a["train_config"], "out": None} == {**b["train_config"], "out": None}
