@@ -4,12 +4,14 @@ libgomp reads GOMP_SPINCOUNT when it starts and never again. A waiting thread sp
 times, then sleeps in the kernel until it is woken:
 
 * beside busy processes, a thread waiting for a descheduled partner spins away its own share
-  of the core at every op of a step: libgomp's 300,000 spins made two threads 5-20x slower than
-  one under load; 1,000 spins give the core back within microseconds (issue 20);
+  of the core at every op of a step, so two threads run many times slower than one; 1,000
+  spins give the core back within microseconds;
 * on an idle machine (a VM above all), every sleep costs a wake-up at the next parallel region:
   the gaps between a step's ops (Python, the optimizer, the loss) outlast 1,000 spins, so the
-  second thread sleeps and is woken tens of times per step, which cost the idle 2-core VM
-  about 8% of the fast GRU's speed (issue 29).
+  second thread sleeps and is woken tens of times per step.
+
+The figures of both are in docs/BENCHMARKS.md (CPU threads; the fast GRU against an older
+charlm).
 
 So the long spin is kept only on a machine found idle when charlm starts: no other runnable
 task at any of a few reads of the run queue, and a load average within the CPUs. A machine
