@@ -21,7 +21,15 @@ rounds so a change in load falls on all of them):
            imports are stubbed, its data comes from ../shared/data/timemachine.txt. Without
            --d2l the row is left out.
 
-Ratios are charlm over each baseline, per round (median, min-max).
+* peak:    (each round) the machine's float32 matrix-product rate: the best of a few seconds of
+           2048 x 2048 x 2048 `torch.mm` at torch's default threads, in a process of its own.
+
+Ratios are charlm over each baseline, per round (median, min-max). Beside them, the roofline:
+each row's tokens/s as GFLOP/s of the products a training step cannot avoid (per character, per
+dense weight: forward, weight gradient and, where the input needs one, input gradient; a one-hot
+input's product is a row lookup and is not counted) and as a share of the peak, and the ceiling:
+the tokens/s of a step that did nothing but those products at the peak rate, over each baseline.
+No float32 implementation of the model can beat that ratio on the machine.
 """
 
 from __future__ import annotations
@@ -68,7 +76,39 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def train_flops_per_token(m: dict, vocab: int) -> int:
+    """FLOPs of the products one training step needs per character, at the least (2 per
+    multiply-add): forward, weight gradient and input gradient of every dense weight, except the
+    input gradient of the first layer's product when its input is one-hot (nothing learns from
+    it) and that product itself (a row lookup then)."""
+    H, E, gates = m["hidden"], m["embed"], 3 * m["hidden"]
+    total = 6 * H * vocab  # the head
+    for layer in range(m["layers"]):
+        total += 6 * H * gates  # W_hh
+        if layer:
+            total += 6 * H * gates  # W_ih on the layer below's output
+        elif E:
+            total += 6 * E * gates  # W_ih on the embedding (the embedding learns: input gradient)
+    return total
+
+
 # -- the workers (each a process of its own) ----------------------------------------------------
+def peak_worker(seconds: float = 3.0) -> float:
+    """The best GFLOP/s of a large float32 product at torch's default threads."""
+    import torch
+
+    n = 2048
+    a, b, c = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
+    for _ in range(3):
+        torch.mm(a, b, out=c)
+    best, end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=c)
+        best = max(best, 2 * n**3 / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
 def d2l_text() -> list[str]:
     import re
 
@@ -185,12 +225,28 @@ def worker_run(kind: str, name: str, args, env: dict) -> float:
     return float(done.stdout.split()[-1])
 
 
+def roofline(name: str, rows: list[dict], kinds: list[str]) -> dict:
+    """Each row's GFLOP/s and share of the peak (medians over the rounds), and the ceiling."""
+    vocab = len(set("".join(d2l_text()))) + 1  # the bare model's vocabulary (+ <unk>)
+    flops = train_flops_per_token(MODELS[name], vocab)
+    peak = statistics.median(row["peak"] for row in rows)
+    out = {"flops_per_token": flops, "peak_gflops": peak, "ceiling_tokens_per_s": peak * 1e9 / flops}
+    for k in kinds:
+        tps = statistics.median(row[k] for row in rows)
+        out[k] = {"gflops": tps * flops / 1e9, "of_peak": tps * flops / 1e9 / peak,
+                  "ceiling_over": peak * 1e9 / flops / tps}
+    return out
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.worker:
         name = args.configs
-        tps = d2l_worker(args.d2l, args.steps) if args.worker == "d2l" else bare_worker(name, args.steps)
-        print(tps)
+        if args.worker == "peak":
+            print(peak_worker())
+        else:
+            print(d2l_worker(args.d2l, args.steps) if args.worker == "d2l"
+                  else bare_worker(name, args.steps))
         return
     names = [c.strip() for c in args.configs.split(",")]
     load_before = os.getloadavg()[0]
@@ -202,7 +258,7 @@ def main(argv=None) -> None:
         if "CHARLM_MIRROR" not in os.environ and SHARED.is_dir():
             env["CHARLM_MIRROR"] = str(SHARED)
         for name in names:
-            kinds = ["charlm", "bare"] + (["d2l"] if name == "seeds" and args.d2l else [])
+            kinds = ["charlm", "bare"] + (["d2l"] if name == "seeds" and args.d2l else []) + ["peak"]
             charlm_run(name, args, env, Path(tmp))  # untimed: the kernel's build, page cache
             rows = []
             for r in range(args.rounds):
@@ -210,10 +266,11 @@ def main(argv=None) -> None:
                 rows.append({k: charlm_run(name, args, env, Path(tmp)) if k == "charlm"
                              else worker_run(k, name, args, env) for k in order})
             entry = {"config": name, "rounds": rows}
-            for k in kinds[1:]:
+            for k in kinds[1:-1]:
                 ratios = [row["charlm"] / row[k] for row in rows]
                 entry[f"vs_{k}"] = {"median": statistics.median(ratios), "min": min(ratios),
                                     "max": max(ratios)}
+            entry["roofline"] = roofline(name, rows, kinds[:-1])
             results.append(entry)
     report = {"command": "python scripts/bench_baselines.py " + shlex.join(sys.argv[1:]),
               "cpu": cpu_name(), "cores": os.cpu_count(), "load_before": load_before,
@@ -232,6 +289,14 @@ def main(argv=None) -> None:
             b = ", ".join(f"{row[k]:,.0f}" for row in e["rounds"])
             v = e[f"vs_{k}"]
             print(f"| {e['config']} | {k} | {c} | {b} | {v['median']:.2f}x ({v['min']:.2f}-{v['max']:.2f}) |")
+    print("\n| config | products per token | peak GFLOP/s | ceiling tok/s | row | GFLOP/s | of peak | ceiling / row |")
+    print("|---|---:|---:|---:|---|---:|---:|---:|")
+    for e in results:
+        r = e["roofline"]
+        for k in [k for k in r if isinstance(r[k], dict)]:
+            print(f"| {e['config']} | {r['flops_per_token'] / 1e6:.2f} MFLOP | {r['peak_gflops']:.0f} | "
+                  f"{r['ceiling_tokens_per_s']:,.0f} | {k} | {r[k]['gflops']:.0f} | "
+                  f"{r[k]['of_peak']:.0%} | {r[k]['ceiling_over']:.2f}x |")
 
 
 if __name__ == "__main__":

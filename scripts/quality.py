@@ -236,7 +236,9 @@ def result_figures(summary: dict, ev: dict) -> dict:
     """A run's figures from its training summary and its `eval perplexity --json`."""
     out = {"nats_per_char": float(ev["nats_per_char"]), "perplexity": float(ev["perplexity"]),
            "characters": ev["characters"], "steps": summary.get("steps"),
-           "train_time_s": summary.get("wall_time_s"), "tokens_per_s": summary.get("tokens_per_s"),
+           "train_time_s": summary.get("wall_time_s"),
+           # `mean_tokens_per_s` since issue 27 renamed the summary's key
+           "tokens_per_s": summary.get("mean_tokens_per_s", summary.get("tokens_per_s")),
            "device": summary.get("device"), "impl": summary.get("impl")}
     if "dynamic" in ev:
         out.update(dynamic_nats_per_char=float(ev["dynamic"]["nats_per_char"]),

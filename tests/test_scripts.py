@@ -1,0 +1,38 @@
+"""The benchmark scripts' own arithmetic (their measurements live in docs/BENCHMARKS.md)."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+from torch import nn
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def load_script(name: str):
+    import sys
+
+    sys.path.insert(0, str(SCRIPTS))  # the scripts import their neighbour benchlib
+    try:
+        spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(SCRIPTS))
+
+
+@pytest.mark.parametrize("config", ["seeds", "default"])
+def test_roofline_counts_six_flops_per_learned_weight(config):
+    """bench_baselines' ceiling: 6 FLOPs per character for every weight a training step
+    multiplies (forward, weight gradient, input gradient), except the first layer's product on a
+    one-hot input (a row lookup, nothing upstream learns), counted from the bare model itself."""
+    bench = load_script("bench_baselines")
+    m, vocab = bench.MODELS[config], 28
+    rnn = nn.GRU(m["embed"] or vocab, m["hidden"], m["layers"])
+    head = nn.Linear(m["hidden"], vocab)
+    weights = [p for name, p in rnn.named_parameters() if name.startswith("weight")
+               and not (name == "weight_ih_l0" and not m["embed"])]
+    expected = 6 * (sum(p.numel() for p in weights) + head.weight.numel())
+    assert bench.train_flops_per_token(m, vocab) == expected
+    assert expected == {"seeds": 1_222_656, "default": 3_729_408}[config]
