@@ -184,10 +184,10 @@ def grouped(entries: list[dict]) -> list[dict]:
     groups: dict[tuple[str, str], list[dict]] = {}
     for e in entries:
         groups.setdefault((e["row"], e["arm"]), []).append(e)
-    order = list(groups)
+    seen = {k: i for i, k in enumerate(groups)}  # (list.sort empties the list it sorts)
     arms = list(ARMS)
-    order.sort(key=lambda k: (list(ROWS).index(k[0]),
-                              arms.index(k[1]) if k[1] in arms else len(arms) + order.index(k)))
+    order = sorted(groups, key=lambda k: (list(ROWS).index(k[0]),
+                                          arms.index(k[1]) if k[1] in arms else len(arms) + seen[k]))
     return [{"row": row, "corpus": ROWS[row].corpus, "arm": arm, "options": groups[row, arm][0]["options"],
              "runs": groups[row, arm], **summarise(groups[row, arm])} for row, arm in order]
 
