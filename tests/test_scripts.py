@@ -36,3 +36,25 @@ def test_roofline_counts_six_flops_per_learned_weight(config):
     expected = 6 * (sum(p.numel() for p in weights) + head.weight.numel())
     assert bench.train_flops_per_token(m, vocab) == expected
     assert expected == {"seeds": 1_222_656, "default": 3_729_408}[config]
+
+
+def test_ablation_table_groups_runs_of_arms_defined_on_the_command_line():
+    """ablation.py --table: rows in ROWS' order, the built-in arms first in ARMS' order, arms of
+    --arm after them in order of first appearance, each with its runs' mean and spread."""
+    ablation = load_script("ablation")
+
+    def run(row, arm, seed, nats):
+        return {"row": row, "arm": arm, "options": f"--{arm}", "seed": seed,
+                "nats_per_char": nats, "perplexity": 2.0 ** nats, "tokens_per_s": 1000.0}
+
+    entries = [run("timemachine", "wide", 0, 1.5), run("shakespeare", "base", 0, 1.4),
+               run("timemachine", "deep", 0, 1.3), run("timemachine", "base", 0, 1.2),
+               run("timemachine", "wide", 1, 1.7)]
+    got = ablation.grouped(entries)
+    assert [(g["row"], g["arm"]) for g in got] == [
+        ("shakespeare", "base"), ("timemachine", "base"), ("timemachine", "wide"),
+        ("timemachine", "deep")]
+    wide = got[2]
+    assert wide["seeds"] == [0, 1] and wide["finished"] == 2
+    assert wide["nats_per_char"] == pytest.approx(1.6)
+    assert wide["nats_per_char_sd"] == pytest.approx(0.1414213562, rel=1e-6)
