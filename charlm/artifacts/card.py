@@ -20,7 +20,11 @@ from __future__ import annotations
 import json
 import math
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
+
+from charlm.model.config import MIN_CELLS, ModelConfig
+
+MODEL_DEFAULTS = {f.name: f.default for f in fields(ModelConfig) if f.default is not MISSING}
 
 
 @dataclass
@@ -113,11 +117,11 @@ def _model_line(model: dict, parameters: int) -> str:
         extra = (", reset gate after the recurrent product (as torch.nn.GRU)"
                  if model["gru_reset"] == "after" else
                  ", reset gate before the recurrent product (Cho et al., d2l)")
-    elif model["cell"] in ("mingru", "minlstm"):  # absent keys: ModelConfig's defaults
-        norm = {"layer": "LayerNorm", "rms": "RMSNorm"}.get(model.get("norm", "layer"),
-                                                            "no normalisation")
-        extra = f", {'' if model.get('residual', True) else 'no '}residual connections, {norm}"
-        if model.get("ffn"):
+    elif model["cell"] in MIN_CELLS:
+        model = {**MODEL_DEFAULTS, **model}  # absent keys: ModelConfig's defaults
+        norm = {"layer": "LayerNorm", "rms": "RMSNorm"}.get(model["norm"], "no normalisation")
+        extra = f", {'' if model['residual'] else 'no '}residual connections, {norm}"
+        if model["ffn"]:
             extra += f", feed-forward blocks {model['ffn']}x wide"
     return (f"{model['layers']}-layer {cell}, {model['hidden']} hidden units{extra}, {inputs}, "
             f"dropout {model['dropout']}, {model['vocab_size']} output characters; "

@@ -69,7 +69,7 @@ class ModelConfig:
     # the min cells' stack (charlm.model.mincells); other cells ignore these
     residual: bool = field(default=True, metadata=_rule(kind=bool))
     norm: str = field(default="layer", metadata=_rule(choices=NORMS))
-    ffn: int = field(default=0, metadata=_rule(kind=int, low=0, high=64))
+    ffn: int = field(default=2, metadata=_rule(kind=int, low=0, high=64))
 
     @property
     def mode(self) -> str:

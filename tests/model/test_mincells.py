@@ -262,8 +262,8 @@ def test_auto_runs_the_cpu_loop_on_the_cpu_and_the_parallel_scan_elsewhere():
     ({"cell": "mingru", "weight_drop": 0.3},
      "--weight-drop 0.3 applies only to --cell rnn or gru or lstm, not --cell mingru; drop it or "
      "choose that cell"),
-    ({"cell": "gru", "ffn": 2},
-     "--ffn 2 applies only to --cell mingru or minlstm, not --cell gru; drop it or choose that cell"),
+    ({"cell": "gru", "ffn": 4},
+     "--ffn 4 applies only to --cell mingru or minlstm, not --cell gru; drop it or choose that cell"),
     ({"cell": "lstm", "residual": False, "norm": "rms"},
      "--no-residual applies only to --cell mingru or minlstm and --norm rms applies only to "
      "--cell mingru or minlstm, not --cell lstm; drop it or choose that cell"),

@@ -28,7 +28,7 @@ from helpers import pydoc_text, run_main, train_runs
 pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parents[2]
 RUNS = {  # hidden 16 (TINY): an embedding of 16 makes every mingru layer residual
-    "mingru": ["--cell", "mingru", "--layers", "2", "--embed", "16", "--ema", "0.9"],
+    "mingru": ["--cell", "mingru", "--layers", "2", "--embed", "16", "--ffn", "0", "--ema", "0.9"],
     "minlstm": ["--cell", "minlstm", "--layers", "2", "--embed", "8", "--norm", "rms", "--ffn",
                 "2", "--locked-dropout", "--dropout", "0.1"],
 }
