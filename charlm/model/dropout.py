@@ -9,20 +9,27 @@
 
 Every mask is scaled by 1/(1 - p) (inverted dropout), so evaluation uses activations and weights
 as they are. Masks are drawn from the default generator of the tensor's device, whose state a
-checkpoint holds, so a resumed run draws the masks an uninterrupted one would.
+checkpoint holds, so a resumed run draws the masks an uninterrupted one would. A mask keeps a
+number where a uniform draw on [0, 1) is >= p (`keep_mask`), the same law as a Bernoulli(1 - p)
+draw: torch's CPU Bernoulli sampler (what `F.dropout` uses) takes about three times as long per
+number as its uniform one, and on the CPU a layer's mask costs a sizeable share of the step
+(docs/BENCHMARKS.md, issue 29).
 """
 
 from __future__ import annotations
 
-import torch.nn.functional as F
+import torch
 from torch import Tensor
 
 
-def _keep_mask(like: Tensor, shape: tuple[int, ...], p: float) -> Tensor:
-    """Bernoulli(1 - p) / (1 - p) of `shape`; all zeros at p = 1."""
+def keep_mask(like: Tensor, shape: tuple[int, ...], p: float) -> Tensor:
+    """A mask of `shape` on `like`'s device and dtype: 1/(1 - p) where a uniform draw (float32,
+    from the device's default generator) is >= p, i.e. with probability 1 - p, else 0; all zeros
+    at p = 1."""
     if p >= 1:
         return like.new_zeros(shape)
-    return like.new_empty(shape).bernoulli_(1 - p).div_(1 - p)
+    mask = torch.rand(shape, device=like.device).ge_(p).mul_(1 / (1 - p))
+    return mask if mask.dtype == like.dtype else mask.to(like.dtype)
 
 
 def dropout(x: Tensor, p: float, training: bool, locked: bool = False, time_dim: int = 1) -> Tensor:
@@ -30,20 +37,19 @@ def dropout(x: Tensor, p: float, training: bool, locked: bool = False, time_dim:
     `locked` one per sequence, the same at every step."""
     if not training or p == 0:
         return x
-    if not locked:
-        return F.dropout(x, p, training=True)
     shape = list(x.shape)
-    shape[time_dim] = 1
-    return x * _keep_mask(x, tuple(shape), p)
+    if locked:
+        shape[time_dim] = 1
+    return x * keep_mask(x, tuple(shape), p)
 
 
 def row_scale(vocab_size: int, p: float, like: Tensor) -> Tensor:
     """Embedding dropout: one factor per character, 0 for the dropped ones, 1/(1-p) for the rest."""
-    return _keep_mask(like, (vocab_size,), p)
+    return keep_mask(like, (vocab_size,), p)
 
 
 def drop_weight(weight: Tensor, p: float, training: bool) -> Tensor:
     """DropConnect: `weight` with a fresh mask (one per call, i.e. per batch) in training."""
     if not training or p == 0:
         return weight
-    return weight * _keep_mask(weight, tuple(weight.shape), p)
+    return weight * keep_mask(weight, tuple(weight.shape), p)
