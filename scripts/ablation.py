@@ -1,12 +1,12 @@
 """What each training technique adds, in equal time: the ablation table of docs/BENCHMARKS.md.
 
     python scripts/ablation.py [--rows timemachine,shakespeare] [--arms base,locked,...]
-        [--arm NAME="--option value ..."] [--seeds 0,1,2] [--budget-scale 1]
+        [--arm NAME="--option value ..."] [--config ROW=FILE] [--seeds 0,1,2] [--budget-scale 1]
         [--out-dir runs/ablation] [--dynamic-args "..."] [--quiet] [--json]
         [--record FILE] [--table FILE[,FILE]] [--evaluate-dirs DIR[,DIR]]
 
 Each arm is the row's shipped config (scripts/quality.py's rows: The Time Machine 120 s, Tiny
-Shakespeare 240 s) plus a few `charlm train` options; every arm trains for the row's time
+Shakespeare 240 s), or the file `--config ROW=FILE` names, plus a few `charlm train` options; every arm trains for the row's time
 budget with each seed, then its best checkpoint is evaluated exactly, static and dynamic (one
 `charlm eval perplexity --dynamic`). The table gives the mean and spread (sample standard
 deviation) over the seeds, the difference of each arm's static mean from the base arm's, the
@@ -86,6 +86,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--budget-scale", type=float, default=1.0,
                    help="multiply every time budget (0.05: a quick check of the script)")
+    p.add_argument("--config", action="append", default=[], metavar="ROW=FILE",
+                   help="the arms of ROW start from this config instead of the row's (repeatable)")
     p.add_argument("--out-dir", default="runs/ablation", help="where the run directories go")
     p.add_argument("--dynamic-args", default="",
                    help="extra options for eval perplexity --dynamic, e.g. '--dynamic-lr 0.002'")
@@ -114,6 +116,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = [a for a in names if a not in arms]
     if unknown:
         p.error(f"unknown arm(s) {', '.join(unknown)}; choose from {', '.join(arms)} or --arm")
+    args.configs = {}
+    for item in args.config:
+        name, _, path = item.partition("=")
+        if name not in ROWS or ROWS[name].gpu or not path:
+            p.error(f"--config takes ROW=FILE with ROW one of timemachine, shakespeare; got {item!r}")
+        args.configs[name] = path
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     bad = [r for r in rows if r not in ROWS or ROWS[r].gpu]
     if bad:
@@ -149,10 +157,11 @@ def main(argv=None) -> int:
                           file=sys.stderr, flush=True)
                 runs = []
                 for seed in args.seed_list:
-                    run = train_and_evaluate(f"{row_name}-{arm}", row, row.config, seed, options,
+                    config = args.configs.get(row_name, row.config)
+                    run = train_and_evaluate(f"{row_name}-{arm}", row, config, seed, options,
                                              args, env)
                     runs.append(run)
-                    record(args.record, row_name, arm, options, run)
+                    record(args.record, row_name, arm, options, {"config": config, **run})
                 results.append({"row": row_name, "corpus": row.corpus, "arm": arm,
                                 "options": " ".join(options), "runs": runs, **summarise(runs)})
     report = {"budget_scale": args.budget_scale, "machine": machine(None),

@@ -58,3 +58,15 @@ def test_ablation_table_groups_runs_of_arms_defined_on_the_command_line():
     assert wide["seeds"] == [0, 1] and wide["finished"] == 2
     assert wide["nats_per_char"] == pytest.approx(1.6)
     assert wide["nats_per_char_sd"] == pytest.approx(0.1414213562, rel=1e-6)
+
+
+def test_ablation_arms_can_start_from_another_config_of_a_row():
+    """--config ROW=FILE: the base of ROW's arms (a row's shipped config can change, as The Time
+    Machine's did with issue 28); a row that is not a CPU row is refused."""
+    ablation = load_script("ablation")
+    args = ablation.parse_args(["--rows", "timemachine", "--arms", "base",
+                                "--config", "timemachine=configs/timemachine-gru.toml"])
+    assert args.configs == {"timemachine": "configs/timemachine-gru.toml"}
+    assert ablation.parse_args(["--rows", "timemachine", "--arms", "base"]).configs == {}
+    with pytest.raises(SystemExit):
+        ablation.parse_args(["--config", "shakespeare-gpu=configs/shakespeare-lstm.toml"])
